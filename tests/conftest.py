@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+def tiny_gpt2(seed: int = 0, n_embd: int = 32) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def perturbed(model: GPT2LMHeadModel, seed: int, scale: float = 0.05) -> GPT2LMHeadModel:
+    """A copy of `model` moved by a random task vector, as a fine-tune would."""
+    generator = torch.Generator().manual_seed(seed)
+    copy = GPT2LMHeadModel(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["the policy merges weights", "reward models average"] * 20,
+                            trainers.BpeTrainer(vocab_size=96, special_tokens=["<eos>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture
+def model_folders(tmp_path: Path, tokenizer) -> dict[str, Path]:
+    """An init and two fine-tunes of it, saved as Hugging Face folders with a tokenizer."""
+    init = tiny_gpt2()
+    folders = {}
+    for name, model in (("init", init), ("a", perturbed(init, 1)), ("b", perturbed(init, 2))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    return folders

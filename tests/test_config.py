@@ -1,0 +1,94 @@
+"""The configuration: paper defaults, YAML and command-line overrides, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from warp_ray.config import WarpConfig
+from warp_ray.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_papers():
+    warp = WarpConfig().warp
+    assert (warp.beta, warp.mu, warp.eta, warp.lr, warp.warmup_steps, warp.batch_size, warp.temperature) == (
+        0.1, 0.01, 0.3, 1e-6, 100, 128, 0.9)
+    assert (warp.anchor, warp.lam, warp.slerp_weights()) == ("ema", None, None)
+    warm = WarpConfig().warm
+    assert (warm.learning_rates, warm.dropouts) == ([1e-5, 4e-5, 1e-4], [0.05, 0.1])
+
+
+def test_every_field_is_documented():
+    sections = [WarpConfig, *(f.annotation for f in WarpConfig.model_fields.values())]
+    undocumented = [f"{s.__name__}.{name}" for s in sections[1:] for name, f in s.model_fields.items() if not f.description]
+    assert undocumented == []
+
+
+def test_tiny_config_loads_and_overrides_apply():
+    config = WarpConfig.from_yaml(CONFIGS / "tiny.yaml", ["warp.beta=0.05", "warm.dropouts=[0.0, 0.2]", "warp.lam=0.4"])
+    assert config.warp.beta == 0.05 and config.warm.dropouts == [0.0, 0.2]
+    assert config.warp.slerp_weights() == pytest.approx((0.6, 0.4))
+    assert config.warp.M == 2 and config.resources.precision == "fp32"
+
+
+def test_yaml_round_trip():
+    config = WarpConfig.from_yaml(CONFIGS / "tiny.yaml")
+    assert WarpConfig.from_dict(__import__("yaml").safe_load(config.to_yaml())) == config
+
+
+def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
+    with pytest.raises(ConfigError, match="paths.sft_model = '/mnt/models/gemma-7b-sft': model folder .* does not exist"):
+        WarpConfig.from_yaml(CONFIGS / "gemma-7b-gpu.yaml")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    config = WarpConfig.from_yaml(CONFIGS / "gemma-7b-gpu.yaml", [
+        f"paths.sft_model={model_folders['init']}", f"paths.reward_model={model_folders['a']}", f"paths.prompts={prompts}"])
+    assert config.resources.zero_stage == 3 and config.warp.T == 9000
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("warp.eta=1.5", r"warp.eta = 1.5: .* \(allowed range: \[0, 1\]\)"),
+        ("warp.eta=-0.1", r"warp.eta = -0.1: .* \(allowed range: \[0, 1\]\)"),
+        ("warp.M=0", r"warp.M = 0: .* \(allowed range: >= 1\)"),
+        ("warp.beta=-1", r"warp.beta = -1: .* \(allowed range: >= 0\)"),
+        ("warp.lr=0", r"warp.lr = 0: .* \(allowed range: > 0\)"),
+        ("warm.dropouts=[0.1, 1.0]", r"warm.dropouts.1 = 1.0: Input should be less than 1"),
+        ("warp.betta=0.1", r"unknown key 'warp.betta'; did you mean 'beta'\?"),
+        ("rl.beta=0.1", r"unknown key 'rl'; known keys here: warp, warm, resources, paths"),
+        ("resources.zero_stage=4", r"resources.zero_stage = 4: Input should be 0, 1, 2 or 3"),
+        ("warp.anchor=init", r"warp.anchor = 'init': Input should be 'ema' or 'sft'"),
+        ("paths.sft_model=/no/such/model", r"paths.sft_model = '/no/such/model': model folder /no/such/model does not exist"),
+        ("warp.lam=0.3", None),
+    ],
+)
+def test_invalid_values_name_the_key_value_and_range(override, message):
+    if message is None:  # lam is valid with M = 2 but not with M = 3
+        WarpConfig.from_yaml(None, [override])
+        with pytest.raises(ConfigError, match=r"lam = 0.3 applies to M = 2 only \(M = 3\)"):
+            WarpConfig.from_yaml(None, [override, "warp.M=3"])
+        return
+    with pytest.raises(ConfigError, match=message):
+        WarpConfig.from_yaml(None, [override])
+
+
+def test_a_folder_without_config_json_is_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="is not a Hugging Face model folder: it has no config.json"):
+        WarpConfig.from_yaml(None, [f"paths.sft_model={tmp_path}"])
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config .*missing.yaml"):
+        WarpConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("warp: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        WarpConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
+        WarpConfig.from_yaml(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        WarpConfig.from_yaml(None, ["warp.beta"])

@@ -1,0 +1,3 @@
+"""warp-ray: WARP and WARM on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""Hugging Face model folders on disk: weight layout, streamed safetensors, atomic writes.
+
+Weights are only ever read from safetensors files, never unpickled. Folders are written
+under a temporary name and renamed when complete, so that a crash or a full disk never
+leaves a half-written folder under the final name, nor destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from warp_ray.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    return folder
+
+
+def weight_files(folder: Path) -> list[str]:
+    if (folder / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder / INDEX_FILE} is not a valid safetensors index ({e})") from None
+        return sorted(set(weight_map.values()))
+    if (folder / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
+    hint = f" (it has {', '.join(pickled)}: warp-ray never unpickles weights; re-save them with safetensors)" if pickled else ""
+    raise CheckpointError(f"{folder} has no {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def weight_layout(folder: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a model folder: its file, shape and dtype, read from the headers only."""
+    folder = check_model_folder(folder)
+    layout = {}
+    for file in weight_files(folder):
+        with open_safetensors(folder / file) as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                layout[name] = TensorInfo(file, tuple(view.get_shape()), DTYPES[view.get_dtype()])
+    return layout
+
+
+def read_tensor(folder: Path, name: str, info: TensorInfo) -> Tensor:
+    # Opened per tensor: closing the file unmaps it, which keeps the resident memory of a
+    # streamed merge at one tensor per model instead of growing to whole models.
+    with open_safetensors(folder / info.file) as f:
+        return f.get_tensor(name)
+
+
+def write_safetensors(
+    path: Path, layout: Mapping[str, TensorInfo], produce: Callable[[str], Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write the tensors of `layout` to one safetensors file, asking `produce` for one at a time.
+
+    The safetensors library serializes whole dicts; the header only needs shapes and dtypes,
+    known in advance, so the data can follow tensor by tensor and memory stays at one tensor.
+    """
+    header, offset = {}, 0
+    for name, info in layout.items():
+        size = info.dtype.itemsize * int(torch.Size(info.shape).numel())
+        header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = dict(metadata)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, info in layout.items():
+            tensor = produce(name)
+            if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+                raise CheckpointError(
+                    f"tensor {name!r}: produced {tensor.dtype} {list(tensor.shape)}, expected {info.dtype} {list(info.shape)}"
+                )
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> None:
+    """Config, tokenizer, shard index and the rest: everything but the weight files."""
+    for path in src.iterdir():
+        if path.is_file() and path.suffix not in (".safetensors", *PICKLED_WEIGHTS):
+            shutil.copy2(path, dst / path.name)
+
+
+@contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; rename it to `final` only if the block succeeds."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise CheckpointError(f"{final} already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)

@@ -1,0 +1,100 @@
+"""The `warp-ray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from warp_ray.errors import WarpRayError
+
+MERGE_HELP = """\
+Merge Hugging Face model folders (safetensors), streaming one tensor at a time, so that
+memory stays near one tensor per model whatever the model size. The output folder gets the
+first folder's config, tokenizer and shard layout, and loads with from_pretrained.
+Every merge is computed in float32 and written in the first folder's dtype.
+
+  slerp    WARP's merge: SLERP of the task vectors (model - init), per tensor.
+           warp-ray merge slerp --init sft/ --models run1/ run2/ --out merged/
+  average  WARM's merge (a model soup): the weighted average of whole weights.
+           warp-ray merge average --models rm1/ rm2/ rm3/ rm4/ --out warm/
+  liti     WARP's LITI: (1 - eta) * init + eta * merged, back towards the init.
+           warp-ray merge liti --init sft/ --merged merged/ --eta 0.3 --out next_init/
+"""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (see configs/); default: the paper's defaults")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set warp.beta=0.05 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warp-ray", description="WARP and WARM on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser("merge", help="merge model folders (slerp, average, liti)", description=MERGE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = merge.add_subparsers(dest="method", required=True, metavar="METHOD")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, required=True, help="output folder (written under a temporary name, then renamed)")
+    common.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    slerp = methods.add_parser("slerp", parents=[common], help="SLERP of task vectors relative to --init (WARP)")
+    slerp.add_argument("--init", type=Path, required=True, help="the common initialization of the models")
+    slerp.add_argument("--models", type=Path, nargs="+", required=True, help="the fine-tuned models (M >= 1)")
+    slerp.add_argument("--weights", type=float, nargs="+",
+                       help="one weight per model (default: uniform 1/M); for two models, 1-lam lam")
+    average = methods.add_parser("average", parents=[common], help="weighted average of whole weights (WARM)")
+    average.add_argument("--models", type=Path, nargs="+", required=True, help="models fine-tuned from one start")
+    average.add_argument("--weights", type=float, nargs="+", help="one weight per model (default: uniform)")
+    liti = methods.add_parser("liti", parents=[common], help="(1 - eta) * init + eta * merged (WARP's LITI)")
+    liti.add_argument("--init", type=Path, required=True, help="the initialization to interpolate towards")
+    liti.add_argument("--merged", type=Path, required=True, help="the merged model, e.g. the output of merge slerp")
+    liti.add_argument("--eta", type=float, required=True, help="in [0, 1]: 0 gives init, 1 gives merged")
+
+    config = commands.add_parser("config", help="validate a config and print it with every default filled in")
+    _add_config_args(config)
+
+    demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
+    _add_config_args(demo)
+    demo.add_argument("--out", type=Path, help="output folder (default: <paths.output_dir>/demo)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "merge":
+        from warp_ray.merge import folders
+
+        if args.method == "slerp":
+            folders.slerp_folders(args.init, args.models, args.out, weights=args.weights, overwrite=args.overwrite)
+        elif args.method == "average":
+            folders.average_folders(args.models, args.out, weights=args.weights, overwrite=args.overwrite)
+        else:
+            folders.liti_folders(args.init, args.merged, args.out, eta=args.eta, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+        return
+
+    from warp_ray.config import WarpConfig
+
+    config = WarpConfig.from_yaml(args.config, args.overrides)
+    if args.command == "config":
+        print(config.to_yaml(), end="")
+    else:
+        from warp_ray.demo import run_demo
+
+        run_demo(config, args.out or config.paths.output_dir / "demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except WarpRayError as e:
+        print(f"warp-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The one configuration of warp-ray: every hyperparameter, its paper default and its range.
+
+Loaded from YAML (`WarpConfig.from_yaml`), overridden from the command line with
+`--set section.key=value`. Names follow the papers (WARP: arXiv 2406.16768, WARM: arXiv
+2401.12187); defaults are those of the WARP paper's Gemma 7B runs unless a docstring says
+otherwise. Invalid values and unknown keys fail before anything starts, naming the key,
+the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from warp_ray.checkpoint import check_model_folder
+from warp_ray.errors import ConfigError, WarpRayError
+
+
+def _model_folder(path: Path) -> Path:
+    try:
+        return check_model_folder(path)
+    except WarpRayError as e:
+        raise ValueError(str(e)) from None
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist")
+    return path
+
+
+ModelFolder = Annotated[Path, AfterValidator(_model_folder)]
+DataFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class WarpParams(Section):
+    """WARP (Algorithm 1) and the REINFORCE learners it runs."""
+
+    M: int = Field(2, ge=1)
+    """Policies trained in parallel from one init in each iteration, then merged by SLERP."""
+    I: int = Field(5, ge=1)
+    """WARP iterations; the LITI merge of one is the init of the next (the paper ran 5)."""
+    T: int = Field(9000, ge=1)
+    """REINFORCE steps of each policy in each iteration (the paper: 9k, then 7k, 7k, 5k, 5k)."""
+    beta: float = Field(0.1, ge=0)
+    """KL coefficient: each completion is rewarded r(x, y) - beta * KL(policy || anchor)."""
+    mu: float = Field(0.01, ge=0, le=1)
+    """EMA anchor update rate: ema <- (1 - mu) * ema + mu * policy after every step (paper, Fig. 15)."""
+    anchor: Literal["ema", "sft"] = "ema"
+    """KL anchor: the policy's own EMA (WARP) or the fixed SFT policy (the usual baseline)."""
+    lam: Optional[float] = Field(None, ge=0, le=1)
+    """SLERP weight of the second policy, M = 2 only: slerp(init, theta_1, theta_2, lam). None: uniform, 1/M."""
+    eta: float = Field(0.3, ge=0, le=1)
+    """LITI: the next init is (1 - eta) * init + eta * slerp (the paper: 0.3; 0.5 better at high KL)."""
+    lr: float = Field(1e-6, gt=0)
+    """Adam learning rate of the policies."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear learning-rate warm-up, in optimizer steps."""
+    batch_size: int = Field(128, ge=1)
+    """Prompts per REINFORCE step."""
+    samples_per_prompt: int = Field(2, ge=1)
+    """Completions drawn per prompt; above 1 they give the leave-one-out (RLOO) baseline."""
+    baseline: Literal["rloo", "mean", "none"] = "rloo"
+    """REINFORCE baseline: leave-one-out over a prompt's samples, the batch mean, or none."""
+    temperature: float = Field(0.9, gt=0)
+    """Sampling temperature of the rollouts."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Longest completion, in tokens."""
+    seed: int = 0
+    """Seed of the run; policy m of iteration i draws its prompt order from (seed, i, m)."""
+
+    @model_validator(mode="after")
+    def _lam_needs_two_policies(self) -> "WarpParams":
+        if self.lam is not None and self.M != 2:
+            raise ValueError(f"lam = {self.lam} applies to M = 2 only (M = {self.M}); leave it unset for the uniform 1/M merge")
+        return self
+
+    def slerp_weights(self) -> Optional[tuple[float, float]]:
+        """The `weights` argument of `warp_ray.merge.slerp` that this config asks for."""
+        return None if self.lam is None else (1.0 - self.lam, self.lam)
+
+
+class WarmParams(Section):
+    """WARM: M reward models fine-tuned from one linear-probed start, then weight averaged."""
+
+    M: int = Field(6, ge=1)
+    """Reward models averaged (the paper's RL experiments used M = 6)."""
+    learning_rates: list[Annotated[float, Field(gt=0)]] = Field([1e-5, 4e-5, 1e-4], min_length=1)
+    """Fine-tuning learning rates; run m takes the grid point m of learning_rates x dropouts, cycling."""
+    dropouts: list[Annotated[float, Field(ge=0, lt=1)]] = Field([0.05, 0.1], min_length=1)
+    """Dropout probabilities of the fine-tunes."""
+
+
+class Resources(Section):
+    """How each learner is laid out on the cluster."""
+
+    ranks_per_learner: int = Field(1, ge=1)
+    """DeepSpeed ranks (Ray actors, one process each) per learner: K."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage of the learners."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """Training precision; merges are always computed in float32 or better."""
+    rollout_workers_per_learner: int = Field(1, ge=1)
+    """vLLM engines (Ray actors) feeding each learner."""
+
+
+class Paths(Section):
+    """Inputs and outputs. Unset inputs mean the built-in tiny task, built on the fly."""
+
+    sft_model: Optional[ModelFolder] = None
+    """SFT policy, a Hugging Face model folder (safetensors)."""
+    reward_model: Optional[ModelFolder] = None
+    """Reward model folder (a sequence classifier with one output); unset: train WARM."""
+    prompts: Optional[DataFile] = None
+    """Prompts, JSONL lines {"prompt": ...}."""
+    preferences: Optional[DataFile] = None
+    """Preference pairs for the reward models, JSONL lines {"prompt", "chosen", "rejected"}."""
+    output_dir: Path = Path("runs/warp")
+    """Where checkpoints, metrics and plots go."""
+
+
+class WarpConfig(Section):
+    """Everything a warp-ray run needs."""
+
+    warp: WarpParams = WarpParams()
+    warm: WarmParams = WarmParams()
+    resources: Resources = Resources()
+    paths: Paths = Paths()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "WarpConfig":
+        """Load YAML (or the defaults when path is None) and apply `section.key=value` overrides."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            try:
+                raw = yaml.safe_load(Path(path).read_text()) or {}
+            except OSError as e:
+                raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+        for override in overrides:
+            _apply_override(raw, override)
+        return cls.from_dict(raw, source=str(path) if path else "config")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "WarpConfig":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"invalid {source}:\n" + "\n".join(_describe(err) for err in e.errors())) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value, for example warp.beta=0.05")
+    *sections, leaf = key.strip().split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {section!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _field(loc: tuple) -> Any:
+    """The pydantic FieldInfo at a location such as ('warp', 'eta'), or None."""
+    model, info = WarpConfig, None
+    for part in loc:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return None
+        info = fields[part]
+        model = info.annotation
+    return info
+
+
+def _allowed(info: Any) -> str:
+    """The range a field's ge/gt/le/lt constraints allow, as '[0, 1]', '>= 0' or ''."""
+    bound = {attr: getattr(m, attr) for m in getattr(info, "metadata", []) for attr in ("ge", "gt", "le", "lt") if hasattr(m, attr)}
+    low = f"[{bound['ge']}" if "ge" in bound else f"({bound['gt']}" if "gt" in bound else ""
+    high = f"{bound['le']}]" if "le" in bound else f"{bound['lt']})" if "lt" in bound else ""
+    if low and high:
+        return f"{low}, {high}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+    if high:
+        return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+    return ""
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _field(loc[:-1])
+        siblings = list((parent.annotation if parent else WarpConfig).model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys here: {', '.join(siblings)}"
+        return f"  unknown key {key!r}{hint}"
+    message = err["msg"].removeprefix("Value error, ")
+    allowed = _allowed(_field(loc))
+    value = "" if err["type"] == "missing" or isinstance(err["input"], dict) else f" = {err['input']!r}"
+    return f"  {key}{value}: {message}" + (f" (allowed range: {allowed})" if allowed else "")
+

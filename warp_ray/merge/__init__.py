@@ -1,0 +1,12 @@
+"""Weight merging for WARP and WARM: pure torch on state dicts (dict[str, Tensor]), no Ray.
+
+Every operation works per tensor, in float32 or better, and returns the reference model's
+dtype; integer and bool tensors are copied, never interpolated. `warp_ray.merge.folders`
+applies the same functions to Hugging Face model folders, streaming tensor by tensor.
+"""
+
+from warp_ray.merge.ema import ema_update_
+from warp_ray.merge.linear import average, liti
+from warp_ray.merge.slerp import slerp, slerp_coefficients
+
+__all__ = ["average", "ema_update_", "liti", "slerp", "slerp_coefficients"]
