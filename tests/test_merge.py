@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from warp_ray.errors import MergeError
 from warp_ray.merge import average, ema_update_, liti, slerp, slerp_coefficients
-from warp_ray.merge.slerp import slerp_tensor
+from warp_ray.merge.task_vectors import gram, row_spans
 
 
 def state(**tensors):
@@ -32,12 +32,13 @@ def paper_slerp(init, d1, d2, lam):
     return init + torch.sin((1 - lam) * omega) / torch.sin(omega) * d1 + torch.sin(lam * omega) / torch.sin(omega) * d2
 
 
-def test_endpoint_weights_return_the_models():
-    init, a, b = state(w=torch.zeros(5)), state(w=torch.randn(5)), state(w=torch.randn(5))
+def test_endpoint_weights_return_the_models_exactly():
+    init, a, b = state(w=torch.randn(5)), state(w=torch.randn(5)), state(w=torch.randn(5))
     assert torch.equal(slerp(init, [a, b], weights=(1, 0))["w"], a["w"])
     assert torch.equal(slerp(init, [a, b], weights=(0, 1))["w"], b["w"])
-    assert torch.allclose(average([a, b], weights=(1, 0))["w"], a["w"])
-    assert torch.allclose(slerp(init, [a])["w"], a["w"])
+    assert torch.equal(average([a, b], weights=(1, 0))["w"], a["w"])
+    assert torch.equal(average([a, b], weights=(0, 1))["w"], b["w"])
+    assert torch.equal(slerp(init, [a])["w"], a["w"])
 
 
 @pytest.mark.parametrize("lam", [0.2, 0.5, 0.7])
@@ -95,14 +96,24 @@ def test_coefficient_form_rebuilds_slerp_from_the_gram_matrix_alone():
     init = torch.randn(40, 30, generator=g)
     thetas = [init + torch.randn(40, 30, generator=g) for _ in range(4)]
     deltas = torch.stack([t - init for t in thetas]).reshape(4, -1)
-    gram = deltas @ deltas.T
-    c = slerp_coefficients(gram, weights=(0.1, 0.2, 0.3, 0.4))
+    g = deltas @ deltas.T
+    c = slerp_coefficients(g, weights=(0.1, 0.2, 0.3, 0.4))
     rebuilt = init + sum(c_m.item() * (t - init) for c_m, t in zip(c, thetas))
-    assert torch.allclose(slerp_tensor([init, *thetas], weights=(0.1, 0.2, 0.3, 0.4)), rebuilt, atol=1e-5)
+    merged = slerp({"w": init}, [{"w": t} for t in thetas], weights=(0.1, 0.2, 0.3, 0.4))["w"]
+    assert torch.allclose(merged, rebuilt, atol=1e-5)
     # orthonormal pair at lambda = 1/2: both coefficients are sin(45 deg)
     assert torch.allclose(slerp_coefficients(torch.eye(2)), torch.full((2,), math.sqrt(0.5), dtype=torch.float64))
     # only angles and norm ratios matter: scaling the Gram matrix changes nothing
-    assert torch.allclose(slerp_coefficients(gram * 1e6), slerp_coefficients(gram))
+    assert torch.allclose(slerp_coefficients(g * 1e6), slerp_coefficients(g))
+
+
+def test_chunked_gram_equals_the_whole_tensor_gram():
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(3000, 200, generator=g) for _ in range(3)]  # several chunks of rows
+    spans = row_spans(tensors[0].shape)
+    assert len(spans) > 1
+    deltas = torch.stack([(t - tensors[0]).reshape(-1) for t in tensors[1:]]).double()
+    assert torch.allclose(gram(lambda a, b: [t[a:b] for t in tensors], spans), deltas @ deltas.T, rtol=1e-5)
 
 
 def test_liti_endpoints_and_midpoints():

@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -87,20 +87,13 @@ def weight_layout(folder: str | Path) -> dict[str, TensorInfo]:
     return layout
 
 
-def read_tensor(folder: Path, name: str, info: TensorInfo) -> Tensor:
-    # Opened per tensor: closing the file unmaps it, which keeps the resident memory of a
-    # streamed merge at one tensor per model instead of growing to whole models.
-    with open_safetensors(folder / info.file) as f:
-        return f.get_tensor(name)
-
-
 def write_safetensors(
-    path: Path, layout: Mapping[str, TensorInfo], produce: Callable[[str], Tensor], metadata: Mapping[str, str]
+    path: Path, layout: Mapping[str, TensorInfo], chunks: Callable[[str], Iterable[Tensor]], metadata: Mapping[str, str]
 ) -> None:
-    """Write the tensors of `layout` to one safetensors file, asking `produce` for one at a time.
+    """Write the tensors of `layout` to one safetensors file; `chunks(name)` yields each one's data in order.
 
     The safetensors library serializes whole dicts; the header only needs shapes and dtypes,
-    known in advance, so the data can follow tensor by tensor and memory stays at one tensor.
+    known in advance, so the data can follow chunk by chunk and memory stays at one chunk.
     """
     header, offset = {}, 0
     for name, info in layout.items():
@@ -114,12 +107,14 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, info in layout.items():
-            tensor = produce(name)
-            if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-                raise CheckpointError(
-                    f"tensor {name!r}: produced {tensor.dtype} {list(tensor.shape)}, expected {info.dtype} {list(info.shape)}"
-                )
-            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            written = 0
+            for chunk in chunks(name):
+                if chunk.dtype != info.dtype:
+                    raise CheckpointError(f"tensor {name!r}: got {chunk.dtype} data, expected {info.dtype}")
+                written += f.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
+            begin, end = header[name]["data_offsets"]
+            if written != end - begin:
+                raise CheckpointError(f"tensor {name!r}: got {written} bytes of data, expected {end - begin}")
         f.flush()
         os.fsync(f.fileno())
 

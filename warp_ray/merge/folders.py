@@ -1,47 +1,79 @@
-"""The merges of `warp_ray.merge` on Hugging Face model folders, streamed tensor by tensor.
+"""The merges of `warp_ray.merge` on Hugging Face model folders, streamed chunk by chunk.
 
-Peak memory stays near one tensor per input model, whatever the model size: tensors are
-read one at a time from safetensors files and written to the output as they are merged.
-The output keeps the first input's shard layout, config and tokenizer files, so it loads
-with `AutoModelForCausalLM.from_pretrained`.
+Memory stays near one block of rows per input model, whatever the model size: blocks are
+sliced out of the safetensors files (each opened for one block only, so that the mapped
+pages are released) and every merged chunk is written to the output at once.
+The output keeps the first folder's shard layout, config and tokenizer files, so it
+loads with `AutoModelForCausalLM.from_pretrained`.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from itertools import groupby
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
-from warp_ray.checkpoint import atomic_dir, copy_non_weight_files, open_safetensors, read_tensor, weight_files, weight_layout, write_safetensors
+from warp_ray.checkpoint import TensorInfo, atomic_dir, copy_non_weight_files, open_safetensors, weight_files, weight_layout, write_safetensors
 from warp_ray.errors import MergeError
-from warp_ray.merge.linear import check_eta, linear_combination, normalized_weights
-from warp_ray.merge.slerp import slerp_tensor
-from warp_ray.merge.state_dict import MergeFn, check_compatible, merge_tensor
+from warp_ray.merge.linear import average_merge, liti_merge
+from warp_ray.merge.slerp import slerp_merge
+from warp_ray.merge.state_dict import Merge, check_compatible
+from warp_ray.merge.task_vectors import combine, row_spans
 
 Folder = str | Path
 
 
-def merge_folders(fn: MergeFn, folders: Sequence[Folder], out: Folder, overwrite: bool = False, progress: bool = True) -> Path:
-    """Apply the per-tensor merge `fn` to model folders; folders[0] is the reference (dtype, layout, files)."""
+BLOCK_ELEMENTS = 1 << 23
+"""Elements read per file opening (32 MiB of float32): the kernels' chunks are sliced from it."""
+
+
+class RowReader:
+    """Rows of one tensor of one folder, read a block at a time from its safetensors file.
+
+    The file is opened for one block only: closing it releases the mapped pages, so resident
+    memory stays near one block per input instead of growing to the whole tensor.
+    """
+
+    def __init__(self, folder: Path, name: str, info: TensorInfo):
+        self.path, self.name, self.info = folder / info.file, name, info
+        self.rows_per_block = max(1, BLOCK_ELEMENTS // max(1, int(torch.Size(info.shape[1:]).numel())))
+        self.start, self.block = 0, None
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        if self.block is None or not (self.start <= start and stop <= self.start + len(self.block)):
+            self.start = start
+            with open_safetensors(self.path) as f:
+                self.block = f.get_tensor(self.name).reshape(1) if not self.info.shape else f.get_slice(self.name)[start : start + max(stop - start, self.rows_per_block)]
+        return self.block[start - self.start : stop - self.start]
+
+
+def merge_folders(merge: Merge, folders: Sequence[Folder], out: Folder, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run `merge` on model folders; folders[0] is the reference (dtype, layout, config, tokenizer)."""
     folders = [Path(f) for f in folders]
     layouts = [weight_layout(f) for f in folders]
     check_compatible([{k: (i.shape, i.dtype) for k, i in lay.items()} for lay in layouts], [str(f) for f in folders])
     reference = layouts[0]
     with open_safetensors(folders[0] / weight_files(folders[0])[0]) as f:
         metadata = {**(f.metadata() or {}), "format": "pt"}
-    bar = tqdm(total=len(reference), unit="tensor", desc=f"merge -> {out}", disable=not progress)
 
-    def merged(name: str):
+    def chunks(name: str) -> Iterator[Tensor]:
         bar.update()
-        return merge_tensor(fn, [read_tensor(f, name, lay[name]) for f, lay in zip(folders, layouts)])
+        readers = [RowReader(f, name, lay[name]) for f, lay in zip(folders, layouts)]
+        read = lambda start, stop: [reader(start, stop) for reader in readers]  # noqa: E731
+        spans = row_spans(reference[name].shape)
+        if not reference[name].dtype.is_floating_point:
+            return (read(start, stop)[0] for start, stop in spans)
+        return combine(read, spans, merge(read, spans))
 
-    with bar, atomic_dir(out, overwrite) as tmp:
+    by_file = groupby(sorted(reference, key=lambda n: reference[n].file), key=lambda n: reference[n].file)
+    with tqdm(total=len(reference), unit="tensor", desc=f"merge -> {out}", disable=not progress) as bar, atomic_dir(out, overwrite) as tmp:
         copy_non_weight_files(folders[0], tmp)
-        for file, names in groupby(sorted(reference, key=lambda n: reference[n].file), key=lambda n: reference[n].file):
-            write_safetensors(tmp / file, {n: reference[n] for n in names}, merged, metadata)
+        for file, names in by_file:
+            write_safetensors(tmp / file, {n: reference[n] for n in names}, chunks, metadata)
     return Path(out)
 
 
@@ -49,18 +81,16 @@ def slerp_folders(init: Folder, models: Sequence[Folder], out: Folder, weights: 
     """`warp_ray.merge.slerp` on folders: SLERP of the models' task vectors relative to init."""
     if not models:
         raise MergeError("slerp needs at least one model folder")
-    normalized_weights(weights, len(models))
-    return merge_folders(partial(slerp_tensor, weights=weights), [init, *models], out, **kw)
+    return merge_folders(slerp_merge(len(models), weights), [init, *models], out, **kw)
 
 
 def average_folders(models: Sequence[Folder], out: Folder, weights: Sequence[float] | None = None, **kw) -> Path:
     """`warp_ray.merge.average` on folders: the weighted average of whole weights (WARM)."""
     if not models:
         raise MergeError("average needs at least one model folder")
-    return merge_folders(partial(linear_combination, coefficients=normalized_weights(weights, len(models))), models, out, **kw)
+    return merge_folders(average_merge(len(models), weights), models, out, **kw)
 
 
 def liti_folders(init: Folder, merged: Folder, out: Folder, eta: float, **kw) -> Path:
     """`warp_ray.merge.liti` on folders: (1 - eta) * init + eta * merged."""
-    eta = check_eta(eta)
-    return merge_folders(partial(linear_combination, coefficients=(1.0 - eta, eta)), [init, merged], out, **kw)
+    return merge_folders(liti_merge(eta), [init, merged], out, **kw)

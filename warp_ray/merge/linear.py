@@ -6,18 +6,11 @@ import math
 from functools import partial
 from typing import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from warp_ray.errors import MergeError
-from warp_ray.merge.state_dict import StateDict, merge_state_dicts, model_names
-
-
-def linear_combination(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
-    """sum_m coefficients[m] * tensors[m]."""
-    out = tensors[0] * coefficients[0]
-    for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
-        out.add_(tensor, alpha=coefficient)
-    return out
+from warp_ray.merge.state_dict import Merge, StateDict, merge_state_dicts, model_names
 
 
 def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -33,25 +26,35 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
     return [w / total for w in weights]
 
 
+def _fixed(read, spans, c: Tensor) -> Tensor:
+    return c
+
+
+def average_merge(count: int, weights: Sequence[float] | None = None) -> Merge:
+    """sum_m w_m theta_m = theta_1 + sum_{m>1} w_m (theta_m - theta_1), the weights summing to 1."""
+    w = normalized_weights(weights, count)
+    return partial(_fixed, c=torch.tensor(w[1:], dtype=torch.float64))
+
+
+def liti_merge(eta: float) -> Merge:
+    """(1 - eta) init + eta merged = init + eta (merged - init)."""
+    if not 0.0 <= eta <= 1.0:  # also rejects NaN
+        raise MergeError(f"eta = {eta!r} is outside the allowed range [0, 1]")
+    return partial(_fixed, c=torch.tensor([float(eta)], dtype=torch.float64))
+
+
 def average(models: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None) -> StateDict:
     """Weighted average of whole weights: sum_m w_m theta_m / sum_m w_m (uniform when None).
 
     This is WARM's `phi = (1/M) sum_i phi_i`, a model soup, and also LERP of task vectors:
     with weights summing to 1, init + sum_m w_m (theta_m - init) = sum_m w_m theta_m.
+    Integer and bool tensors come from the first model.
     """
     if not models:
         raise MergeError("average needs at least one model")
-    coefficients = normalized_weights(weights, len(models))
-    return merge_state_dicts(partial(linear_combination, coefficients=coefficients), models, model_names(len(models)))
-
-
-def check_eta(eta: float) -> float:
-    if not 0.0 <= eta <= 1.0:  # also rejects NaN
-        raise MergeError(f"eta = {eta!r} is outside the allowed range [0, 1]")
-    return float(eta)
+    return merge_state_dicts(average_merge(len(models), weights), models, model_names(len(models)))
 
 
 def liti(init: Mapping[str, Tensor], merged: Mapping[str, Tensor], eta: float) -> StateDict:
     """Linear interpolation towards the initialization: (1 - eta) * init + eta * merged."""
-    eta = check_eta(eta)
-    return merge_state_dicts(partial(linear_combination, coefficients=(1.0 - eta, eta)), [init, merged], ["init", "merged"])
+    return merge_state_dicts(liti_merge(eta), [init, merged], ["init", "merged"])

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from warp_ray.errors import MergeError
 from warp_ray.merge.linear import normalized_weights
-from warp_ray.merge.state_dict import StateDict, merge_state_dicts, model_names
+from warp_ray.merge.state_dict import Merge, StateDict, merge_state_dicts, model_names
+from warp_ray.merge.task_vectors import ReadRows, gram
 
 COLINEAR = 1.0 - 1e-6
 """|cos Omega| above this: the pair is colinear and SLERP falls back to linear interpolation."""
@@ -63,15 +64,14 @@ def slerp_coefficients(gram: Tensor, weights: Sequence[float] | None = None) -> 
     return c
 
 
-def slerp_tensor(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
-    """SLERP of one tensor: tensors = [init, theta_1, ..., theta_M], all float."""
-    init, models = tensors[0], tensors[1:]
-    deltas = torch.stack([theta - init for theta in models]).reshape(len(models), -1)
-    gram = deltas @ deltas.T
-    if not torch.isfinite(gram).all():  # float32 overflowed on huge weights: redo in float64
-        return slerp_tensor([t.to(torch.float64) for t in tensors], weights).to(init.dtype)
-    c = slerp_coefficients(gram, weights)
-    return init + (c.to(deltas.dtype) @ deltas).reshape(init.shape)
+def _slerp_of_gram(read: ReadRows, spans: Sequence[tuple[int, int]], weights: Sequence[float] | None) -> Tensor:
+    return slerp_coefficients(gram(read, spans), weights)
+
+
+def slerp_merge(count: int, weights: Sequence[float] | None = None) -> Merge:
+    """SLERP of `count` models as a Merge: each tensor's coefficients come from its Gram matrix."""
+    normalized_weights(weights, count)  # fail on bad weights before touching a tensor
+    return partial(_slerp_of_gram, weights=weights)
 
 
 def slerp(
@@ -84,5 +84,4 @@ def slerp(
     """
     if not models:
         raise MergeError("slerp needs at least one model")
-    normalized_weights(weights, len(models))  # fail on bad weights before touching a tensor
-    return merge_state_dicts(partial(slerp_tensor, weights=weights), [init, *models], ["init", *model_names(len(models))])
+    return merge_state_dicts(slerp_merge(len(models), weights), [init, *models], ["init", *model_names(len(models))])

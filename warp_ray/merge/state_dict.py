@@ -1,9 +1,9 @@
-"""Apply a per-tensor merge to whole state dicts: key checks, dtype rules, compute precision.
+"""Run a merge over whole state dicts: key, shape and dtype checks, then tensor by tensor.
 
-A merge function takes a list of same-shape float tensors (the first is the reference:
-`init`, or the first model of an average) and returns one tensor. This module applies it
-key by key, in float32 or better, returns the reference's dtype, and copies integer and
-bool tensors (buffers such as position ids) from the reference instead of interpolating.
+A Merge gives each tensor's coefficients: `merge(read, spans)` returns c, one per
+non-reference input, and the merged tensor is ref + sum_m c_m (theta_m - ref) (see
+`task_vectors`). Integer and bool tensors (buffers such as position ids) are copied from
+the reference, never interpolated; float tensors come back in the reference's dtype.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import torch
 from torch import Tensor
 
 from warp_ray.errors import MergeError
+from warp_ray.merge.task_vectors import ReadRows, combine, row_spans
 
 StateDict = dict[str, Tensor]
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
-MergeFn = Callable[[list[Tensor]], Tensor]
+Merge = Callable[[ReadRows, Sequence[tuple[int, int]]], Tensor]
+"""merge(read, spans) -> the coefficients c of one tensor (slerp_merge, average_merge, liti_merge)."""
 
 
 def spec_of(state_dict: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
@@ -43,9 +45,7 @@ def check_compatible(
         for key, (shape, dtype) in ref.items():
             other_shape, other_dtype = spec[key]
             if other_shape != shape:
-                raise MergeError(
-                    f"tensor {key!r}: shape {list(other_shape)} in {name}, {list(shape)} in {ref_name}"
-                )
+                raise MergeError(f"tensor {key!r}: shape {list(other_shape)} in {name}, {list(shape)} in {ref_name}")
             if same_dtype and other_dtype != dtype:
                 raise MergeError(
                     f"tensor {key!r}: dtype {other_dtype} in {name}, {dtype} in {ref_name} "
@@ -53,18 +53,23 @@ def check_compatible(
                 )
 
 
-def merge_tensor(fn: MergeFn, tensors: Sequence[Tensor]) -> Tensor:
-    """fn on the tensors in float32 (or float64 if stored so), returned in tensors[0]'s dtype."""
+def merge_tensors(merge: Merge, tensors: Sequence[Tensor]) -> Tensor:
+    """One merged tensor from the same tensor of every input, the reference first."""
     ref = tensors[0]
     if not ref.is_floating_point():
         return ref.clone()
-    compute = torch.promote_types(ref.dtype, torch.float32)
-    return fn([t.to(compute) for t in tensors]).to(ref.dtype)
+    rows = [t.reshape(1) for t in tensors] if ref.dim() == 0 else tensors
+    read = lambda start, stop: [t[start:stop] for t in rows]  # noqa: E731
+    spans = row_spans(ref.shape)
+    out = torch.empty(ref.numel(), dtype=ref.dtype)
+    for _ in combine(read, spans, merge(read, spans), out=out):
+        pass  # each chunk is written into out
+    return out.view(ref.shape)
 
 
-def merge_state_dicts(fn: MergeFn, state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> StateDict:
+def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> StateDict:
     check_compatible([spec_of(sd) for sd in state_dicts], names)
-    return {key: merge_tensor(fn, [sd[key] for sd in state_dicts]) for key in state_dicts[0]}
+    return {key: merge_tensors(merge, [sd[key] for sd in state_dicts]) for key in state_dicts[0]}
 
 
 def model_names(count: int) -> list[str]:
