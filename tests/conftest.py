@@ -44,3 +44,25 @@ def model_folders(tmp_path: Path, tokenizer) -> dict[str, Path]:
         tokenizer.save_pretrained(tmp_path / name)
         folders[name] = tmp_path / name
     return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> Path:
+    """The built-in task, built once per test session, smaller than the default to stay quick."""
+    from warp_ray.config import TaskParams
+    from warp_ray.task.build import build_task
+
+    params = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
+    return build_task(params, tmp_path_factory.mktemp("task") / "task")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster on loopback, 2 CPUs, shared by the tests that need Ray."""
+    import ray
+
+    from warp_ray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="validate a config and print it with every default filled in")
     _add_config_args(config)
 
+    train_rm = commands.add_parser("train-rm", help="train M reward models on Ray Tune and merge them (WARM)")
+    _add_config_args(train_rm)
+
     demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
     _add_config_args(demo)
     demo.add_argument("--out", type=Path, help="output folder (default: <paths.output_dir>/demo)")
@@ -80,6 +83,11 @@ def _run(args: argparse.Namespace) -> None:
     config = WarpConfig.from_yaml(args.config, args.overrides)
     if args.command == "config":
         print(config.to_yaml(), end="")
+    elif args.command == "train-rm":
+        from warp_ray.reward.warm import markdown, run_warm
+
+        print(markdown(run_warm(config)), end="")
+        print(f"reward models, WARM and accuracy.json in {config.paths.output_dir / 'rm'}")
     else:
         from warp_ray.demo import run_demo
 

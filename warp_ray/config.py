@@ -27,14 +27,14 @@ def _model_folder(path: Path) -> Path:
         raise ValueError(str(e)) from None
 
 
-def _existing_file(path: Path) -> Path:
-    if not path.is_file():
-        raise ValueError(f"file {path} does not exist")
+def _data_folder(path: Path) -> Path:
+    if not any((path / name).exists() for name in ("train.jsonl", "train")):
+        raise ValueError(f"{path} has no train.jsonl (nor a `datasets` folder named train)")
     return path
 
 
 ModelFolder = Annotated[Path, AfterValidator(_model_folder)]
-DataFile = Annotated[Path, AfterValidator(_existing_file)]
+DataFolder = Annotated[Path, AfterValidator(_data_folder)]
 
 
 class Section(BaseModel):
@@ -97,6 +97,49 @@ class WarmParams(Section):
     """Fine-tuning learning rates; run m takes the grid point m of learning_rates x dropouts, cycling."""
     dropouts: list[Annotated[float, Field(ge=0, lt=1)]] = Field([0.05, 0.1], min_length=1)
     """Dropout probabilities of the fine-tunes."""
+    steps: int = Field(2000, ge=1)
+    """Bradley-Terry fine-tuning steps of each reward model; the last checkpoint is kept."""
+    batch_size: int = Field(32, ge=1)
+    """Preference pairs per fine-tuning step."""
+    linear_probe_steps: int = Field(500, ge=0)
+    """Full-batch steps fitting the score head on the frozen SFT backbone, before any fine-tune."""
+    linear_probe_lr: float = Field(1e-2, gt=0)
+    """Learning rate of the linear probe."""
+    cpus_per_trial: float = Field(1, gt=0)
+    """CPUs Ray Tune gives each fine-tune; trials run in parallel as the cluster allows."""
+    gpus_per_trial: float = Field(0, ge=0)
+    """GPUs Ray Tune gives each fine-tune."""
+
+    def trial(self, m: int) -> dict:
+        """Hyperparameters of fine-tune m: a point of the lr x dropout grid (cycling) and its own data order."""
+        grid = [(lr, dropout) for lr in self.learning_rates for dropout in self.dropouts]
+        lr, dropout = grid[m % len(grid)]
+        return {"index": m, "lr": lr, "dropout": dropout, "seed": 1000 + m}
+
+
+class TaskParams(Section):
+    """The built-in task (warp_ray/task), built on the fly when no model or data paths are set."""
+
+    architecture: Literal["gpt2", "llama"] = "gpt2"
+    """Tiny policy architecture: GPT-2 or Llama, about 0.9M parameters."""
+    corpus_size: int = Field(4000, ge=10)
+    """SFT texts generated from the task's grammar."""
+    sft_steps: int = Field(150, ge=1)
+    """SFT optimizer steps (batch 64)."""
+    held_out_fraction: float = Field(0.2, gt=0, lt=1)
+    """Prompts kept out of SFT, preference training and RL, for evaluation."""
+    pairs: int = Field(1000, ge=1)
+    """Preference pairs to train reward models on (SFT samples, train prompts)."""
+    validation_pairs: int = Field(300, ge=1)
+    """In-distribution validation pairs (SFT samples, held-out prompts)."""
+    ood_pairs: int = Field(300, ge=1)
+    """Out-of-distribution pairs: held-out prompts, samples from the SFT at ood_temperature."""
+    label_noise: float = Field(0.25, ge=0, le=1)
+    """Fraction of training preference labels flipped (the WARM paper: 25%)."""
+    ood_temperature: float = Field(1.6, gt=0)
+    """Sampling temperature of the shifted policy that writes the OOD pairs."""
+    seed: int = 0
+    """Seed of everything the task draws."""
 
 
 class Resources(Section):
@@ -119,10 +162,12 @@ class Paths(Section):
     """SFT policy, a Hugging Face model folder (safetensors)."""
     reward_model: Optional[ModelFolder] = None
     """Reward model folder (a sequence classifier with one output); unset: train WARM."""
-    prompts: Optional[DataFile] = None
-    """Prompts, JSONL lines {"prompt": ...}."""
-    preferences: Optional[DataFile] = None
-    """Preference pairs for the reward models, JSONL lines {"prompt", "chosen", "rejected"}."""
+    prompts: Optional[DataFolder] = None
+    """Prompts: a folder with train.jsonl and held_out.jsonl, JSONL lines {"prompt": ...}."""
+    preferences: Optional[DataFolder] = None
+    """Preference pairs for the reward models: a folder with train.jsonl and, optionally,
+    validation.jsonl and ood.jsonl (JSONL lines {"prompt", "chosen", "rejected"}, or `datasets`
+    folders of those names without the suffix)."""
     output_dir: Path = Path("runs/warp")
     """Where checkpoints, metrics and plots go."""
 
@@ -132,6 +177,7 @@ class WarpConfig(Section):
 
     warp: WarpParams = WarpParams()
     warm: WarmParams = WarmParams()
+    task: TaskParams = TaskParams()
     resources: Resources = Resources()
     paths: Paths = Paths()
 

@@ -1,0 +1,61 @@
+"""WARM on a real local Ray cluster: Ray Tune fine-tunes, weight averaging, accuracy table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from warp_ray.config import WarmParams
+from warp_ray.data import preference_splits, read_preferences
+from warp_ray.reward.model import load_reward_model, score
+from warp_ray.reward.warm import accuracy_table, markdown, train_warm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def warm_run(tiny_task, ray_cluster, tmp_path_factory):
+    params = WarmParams(M=2, learning_rates=[1e-4, 3e-4], dropouts=[0.1], steps=150, batch_size=16, linear_probe_steps=200)
+    splits = preference_splits(tiny_task / "preferences")
+    out = tmp_path_factory.mktemp("warm")
+    folders = train_warm(params, tiny_task / "sft", splits, out)
+    return params, splits, out, folders
+
+
+def test_tune_trials_fine_tune_diverse_rms_from_one_probed_start(warm_run):
+    params, _, out, folders = warm_run
+    assert [f.name for f in folders] == ["rm_0", "rm_1"]
+    trials = [json.loads(line) for r in sorted((out / "tune" / "warm").glob("*/result.json")) for line in r.read_text().splitlines()]
+    assert sorted((t["index"], t["lr"], t["seed"]) for t in trials) == [(0, 1e-4, 1000), (1, 3e-4, 1001)]
+    probe, first, second = (load_file(f / "model.safetensors") for f in (out / "probe", *folders))
+    head = "score.weight"
+    assert not torch.equal(first[head], probe[head]) and not torch.equal(first[head], second[head])
+
+
+def test_warm_is_the_weight_average_and_one_model(warm_run):
+    _, splits, out, folders = warm_run
+    rms = [load_file(f / "model.safetensors") for f in folders]
+    warm = load_file(out / "warm" / "model.safetensors")
+    for key in ("score.weight", "transformer.h.0.attn.c_attn.weight"):
+        assert torch.allclose(warm[key], (rms[0][key] + rms[1][key]) / 2, atol=1e-6)
+    model, tokenizer = load_reward_model(out / "warm")
+    pairs = read_preferences(splits["validation"])[:128]
+    prompts, chosen = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    one_pass = score(model, tokenizer, prompts, chosen, batch_size=128)
+    ens = torch.stack([score(*load_reward_model(f), prompts, chosen) for f in folders]).mean(0)
+    assert one_pass.shape == (128,)
+    assert not torch.allclose(one_pass, ens)  # weight averaging is not prediction averaging...
+    assert torch.corrcoef(torch.stack([one_pass, ens]))[0, 1] > 0.6  # ...but, to first order, they agree
+
+
+def test_reward_models_beat_chance_on_held_out_pairs(warm_run):
+    _, splits, out, folders = warm_run
+    table = accuracy_table(folders, out / "warm", splits)
+    assert set(table) == {"RM 1", "RM 2", "ENS", "WARM"}
+    assert set(table["WARM"]) == {"train (as labelled)", "train (true labels)", "validation", "ood"}
+    # 300 validation pairs: chance would exceed 0.57 with probability under 1%
+    assert table["WARM"]["validation"] > 0.57 and table["ENS"]["validation"] > 0.57
+    assert "| WARM |" in markdown(table)

@@ -1,0 +1,114 @@
+"""Reward models: a sequence classifier with one output on the policy's backbone, trained
+with the Bradley-Terry loss -log sigmoid(r(x, y_chosen) - r(x, y_rejected))."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from warp_ray.checkpoint import check_model_folder
+
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
+"""Dropout settings of the GPT-2 and Llama families; a config takes those it has."""
+
+
+def load_reward_model(folder: str | Path, dropout: float | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An RM from an RM folder, or a fresh one-output head on a causal-LM folder (the policy's backbone)."""
+    folder = check_model_folder(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    for key in DROPOUT_KEYS if dropout is not None else ():
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
+    return model.eval(), tokenizer
+
+
+def texts(prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+    return [f"{p} {c}" for p, c in zip(prompts, completions)]
+
+
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
+          batch_size: int = 64) -> torch.Tensor:
+    """r(x, y) for each (prompt, completion): one forward pass per batch, no gradient."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = texts(prompts[start : start + batch_size], completions[start : start + batch_size])
+            encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
+            scores.append(model(**encoded).logits[:, 0].float())
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+def bradley_terry_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict]) -> torch.Tensor:
+    prompts = [p["prompt"] for p in pairs]
+    encoded = tokenizer(texts(prompts, [p["chosen"] for p in pairs]) + texts(prompts, [p["rejected"] for p in pairs]),
+                        return_tensors="pt", padding=True, truncation=True, padding_side="right")
+    rewards = model(**encoded).logits[:, 0]
+    chosen, rejected = rewards.chunk(2)
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], steps: int,
+                       lr: float, batch_size: int, seed: int) -> list[float]:
+    """Bradley-Terry fine-tuning of the whole model, pairs drawn in a `seed`-given order. Returns the losses."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = [pairs[i] for i in torch.randint(len(pairs), (batch_size,), generator=generator)]
+        loss = bradley_terry_loss(model, tokenizer, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def pooled_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    completions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """The backbone's final hidden state at each text's last token: what the score head reads."""
+    features = []
+    for start in range(0, len(prompts), batch_size):
+        batch = texts(prompts[start : start + batch_size], completions[start : start + batch_size])
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
+        hidden = model(**encoded, output_hidden_states=True).hidden_states[-1]
+        last = encoded.attention_mask.sum(-1) - 1
+        features.append(hidden[torch.arange(len(batch)), last].float())
+    return torch.cat(features)
+
+
+def linear_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], steps: int, lr: float) -> list[float]:
+    """Train the score head alone on the frozen backbone's features (WARM's linear probing).
+
+    The backbone is frozen, so its features are computed once and the head, a linear map,
+    is fitted on them with full-batch Adam: seconds instead of a pass per step.
+    """
+    prompts = [p["prompt"] for p in pairs]
+    chosen = pooled_features(model, tokenizer, prompts, [p["chosen"] for p in pairs])
+    rejected = pooled_features(model, tokenizer, prompts, [p["rejected"] for p in pairs])
+    head = model.score
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = -F.logsigmoid(head(chosen)[:, 0] - head(rejected)[:, 0]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, flipped: Sequence[bool] | None = None) -> float:
+    """Fraction of pairs ranked as labelled; with `flipped`, as labelled before the flips (the true labels)."""
+    right = chosen > rejected
+    if flipped is not None:
+        right = right ^ torch.tensor(list(flipped), dtype=torch.bool)
+    return right.float().mean().item()

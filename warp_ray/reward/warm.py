@@ -1,0 +1,120 @@
+"""WARM: M reward models fine-tuned from one linear-probed start, as Ray Tune trials, then
+averaged in weight space; and the accuracy table of each RM, their ENS and their WARM.
+
+    <out>/probe/       SFT backbone + linear-probed head: the shared start
+    <out>/rm_<m>/      the last checkpoint of fine-tune m (an HF folder)
+    <out>/warm/        warp_ray.merge.average of the M fine-tunes: one RM, one forward pass
+    <out>/accuracy.json, accuracy.md
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from ray import tune
+
+from warp_ray.checkpoint import atomic_dir
+from warp_ray.config import WarmParams, WarpConfig
+from warp_ray.data import preference_splits, read_preferences
+from warp_ray.merge.folders import average_folders
+from warp_ray.reward.model import load_reward_model, linear_probe, pairwise_accuracy, score, train_reward_model
+from warp_ray.runtime import init_ray
+from warp_ray.task.build import task_inputs
+
+def fine_tune(config: dict, params: WarmParams, start: str, train: str) -> None:
+    """One Ray Tune trial: fine-tune the shared start with trial m's lr, dropout and data order."""
+    trial = params.trial(config["m"])
+    torch.set_num_threads(max(1, int(params.cpus_per_trial)))
+    torch.manual_seed(trial["seed"])
+    model, tokenizer = load_reward_model(start, dropout=trial["dropout"])
+    losses = train_reward_model(model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tune.report({**trial, "loss": sum(losses[-20:]) / len(losses[-20:])}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out: Path) -> list[Path]:
+    """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = read_preferences(preferences["train"])
+    model, tokenizer = load_reward_model(sft)
+    linear_probe(model, tokenizer, train, params.linear_probe_steps, params.linear_probe_lr)
+    with atomic_dir(out / "probe", overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    trainable = tune.with_parameters(fine_tune, params=params, start=str(out / "probe"), train=str(preferences["train"]))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
+        param_space={"m": tune.grid_search(list(range(params.M)))},
+        run_config=tune.RunConfig(name="warm", storage_path=str((out / "tune").resolve()), verbose=1),
+    )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} reward-model fine-tune(s) failed; the first: {errors[0]}")
+    folders = []
+    for result in sorted(results, key=lambda r: r.metrics["index"]):
+        folder = out / f"rm_{result.metrics['index']}"
+        with result.checkpoint.as_directory() as checkpoint, atomic_dir(folder, overwrite=True) as tmp:
+            shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        folders.append(folder)
+    average_folders(folders, out / "warm", overwrite=True, progress=False)
+    return folders
+
+
+def accuracy_table(folders: Sequence[Path], warm: Path, preferences: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Pairwise accuracy of each RM, of their prediction ensemble ENS and of WARM, on every split.
+
+    "train (as labelled)" counts agreement with the training labels, flipped ones included;
+    "train (true labels)" with the labels before the flips, where the data records them.
+    """
+    splits = {name: read_preferences(path) for name, path in preferences.items()}
+
+    def scores(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        model, tokenizer = load_reward_model(folder)
+        return {name: (score(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]),
+                       score(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs]))
+                for name, pairs in splits.items()}
+
+    singles = [scores(folder) for folder in folders]
+    models = {f"RM {m + 1}": s for m, s in enumerate(singles)}
+    models["ENS"] = {name: tuple(torch.stack([s[name][i] for s in singles]).mean(0) for i in (0, 1)) for name in splits}
+    models["WARM"] = scores(warm)
+    table = {}
+    for model, by_split in models.items():
+        row = {}
+        for name, (chosen, rejected) in by_split.items():
+            label = "train (as labelled)" if name == "train" else name
+            row[label] = pairwise_accuracy(chosen, rejected)
+            if name == "train" and all("flipped" in p for p in splits[name]):
+                row["train (true labels)"] = pairwise_accuracy(chosen, rejected, [p["flipped"] for p in splits[name]])
+        table[model] = row
+    return table
+
+
+def markdown(table: dict[str, dict[str, float]]) -> str:
+    columns = list(next(iter(table.values())))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for model, row in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
+    """`warp-ray train-rm`: WARM on the configured data (the built-in task by default), evaluated."""
+    sft, _, preferences = task_inputs(config)
+    splits = preference_splits(preferences)
+    init_ray()
+    out = config.paths.output_dir / "rm"
+    folders = train_warm(config.warm, sft, splits, out)
+    table = accuracy_table(folders, out / "warm", splits)
+    (out / "accuracy.json").write_text(json.dumps(table, indent=2))
+    (out / "accuracy.md").write_text(markdown(table))
+    return table

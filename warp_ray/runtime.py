@@ -1,0 +1,23 @@
+"""Joining or starting Ray.
+
+Inside a Ray job (`ray job submit`), or with RAY_ADDRESS set, warp-ray joins that cluster.
+Otherwise it starts a local one whose services listen on loopback only: nothing is exposed
+beyond this machine unless the user points warp-ray at a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # "local" rather than the default: a stale ray_current_cluster file would make a plain
+    # ray.init() try to join a cluster stopped earlier.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")

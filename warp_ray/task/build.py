@@ -1,0 +1,164 @@
+"""Build the built-in task on disk: tokenizer, SFT policy, prompts and preference data.
+
+Everything is made on the fly from `world.py`, with no download, in well under a minute on
+2 CPU cores, and cached: a folder built with the same parameters is reused.
+
+    <root>/sft/                      the SFT policy (an HF folder, tokenizer included)
+    <root>/prompts/train.jsonl       {"prompt": ...}
+    <root>/prompts/held_out.jsonl
+    <root>/preferences/{train,validation,ood}.jsonl
+                                     {"prompt", "chosen", "rejected", "flipped", "gold_chosen", "gold_rejected"}
+
+Preference pairs are two SFT samples for one prompt, ordered by a Bradley-Terry draw on the
+gold reward, then flipped with probability `label_noise` (the WARM paper used 25%). The OOD
+split comes from a shifted policy: the same SFT sampled at `ood_temperature`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from warp_ray.checkpoint import atomic_dir
+from warp_ray.config import TaskParams, WarpConfig
+from warp_ray.task import world
+
+PAD, EOS = "<pad>", "<eos>"
+MAX_LENGTH = 96
+MAX_NEW_TOKENS = 48
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD, eos_token=EOS, bos_token=EOS,
+                                   model_max_length=MAX_LENGTH, padding_side="left")
+
+
+def new_policy(architecture: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    if architecture == "llama":
+        config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True, **ids)
+        return LlamaForCausalLM(config)
+    return GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=MAX_LENGTH, **ids))
+
+
+def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int,
+              batch_size: int = 64) -> list[float]:
+    """Next-token training on prompt + completion + eos; returns the loss curve."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=generator)]
+        encoded = tokenizer([t + EOS for t in batch], return_tensors="pt", padding=True, padding_side="right")
+        labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+        loss = model(**encoded, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], temperature: float,
+           seed: int, batch_size: int = 64) -> list[str]:
+    torch.manual_seed(seed)
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        out = model.generate(**encoded, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        completions += tokenizer.batch_decode(out[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
+    return [c.strip() for c in completions]
+
+
+def preference_pairs(model, tokenizer, prompts: list[str], count: int, temperature: float, label_noise: float,
+                     seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    chosen_prompts = [rng.choice(prompts) for _ in range(count)]
+    first = sample(model, tokenizer, chosen_prompts, temperature, seed)
+    second = sample(model, tokenizer, chosen_prompts, temperature, seed + 1)
+    pairs = []
+    for prompt, a, b in zip(chosen_prompts, first, second):
+        gold_a, gold_b = world.gold_reward(prompt, a), world.gold_reward(prompt, b)
+        if rng.random() >= 1.0 / (1.0 + math.exp(gold_b - gold_a)):  # Bradley-Terry: P(a preferred)
+            a, b, gold_a, gold_b = b, a, gold_b, gold_a
+        flipped = rng.random() < label_noise
+        if flipped:
+            a, b, gold_a, gold_b = b, a, gold_b, gold_a
+        pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "flipped": flipped,
+                      "gold_chosen": gold_a, "gold_rejected": gold_b})
+    return pairs
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def build_task(params: TaskParams, root: Path) -> Path:
+    """Build the task under `root` (or reuse it if built with the same params); returns root."""
+    root = Path(root)
+    manifest = root / "task.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params.model_dump():
+        return root
+    torch.manual_seed(params.seed)
+    rng = random.Random(params.seed)
+    prompts = [world.prompt_for(topic, when) for topic in world.TOPICS for when in world.WHEN]
+    rng.shuffle(prompts)
+    held_out_count = max(1, round(params.held_out_fraction * len(prompts)))
+    held_out, train_prompts = prompts[:held_out_count], prompts[held_out_count:]
+    corpus = []
+    for _ in range(params.corpus_size):
+        prompt = rng.choice(train_prompts)
+        corpus.append(f"{prompt} {world.completion(world.topic_of(prompt), rng)}")
+
+    tokenizer = train_tokenizer(corpus)
+    model = new_policy(params.architecture, tokenizer)
+    losses = sft_train(model, tokenizer, corpus, params.sft_steps, params.seed)
+    splits = {
+        "train": preference_pairs(model, tokenizer, train_prompts, params.pairs, 1.0, params.label_noise, params.seed + 10),
+        "validation": preference_pairs(model, tokenizer, held_out, params.validation_pairs, 1.0, 0.0, params.seed + 20),
+        "ood": preference_pairs(model, tokenizer, held_out, params.ood_pairs, params.ood_temperature, 0.0, params.seed + 30),
+    }
+    with atomic_dir(root, overwrite=True) as tmp:
+        model.save_pretrained(tmp / "sft")
+        tokenizer.save_pretrained(tmp / "sft")
+        write_jsonl(tmp / "prompts" / "train.jsonl", [{"prompt": p} for p in train_prompts])
+        write_jsonl(tmp / "prompts" / "held_out.jsonl", [{"prompt": p} for p in held_out])
+        for name, rows in splits.items():
+            write_jsonl(tmp / "preferences" / f"{name}.jsonl", rows)
+        (tmp / "task.json").write_text(json.dumps({
+            "params": params.model_dump(),
+            "sft_loss": {"first": losses[0], "last": sum(losses[-20:]) / 20},
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }, indent=2))
+    return root
+
+
+def task_inputs(config: WarpConfig) -> tuple[Path, Path, Path]:
+    """(SFT folder, prompts folder, preferences folder): the user's where the config sets them,
+    the built-in task's (built or reused under <output_dir>/task) otherwise."""
+    paths = config.paths
+    if paths.sft_model and paths.prompts and paths.preferences:
+        return paths.sft_model, paths.prompts, paths.preferences
+    root = build_task(config.task, paths.output_dir / "task")
+    return paths.sft_model or root / "sft", paths.prompts or root / "prompts", paths.preferences or root / "preferences"
