@@ -42,8 +42,9 @@ def test_yaml_round_trip():
 def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
     with pytest.raises(ConfigError, match="paths.sft_model = '/mnt/models/gemma-7b-sft': model folder .* does not exist"):
         WarpConfig.from_yaml(CONFIGS / "gemma-7b-gpu.yaml")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "hello"}\n')
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "train.jsonl").write_text('{"prompt": "hello"}\n')
     config = WarpConfig.from_yaml(CONFIGS / "gemma-7b-gpu.yaml", [
         f"paths.sft_model={model_folders['init']}", f"paths.reward_model={model_folders['a']}", f"paths.prompts={prompts}"])
     assert config.resources.zero_stage == 3 and config.warp.T == 9000
@@ -59,7 +60,7 @@ def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
         ("warp.lr=0", r"warp.lr = 0: .* \(allowed range: > 0\)"),
         ("warm.dropouts=[0.1, 1.0]", r"warm.dropouts.1 = 1.0: Input should be less than 1"),
         ("warp.betta=0.1", r"unknown key 'warp.betta'; did you mean 'beta'\?"),
-        ("rl.beta=0.1", r"unknown key 'rl'; known keys here: warp, warm, resources, paths"),
+        ("rl.beta=0.1", r"unknown key 'rl'; known keys here: warp, warm, task, resources, paths"),
         ("resources.zero_stage=4", r"resources.zero_stage = 4: Input should be 0, 1, 2 or 3"),
         ("warp.anchor=init", r"warp.anchor = 'init': Input should be 'ema' or 'sft'"),
         ("paths.sft_model=/no/such/model", r"paths.sft_model = '/no/such/model': model folder /no/such/model does not exist"),
@@ -79,6 +80,11 @@ def test_invalid_values_name_the_key_value_and_range(override, message):
 def test_a_folder_without_config_json_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="is not a Hugging Face model folder: it has no config.json"):
         WarpConfig.from_yaml(None, [f"paths.sft_model={tmp_path}"])
+
+
+def test_data_folders_need_a_train_split(tmp_path):
+    with pytest.raises(ConfigError, match=f"paths.preferences = '{tmp_path}': {tmp_path} has no train.jsonl"):
+        WarpConfig.from_yaml(None, [f"paths.preferences={tmp_path}"])
 
 
 def test_bad_files_and_overrides(tmp_path):
