@@ -30,3 +30,4 @@ test-fast: setup
 bench:
 	$(MAKE) setup EXTRAS=cpu,dev,bench
 	$(PY) bench/merge.py
+	$(PY) bench/reward_server.py

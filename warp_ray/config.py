@@ -117,6 +117,19 @@ class WarmParams(Section):
         return {"index": m, "lr": lr, "dropout": dropout, "seed": 1000 + m}
 
 
+class RewardServerParams(Section):
+    """The reward-server actor that every learner calls."""
+
+    max_batch_size: int = Field(256, ge=1)
+    """Most (prompt, completion) pairs scored in one forward pass."""
+    max_wait_ms: float = Field(5.0, ge=0)
+    """Longest wait for more requests to fill a batch once one has arrived."""
+    max_queue: int = Field(1024, ge=1)
+    """Requests waiting at most; further callers wait to enqueue (back-pressure, bounded memory)."""
+    threads: int = Field(1, ge=1)
+    """Torch threads of the server's forward passes."""
+
+
 class TaskParams(Section):
     """The built-in task (warp_ray/task), built on the fly when no model or data paths are set."""
 
@@ -178,6 +191,7 @@ class WarpConfig(Section):
     warp: WarpParams = WarpParams()
     warm: WarmParams = WarmParams()
     task: TaskParams = TaskParams()
+    reward_server: RewardServerParams = RewardServerParams()
     resources: Resources = Resources()
     paths: Paths = Paths()
 

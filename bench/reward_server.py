@@ -1,0 +1,84 @@
+"""Benchmark of the reward-server actor: scoring throughput (pairs/s) under 1, 2 and 4
+concurrent callers, against direct calls of the same model in one process, in the same run.
+
+Each caller (a thread of the driver, standing for a learner) sends requests of 32 pairs, one
+after the other; the server batches what arrives together. The model is the built-in task's reward model architecture
+(the SFT backbone with a score head).
+
+Run: .venv/bin/python bench/reward_server.py   (builds the built-in task under bench/out/ once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+import torch
+
+from warp_ray.config import RewardServerParams, TaskParams
+from warp_ray.data import read_preferences
+from warp_ray.reward.model import load_reward_model, score
+from warp_ray.reward.server import RewardServer
+from warp_ray.runtime import init_ray
+from warp_ray.task.build import build_task
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUEST = 32
+
+
+def caller(server, requests: list[tuple[list[str], list[str]]]) -> int:
+    """A learner: one request after the other, each waiting for its answer."""
+    for prompts, completions in requests:
+        ray.get(server.score.remote(prompts, completions))
+    return sum(len(p) for p, _ in requests)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=40, help="requests per caller")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reward_server.json")
+    args = parser.parse_args()
+    task = build_task(TaskParams(), ROOT / "bench" / "out" / "task")
+    rm = ROOT / "bench" / "out" / "rm"
+    model, tokenizer = load_reward_model(task / "sft")
+    model.save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    pairs = read_preferences(task / "preferences" / "train.jsonl")
+    batches = [pairs[(r * REQUEST + i) % len(pairs)] for r in range(args.requests) for i in range(REQUEST)]
+    requests = [([p["prompt"] for p in batches[i : i + REQUEST]], [p["chosen"] for p in batches[i : i + REQUEST]])
+                for i in range(0, len(batches), REQUEST)]
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for prompts, completions in requests:
+        score(model, tokenizer, prompts, completions, batch_size=REQUEST)
+    direct = len(requests) * REQUEST / (time.perf_counter() - start)
+
+    init_ray(num_cpus=2)
+    server = RewardServer.remote("model", [str(rm)], RewardServerParams(threads=1))
+    ray.get(server.score.remote(*requests[0]))  # warm up
+    results = {"direct_pairs_per_s": direct, "request_pairs": REQUEST, "server": {}}
+    for callers in (1, 2, 4):
+        start = time.perf_counter()
+        with ThreadPoolExecutor(callers) as pool:
+            served = sum(pool.map(caller, [server] * callers, [requests] * callers))
+        rate = served / (time.perf_counter() - start)
+        results["server"][callers] = {"pairs_per_s": rate, "vs_direct": rate / direct}
+    results["batches"] = ray.get(server.stats.remote())
+    ray.shutdown()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+    print(f"\n| scoring ({REQUEST} pairs a request, 1 thread) | pairs/s | vs direct |\n|---|---|---|")
+    print(f"| direct calls, one process | {direct:.0f} | 1.00 |")
+    for callers, row in results["server"].items():
+        print(f"| RewardServer, {callers} concurrent caller(s) | {row['pairs_per_s']:.0f} | {row['vs_direct']:.2f} |")
+    print(f"\nserver totals: {results['batches']}; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

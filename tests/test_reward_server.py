@@ -1,0 +1,95 @@
+"""The reward-server actor on a real local Ray cluster: batching, concurrency, bad requests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import torch
+
+from warp_ray.config import RewardServerParams
+from warp_ray.data import read_preferences
+from warp_ray.reward.model import load_reward_model, score
+from warp_ray.reward.server import RewardServer
+from warp_ray.task import world
+
+
+@pytest.fixture(scope="module")
+def rm_folders(tiny_task, tmp_path_factory):
+    """Two reward models on the task's SFT backbone (fresh heads, different seeds)."""
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, tokenizer = load_reward_model(tiny_task / "sft")
+        folder = tmp_path_factory.mktemp(f"rm{seed}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_task):
+    return read_preferences(tiny_task / "preferences" / "validation.jsonl")[:80]
+
+
+def direct(folder, prompts, completions):
+    return score(*load_reward_model(folder), prompts, completions)
+
+
+def test_concurrent_callers_get_the_scores_of_a_direct_call(ray_cluster, rm_folders, pairs):
+    server = RewardServer.remote("model", [str(rm_folders[0])], RewardServerParams(max_batch_size=64, max_wait_ms=50))
+    requests = [pairs[i * 10 : (i + 1) * 10] for i in range(8)]  # 8 learners at once
+    refs = [server.score.remote([p["prompt"] for p in r], [p["chosen"] for p in r]) for r in requests]
+    answers = ray.get(refs)
+    expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    assert torch.allclose(torch.tensor([s for a in answers for s in a]), expected, atol=1e-5)
+    stats = ray.get(server.stats.remote())
+    assert stats["requests"] == 8 and stats["pairs"] == 80
+    assert stats["batches"] < 8  # requests were served together
+
+
+def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pairs):
+    """Learners that keep calling: requests are checked while earlier ones are being scored."""
+    server = RewardServer.remote("model", [str(rm_folders[0])], RewardServerParams(max_batch_size=64, max_wait_ms=1))
+    expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+
+    def learner(offset: int) -> list[tuple[int, float]]:
+        got = []
+        for start in range(offset, offset + 3 * len(pairs), len(pairs) // 4):  # 12 requests of 20 pairs
+            indices = [(start + i) % len(pairs) for i in range(20)]
+            scores = ray.get(server.score.remote([pairs[i]["prompt"] for i in indices], [pairs[i]["chosen"] for i in indices]))
+            got += list(zip(indices, scores))
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [pair for got in pool.map(learner, range(0, 80, 20)) for pair in got]
+    assert len(results) == 4 * 12 * 20  # every pair of every request answered, once
+    for i, value in results:
+        assert value == pytest.approx(expected[i].item(), abs=1e-5)
+
+
+def test_ens_and_gold_rewards(ray_cluster, rm_folders, pairs):
+    prompts, completions = [p["prompt"] for p in pairs], [p["rejected"] for p in pairs]
+    ens = RewardServer.remote("ens", [str(f) for f in rm_folders])
+    expected = (direct(rm_folders[0], prompts, completions) + direct(rm_folders[1], prompts, completions)) / 2
+    assert torch.allclose(torch.tensor(ray.get(ens.score.remote(prompts, completions))), expected, atol=1e-5)
+    gold = RewardServer.remote("gold")
+    assert ray.get(gold.score.remote(prompts, completions)) == [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
+
+
+@pytest.mark.parametrize(
+    "prompts, completions, message",
+    [
+        ([], [], "at least one (prompt, completion) pair"),
+        (["a", "b"], ["c"], "got 2 prompts but 1 completions"),
+        (["a"], [3], "pair 0: prompt and completion must be strings"),
+        (["write about the garden :"], ["the flower is old . " * 40], "pair 0 is"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_and_the_server_goes_on(ray_cluster, rm_folders, prompts, completions, message):
+    server = RewardServer.remote("model", [str(rm_folders[0])])
+    with pytest.raises(ray.exceptions.RayTaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ray.get(server.score.remote(prompts, completions))
+    assert len(ray.get(server.score.remote(["write about the garden :"], ["the bee is warm ."]))) == 1

@@ -1,0 +1,113 @@
+"""The reward-server actor: one reward hosted for every learner, with requests batched.
+
+`RewardServer` hosts a reward model folder (a single RM or the WARM merge), an ENS of
+several RM folders (M forward passes, for comparison), or the built-in task's gold reward
+(a control reward for evaluation). Many learners call `score` concurrently; the calls wait
+in a bounded queue and a batching loop serves them together, up to `max_batch_size` pairs,
+waiting at most `max_wait_ms` to fill a batch, so that M learners share one model. A bad
+request is answered with an error naming the problem; the others, and the server, go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Sequence
+
+import ray
+import torch
+from transformers import AutoTokenizer
+
+from warp_ray.config import RewardServerParams
+from warp_ray.reward.model import load_reward_model, score, texts
+from warp_ray.task import world
+
+
+class Reward:
+    """r(x, y) for a batch, from a model folder, several folders (ENS), or the gold reward."""
+
+    def __init__(self, kind: str, folders: Sequence[str | Path] = ()):
+        if kind not in ("model", "ens", "gold"):
+            raise ValueError(f"reward kind {kind!r} is not one of 'model', 'ens', 'gold'")
+        if (kind == "gold") != (not folders) or (kind == "model" and len(folders) != 1):
+            raise ValueError(f"a {kind!r} reward takes {'no folder' if kind == 'gold' else 'one folder' if kind == 'model' else 'folders'}")
+        self.kind = kind
+        self.models = [load_reward_model(folder) for folder in folders]
+        self.max_length = min((tokenizer.model_max_length for _, tokenizer in self.models), default=None)
+        # A tokenizer of its own for `check`: the server checks requests in its event loop while
+        # a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.
+        self.length_tokenizer = AutoTokenizer.from_pretrained(folders[0]) if folders else None
+
+    def check(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
+        if not isinstance(prompts, (list, tuple)) or not isinstance(completions, (list, tuple)):
+            raise ValueError("score takes two lists of strings: prompts and completions")
+        if not prompts:
+            raise ValueError("score needs at least one (prompt, completion) pair, got an empty list")
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions: give one completion per prompt")
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise ValueError(f"pair {i}: prompt and completion must be strings, got {type(p).__name__} and {type(c).__name__}")
+        if self.length_tokenizer is not None:
+            lengths = [len(ids) for ids in self.length_tokenizer(texts(prompts, completions)).input_ids]
+            too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
+            if too_long:
+                i, n = too_long[0]
+                raise ValueError(f"pair {i} is {n} tokens long, over the reward model's limit of {self.max_length} "
+                                 f"({len(too_long)} pair(s) too long)")
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        if self.kind == "gold":
+            return [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
+        scores = torch.stack([score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models])
+        return scores.mean(0).tolist()
+
+
+@ray.remote
+class RewardServer:
+    def __init__(self, kind: str, folders: Sequence[str] = (), params: RewardServerParams = RewardServerParams()):
+        torch.set_num_threads(max(1, params.threads))
+        self.reward = Reward(kind, folders)
+        self.params = params
+        self.queue: asyncio.Queue | None = None
+        self.served = {"requests": 0, "pairs": 0, "batches": 0}
+
+    async def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """Rewards of the (prompt, completion) pairs, in order."""
+        self.reward.check(prompts, completions)
+        if self.queue is None:  # created here, in the actor's event loop
+            self.queue = asyncio.Queue(maxsize=self.params.max_queue)
+            asyncio.get_running_loop().create_task(self._serve())
+        answer = asyncio.get_running_loop().create_future()
+        await self.queue.put((list(prompts), list(completions), answer))
+        return await answer
+
+    async def stats(self) -> dict[str, int]:
+        return dict(self.served)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.params.max_wait_ms / 1000
+            while sum(len(r[0]) for r in batch) < self.params.max_batch_size:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            prompts = [p for r in batch for p in r[0]]
+            completions = [c for r in batch for c in r[1]]
+            try:
+                # In a thread: the event loop keeps taking requests while the model runs.
+                scores = await asyncio.to_thread(self.reward, prompts, completions)
+            except Exception as error:  # one failed batch fails its requests, not the server
+                for *_, answer in batch:
+                    answer.set_exception(error)
+                continue
+            start = 0
+            for request_prompts, _, answer in batch:
+                answer.set_result(scores[start : start + len(request_prompts)])
+                start += len(request_prompts)
+            self.served["requests"] += len(batch)
+            self.served["pairs"] += len(prompts)
+            self.served["batches"] += 1
