@@ -32,9 +32,10 @@ def test_dockerfiles_install_an_extra_that_pyproject_defines(dockerfile):
         assert (ROOT / copied).exists(), f"{dockerfile.name} copies {copied}, which does not exist"
 
 
-def test_merge_demo_job_entry_point_shows_the_demo_help():
-    result = subprocess.run([sys.executable, "jobs/merge_demo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and "--config" in result.stdout
+@pytest.mark.parametrize("job, command", [("merge_demo.py", "demo"), ("train_rm.py", "train-rm")])
+def test_job_entry_points_run_their_command(job, command):
+    result = subprocess.run([sys.executable, f"jobs/{job}", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and f"warp-ray {command}" in result.stdout and "--config" in result.stdout
 
 
 def test_cluster_launcher_config_passes_rays_schema():
