@@ -59,3 +59,18 @@ def test_reward_models_beat_chance_on_held_out_pairs(warm_run):
     # 300 validation pairs: chance would exceed 0.57 with probability under 1%
     assert table["WARM"]["validation"] > 0.57 and table["ENS"]["validation"] > 0.57
     assert "| WARM |" in markdown(table)
+
+
+def test_baklava_starts_take_backbones_from_sft_checkpoints_and_share_the_probed_head(tiny_task, ray_cluster, tmp_path):
+    checkpoints = sorted((tiny_task / "sft_checkpoints").iterdir())
+    assert len(checkpoints) == 2  # task.sft_checkpoints, evenly spaced along the SFT run
+    params = WarmParams(M=2, learning_rates=[1e-4], dropouts=[0.1], steps=5, batch_size=4, linear_probe_steps=10, baklava=True)
+    train_warm(params, tiny_task / "sft", preference_splits(tiny_task / "preferences"), tmp_path, checkpoints)
+    probe, start = load_file(tmp_path / "probe" / "model.safetensors"), load_file(tmp_path / "start_1" / "model.safetensors")
+    checkpoint = load_file(checkpoints[0] / "model.safetensors")
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(start[key], checkpoint[key]) and not torch.equal(start[key], probe[key])
+    assert torch.equal(start["score.weight"], probe["score.weight"])
+    trials = {json.loads(r.read_text().splitlines()[-1])["index"]: json.loads(r.read_text().splitlines()[-1])["start"]
+              for r in (tmp_path / "tune" / "warm").glob("*/result.json")}
+    assert trials == {0: str(tmp_path / "probe"), 1: str(tmp_path / "start_1")}

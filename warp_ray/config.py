@@ -109,6 +109,9 @@ class WarmParams(Section):
     """CPUs Ray Tune gives each fine-tune; trials run in parallel as the cluster allows."""
     gpus_per_trial: float = Field(0, ge=0)
     """GPUs Ray Tune gives each fine-tune."""
+    baklava: bool = False
+    """Fine-tune m starts from SFT checkpoint m (cycling over the final SFT and the checkpoints
+    along its run), with the shared linear-probed head: WARM's "Baklava" diversity."""
 
     def trial(self, m: int) -> dict:
         """Hyperparameters of fine-tune m: a point of the lr x dropout grid (cycling) and its own data order."""
@@ -139,6 +142,8 @@ class TaskParams(Section):
     """SFT texts generated from the task's grammar."""
     sft_steps: int = Field(150, ge=1)
     """SFT optimizer steps (batch 64)."""
+    sft_checkpoints: int = Field(2, ge=0)
+    """Checkpoints kept along the SFT run, evenly spaced, besides the final one (for Baklava)."""
     held_out_fraction: float = Field(0.2, gt=0, lt=1)
     """Prompts kept out of SFT, preference training and RL, for evaluation."""
     pairs: int = Field(1000, ge=1)
@@ -173,6 +178,8 @@ class Paths(Section):
 
     sft_model: Optional[ModelFolder] = None
     """SFT policy, a Hugging Face model folder (safetensors)."""
+    sft_checkpoints: list[ModelFolder] = []
+    """Earlier checkpoints of the same SFT run, for warm.baklava."""
     reward_model: Optional[ModelFolder] = None
     """Reward model folder (a sequence classifier with one output); unset: train WARM."""
     prompts: Optional[DataFolder] = None

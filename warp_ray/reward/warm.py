@@ -2,6 +2,7 @@
 averaged in weight space; and the accuracy table of each RM, their ENS and their WARM.
 
     <out>/probe/       SFT backbone + linear-probed head: the shared start
+    <out>/start_<k>/   with warm.baklava: SFT checkpoint k's backbone + the same probed head
     <out>/rm_<m>/      the last checkpoint of fine-tune m (an HF folder)
     <out>/warm/        warp_ray.merge.average of the M fine-tunes: one RM, one forward pass
     <out>/accuracy.json, accuracy.md
@@ -21,17 +22,19 @@ from ray import tune
 from warp_ray.checkpoint import atomic_dir
 from warp_ray.config import WarmParams, WarpConfig
 from warp_ray.data import preference_splits, read_preferences
+from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
 from warp_ray.reward.model import load_reward_model, linear_probe, pairwise_accuracy, score, train_reward_model
 from warp_ray.runtime import init_ray
 from warp_ray.task.build import task_inputs
 
-def fine_tune(config: dict, params: WarmParams, start: str, train: str) -> None:
-    """One Ray Tune trial: fine-tune the shared start with trial m's lr, dropout and data order."""
+def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str) -> None:
+    """One Ray Tune trial: fine-tune a start with trial m's lr, dropout and data order."""
     trial = params.trial(config["m"])
+    trial["start"] = starts[config["m"] % len(starts)]
     torch.set_num_threads(max(1, int(params.cpus_per_trial)))
     torch.manual_seed(trial["seed"])
-    model, tokenizer = load_reward_model(start, dropout=trial["dropout"])
+    model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"])
     losses = train_reward_model(model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"])
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -39,18 +42,38 @@ def fine_tune(config: dict, params: WarmParams, start: str, train: str) -> None:
         tune.report({**trial, "loss": sum(losses[-20:]) / len(losses[-20:])}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out: Path) -> list[Path]:
-    """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders."""
+def save(model, tokenizer, folder: Path) -> None:
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out: Path,
+               sft_checkpoints: Sequence[Path] = ()) -> list[Path]:
+    """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders.
+
+    Every fine-tune starts from the SFT backbone with the linear-probed head (<out>/probe); with
+    params.baklava, fine-tune m takes its backbone from the m-th of (SFT, *sft_checkpoints)
+    instead, still with the probed head (<out>/start_<k>).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train = read_preferences(preferences["train"])
     model, tokenizer = load_reward_model(sft)
     linear_probe(model, tokenizer, train, params.linear_probe_steps, params.linear_probe_lr)
-    with atomic_dir(out / "probe", overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save(model, tokenizer, out / "probe")
+    starts = [out / "probe"]
+    if params.baklava:
+        if not sft_checkpoints:
+            raise WarpRayError("warm.baklava needs SFT checkpoints (paths.sft_checkpoints, or the built-in task's)")
+        head = model.score.state_dict()
+        for k, checkpoint in enumerate(sft_checkpoints, start=1):
+            backbone, tokenizer = load_reward_model(checkpoint)
+            backbone.score.load_state_dict(head)
+            save(backbone, tokenizer, out / f"start_{k}")
+            starts.append(out / f"start_{k}")
 
-    trainable = tune.with_parameters(fine_tune, params=params, start=str(out / "probe"), train=str(preferences["train"]))
+    trainable = tune.with_parameters(fine_tune, params=params, starts=[str(s) for s in starts], train=str(preferences["train"]))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
         param_space={"m": tune.grid_search(list(range(params.M)))},
@@ -109,11 +132,11 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
 
 def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
     """`warp-ray train-rm`: WARM on the configured data (the built-in task by default), evaluated."""
-    sft, _, preferences = task_inputs(config)
+    sft, _, preferences, sft_checkpoints = task_inputs(config)
     splits = preference_splits(preferences)
     init_ray()
     out = config.paths.output_dir / "rm"
-    folders = train_warm(config.warm, sft, splits, out)
+    folders = train_warm(config.warm, sft, splits, out, sft_checkpoints)
     table = accuracy_table(folders, out / "warm", splits)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2))
     (out / "accuracy.md").write_text(markdown(table))

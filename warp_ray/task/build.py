@@ -4,6 +4,7 @@ Everything is made on the fly from `world.py`, with no download, in well under a
 2 CPU cores, and cached: a folder built with the same parameters is reused.
 
     <root>/sft/                      the SFT policy (an HF folder, tokenizer included)
+    <root>/sft_checkpoints/step_<n>/ earlier checkpoints of the same SFT run (for Baklava)
     <root>/prompts/train.jsonl       {"prompt": ...}
     <root>/prompts/held_out.jsonl
     <root>/preferences/{train,validation,ood}.jsonl
@@ -20,6 +21,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,14 +58,15 @@ def new_policy(architecture: str, tokenizer: PreTrainedTokenizerFast) -> PreTrai
 
 
 def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int,
-              batch_size: int = 64) -> list[float]:
-    """Next-token training on prompt + completion + eos; returns the loss curve."""
+              batch_size: int = 64, keep_at: Sequence[int] = ()) -> tuple[list[float], dict[int, dict]]:
+    """Next-token training on prompt + completion + eos; returns the loss curve and copies of
+    the weights after each step in `keep_at` (the checkpoints along the run)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
     model.train()
-    losses = []
-    for _ in range(steps):
+    losses, kept = [], {}
+    for step in range(1, steps + 1):
         batch = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=generator)]
         encoded = tokenizer([t + EOS for t in batch], return_tensors="pt", padding=True, padding_side="right")
         labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
@@ -73,8 +76,10 @@ def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if step in keep_at:
+            kept[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()
-    return losses
+    return losses, kept
 
 
 @torch.no_grad()
@@ -133,13 +138,20 @@ def build_task(params: TaskParams, root: Path) -> Path:
 
     tokenizer = train_tokenizer(corpus)
     model = new_policy(params.architecture, tokenizer)
-    losses = sft_train(model, tokenizer, corpus, params.sft_steps, params.seed)
+    keep_at = [round(params.sft_steps * (k + 1) / (params.sft_checkpoints + 1)) for k in range(params.sft_checkpoints)]
+    losses, checkpoints = sft_train(model, tokenizer, corpus, params.sft_steps, params.seed, keep_at=keep_at)
     splits = {
         "train": preference_pairs(model, tokenizer, train_prompts, params.pairs, 1.0, params.label_noise, params.seed + 10),
         "validation": preference_pairs(model, tokenizer, held_out, params.validation_pairs, 1.0, 0.0, params.seed + 20),
         "ood": preference_pairs(model, tokenizer, held_out, params.ood_pairs, params.ood_temperature, 0.0, params.seed + 30),
     }
     with atomic_dir(root, overwrite=True) as tmp:
+        final = {k: v.clone() for k, v in model.state_dict().items()}
+        for step, weights in checkpoints.items():
+            model.load_state_dict(weights)
+            model.save_pretrained(tmp / "sft_checkpoints" / f"step_{step}")
+            tokenizer.save_pretrained(tmp / "sft_checkpoints" / f"step_{step}")
+        model.load_state_dict(final)
         model.save_pretrained(tmp / "sft")
         tokenizer.save_pretrained(tmp / "sft")
         write_jsonl(tmp / "prompts" / "train.jsonl", [{"prompt": p} for p in train_prompts])
@@ -154,11 +166,12 @@ def build_task(params: TaskParams, root: Path) -> Path:
     return root
 
 
-def task_inputs(config: WarpConfig) -> tuple[Path, Path, Path]:
-    """(SFT folder, prompts folder, preferences folder): the user's where the config sets them,
-    the built-in task's (built or reused under <output_dir>/task) otherwise."""
+def task_inputs(config: WarpConfig) -> tuple[Path, Path, Path, list[Path]]:
+    """(SFT folder, prompts folder, preferences folder, earlier SFT checkpoints): the user's where
+    the config sets them, the built-in task's (built or reused under <output_dir>/task) otherwise."""
     paths = config.paths
     if paths.sft_model and paths.prompts and paths.preferences:
-        return paths.sft_model, paths.prompts, paths.preferences
+        return paths.sft_model, paths.prompts, paths.preferences, list(paths.sft_checkpoints)
     root = build_task(config.task, paths.output_dir / "task")
-    return paths.sft_model or root / "sft", paths.prompts or root / "prompts", paths.preferences or root / "preferences"
+    return (paths.sft_model or root / "sft", paths.prompts or root / "prompts", paths.preferences or root / "preferences",
+            list(paths.sft_checkpoints) if paths.sft_model else sorted((root / "sft_checkpoints").iterdir()))
