@@ -1,9 +1,8 @@
 """Joining or starting Ray.
 
 Inside a Ray job (`ray job submit`), or with RAY_ADDRESS set, warp-ray joins that cluster.
-Otherwise it starts a local one whose services listen on loopback only (see
-warp_ray/__init__.py): nothing is exposed beyond this machine unless the user points
-warp-ray at a cluster.
+Otherwise it starts a local one whose services listen on loopback only: nothing is
+exposed beyond this machine unless the user points warp-ray at a cluster.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    # The processes Ray starts read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 from the environment
-    # (warp_ray/__init__.py); this process read it when Ray was imported, which may have been
-    # before warp_ray was, so tell it again.
+    # Ray otherwise takes this machine's network address and binds its services to every
+    # interface. This flag (what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets, read once at import)
+    # makes it use loopback, as it does on a laptop; tests/test_runtime.py checks the sockets.
     ray_constants.ENABLE_RAY_CLUSTER = False
     # "local" rather than the default: a stale ray_current_cluster file would make a plain
     # ray.init() try to join a cluster stopped earlier.

@@ -1,0 +1,64 @@
+"""A learner: one RL run of T REINFORCE steps, its K DeepSpeed ranks and its rollout worker.
+
+Each step: draw prompts (the learner's own order, from its seed), sample completions from
+the rollout worker, score them on the reward server, update the policy on the K ranks
+(each on whole prompts' groups of samples, so the leave-one-out baseline stays within a
+prompt), then push the new weights to the rollout worker.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import ray
+import torch
+from transformers import AutoTokenizer
+
+from warp_ray.config import WarpConfig
+from warp_ray.learner.rank import LearnerRank
+from warp_ray.rollout.worker import RolloutWorker
+
+
+class Learner:
+    def __init__(self, config: WarpConfig, init: str | Path, prompts: Sequence[str], reward_server, seed: int):
+        warp, K = config.warp, config.resources.ranks_per_learner
+        if warp.batch_size % K:
+            raise ValueError(f"warp.batch_size = {warp.batch_size} must be a multiple of resources.ranks_per_learner = {K}")
+        self.config, self.prompts, self.reward_server = config, list(prompts), reward_server
+        self.order = random.Random(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(init)
+        micro_batch = warp.batch_size // K * warp.samples_per_prompt
+        self.ranks = [LearnerRank.remote(rank, K, config, micro_batch) for rank in range(K)]
+        address, port = ray.get(self.ranks[0].rendezvous.remote())
+        ray.get([rank.setup.remote(address, port, str(init)) for rank in self.ranks])
+        self.rollout = RolloutWorker.remote(str(init), max_model_len=self.tokenizer.model_max_length, seed=seed)
+
+    def step(self) -> dict[str, float]:
+        warp = self.config.warp
+        prompts = [self.order.choice(self.prompts) for _ in range(warp.batch_size)]
+        samples = ray.get(self.rollout.generate.remote(prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
+        rows = [(prompt, sample) for prompt, group in zip(prompts, samples) for sample in group]
+        rewards = torch.tensor(ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows])))
+        input_ids, attention, completion = self.pack(rows)
+        shards = [slice(i, i + len(rows) // len(self.ranks)) for i in range(0, len(rows), len(rows) // len(self.ranks))]
+        stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s]) for rank, s in zip(self.ranks, shards)])
+        ray.get(self.rollout.update_weights.remote(self.ranks[0].policy_state_dict.remote()))
+        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+    def pack(self, rows: list[tuple[str, dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded prompt + completion token rows, their attention mask and completion mask."""
+        sequences = [(self.tokenizer(p).input_ids, s["token_ids"]) for p, s in rows]
+        length = max(len(p) + len(c) for p, c in sequences)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
+        attention = torch.zeros(len(rows), length, dtype=torch.long)
+        completion = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, (p, c) in enumerate(sequences):
+            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            attention[i, : len(p) + len(c)] = 1
+            completion[i, len(p) : len(p) + len(c)] = 1
+        return input_ids, attention, completion
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        return ray.get(self.ranks[0].policy_state_dict.remote())
