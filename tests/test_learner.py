@@ -3,6 +3,8 @@ a reward server, on a local Ray cluster."""
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 
 import pytest
@@ -24,13 +26,20 @@ def tiny_config(**warp) -> WarpConfig:
     return WarpConfig.from_dict({"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2}})
 
 
-def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, ray_cluster):
+def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, ray_cluster, tmp_path):
     config = tiny_config(anchor="ema", mu=0.1)
     config.resources.ranks_per_learner = 2
     learner = Learner(config, tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"),
                       RewardServer.remote("gold"), seed=0)
-    rewards = [learner.step()["reward"] for _ in range(30)]
+    history = learner.run(30, log=tmp_path / "metrics.jsonl")
+    rewards = [m["reward"] for m in history]
     assert statistics.mean(rewards[-8:]) > statistics.mean(rewards[:8]) + 0.5
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
+    for m in history:
+        assert 0 < m["entropy"] < math.log(32000) and m["grad_norm"] > 0 and m["tokens_per_s"] > 0
+        assert 0 < m["sync_seconds"] < m["seconds"]
+    assert history[0]["lr"] < history[-1]["lr"] == pytest.approx(3e-4)  # linear warm-up over 5 steps
 
     first, second = ray.get([rank.policy_state_dict.remote() for rank in learner.ranks])
     for key in first:

@@ -8,12 +8,15 @@ prompt), then push the new weights to the rollout worker.
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from pathlib import Path
 from typing import Sequence
 
 import ray
 import torch
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from warp_ray.config import WarpConfig
@@ -35,7 +38,21 @@ class Learner:
         ray.get([rank.setup.remote(address, port, str(init)) for rank in self.ranks])
         self.rollout = RolloutWorker.remote(str(init), max_model_len=self.tokenizer.model_max_length, seed=seed)
 
+    def run(self, steps: int, log: Path | None = None) -> list[dict[str, float]]:
+        """`steps` REINFORCE steps with a progress bar; each step's metrics appended to `log` (JSONL)."""
+        history = []
+        with tqdm(range(steps), desc="learner", unit="step") as bar:
+            for step in bar:
+                metrics = {"step": step + 1, **self.step()}
+                history.append(metrics)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
+                if log is not None:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+        return history
+
     def step(self) -> dict[str, float]:
+        start = time.perf_counter()
         warp = self.config.warp
         prompts = [self.order.choice(self.prompts) for _ in range(warp.batch_size)]
         samples = ray.get(self.rollout.generate.remote(prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
@@ -44,8 +61,11 @@ class Learner:
         input_ids, attention, completion = self.pack(rows)
         shards = [slice(i, i + len(rows) // len(self.ranks)) for i in range(0, len(rows), len(rows) // len(self.ranks))]
         stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s]) for rank, s in zip(self.ranks, shards)])
-        ray.get(self.rollout.update_weights.remote(self.ranks[0].policy_state_dict.remote()))
-        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        sync_seconds = ray.get(self.rollout.update_weights.remote(self.ranks[0].policy_state_dict.remote()))
+        metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        seconds = time.perf_counter() - start
+        metrics.update(seconds=seconds, sync_seconds=sync_seconds, tokens_per_s=int(completion.sum()) / seconds)
+        return metrics
 
     def pack(self, rows: list[tuple[str, dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded prompt + completion token rows, their attention mask and completion mask."""

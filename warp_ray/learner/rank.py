@@ -69,6 +69,9 @@ class LearnerRank:
         logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         policy = token_logprobs(logits, input_ids[:, 1:])
         with torch.no_grad():
+            log_probs = logits.float().log_softmax(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+        with torch.no_grad():
             anchor = token_logprobs(self.anchor(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:])
         mask = completion_mask[:, 1:].float()
         warp = self.config.warp
@@ -78,7 +81,9 @@ class LearnerRank:
         if warp.anchor == "ema":
             ema_update_(self.anchor.state_dict(), self.engine.module.state_dict(), warp.mu)
         stats["loss"] = loss.item()
-        stats["entropy_proxy"] = -(policy.detach() * mask).sum().item() / max(1.0, mask.sum().item())
+        stats["entropy"] = (entropy * mask).sum().item() / max(1.0, mask.sum().item())  # per completion token
+        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        stats["lr"] = self.engine.get_lr()[0]
         return stats
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
