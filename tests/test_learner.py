@@ -61,3 +61,9 @@ def test_sft_anchor_stays_put(tiny_task, ray_cluster):
     key = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(anchor[key], sft[key]) and not torch.equal(policy[key], sft[key])
     assert stats[0]["kl_to_anchor"] == pytest.approx(0.0, abs=1e-4)  # the first batch comes from the anchor itself
+
+    prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:4]
+    learner.check_engine_agrees(prompts)  # after syncs, the engine still samples from the policy
+    ray.get(learner.rollout.update_weights.remote(sft))  # an engine left behind...
+    with pytest.raises(RuntimeError, match="disagree on greedy completions"):
+        learner.check_engine_agrees(prompts)  # ...is caught

@@ -37,6 +37,14 @@ class Learner:
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([rank.setup.remote(address, port, str(init)) for rank in self.ranks])
         self.rollout = RolloutWorker.remote(str(init), max_model_len=self.tokenizer.model_max_length, seed=seed)
+        self.check_engine_agrees(self.prompts[:4])
+
+    def check_engine_agrees(self, prompts: list[str], tokens: int = 16) -> None:
+        """The rollout engine must sample from the policy being trained: their greedy completions match."""
+        engine = [c[0]["token_ids"] for c in ray.get(self.rollout.generate.remote(prompts, 1, 0.0, tokens))]
+        policy = ray.get(self.ranks[0].greedy.remote([self.tokenizer(p).input_ids for p in prompts], tokens))
+        if engine != policy:
+            raise RuntimeError(f"the rollout engine and the policy disagree on greedy completions: {engine} vs {policy}")
 
     def run(self, steps: int, log: Path | None = None) -> list[dict[str, float]]:
         """`steps` REINFORCE steps with a progress bar; each step's metrics appended to `log` (JSONL)."""

@@ -86,6 +86,17 @@ class LearnerRank:
         stats["lr"] = self.engine.get_lr()[0]
         return stats
 
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions (token ids) of the current policy, one prompt at a time (no padding)."""
+        model, config = self.engine.module, self.engine.module.config
+        completions = []
+        for ids in prompt_ids:
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+            completions.append(out[0, len(ids):].tolist())
+        return completions
+
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy in float32 (ZeRO 0-2 keep whole parameters on every rank)."""
         return {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
