@@ -11,30 +11,30 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from warp_ray.checkpoint import check_model_folder
+from warp_ray.data import preference_splits
 from warp_ray.errors import ConfigError, WarpRayError
 
 
-def _model_folder(path: Path) -> Path:
-    try:
-        return check_model_folder(path)
-    except WarpRayError as e:
-        raise ValueError(str(e)) from None
+def _checked_by(check: Callable[[Path], Any]) -> AfterValidator:
+    """A pydantic validator from one of warp-ray's input checks, keeping its message."""
+    def validate(path: Path) -> Path:
+        try:
+            check(path)
+        except WarpRayError as e:
+            raise ValueError(str(e)) from None
+        return path
+
+    return AfterValidator(validate)
 
 
-def _data_folder(path: Path) -> Path:
-    if not any((path / name).exists() for name in ("train.jsonl", "train")):
-        raise ValueError(f"{path} has no train.jsonl (nor a `datasets` folder named train)")
-    return path
-
-
-ModelFolder = Annotated[Path, AfterValidator(_model_folder)]
-DataFolder = Annotated[Path, AfterValidator(_data_folder)]
+ModelFolder = Annotated[Path, _checked_by(check_model_folder)]
+DataFolder = Annotated[Path, _checked_by(preference_splits)]  # a folder with a train split
 
 
 class Section(BaseModel):
