@@ -57,6 +57,7 @@ def test_samples_carry_the_log_probs_of_the_policy(engine, tiny_task):
     assert len(samples) == 4 and len({tuple(s["token_ids"]) for s in samples}) > 1
     prompt_ids = tokenizer(prompt).input_ids
     for sample in samples:
+        assert sample["prompt_token_ids"] == prompt_ids
         ids = torch.tensor([prompt_ids + sample["token_ids"]])
         with torch.no_grad():
             logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]

@@ -76,8 +76,9 @@ class Learner:
         return metrics
 
     def pack(self, rows: list[tuple[str, dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded prompt + completion token rows, their attention mask and completion mask."""
-        sequences = [(self.tokenizer(p).input_ids, s["token_ids"]) for p, s in rows]
+        """Right-padded prompt + completion token rows, their attention mask and completion mask,
+        from the token ids the engine generated with (no second tokenization of the prompts)."""
+        sequences = [(s["prompt_token_ids"], s["token_ids"]) for _, s in rows]
         length = max(len(p) + len(c) for p, c in sequences)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
         attention = torch.zeros(len(rows), length, dtype=torch.long)

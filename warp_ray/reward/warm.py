@@ -28,6 +28,7 @@ from warp_ray.reward.model import load_reward_model, linear_probe, pairwise_accu
 from warp_ray.runtime import init_ray
 from warp_ray.task.build import task_inputs
 
+
 def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str) -> None:
     """One Ray Tune trial: fine-tune a start with trial m's lr, dropout and data order."""
     trial = params.trial(config["m"])

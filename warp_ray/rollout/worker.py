@@ -31,12 +31,13 @@ class RolloutWorker:
                        enforce_eager=True, worker_extension_cls=EXTENSION)
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int | None = None) -> list[list[dict]]:
-        """`n` completions per prompt, each {"text", "token_ids", "logprobs"} (log-probs of the sampled tokens)."""
+        """`n` completions per prompt, each {"text", "token_ids", "logprobs", "prompt_token_ids"}: log-probs of
+        the sampled tokens, and the prompt as the engine tokenized it."""
         from vllm import SamplingParams
 
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=seed)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[{"text": c.text, "token_ids": list(c.token_ids),
+        return [[{"text": c.text, "token_ids": list(c.token_ids), "prompt_token_ids": list(out.prompt_token_ids),
                   "logprobs": [next(iter(step.values())).logprob for step in c.logprobs]} for c in out.outputs]
                 for out in outputs]
 
