@@ -31,3 +31,4 @@ bench:
 	$(MAKE) setup EXTRAS=cpu,dev,bench
 	$(PY) bench/merge.py
 	$(PY) bench/reward_server.py
+	$(PY) bench/learner.py

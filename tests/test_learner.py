@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from warp_ray.config import WarpConfig
 from warp_ray.data import read_prompts
+from warp_ray.evaluation import Evaluator, ReferencePolicy
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.server import RewardServer
+from warp_ray.rollout.worker import sample
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +28,25 @@ def tiny_config(**warp) -> WarpConfig:
     return WarpConfig.from_dict({"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2}})
 
 
+def evaluator(config: WarpConfig, task, reward_server) -> Evaluator:
+    return Evaluator(config, read_prompts(task / "prompts" / "held_out.jsonl"), reward_server,
+                     ReferencePolicy.remote(str(task / "sft")), control_server=reward_server)
+
+
 def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, ray_cluster, tmp_path):
     config = tiny_config(anchor="ema", mu=0.1)
     config.resources.ranks_per_learner = 2
-    learner = Learner(config, tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"),
-                      RewardServer.remote("gold"), seed=0)
-    history = learner.run(30, log=tmp_path / "metrics.jsonl")
+    config.evaluation.every = 15
+    gold = RewardServer.remote("gold")
+    learner = Learner(config, tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"), gold, seed=0,
+                      evaluator=evaluator(config, tiny_task, gold))
+    before = learner.evaluate()
+    assert before["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engine holds the SFT itself
+    history = learner.run(30, log_dir=tmp_path)
     rewards = [m["reward"] for m in history]
     assert statistics.mean(rewards[-8:]) > statistics.mean(rewards[:8]) + 0.5
+    assert [m["step"] for m in history if "eval_reward" in m] == [15, 30]
+    assert history[-1]["eval_reward"] > before["reward"] + 0.5 and history[-1]["eval_kl_to_sft"] > 1.0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
     for m in history:
@@ -45,7 +58,7 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     for key in first:
         assert torch.equal(first[key], second[key]), key  # DeepSpeed kept the two ranks identical
     sft = load_file(tiny_task / "sft" / "model.safetensors")
-    anchor = ray.get(learner.ranks[0].anchor_state_dict.remote())
+    anchor = learner.get_anchor_weights()
     key = "transformer.h.0.attn.c_attn.weight"
     moved, drift = (anchor[key] - sft[key]).norm(), (first[key] - sft[key]).norm()
     assert 0 < moved < drift  # the EMA anchor follows the policy, from behind
@@ -56,14 +69,57 @@ def test_sft_anchor_stays_put(tiny_task, ray_cluster):
                       RewardServer.remote("gold"), seed=1)
     stats = [learner.step() for _ in range(3)]
     sft = load_file(tiny_task / "sft" / "model.safetensors")
-    anchor = ray.get(learner.ranks[0].anchor_state_dict.remote())
-    policy = learner.policy_state_dict()
+    anchor = learner.get_anchor_weights()
+    policy = learner.get_weights()
     key = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(anchor[key], sft[key]) and not torch.equal(policy[key], sft[key])
     assert stats[0]["kl_to_anchor"] == pytest.approx(0.0, abs=1e-4)  # the first batch comes from the anchor itself
 
     prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:4]
     learner.check_engine_agrees(prompts)  # after syncs, the engine still samples from the policy
-    ray.get(learner.rollout.update_weights.remote(sft))  # an engine left behind...
+    torch.manual_seed(0)
+    stale = {k: v + 0.05 * torch.randn_like(v) for k, v in policy.items()}
+    ray.get(learner.rollouts[0].update_weights.remote(stale))  # an engine holding other weights...
     with pytest.raises(RuntimeError, match="disagree on greedy completions"):
         learner.check_engine_agrees(prompts)  # ...is caught
+
+
+def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(tiny_task, ray_cluster, tmp_path):
+    """ZeRO-3 over K = 2 ranks (sharded EMA), two vLLM engines fed through the broadcast group
+    every second step, evaluations on held-out prompts, then a new run from other weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(anchor="ema", mu=0.1)
+    config.resources = config.resources.model_copy(update={"zero_stage": 3, "ranks_per_learner": 2, "rollout_workers_per_learner": 2,
+                                                           "weight_sync": "broadcast", "sync_every": 2})
+    config.evaluation = config.evaluation.model_copy(update={"every": 3, "prompts": 16})
+    gold = RewardServer.remote("gold")
+    learner = Learner(config, tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"), gold, seed=2,
+                      evaluator=evaluator(config, tiny_task, gold))
+    assert learner.evaluate()["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engines hold the SFT itself
+
+    history = learner.run(7, log_dir=tmp_path)
+    assert [m["sync_seconds"] > 0 for m in history] == [False, True] * 3 + [False]  # sync_every = 2
+    evaluated = [m["step"] for m in history if "eval_kl_to_sft" in m]
+    assert evaluated == [3, 6, 7]  # every 3 steps, and after the last
+    assert learner.evaluate() == learner.evaluate()  # same prompts, same seed: only the policy moves it
+    assert "eval_control_reward" in history[-1]
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [e.step for e in events.Scalars("eval/kl_to_sft")] == evaluated
+    assert len(events.Scalars("train/reward")) == 7
+
+    held_out = read_prompts(tiny_task / "prompts" / "held_out.jsonl")
+    learner.check_engine_agrees(held_out[:4])  # both engines, after broadcasts
+    groups = sample(learner.rollouts, held_out[:5], 2, 1.0, 4)  # the engines share the prompts; answers keep their order
+    assert [[s["prompt_token_ids"] for s in g] for g in groups] == [[learner.tokenizer(p).input_ids] * 2 for p in held_out[:5]]
+    policy = learner.get_weights()
+    anchors = ray.get([rank.anchor_state_dict.remote() for rank in learner.ranks])
+    assert anchors[1] is None  # gathered once, on rank 0 only
+    sft = load_file(tiny_task / "sft" / "model.safetensors")
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert 0 < (anchors[0][key] - sft[key]).norm() < (policy[key] - sft[key]).norm()  # the sharded EMA moved, from behind
+
+    learner.set_weights(sft, seed=3)  # a new run, from the SFT
+    assert torch.equal(learner.get_weights()[key], sft[key])
+    assert torch.equal(learner.get_anchor_weights()[key], sft[key])
+    assert learner.step()["kl_to_anchor"] == pytest.approx(0.0, abs=1e-4) and learner.steps == 1

@@ -170,7 +170,29 @@ class Resources(Section):
     precision: Literal["fp32", "bf16"] = "bf16"
     """Training precision; merges are always computed in float32 or better."""
     rollout_workers_per_learner: int = Field(1, ge=1)
-    """vLLM engines (Ray actors) feeding each learner."""
+    """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
+    sync_every: int = Field(1, ge=1)
+    """Optimizer steps between weight syncs to the rollout engines; above 1, rollouts lag the
+    policy by up to sync_every - 1 steps (cheaper, slightly off-policy)."""
+    weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
+    """How new weights reach the engines: through Ray's object store as safetensors bytes, or
+    a broadcast group between rank 0 and the engines' workers (NCCL on GPU, gloo on CPU), the
+    OpenRLHF / verl design. auto: broadcast on GPU, object store on CPU."""
+
+
+class Evaluation(Section):
+    """Held-out evaluation of the learners during training (and of the LITI front)."""
+
+    every: int = Field(100, ge=0)
+    """REINFORCE steps between held-out evaluations of a learner, which also runs after its
+    last step; 0: only after the last step."""
+    prompts: int = Field(64, ge=1)
+    """Held-out prompts per evaluation: the first ones of the held-out split."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """Completions per held-out prompt: the Monte-Carlo sample of every evaluated mean."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of evaluation completions: 1, so that the Monte-Carlo estimate
+    sum_t [log pi(y_t) - log pi_sft(y_t)] is the KL between the policies themselves."""
 
 
 class Paths(Section):
@@ -200,6 +222,7 @@ class WarpConfig(Section):
     task: TaskParams = TaskParams()
     reward_server: RewardServerParams = RewardServerParams()
     resources: Resources = Resources()
+    evaluation: Evaluation = Evaluation()
     paths: Paths = Paths()
 
     @classmethod

@@ -1,93 +1,174 @@
-"""A learner: one RL run of T REINFORCE steps, its K DeepSpeed ranks and its rollout worker.
+"""A learner: one RL run of T REINFORCE steps, its K DeepSpeed ranks and its rollout workers.
 
 Each step: draw prompts (the learner's own order, from its seed), sample completions from
-the rollout worker, score them on the reward server, update the policy on the K ranks
+the rollout workers, score them on the reward server, update the policy on the K ranks
 (each on whole prompts' groups of samples, so the leave-one-out baseline stays within a
-prompt), then push the new weights to the rollout worker.
+prompt), then, every `resources.sync_every` steps, push the new weights to the rollout
+workers. The coordinator starts each WARP iteration with `set_weights(init, seed)` and
+reads the result with `get_weights()`; processes and engines live across iterations.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import ray
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from warp_ray.config import WarpConfig
+from warp_ray.evaluation import Evaluator
 from warp_ray.learner.rank import LearnerRank
-from warp_ray.rollout.worker import RolloutWorker
+from warp_ray.learner.reinforce import pack
+from warp_ray.rollout.worker import RolloutWorker, sample
+
+log = logging.getLogger(__name__)
 
 
 class Learner:
-    def __init__(self, config: WarpConfig, init: str | Path, prompts: Sequence[str], reward_server, seed: int):
-        warp, K = config.warp, config.resources.ranks_per_learner
+    def __init__(self, config: WarpConfig, sft: str | Path, prompts: Sequence[str], reward_server, seed: int,
+                 evaluator: Optional[Evaluator] = None):
+        warp, resources = config.warp, config.resources
+        K = resources.ranks_per_learner
         if warp.batch_size % K:
             raise ValueError(f"warp.batch_size = {warp.batch_size} must be a multiple of resources.ranks_per_learner = {K}")
-        self.config, self.prompts, self.reward_server = config, list(prompts), reward_server
-        self.order = random.Random(seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(init)
+        self.config, self.prompts, self.reward_server, self.evaluator = config, list(prompts), reward_server, evaluator
+        self.tokenizer = AutoTokenizer.from_pretrained(sft)
+        self.zero3 = resources.zero_stage == 3
         micro_batch = warp.batch_size // K * warp.samples_per_prompt
         self.ranks = [LearnerRank.remote(rank, K, config, micro_batch) for rank in range(K)]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
-        ray.get([rank.setup.remote(address, port, str(init)) for rank in self.ranks])
-        self.rollout = RolloutWorker.remote(str(init), max_model_len=self.tokenizer.model_max_length, seed=seed)
+        ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
+        dtype = "bfloat16" if resources.precision == "bf16" else "float32"
+        self.rollouts = [RolloutWorker.remote(str(sft), max_model_len=self.tokenizer.model_max_length, seed=seed + i, dtype=dtype)
+                         for i in range(resources.rollout_workers_per_learner)]
+        self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and torch.cuda.is_available())
+        self.weight_specs = None  # of the broadcast group, joined at the first sync
+        self.set_weights(None, seed)
+
+    def _join_weight_group(self) -> None:
+        address, port = ray.get(self.ranks[0].rendezvous.remote())
+        size = 1 + len(self.rollouts)
+        ray.get([self.ranks[0].join_weight_group.remote(address, port, size)]
+                + [r.join_weight_group.remote(address, port, 1 + i, size) for i, r in enumerate(self.rollouts)])
+        self.weight_specs = ray.get(self.ranks[0].weight_specs.remote())
+
+    def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | ray.ObjectRef], seed: int) -> None:
+        """Start a new RL run from `init` (None: the SFT), as Algorithm 1 does every iteration:
+        fresh optimizer state and warm-up, the EMA anchor reset to `init`, the prompt order of
+        `seed`, the rollout engines synced and checked. An ObjectRef is read by every rank from
+        the object store (one copy per node); a dict is put there first."""
+        init = ray.put(init) if isinstance(init, Mapping) else init
+        ray.get([rank.start.remote(init) for rank in self.ranks])
+        self.order, self.steps = random.Random(seed), 0
+        self.sync()
         self.check_engine_agrees(self.prompts[:4])
 
-    def check_engine_agrees(self, prompts: list[str], tokens: int = 16) -> None:
-        """The rollout engine must sample from the policy being trained: their greedy completions match."""
-        engine = [c[0]["token_ids"] for c in ray.get(self.rollout.generate.remote(prompts, 1, 0.0, tokens))]
-        policy = ray.get(self.ranks[0].greedy.remote([self.tokenizer(p).input_ids for p in prompts], tokens))
-        if engine != policy:
-            raise RuntimeError(f"the rollout engine and the policy disagree on greedy completions: {engine} vs {policy}")
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """The policy, whole, in float32: a state dict that safetensors can save as it is."""
+        return ray.get(self._gathered("policy_state_dict"))[0]
 
-    def run(self, steps: int, log: Path | None = None) -> list[dict[str, float]]:
-        """`steps` REINFORCE steps with a progress bar; each step's metrics appended to `log` (JSONL)."""
-        history = []
-        with tqdm(range(steps), desc="learner", unit="step") as bar:
-            for step in bar:
-                metrics = {"step": step + 1, **self.step()}
+    def get_anchor_weights(self) -> dict[str, torch.Tensor]:
+        """The KL anchor (the EMA, or the SFT), whole, in float32."""
+        return ray.get(self._gathered("anchor_state_dict"))[0]
+
+    def _gathered(self, method: str) -> list[ray.ObjectRef]:
+        """Call a rank method that reads whole weights: rank 0's result first. Under ZeRO-3 every
+        rank must take part in the gathers (one rank alone would wait for the others forever)."""
+        return [getattr(rank, method).remote() for rank in (self.ranks if self.zero3 else self.ranks[:1])]
+
+    def sync(self) -> float:
+        """Push the policy to every rollout engine; returns the seconds it took."""
+        start = time.perf_counter()
+        if self.broadcast and self.weight_specs is None:
+            self._join_weight_group()
+        if self.broadcast:
+            receiving = [r.receive_weights.remote(self.weight_specs) for r in self.rollouts]
+            ray.get([rank.broadcast_weights.remote() for rank in self.ranks] + receiving)
+        else:
+            weights = self._gathered("policy_state_dict")
+            ray.get([r.update_weights.remote(weights[0]) for r in self.rollouts] + weights[1:])
+        self.synced_at = self.steps
+        return time.perf_counter() - start
+
+    def check_engine_agrees(self, prompts: list[str], tokens: int = 16) -> None:
+        """The rollout engines must sample from the policy being trained: their greedy completions
+        match. Exact in float32; in bf16 the two sides' kernels may round differently, so a
+        mismatch is only reported."""
+        ids = [self.tokenizer(p).input_ids for p in prompts]
+        policy = ray.get([rank.greedy.remote(ids, tokens) for rank in (self.ranks if self.zero3 else self.ranks[:1])])[0]
+        for i, rollout in enumerate(self.rollouts):
+            engine = [c[0]["token_ids"] for c in ray.get(rollout.generate.remote(prompts, 1, 0.0, tokens))]
+            if engine != policy:
+                message = f"rollout engine {i} and the policy disagree on greedy completions: {engine} vs {policy}"
+                if self.config.resources.precision == "fp32":
+                    raise RuntimeError(message)
+                log.warning("%s (bf16: expected now and then)", message)
+
+    def run(self, steps: int, log_dir: Path | None = None, desc: str = "learner") -> list[dict[str, float]]:
+        """`steps` REINFORCE steps with a progress bar, and a held-out evaluation (when the learner
+        has an evaluator) every `evaluation.every` steps and after the last, its metrics under
+        `eval_*`. With `log_dir`, each step's metrics go to metrics.jsonl and TensorBoard there."""
+        every, history = self.config.evaluation.every, []
+        writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
+        with tqdm(total=steps, desc=desc, unit="step") as bar:
+            for i in range(steps):
+                metrics = {"step": self.steps + 1, **self.step()}
+                if self.evaluator is not None and ((every and metrics["step"] % every == 0) or i == steps - 1):
+                    metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
                 history.append(metrics)
+                bar.update()
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
-                if log is not None:
-                    with open(log, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                if writer is not None:
+                    self._write(log_dir, writer, metrics)
+        if writer is not None:
+            writer.close()
         return history
+
+    @staticmethod
+    def _write(log_dir: Path, writer: SummaryWriter, metrics: dict[str, float]) -> None:
+        with open(log_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "step":
+                tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                writer.add_scalar(tag, value, metrics["step"])
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out reward, KL to the SFT and control reward of the current policy."""
+        if self.synced_at != self.steps:
+            self.sync()
+        return self.evaluator(self.rollouts)
+
+    def close(self) -> None:
+        """Stop the learner's processes: its ranks and rollout engines."""
+        for actor in self.ranks + self.rollouts:
+            ray.kill(actor)
 
     def step(self) -> dict[str, float]:
         start = time.perf_counter()
         warp = self.config.warp
         prompts = [self.order.choice(self.prompts) for _ in range(warp.batch_size)]
-        samples = ray.get(self.rollout.generate.remote(prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
-        rows = [(prompt, sample) for prompt, group in zip(prompts, samples) for sample in group]
+        samples = sample(self.rollouts, prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens)
+        rows = [(prompt, s) for prompt, group in zip(prompts, samples) for s in group]
         rewards = torch.tensor(ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows])))
-        input_ids, attention, completion = self.pack(rows)
-        shards = [slice(i, i + len(rows) // len(self.ranks)) for i in range(0, len(rows), len(rows) // len(self.ranks))]
+        rollout_seconds = time.perf_counter() - start
+        input_ids, attention, completion = pack([(s["prompt_token_ids"], s["token_ids"]) for _, s in rows], self.tokenizer.pad_token_id)
+        share = len(rows) // len(self.ranks)
+        shards = [slice(i, i + share) for i in range(0, len(rows), share)]
         stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s]) for rank, s in zip(self.ranks, shards)])
-        sync_seconds = ray.get(self.rollout.update_weights.remote(self.ranks[0].policy_state_dict.remote()))
+        update_seconds = time.perf_counter() - start - rollout_seconds
+        self.steps += 1
+        sync_seconds = self.sync() if self.steps % self.config.resources.sync_every == 0 else 0.0
         metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         seconds = time.perf_counter() - start
-        metrics.update(seconds=seconds, sync_seconds=sync_seconds, tokens_per_s=int(completion.sum()) / seconds)
+        metrics.update(seconds=seconds, rollout_seconds=rollout_seconds, update_seconds=update_seconds, sync_seconds=sync_seconds,
+                       tokens_per_s=int(completion.sum()) / seconds)
         return metrics
-
-    def pack(self, rows: list[tuple[str, dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded prompt + completion token rows, their attention mask and completion mask,
-        from the token ids the engine generated with (no second tokenization of the prompts)."""
-        sequences = [(s["prompt_token_ids"], s["token_ids"]) for _, s in rows]
-        length = max(len(p) + len(c) for p, c in sequences)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
-        attention = torch.zeros(len(rows), length, dtype=torch.long)
-        completion = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, (p, c) in enumerate(sequences):
-            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            attention[i, : len(p) + len(c)] = 1
-            completion[i, len(p) : len(p) + len(c)] = 1
-        return input_ids, attention, completion
-
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        return ray.get(self.ranks[0].policy_state_dict.remote())

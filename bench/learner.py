@@ -1,0 +1,158 @@
+"""Benchmark of a learner on the built-in task, every ratio against a baseline of the same run.
+
+1. Rollouts: a vLLM engine (a `RolloutWorker` actor) against `transformers` `generate` in this
+   process, on the same batch (the tiny config's 8 prompts x 4 samples, 24 new tokens, T = 0.9):
+   generated tokens per second.
+2. Weight sync as a fraction of step time, through the object store and through the broadcast
+   group (gloo here), one learner each (K = 1, ZeRO-2, fp32).
+3. The Ray + DeepSpeed learner's step against a bare single-process torch REINFORCE loop doing
+   the same work (generate with `transformers`, gold reward, forward and backward, Adam with
+   warm-up and clipping, EMA update): whole steps, and the update phase alone (forward,
+   backward, optimizer, EMA), which is where Ray and DeepSpeed add their overhead.
+
+Run: .venv/bin/python bench/learner.py   (builds the built-in task under bench/out/ once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from warp_ray.config import TaskParams, WarpConfig
+from warp_ray.data import read_prompts
+from warp_ray.learner.learner import Learner
+from warp_ray.learner.reinforce import pack, reinforce_loss, token_logprobs
+from warp_ray.merge import ema_update_
+from warp_ray.reward.server import RewardServer
+from warp_ray.rollout.worker import RolloutWorker
+from warp_ray.runtime import init_ray
+from warp_ray.task import world
+from warp_ray.task.build import build_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BareLoop:
+    """REINFORCE as one would write it without Ray or DeepSpeed: one process, plain torch."""
+
+    def __init__(self, config: WarpConfig, sft: Path):
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(sft, padding_side="left")
+        self.policy = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32)
+        self.anchor = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval().requires_grad_(False)
+        warp = config.warp
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=warp.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warp.warmup_steps)))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> list[tuple[str, list[int], list[int]]]:
+        """(prompt, prompt ids, completion ids up to and with EOS) for every sample, grouped by prompt."""
+        warp, tok = self.config.warp, self.tokenizer
+        encoded = tok(prompts, return_tensors="pt", padding=True)
+        out = self.policy.generate(**encoded, do_sample=True, temperature=warp.temperature, max_new_tokens=warp.max_new_tokens,
+                                   num_return_sequences=warp.samples_per_prompt, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)
+        rows = []
+        for i, row in enumerate(out[:, encoded.input_ids.shape[1]:].tolist()):
+            completion = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+            prompt = prompts[i // warp.samples_per_prompt]
+            rows.append((prompt, tok(prompt).input_ids, completion))
+        return rows
+
+    def step(self, prompts: list[str]) -> tuple[float, float]:
+        """Whole step and update-phase seconds."""
+        warp, start = self.config.warp, time.perf_counter()
+        torch.set_num_threads(2)  # generation gets the machine, as the vLLM engine does
+        rows = self.generate(prompts)
+        rewards = torch.tensor([world.gold_reward(p, self.tokenizer.decode(c, skip_special_tokens=True)) for p, _, c in rows])
+        torch.set_num_threads(1)  # the update gets one thread, as a learner rank does
+        update = time.perf_counter()
+        input_ids, attention, completion = pack([(p, c) for _, p, c in rows], self.tokenizer.pad_token_id)
+        policy = token_logprobs(self.policy(input_ids=input_ids, attention_mask=attention).logits[:, :-1], input_ids[:, 1:])
+        with torch.no_grad():
+            anchor = token_logprobs(self.anchor(input_ids=input_ids, attention_mask=attention).logits[:, :-1], input_ids[:, 1:])
+        loss, _ = reinforce_loss(policy, anchor, completion[:, 1:].float(), rewards, warp.beta, warp.samples_per_prompt, warp.baseline)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        ema_update_(self.anchor.state_dict(), self.policy.state_dict(), warp.mu)
+        end = time.perf_counter()
+        return end - start, end - update
+
+
+def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -> dict[str, float]:
+    """Generated tokens per second of vLLM and of transformers (1 and 2 threads) on one batch."""
+    warp = config.warp
+    engine = RolloutWorker.remote(str(sft), max_model_len=AutoTokenizer.from_pretrained(sft).model_max_length)
+    bare = BareLoop(config, sft)
+    rates: dict[str, list[float]] = {"vllm": [], "transformers_1_thread": [], "transformers_2_threads": []}
+    for r in range(rounds + 1):  # round 0 warms up
+        start = time.perf_counter()
+        groups = ray.get(engine.generate.remote(prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
+        vllm = sum(len(s["token_ids"]) for g in groups for s in g) / (time.perf_counter() - start)
+        results = {"vllm": vllm}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            tokens = sum(len(c) for _, _, c in bare.generate(prompts))
+            results[f"transformers_{threads}_thread{'s' if threads > 1 else ''}"] = tokens / (time.perf_counter() - start)
+        if r:
+            for k, v in results.items():
+                rates[k].append(v)
+    ray.kill(engine)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def learner_steps(config: WarpConfig, task: Path, weight_sync: str, steps: int) -> dict[str, float]:
+    config = config.model_copy(update={"resources": config.resources.model_copy(update={"weight_sync": weight_sync})})
+    learner = Learner(config, task / "sft", read_prompts(task / "prompts" / "train.jsonl"), RewardServer.remote("gold"), seed=0)
+    learner.run(3, desc=f"warm-up ({weight_sync})")
+    history = learner.run(steps, desc=weight_sync)
+    learner.close()
+    return {k: statistics.median(m[k] for m in history) for k in ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="measured steps of each learner and of the bare loop")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner.json")
+    args = parser.parse_args()
+    task = build_task(TaskParams(), ROOT / "bench" / "out" / "task")
+    config = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+    prompts = read_prompts(task / "prompts" / "train.jsonl")[: config.warp.batch_size]
+    init_ray(num_cpus=2)
+
+    rates = generation(config, task / "sft", prompts, rounds=5)
+    learners = {sync: learner_steps(config, task, sync, args.steps) for sync in ("object_store", "broadcast")}
+    bare = BareLoop(config, task / "sft")
+    for _ in range(3):
+        bare.step(prompts)
+    timings = [bare.step(prompts) for _ in range(args.steps)]
+    bare_step, bare_update = statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
+
+    results = {"tokens_per_s": rates, "learner": learners, "bare_loop": {"seconds": bare_step, "update_seconds": bare_update}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print("\n| rollouts | tokens/s | vs transformers (1 thread / 2 threads) |\n|---|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.0f} | {rate / rates['transformers_1_thread']:.2f} / {rate / rates['transformers_2_threads']:.2f} |")
+    print("\n| step (medians) | s/step | rollout s | update s | sync s | sync / step | step vs bare | update vs bare |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sync, t in learners.items():
+        print(f"| learner, {sync} | {t['seconds']:.3f} | {t['rollout_seconds']:.3f} | {t['update_seconds']:.3f} | {t['sync_seconds']:.3f} "
+              f"| {t['sync_seconds'] / t['seconds']:.1%} | {t['seconds'] / bare_step:.2f} | {t['update_seconds'] / bare_update:.2f} |")
+    print(f"| bare torch loop | {bare_step:.3f} | {bare_step - bare_update:.3f} | {bare_update:.3f} | - | - | 1.00 | 1.00 |")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
