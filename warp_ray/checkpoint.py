@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from warp_ray.errors import CheckpointError
@@ -124,6 +125,24 @@ def copy_non_weight_files(src: Path, dst: Path) -> None:
     for path in src.iterdir():
         if path.is_file() and path.suffix not in (".safetensors", *PICKLED_WEIGHTS):
             shutil.copy2(path, dst / path.name)
+
+
+def save_model(state: Mapping[str, Tensor], like: Path, folder: Path) -> None:
+    """Make `folder` (an existing one, such as `atomic_dir`'s) a Hugging Face model folder: the
+    weights of `state` in one safetensors file, config and tokenizer from the folder `like`."""
+    copy_non_weight_files(like, folder)
+    (folder / INDEX_FILE).unlink(missing_ok=True)  # `like` may be sharded; this copy is one file
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+
+
+def load_model_weights(folder: str | Path) -> dict[str, Tensor]:
+    """All weights of a Hugging Face folder (one file or shards), from safetensors only."""
+    folder = check_model_folder(folder)
+    weights = {}
+    for file in weight_files(folder):
+        with open_safetensors(folder / file) as f:
+            weights.update({name: f.get_tensor(name) for name in f.keys()})
+    return weights
 
 
 @contextmanager

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     train_rm = commands.add_parser("train-rm", help="train M reward models on Ray Tune and merge them (WARM)")
     _add_config_args(train_rm)
 
+    warp = commands.add_parser("warp", help="run WARP: M learners per iteration, SLERP, LITI, I iterations (Algorithm 1)")
+    _add_config_args(warp)
+    warp.add_argument("--resume", action="store_true", help="continue after the last complete iteration in paths.output_dir")
+
     demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
     _add_config_args(demo)
     demo.add_argument("--out", type=Path, help="output folder (default: <paths.output_dir>/demo)")
@@ -88,6 +92,11 @@ def _run(args: argparse.Namespace) -> None:
 
         print(markdown(run_warm(config)), end="")
         print(f"reward models, WARM and accuracy.json in {config.paths.output_dir / 'rm'}")
+    elif args.command == "warp":
+        from warp_ray.coordinator.coordinator import run_warp
+
+        last = run_warp(config, resume=args.resume)
+        print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
     else:
         from warp_ray.demo import run_demo
 

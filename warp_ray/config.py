@@ -156,6 +156,10 @@ class TaskParams(Section):
     """Fraction of training preference labels flipped (the WARM paper: 25%)."""
     ood_temperature: float = Field(1.6, gt=0)
     """Sampling temperature of the shifted policy that writes the OOD pairs."""
+    proxy_reward: Literal["warm", "gold"] = "warm"
+    """What the policies are trained against on the built-in task: the WARM reward model
+    (trained first, unless paths.reward_model is set) or the gold reward itself. The gold
+    reward is always the control reward of the evaluations."""
     seed: int = 0
     """Seed of everything the task draws."""
 
@@ -174,6 +178,9 @@ class Resources(Section):
     sync_every: int = Field(1, ge=1)
     """Optimizer steps between weight syncs to the rollout engines; above 1, rollouts lag the
     policy by up to sync_every - 1 steps (cheaper, slightly off-policy)."""
+    learner_retries: int = Field(2, ge=0)
+    """Times a learner that dies mid-iteration (its process killed, its node lost) is replaced
+    and rerun from the iteration's init before the run gives up."""
     weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
     """How new weights reach the engines: through Ray's object store as safetensors bytes, or
     a broadcast group between rank 0 and the engines' workers (NCCL on GPU, gloo on CPU), the
@@ -193,6 +200,10 @@ class Evaluation(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of evaluation completions: 1, so that the Monte-Carlo estimate
     sum_t [log pi(y_t) - log pi_sft(y_t)] is the KL between the policies themselves."""
+    front_etas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.0, 0.1, 0.3, 0.5, 0.8, 1.0], min_length=1)
+    """LITI points evaluated at the end of every iteration: (1 - eta) * base + eta * slerp."""
+    front_towards: list[Literal["init", "sft"]] = Field(["init", "sft"], min_length=1)
+    """Bases of the LITI front: the iteration's init (the paper's Figure 4) and the SFT."""
 
 
 class Paths(Section):

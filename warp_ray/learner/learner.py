@@ -60,13 +60,14 @@ class Learner:
                 + [r.join_weight_group.remote(address, port, 1 + i, size) for i, r in enumerate(self.rollouts)])
         self.weight_specs = ray.get(self.ranks[0].weight_specs.remote())
 
-    def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | ray.ObjectRef], seed: int) -> None:
+    def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | list[ray.ObjectRef]], seed: int) -> None:
         """Start a new RL run from `init` (None: the SFT), as Algorithm 1 does every iteration:
-        fresh optimizer state and warm-up, the EMA anchor reset to `init`, the prompt order of
-        `seed`, the rollout engines synced and checked. An ObjectRef is read by every rank from
-        the object store (one copy per node); a dict is put there first."""
-        init = ray.put(init) if isinstance(init, Mapping) else init
-        ray.get([rank.start.remote(init) for rank in self.ranks])
+        fresh optimizer state and warm-up, the EMA anchor reset to `init`, the prompt order and
+        sampling seeds of `seed`, the rollout engines synced and checked. The ranks read the
+        weights from the object store (one copy per node): pass `[ref]` to hand over a reference
+        without this actor fetching it (Ray resolves only top-level references); a dict is put there."""
+        init = init[0] if isinstance(init, list) else ray.put(init) if isinstance(init, Mapping) else init
+        ray.get([rank.start.remote(init, seed) for rank in self.ranks])
         self.order, self.steps = random.Random(seed), 0
         self.sync()
         self.check_engine_agrees(self.prompts[:4])
@@ -152,11 +153,21 @@ class Learner:
         for actor in self.ranks + self.rollouts:
             ray.kill(actor)
 
+    def evaluate_weights(self, weights: Mapping[str, torch.Tensor] | list[ray.ObjectRef]) -> dict[str, float]:
+        """Held-out evaluation of other weights (a point of the LITI front) on this learner's
+        engines, between runs; the next `set_weights` puts a policy back in them."""
+        weights = weights[0] if isinstance(weights, list) else weights
+        ray.get([r.update_weights.remote(weights) for r in self.rollouts])
+        self.synced_at = None  # the engines no longer hold the policy
+        return self.evaluator(self.rollouts)
+
     def step(self) -> dict[str, float]:
         start = time.perf_counter()
         warp = self.config.warp
         prompts = [self.order.choice(self.prompts) for _ in range(warp.batch_size)]
-        samples = sample(self.rollouts, prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens)
+        # A seed per step from the run's seed: a run (or a resumed one) samples the same completions.
+        samples = sample(self.rollouts, prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens,
+                         seed=self.order.randrange(2**31))
         rows = [(prompt, s) for prompt, group in zip(prompts, samples) for s in group]
         rewards = torch.tensor(ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows])))
         rollout_seconds = time.perf_counter() - start

@@ -74,13 +74,14 @@ class LearnerRank:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.sft, self.engine = str(sft), None
 
-    def start(self, init: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    def start(self, init: Optional[Mapping[str, torch.Tensor]], seed: int) -> None:
         """A new RL run from `init` (None: the SFT policy): fresh optimizer state and warm-up,
         and the anchor reset to the init (EMA) or to the SFT; every rank calls it at once."""
         import deepspeed
 
         if self.engine is not None:
             self.engine.destroy()
+        torch.manual_seed(seed)
         policy = self._load(init)
         anchor = self._load(init if self.config.warp.anchor == "ema" else None).eval().requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
@@ -98,6 +99,9 @@ class LearnerRank:
             if missing or unexpected:
                 raise ValueError(f"the init's weights do not fit the policy {self.sft}: missing {sorted(missing)[:5]}, "
                                  f"unexpected {sorted(unexpected)[:5]}")
+        for module in model.modules():  # as the engines sample: the log-probs must be of the same policy
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
         return model
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
@@ -142,11 +146,11 @@ class LearnerRank:
         return completions
 
     def _full_tensors(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, whole tensor) of every weight, tied ones under each of their names. Under
-        ZeRO-3 each is gathered in turn (a collective) and valid until the next one."""
+        """(name, whole tensor) of every weight, tied ones once, under the name a saved checkpoint
+        keeps. Under ZeRO-3 each is gathered in turn (a collective) and valid until the next one."""
         import deepspeed
 
-        for name, p in module.named_parameters(remove_duplicate=False):
+        for name, p in module.named_parameters():
             with deepspeed.zero.GatheredParameters([p]) if self.zero3 else nullcontext():
                 yield name, p.data
 
@@ -166,7 +170,7 @@ class LearnerRank:
     def weight_specs(self) -> WeightSpecs:
         """(name, dtype, shape) of what `broadcast_weights` sends, in its order."""
         return [(name, str(p.dtype).removeprefix("torch."), list(p.ds_shape if self.zero3 else p.shape))
-                for name, p in self.engine.module.named_parameters(remove_duplicate=False)]
+                for name, p in self.engine.module.named_parameters()]
 
     def join_weight_group(self, address: str, port: int, world_size: int) -> None:
         """Rank 0 only: become rank 0 of the broadcast group with the rollout engines."""

@@ -1,0 +1,84 @@
+"""The coordinator for real: WARP's Algorithm 1 with M = 2 learners (DeepSpeed ranks, vLLM
+engines) on a local Ray cluster, a learner killed mid-iteration, and a resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from warp_ray.checkpoint import load_model_weights
+from warp_ray.config import WarpConfig
+from warp_ray.coordinator.checkpoints import last_complete, resume_from
+from warp_ray.coordinator.coordinator import Coordinator
+from warp_ray.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def warp_config(out, **warp) -> WarpConfig:
+    return WarpConfig.from_dict({
+        "warp": {"M": 2, "I": 2, "T": 4, "batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 16, "lr": 3e-4,
+                 "beta": 0.02, "warmup_steps": 1, "mu": 0.1, "eta": 0.5, **warp},
+        "evaluation": {"every": 2, "prompts": 8, "samples_per_prompt": 2, "front_etas": [0.0, 0.5, 1.0]},
+        "resources": {"precision": "fp32"}, "paths": {"output_dir": str(out)}})
+
+
+def kill_when_training(log, name: str) -> threading.Thread:
+    """Kill the named learner's process as soon as it has logged a step."""
+    def kill() -> None:
+        while not (log.is_file() and log.read_text().strip()):
+            time.sleep(0.1)
+        ray.kill(ray.get_actor(name))
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_warp_survives_a_killed_learner_and_resumes_to_the_same_init(tiny_task, ray_cluster, tmp_path):
+    config = warp_config(tmp_path)
+    sft = tiny_task / "sft"
+    coordinator = Coordinator(config, sft, tiny_task / "prompts", ("gold", []), control=True)
+    killer = kill_when_training(tmp_path / "logs" / "iteration_0" / "policy_1" / "metrics.jsonl", "warp-learner-1")
+    assert coordinator.run() == tmp_path / "iteration_1"
+    assert not killer.is_alive()
+
+    for i in (0, 1):
+        folder = tmp_path / f"iteration_{i}"
+        assert {p.name for p in folder.iterdir()} == {"model", "manifest.json", "front.json", "front.png", "trajectories.json"}
+        assert AutoModelForCausalLM.from_pretrained(folder / "model") is not None  # a Hugging Face folder
+    manifest = json.loads((tmp_path / "iteration_0" / "manifest.json").read_text())
+    assert manifest["restarts"] == [{"iteration": 0, "policy": 1, "error": manifest["restarts"][0]["error"]}]
+    assert manifest["seeds"][0] != manifest["seeds"][1] and len(manifest["final_metrics"]) == 2
+    trajectories = json.loads((tmp_path / "iteration_0" / "trajectories.json").read_text())
+    assert [[h["step"] for h in t] for t in trajectories] == [[1, 2, 3, 4]] * 2  # the rerun learner's history, whole
+
+    front = json.loads((tmp_path / "iteration_0" / "front.json").read_text())
+    assert [(p["towards"], p["eta"]) for p in front] == [(t, e) for t in ("init", "sft") for e in (0.0, 0.5, 1.0)]
+    at_sft = [p for p in front if p["eta"] == 0.0]  # iteration 0's init is the SFT: both bases give the SFT itself
+    assert at_sft[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-3) and at_sft[0] == {**at_sft[1], "towards": "init"}
+    assert front[2]["kl_to_sft"] > 0 and "control_reward" in front[2]
+
+    sft_weights = load_model_weights(sft)
+    first = load_model_weights(tmp_path / "iteration_0" / "model")
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(first[key], sft_weights[key])
+
+    # The run "dies" during iteration 1: resuming redoes it from iteration 0's checkpoint, same seeds, same result.
+    uninterrupted = load_model_weights(tmp_path / "iteration_1" / "model")
+    shutil.rmtree(tmp_path / "iteration_1")
+    assert last_complete(tmp_path) == 0
+    coordinator.run(resume=True)
+    resumed = load_model_weights(tmp_path / "iteration_1" / "model")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+
+    with pytest.raises(ConfigError, match="warp.beta was 0.02 in that run and is now 0.5"):
+        resume_from(tmp_path, 1, warp_config(tmp_path, beta=0.5))

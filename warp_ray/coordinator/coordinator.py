@@ -1,0 +1,122 @@
+"""The coordinator: WARP's Algorithm 1 (arXiv 2406.16768) on Ray.
+
+    theta_init <- theta_sft
+    for i in 1..I:
+        for m in 1..M, in parallel:  REINFORCE from theta_init, KL to its own EMA, for T steps -> theta_m
+        theta_slerp <- SLERP(theta_init, theta_1..theta_M)          (per tensor, of the task vectors)
+        theta_init  <- (1 - eta) * theta_init + eta * theta_slerp    (LITI)
+    return theta_init
+
+`Coordinator.run` is that loop. Ray stays in the helpers: the learners are actors kept across
+iterations (warp_ray/coordinator/learners.py), the init reaches them through the object store
+(one copy per node), the merges are warp_ray.merge's pure functions, and every iteration ends
+with its LITI front evaluated and a checkpoint written atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+
+from warp_ray.checkpoint import load_model_weights
+from warp_ray.config import WarpConfig
+from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resume_from, save_iteration
+from warp_ray.coordinator.front import liti_front, plot_front
+from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
+from warp_ray.data import read_prompts
+from warp_ray.evaluation import Evaluator, ReferencePolicy
+from warp_ray.merge import liti, slerp
+from warp_ray.reward.server import RewardServer
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, config: WarpConfig, sft: Path, prompts: Path, reward: tuple[str, list[str]], control: bool):
+        """`reward`: the proxy reward server's (kind, folders); `control`: evaluate the gold reward too."""
+        self.config, self.sft, self.out = config, Path(sft), Path(config.paths.output_dir)
+        self.sft_weights = load_model_weights(sft)
+        self.reward_server = RewardServer.remote(*reward, params=config.reward_server)
+        control_server = RewardServer.remote("gold") if control else None
+        evaluator = Evaluator(config, read_prompts(Path(prompts) / "held_out.jsonl"), self.reward_server,
+                              ReferencePolicy.remote(str(sft)), control_server)
+        train_prompts = read_prompts(Path(prompts) / "train.jsonl")
+        self.learners = LearnerGroup(config, lambda m: RemoteLearner.options(name=f"warp-learner-{m}").remote(
+            config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator), self.out / "logs")
+
+    def run(self, resume: bool = False) -> Path:
+        """Algorithm 1; returns the folder of the last iteration (its model/ is the final policy)."""
+        warp = self.config.warp
+        start, init = self.starting_point(resume)
+        for i in range(start, warp.I):
+            began = time.perf_counter()
+            init_ref = ray.put(init)                                          # broadcast: one copy per node
+            policies, trajectories = self.learners.train(init_ref, i)         # M RL runs from init, each with its EMA anchor
+            trained = time.perf_counter()
+            merged = slerp(init, policies, warp.slerp_weights())              # SLERP of the M task vectors, per tensor
+            next_init = liti(init, merged, warp.eta)                          # LITI towards the init
+            merge_seconds = time.perf_counter() - trained
+            front = self.front({"init": init, "sft": self.sft_weights}, merged)
+            init = next_init
+            self.save(i, init, front, trajectories, {"train": trained - began, "merge": merge_seconds,
+                                                     "iteration": time.perf_counter() - began})
+        return iteration_dir(self.out, warp.I - 1)
+
+    def starting_point(self, resume: bool) -> tuple[int, dict]:
+        done = last_complete(self.out) if resume else None
+        if done is None:
+            return 0, self.sft_weights
+        log.info("resuming after iteration %d of %s", done, self.out)
+        return done + 1, resume_from(self.out, done, self.config)
+
+    def front(self, bases: dict, merged: dict) -> list[dict]:
+        """The LITI front on held-out prompts, evaluated on the learners' engines, a point each at a time."""
+        evaluation, learners = self.config.evaluation, self.learners.learners
+        points = liti_front({towards: bases[towards] for towards in evaluation.front_towards}, merged, evaluation.front_etas)
+        front = []
+        for wave in iter(lambda: list(itertools.islice(points, len(learners))), []):
+            metrics = ray.get([learner.evaluate_weights.remote([ray.put(weights)]) for learner, (_, weights) in zip(learners, wave)])
+            front += [{**point, **m} for (point, _), m in zip(wave, metrics)]
+        return front
+
+    def save(self, i: int, init: dict, front: list[dict], trajectories: list[list[dict]], seconds: dict) -> None:
+        warp = self.config.warp
+
+        def extras(folder: Path) -> None:
+            (folder / "front.json").write_text(json.dumps(front, indent=2))
+            (folder / "trajectories.json").write_text(json.dumps(trajectories))
+            plot_front(front, trajectories, folder / "front.png", f"WARP iteration {i}: LITI front and training runs")
+
+        manifest = {"iteration": i, "config": self.config.model_dump(mode="json"),
+                    "seeds": [run_seed(warp.seed, i, m) for m in range(warp.M)],
+                    "final_metrics": [history[-1] for history in trajectories], "restarts": self.learners.restarts,
+                    "seconds": seconds}
+        folder = save_iteration(self.out, i, init, self.sft, manifest, extras)
+        log.info("iteration %d written to %s", i, folder)
+
+
+def run_warp(config: WarpConfig, resume: bool = False) -> Path:
+    """`warp-ray warp`: the inputs (the built-in task unless the config names others; the WARM
+    reward model, trained first unless given), then the coordinator actor runs Algorithm 1."""
+    from warp_ray.reward.warm import run_warm
+    from warp_ray.runtime import init_ray
+    from warp_ray.task.build import task_inputs
+
+    sft, prompts, _, _ = task_inputs(config)
+    builtin, warm = config.paths.sft_model is None, config.paths.output_dir / "rm" / "warm"
+    if config.paths.reward_model is not None:
+        reward = ("model", [str(config.paths.reward_model)])
+    elif builtin and config.task.proxy_reward == "gold":
+        reward = ("gold", [])
+    else:
+        if not (warm / "config.json").is_file():
+            run_warm(config)
+        reward = ("model", [str(warm)])
+    init_ray()
+    coordinator = ray.remote(num_cpus=0)(Coordinator).remote(config, sft, prompts, reward, control=builtin)
+    return ray.get(coordinator.run.remote(resume))
