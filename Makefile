@@ -19,7 +19,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/warp-ray demo --config configs/tiny.yaml
+	$(VENV)/bin/warp-ray warp --config configs/tiny.yaml
 
 test: setup
 	$(PY) -m pytest tests

@@ -52,8 +52,9 @@ def test_warp_survives_a_killed_learner_and_resumes_to_the_same_init(tiny_task, 
 
     for i in (0, 1):
         folder = tmp_path / f"iteration_{i}"
-        assert {p.name for p in folder.iterdir()} == {"model", "manifest.json", "front.json", "front.png", "trajectories.json"}
+        assert {p.name for p in folder.iterdir()} == {"model", "manifest.json", "front.json", "front.png", "trajectories.json", "report.md"}
         assert AutoModelForCausalLM.from_pretrained(folder / "model") is not None  # a Hugging Face folder
+    assert (tmp_path / "report.md").read_text().count("## Iteration") == 2
     manifest = json.loads((tmp_path / "iteration_0" / "manifest.json").read_text())
     assert manifest["restarts"] == [{"iteration": 0, "policy": 1, "error": manifest["restarts"][0]["error"]}]
     assert manifest["seeds"][0] != manifest["seeds"][1] and len(manifest["final_metrics"]) == 2

@@ -47,6 +47,7 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert statistics.mean(rewards[-8:]) > statistics.mean(rewards[:8]) + 0.5
     assert [m["step"] for m in history if "eval_reward" in m] == [15, 30]
     assert history[-1]["eval_reward"] > before["reward"] + 0.5 and history[-1]["eval_kl_to_sft"] > 1.0
+    assert history[-1]["kl_to_anchor"] < history[-1]["eval_kl_to_sft"]  # the EMA anchor follows: KL to it stays below KL to the SFT
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
     for m in history:
@@ -64,10 +65,12 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert 0 < moved < drift  # the EMA anchor follows the policy, from behind
 
 
-def test_sft_anchor_stays_put(tiny_task, ray_cluster):
+def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(tiny_task, ray_cluster):
     learner = Learner(tiny_config(anchor="sft"), tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"),
                       RewardServer.remote("gold"), seed=1)
-    stats = [learner.step() for _ in range(3)]
+    stats = [learner.step() for _ in range(20)]
+    rewards = [m["reward"] for m in stats]
+    assert statistics.mean(rewards[-6:]) > statistics.mean(rewards[:6]) + 0.5
     sft = load_file(tiny_task / "sft" / "model.safetensors")
     anchor = learner.get_anchor_weights()
     policy = learner.get_weights()

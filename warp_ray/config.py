@@ -74,8 +74,12 @@ class WarpParams(Section):
     """Sampling temperature of the rollouts."""
     max_new_tokens: int = Field(256, ge=1)
     """Longest completion, in tokens."""
+    proxy_reward: Literal["warm", "gold"] = "warm"
+    """What the policies are trained against, unless paths.reward_model names a model: the WARM
+    reward model (trained first), or, on the built-in task, its gold reward itself (quick runs;
+    nothing to hack). On the built-in task the gold reward is also the control reward."""
     seed: int = 0
-    """Seed of the run; policy m of iteration i draws its prompt order from (seed, i, m)."""
+    """Seed of the run; policy m of iteration i draws its prompt order and sampling seeds from (seed, i, m)."""
 
     @model_validator(mode="after")
     def _lam_needs_two_policies(self) -> "WarpParams":
@@ -156,10 +160,6 @@ class TaskParams(Section):
     """Fraction of training preference labels flipped (the WARM paper: 25%)."""
     ood_temperature: float = Field(1.6, gt=0)
     """Sampling temperature of the shifted policy that writes the OOD pairs."""
-    proxy_reward: Literal["warm", "gold"] = "warm"
-    """What the policies are trained against on the built-in task: the WARM reward model
-    (trained first, unless paths.reward_model is set) or the gold reward itself. The gold
-    reward is always the control reward of the evaluations."""
     seed: int = 0
     """Seed of everything the task draws."""
 

@@ -26,7 +26,7 @@ import ray
 from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resume_from, save_iteration
-from warp_ray.coordinator.front import liti_front, plot_front
+from warp_ray.coordinator.front import liti_front, plot_front, report
 from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
 from warp_ray.data import read_prompts
 from warp_ray.evaluation import Evaluator, ReferencePolicy
@@ -34,6 +34,18 @@ from warp_ray.merge import liti, slerp
 from warp_ray.reward.server import RewardServer
 
 log = logging.getLogger(__name__)
+
+
+class Laps(dict):
+    """Seconds since the previous lap (or the start), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name], self.last = now - self.last, now
 
 
 class Coordinator:
@@ -54,17 +66,18 @@ class Coordinator:
         warp = self.config.warp
         start, init = self.starting_point(resume)
         for i in range(start, warp.I):
-            began = time.perf_counter()
+            laps = Laps()
             init_ref = ray.put(init)                                          # broadcast: one copy per node
+            laps("broadcast")
             policies, trajectories = self.learners.train(init_ref, i)         # M RL runs from init, each with its EMA anchor
-            trained = time.perf_counter()
+            laps("train")
             merged = slerp(init, policies, warp.slerp_weights())              # SLERP of the M task vectors, per tensor
             next_init = liti(init, merged, warp.eta)                          # LITI towards the init
-            merge_seconds = time.perf_counter() - trained
+            laps("merge")
             front = self.front({"init": init, "sft": self.sft_weights}, merged)
+            laps("front")
             init = next_init
-            self.save(i, init, front, trajectories, {"train": trained - began, "merge": merge_seconds,
-                                                     "iteration": time.perf_counter() - began})
+            self.save(i, init, front, trajectories, laps)
         return iteration_dir(self.out, warp.I - 1)
 
     def starting_point(self, resume: bool) -> tuple[int, dict]:
@@ -84,25 +97,29 @@ class Coordinator:
             front += [{**point, **m} for (point, _), m in zip(wave, metrics)]
         return front
 
-    def save(self, i: int, init: dict, front: list[dict], trajectories: list[list[dict]], seconds: dict) -> None:
+    def save(self, i: int, init: dict, front: list[dict], trajectories: list[list[dict]], seconds: Laps) -> None:
         warp = self.config.warp
 
         def extras(folder: Path) -> None:
             (folder / "front.json").write_text(json.dumps(front, indent=2))
             (folder / "trajectories.json").write_text(json.dumps(trajectories))
             plot_front(front, trajectories, folder / "front.png", f"WARP iteration {i}: LITI front and training runs")
+            (folder / "report.md").write_text(report(front, [history[-1] for history in trajectories], i))
 
         manifest = {"iteration": i, "config": self.config.model_dump(mode="json"),
                     "seeds": [run_seed(warp.seed, i, m) for m in range(warp.M)],
                     "final_metrics": [history[-1] for history in trajectories], "restarts": self.learners.restarts,
                     "seconds": seconds}
         folder = save_iteration(self.out, i, init, self.sft, manifest, extras)
+        reports = [iteration_dir(self.out, k) / "report.md" for k in range(i + 1)]
+        (self.out / "report.md").write_text("# WARP run\n\n" + "\n".join(r.read_text() for r in reports if r.is_file()))
         log.info("iteration %d written to %s", i, folder)
 
 
 def run_warp(config: WarpConfig, resume: bool = False) -> Path:
     """`warp-ray warp`: the inputs (the built-in task unless the config names others; the WARM
-    reward model, trained first unless given), then the coordinator actor runs Algorithm 1."""
+    reward model, trained first unless given or warp.proxy_reward is gold), then Algorithm 1 in
+    the coordinator actor."""
     from warp_ray.reward.warm import run_warm
     from warp_ray.runtime import init_ray
     from warp_ray.task.build import task_inputs
@@ -111,7 +128,7 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
     builtin, warm = config.paths.sft_model is None, config.paths.output_dir / "rm" / "warm"
     if config.paths.reward_model is not None:
         reward = ("model", [str(config.paths.reward_model)])
-    elif builtin and config.task.proxy_reward == "gold":
+    elif builtin and config.warp.proxy_reward == "gold":
         reward = ("gold", [])
     else:
         if not (warm / "config.json").is_file():

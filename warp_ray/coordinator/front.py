@@ -46,3 +46,20 @@ def plot_front(front: Sequence[dict], trajectories: Sequence[Sequence[dict]], pa
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(front: Sequence[dict], final_metrics: Sequence[dict], iteration: int) -> str:
+    """Markdown: the iteration's LITI front and where its learners ended."""
+    control = "control_reward" in front[0]
+    lines = [f"## Iteration {iteration}", "", "LITI front (held-out prompts):", "",
+             "| towards | eta | KL to SFT | reward |" + (" control reward |" if control else ""),
+             "|---|---|---|---|" + ("---|" if control else "")]
+    for p in front:
+        lines.append(f"| {p['towards']} | {p['eta']:g} | {p['kl_to_sft']:.3f} | {p['reward']:.3f} |"
+                     + (f" {p['control_reward']:.3f} |" if control else ""))
+    lines += ["", "Learners after their last step:", "", "| policy | train reward | KL to anchor | eval reward | eval KL to SFT |",
+              "|---|---|---|---|---|"]
+    for m, last in enumerate(final_metrics):
+        lines.append(f"| {m} | {last['reward']:.3f} | {last['kl_to_anchor']:.3f} | {last.get('eval_reward', float('nan')):.3f} "
+                     f"| {last.get('eval_kl_to_sft', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
