@@ -60,10 +60,11 @@ def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
         ("warp.lr=0", r"warp.lr = 0: .* \(allowed range: > 0\)"),
         ("warm.dropouts=[0.1, 1.0]", r"warm.dropouts.1 = 1.0: Input should be less than 1"),
         ("warp.betta=0.1", r"unknown key 'warp.betta'; did you mean 'beta'\?"),
-        ("rl.beta=0.1", r"unknown key 'rl'; known keys here: warp, warm, task, reward_server, resources, evaluation, paths"),
+        ("rl.beta=0.1", r"unknown key 'rl'; known keys here: warp, warm, task, reward_server, resources, learners, evaluation, paths"),
         ("resources.zero_stage=4", r"resources.zero_stage = 4: Input should be 0, 1, 2 or 3"),
         ("warp.anchor=init", r"warp.anchor = 'init': Input should be 'ema' or 'sft'"),
         ("paths.sft_model=/no/such/model", r"paths.sft_model = '/no/such/model': model folder /no/such/model does not exist"),
+        ("resources.ranks_per_learner=3", r"warp.batch_size = 128 must be a multiple of resources.ranks_per_learner = 3"),
         ("warp.lam=0.3", None),
     ],
 )

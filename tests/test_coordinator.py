@@ -17,7 +17,10 @@ from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import last_complete, resume_from
 from warp_ray.coordinator.coordinator import Coordinator
+from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner
+from warp_ray.data import read_prompts
 from warp_ray.errors import ConfigError
+from warp_ray.reward.server import RewardServer
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +30,8 @@ def warp_config(out, **warp) -> WarpConfig:
         "warp": {"M": 2, "I": 2, "T": 4, "batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 16, "lr": 3e-4,
                  "beta": 0.02, "warmup_steps": 1, "mu": 0.1, "eta": 0.5, **warp},
         "evaluation": {"every": 2, "prompts": 8, "samples_per_prompt": 2, "front_etas": [0.0, 0.5, 1.0]},
-        "resources": {"precision": "fp32"}, "paths": {"output_dir": str(out)}})
+        "resources": {"precision": "fp32", "cpus_per_rank": 0.5, "cpus_per_rollout_worker": 0.5},  # 2 learners on 2 CPUs
+        "paths": {"output_dir": str(out)}})
 
 
 def kill_when_training(log, name: str) -> threading.Thread:
@@ -42,10 +46,38 @@ def kill_when_training(log, name: str) -> threading.Thread:
     return thread
 
 
+def test_a_cluster_with_fewer_cpus_gets_fewer_learners_within_the_bounds(tiny_task, ray_cluster, tmp_path):
+    config = warp_config(tmp_path, M=3)
+    config.resources = config.resources.model_copy(update={"cpus_per_rank": 1, "cpus_per_rollout_worker": 1})  # 2 CPUs a learner
+    config.learners = config.learners.model_copy(update={"min": 1, "place_timeout_s": 5})
+    prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
+
+    def make_learner(m, group):
+        return RemoteLearner.remote(config, str(tiny_task / "sft"), prompts, RewardServer.remote("gold"), seed=m, placement_group=group)
+
+    group = LearnerGroup(config, make_learner, tmp_path)
+    try:
+        assert group.scale() == 1  # the 2-CPU cluster holds one learner of the 3 allowed
+    finally:
+        group.close()
+    config.learners.min = 2
+    group = LearnerGroup(config, make_learner, tmp_path)
+    with pytest.raises(RuntimeError, match=r"placed 1 learner\(s\) .* fewer than learners.min = 2"):
+        group.scale()
+    group.close()
+
+
 def test_warp_survives_a_killed_learner_and_resumes_to_the_same_init(tiny_task, ray_cluster, tmp_path):
     config = warp_config(tmp_path)
     sft = tiny_task / "sft"
     coordinator = Coordinator(config, sft, tiny_task / "prompts", ("gold", []), control=True)
+    try:
+        run_and_resume(coordinator, tmp_path, sft)
+    finally:
+        coordinator.close()
+
+
+def run_and_resume(coordinator: Coordinator, tmp_path, sft) -> None:
     killer = kill_when_training(tmp_path / "logs" / "iteration_0" / "policy_1" / "metrics.jsonl", "warp-learner-1")
     assert coordinator.run() == tmp_path / "iteration_1"
     assert not killer.is_alive()
@@ -56,7 +88,7 @@ def test_warp_survives_a_killed_learner_and_resumes_to_the_same_init(tiny_task, 
         assert AutoModelForCausalLM.from_pretrained(folder / "model") is not None  # a Hugging Face folder
     assert (tmp_path / "report.md").read_text().count("## Iteration") == 2
     manifest = json.loads((tmp_path / "iteration_0" / "manifest.json").read_text())
-    assert manifest["restarts"] == [{"iteration": 0, "policy": 1, "error": manifest["restarts"][0]["error"]}]
+    assert manifest["restarts"] == [{"iteration": 0, "policy": 1, "error": manifest["restarts"][0]["error"], "rerun": True}]
     assert manifest["seeds"][0] != manifest["seeds"][1] and len(manifest["final_metrics"]) == 2
     trajectories = json.loads((tmp_path / "iteration_0" / "trajectories.json").read_text())
     assert [[h["step"] for h in t] for t in trajectories] == [[1, 2, 3, 4]] * 2  # the rerun learner's history, whole

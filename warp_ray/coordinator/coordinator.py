@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
@@ -58,14 +59,15 @@ class Coordinator:
         evaluator = Evaluator(config, read_prompts(Path(prompts) / "held_out.jsonl"), self.reward_server,
                               ReferencePolicy.remote(str(sft)), control_server)
         train_prompts = read_prompts(Path(prompts) / "train.jsonl")
-        self.learners = LearnerGroup(config, lambda m: RemoteLearner.options(name=f"warp-learner-{m}").remote(
-            config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator), self.out / "logs")
+        self.learners = LearnerGroup(config, lambda m, group: RemoteLearner.options(name=f"warp-learner-{m}").remote(
+            config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group), self.out / "logs")
 
     def run(self, resume: bool = False) -> Path:
         """Algorithm 1; returns the folder of the last iteration (its model/ is the final policy)."""
         warp = self.config.warp
         start, init = self.starting_point(resume)
         for i in range(start, warp.I):
+            log.info("iteration %d: %d learners", i, self.learners.scale())  # as many as the cluster holds, within bounds
             laps = Laps()
             init_ref = ray.put(init)                                          # broadcast: one copy per node
             laps("broadcast")
@@ -79,6 +81,10 @@ class Coordinator:
             init = next_init
             self.save(i, init, front, trajectories, laps)
         return iteration_dir(self.out, warp.I - 1)
+
+    def close(self) -> None:
+        """Free the learners' placement groups (the learners and their engines end with them)."""
+        self.learners.close()
 
     def starting_point(self, resume: bool) -> tuple[int, dict]:
         done = last_complete(self.out) if resume else None
@@ -107,7 +113,7 @@ class Coordinator:
             (folder / "report.md").write_text(report(front, [history[-1] for history in trajectories], i))
 
         manifest = {"iteration": i, "config": self.config.model_dump(mode="json"),
-                    "seeds": [run_seed(warp.seed, i, m) for m in range(warp.M)],
+                    "seeds": [run_seed(warp.seed, i, m) for m in range(len(trajectories))],
                     "final_metrics": [history[-1] for history in trajectories], "restarts": self.learners.restarts,
                     "seconds": seconds}
         folder = save_iteration(self.out, i, init, self.sft, manifest, extras)
@@ -136,4 +142,10 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
         reward = ("model", [str(warm)])
     init_ray()
     coordinator = ray.remote(num_cpus=0)(Coordinator).remote(config, sft, prompts, reward, control=builtin)
-    return ray.get(coordinator.run.remote(resume))
+    try:
+        return ray.get(coordinator.run.remote(resume))
+    finally:
+        try:
+            ray.get(coordinator.close.remote())
+        except RayActorError:
+            pass  # the coordinator is gone, and its learners with it

@@ -1,10 +1,13 @@
-"""The M learners of a WARP run, as Ray actors, kept across iterations and retried when they die.
+"""The learners of a WARP run, as Ray actors: placed elastically, kept across iterations, rerun
+when they die.
 
-Each learner actor drives its own ranks and rollout engines (they are its children: when a
-learner dies, Ray ends them with it). An iteration hands every learner the init through the
-object store, runs the M RL runs in parallel and gathers their policies. A learner whose
-process dies mid-iteration is replaced by a new one and rerun from the same init with the same
-seed, up to `resources.learner_retries` times; the run fails only when that is spent.
+Each learner lives in a placement group of its own (its K ranks and its engines, `bundles`),
+and drives its ranks and engines (its children: when a learner dies, Ray ends them with it).
+Before every iteration the group places as many learners as the cluster can hold within
+`learners.min` and `learners.max` (`scale`): a cluster that grew gets more, one that shrank
+fewer. A learner whose process dies mid-iteration is replaced in its placement group and rerun
+from the iteration's init with the same seed, up to `resources.learner_retries` times; past
+that it is dropped and the survivors are merged, if there are at least `learners.min` of them.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from typing import Callable
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from warp_ray.config import WarpConfig
-from warp_ray.learner.learner import Learner
+from warp_ray.learner.learner import Learner, bundles
 
 log = logging.getLogger(__name__)
 RemoteLearner = ray.remote(num_cpus=0)(Learner)  # the learner's ranks and engines hold the resources
 LEARNER_DIED = (ActorDiedError, ActorUnavailableError, RayActorError)
+MakeLearner = Callable[[int, PlacementGroup], ray.actor.ActorHandle]
 
 
 def run_seed(seed: int, iteration: int, m: int) -> int:
@@ -30,33 +35,70 @@ def run_seed(seed: int, iteration: int, m: int) -> int:
 
 
 class LearnerGroup:
-    def __init__(self, config: WarpConfig, make_learner: Callable[[int], ray.actor.ActorHandle], log_dir: Path):
+    def __init__(self, config: WarpConfig, make_learner: MakeLearner, log_dir: Path):
         self.config, self.make_learner, self.log_dir = config, make_learner, log_dir
-        self.learners = [make_learner(m) for m in range(config.warp.M)]
-        self.restarts: list[dict] = []  # what died and was rerun, for the manifest
+        self.slots: list[tuple[ray.actor.ActorHandle, PlacementGroup]] = []
+        self.restarts: list[dict] = []  # what died, and what was done, for the manifests
+
+    @property
+    def learners(self) -> list[ray.actor.ActorHandle]:
+        return [learner for learner, _ in self.slots]
+
+    def scale(self) -> int:
+        """Place learners until `learners.max`, or until the cluster cannot hold one more within
+        `learners.place_timeout_s`; fail if fewer than `learners.min` fit. Returns how many."""
+        low, high = self.config.learner_bounds()
+        while len(self.slots) < high:
+            group = placement_group(bundles(self.config), strategy="PACK")
+            if not group.wait(self.config.learners.place_timeout_s):
+                remove_placement_group(group)
+                break
+            self.slots.append((self.make_learner(len(self.slots), group), group))
+        if len(self.slots) < low:
+            raise RuntimeError(f"the cluster placed {len(self.slots)} learner(s) of {bundles(self.config)} each within "
+                               f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}")
+        return len(self.slots)
 
     def train(self, init: ray.ObjectRef, iteration: int) -> tuple[list[dict], list[list[dict]]]:
-        """The M policies trained for T steps from `init`, and their metric histories."""
-        runs = {m: self._run(m, init, iteration) for m in range(len(self.learners))}
-        results, failures = {}, {m: 0 for m in runs}
+        """The policies trained for T steps from `init` by the placed learners, and their metric histories."""
+        runs = {m: self._run(m, init, iteration) for m in range(len(self.slots))}
+        results, failures = {}, dict.fromkeys(runs, 0)
         while runs:
             m, refs = next(iter(runs.items()))
+            del runs[m]
             try:
                 results[m] = ray.get(list(refs))
-                del runs[m]
+                continue
             except LEARNER_DIED as e:
                 failures[m] += 1
-                if failures[m] > self.config.resources.learner_retries:
-                    raise RuntimeError(f"learner {m} died {failures[m]} times in iteration {iteration}; the last: {e}") from e
-                log.warning("learner %d died in iteration %d (%s); rerunning it from the iteration's init", m, iteration, type(e).__name__)
-                self.restarts.append({"iteration": iteration, "policy": m, "error": type(e).__name__})
-                self.learners[m] = self.make_learner(m)
+                retry = failures[m] <= self.config.resources.learner_retries
+                log.warning("learner %d died in iteration %d (%s); %s", m, iteration, type(e).__name__,
+                            "rerunning it from the iteration's init" if retry else "going on without it")
+                self.restarts.append({"iteration": iteration, "policy": m, "error": type(e).__name__, "rerun": retry})
+            if retry:
+                self.slots[m] = (self.make_learner(m, self.slots[m][1]), self.slots[m][1])
                 runs[m] = self._run(m, init, iteration)
+        low = self.config.learner_bounds()[0]
+        if len(results) < low:
+            raise RuntimeError(f"{len(results)} learner(s) finished iteration {iteration}, fewer than learners.min = {low}")
+        self._drop(set(range(len(self.slots))) - set(results))
         return [results[m][0] for m in sorted(results)], [results[m][1] for m in sorted(results)]
 
     def _run(self, m: int, init: ray.ObjectRef, iteration: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         """Queue one RL run on learner m (an actor runs its calls in order): start, T steps, read the policy."""
-        learner, log_dir = self.learners[m], self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
+        learner, log_dir = self.slots[m][0], self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
         learner.set_weights.remote([init], run_seed(self.config.warp.seed, iteration, m))  # [ref]: passed on, not fetched
         history = learner.run.remote(self.config.warp.T, log_dir, desc=f"iteration {iteration} policy {m}")
         return learner.get_weights.remote(), history
+
+    def _drop(self, dead: set[int]) -> None:
+        for m in dead:
+            remove_placement_group(self.slots[m][1])
+        self.slots = [slot for m, slot in enumerate(self.slots) if m not in dead]
+
+    def close(self) -> None:
+        """End every learner and free its placement group."""
+        for learner, group in self.slots:
+            ray.kill(learner)
+            remove_placement_group(group)
+        self.slots = []

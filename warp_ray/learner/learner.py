@@ -19,6 +19,8 @@ from typing import Mapping, Optional, Sequence
 
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -32,25 +34,49 @@ from warp_ray.rollout.worker import RolloutWorker, sample
 log = logging.getLogger(__name__)
 
 
+def bundles(config: WarpConfig) -> list[dict[str, float]]:
+    """A learner's placement-group bundles: one per DeepSpeed rank, then one per vLLM engine."""
+    r = config.resources
+    rank = {"CPU": r.cpus_per_rank, "GPU": r.gpus_per_rank}
+    engine = {"CPU": r.cpus_per_rollout_worker, "GPU": r.gpus_per_rollout_worker}
+    return [{k: v for k, v in b.items() if v} for b in [rank] * r.ranks_per_learner + [engine] * r.rollout_workers_per_learner]
+
+
+def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
+    """Actor options for bundle k: its resources inside the placement group, or, without one,
+    the configured GPUs only (with no resource named, a Ray actor holds no CPU while it runs)."""
+    def options(k: int) -> dict:
+        bundle = bundles(config)[k]
+        if group is None:
+            return {"num_gpus": bundle["GPU"]} if "GPU" in bundle else {}
+        return {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k)}
+    return options
+
+
 class Learner:
     def __init__(self, config: WarpConfig, sft: str | Path, prompts: Sequence[str], reward_server, seed: int,
-                 evaluator: Optional[Evaluator] = None):
+                 evaluator: Optional[Evaluator] = None, placement_group: Optional[PlacementGroup] = None):
+        """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i."""
         warp, resources = config.warp, config.resources
-        K = resources.ranks_per_learner
-        if warp.batch_size % K:
-            raise ValueError(f"warp.batch_size = {warp.batch_size} must be a multiple of resources.ranks_per_learner = {K}")
+        K = resources.ranks_per_learner  # the config checked that K divides the batch
         self.config, self.prompts, self.reward_server, self.evaluator = config, list(prompts), reward_server, evaluator
         self.tokenizer = AutoTokenizer.from_pretrained(sft)
         self.zero3 = resources.zero_stage == 3
         micro_batch = warp.batch_size // K * warp.samples_per_prompt
-        self.ranks = [LearnerRank.remote(rank, K, config, micro_batch) for rank in range(K)]
+        placed = _placement(config, placement_group)
+        self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, config, micro_batch) for k in range(K)]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
         dtype = "bfloat16" if resources.precision == "bf16" else "float32"
-        self.rollouts = [RolloutWorker.remote(str(sft), max_model_len=self.tokenizer.model_max_length, seed=seed + i, dtype=dtype)
+        self.rollouts = [RolloutWorker.options(**placed(K + i)).remote(str(sft), max_model_len=self.tokenizer.model_max_length,
+                                                                      seed=seed + i, dtype=dtype)
                          for i in range(resources.rollout_workers_per_learner)]
-        self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and torch.cuda.is_available())
+        # This actor holds no GPU itself: the engines' resources tell where they run.
+        gpu = resources.gpus_per_rollout_worker > 0
+        self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and gpu)
         self.weight_specs = None  # of the broadcast group, joined at the first sync
+        self.tied = None  # tied weight names, read from rank 0 when first needed
         self.set_weights(None, seed)
 
     def _join_weight_group(self) -> None:
@@ -80,10 +106,10 @@ class Learner:
         """The KL anchor (the EMA, or the SFT), whole, in float32."""
         return ray.get(self._gathered("anchor_state_dict"))[0]
 
-    def _gathered(self, method: str) -> list[ray.ObjectRef]:
+    def _gathered(self, method: str, *args) -> list[ray.ObjectRef]:
         """Call a rank method that reads whole weights: rank 0's result first. Under ZeRO-3 every
         rank must take part in the gathers (one rank alone would wait for the others forever)."""
-        return [getattr(rank, method).remote() for rank in (self.ranks if self.zero3 else self.ranks[:1])]
+        return [getattr(rank, method).remote(*args) for rank in (self.ranks if self.zero3 else self.ranks[:1])]
 
     def sync(self) -> float:
         """Push the policy to every rollout engine; returns the seconds it took."""
@@ -94,7 +120,7 @@ class Learner:
             receiving = [r.receive_weights.remote(self.weight_specs) for r in self.rollouts]
             ray.get([rank.broadcast_weights.remote() for rank in self.ranks] + receiving)
         else:
-            weights = self._gathered("policy_state_dict")
+            weights = self._gathered("policy_state_dict", True)
             ray.get([r.update_weights.remote(weights[0]) for r in self.rollouts] + weights[1:])
         self.synced_at = self.steps
         return time.perf_counter() - start
@@ -156,7 +182,10 @@ class Learner:
     def evaluate_weights(self, weights: Mapping[str, torch.Tensor] | list[ray.ObjectRef]) -> dict[str, float]:
         """Held-out evaluation of other weights (a point of the LITI front) on this learner's
         engines, between runs; the next `set_weights` puts a policy back in them."""
-        weights = weights[0] if isinstance(weights, list) else weights
+        weights = ray.get(weights[0]) if isinstance(weights, list) else weights
+        if self.tied is None:
+            self.tied = ray.get(self.ranks[0].tied_weights.remote())
+        weights = {**weights, **{name: weights[saved].clone() for name, saved in self.tied.items()}}  # every name, for the engines
         ray.get([r.update_weights.remote(weights) for r in self.rollouts])
         self.synced_at = None  # the engines no longer hold the policy
         return self.evaluator(self.rollouts)

@@ -145,32 +145,39 @@ class LearnerRank:
             completions.append(out[0, len(ids):].tolist())
         return completions
 
-    def _full_tensors(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, whole tensor) of every weight, tied ones once, under the name a saved checkpoint
-        keeps. Under ZeRO-3 each is gathered in turn (a collective) and valid until the next one."""
+    def _full_tensors(self, module: nn.Module, tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole tensor) of every weight; tied ones once, under the name a saved checkpoint
+        keeps, or (`tied`) under each of their names, as vLLM's in-place reload needs them (it
+        re-processes only the layers whose weights it is given). Under ZeRO-3 each tensor is
+        gathered in turn (a collective) and valid until the next one."""
         import deepspeed
 
-        for name, p in module.named_parameters():
+        for name, p in module.named_parameters(remove_duplicate=not tied):
             with deepspeed.zero.GatheredParameters([p]) if self.zero3 else nullcontext():
                 yield name, p.data
 
-    def _state_dict(self, module: nn.Module) -> Optional[dict[str, torch.Tensor]]:
-        state = {name: t.detach().float().clone() for name, t in self._full_tensors(module)}
+    def _state_dict(self, module: nn.Module, tied: bool) -> Optional[dict[str, torch.Tensor]]:
+        state = {name: t.detach().float().clone() for name, t in self._full_tensors(module, tied)}
         return state if self.rank == 0 or not self.zero3 else None
 
-    def policy_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """The whole policy in float32. Under ZeRO-3 every rank must call it (it gathers) and
-        only rank 0 returns it, the others None, so that one copy enters the object store."""
-        return self._state_dict(self.engine.module)
+    def policy_state_dict(self, tied: bool = False) -> Optional[dict[str, torch.Tensor]]:
+        """The whole policy in float32 (`tied`: tied weights under each name, for the engines).
+        Under ZeRO-3 every rank must call it (it gathers) and only rank 0 returns it, the others
+        None, so that one copy enters the object store."""
+        return self._state_dict(self.engine.module, tied)
 
     def anchor_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """The whole anchor in float32, as `policy_state_dict`."""
-        return self._state_dict(self.anchor.module if self.zero3 else self.anchor)
+        return self._state_dict(self.anchor.module if self.zero3 else self.anchor, tied=False)
+
+    def tied_weights(self) -> dict[str, str]:
+        """Tied weight names, each with the name a saved checkpoint keeps it under."""
+        return dict(self.engine.module.all_tied_weights_keys)
 
     def weight_specs(self) -> WeightSpecs:
         """(name, dtype, shape) of what `broadcast_weights` sends, in its order."""
         return [(name, str(p.dtype).removeprefix("torch."), list(p.ds_shape if self.zero3 else p.shape))
-                for name, p in self.engine.module.named_parameters()]
+                for name, p in self.engine.module.named_parameters(remove_duplicate=False)]
 
     def join_weight_group(self, address: str, port: int, world_size: int) -> None:
         """Rank 0 only: become rank 0 of the broadcast group with the rollout engines."""
@@ -179,6 +186,6 @@ class LearnerRank:
     def broadcast_weights(self) -> None:
         """Send the policy to the rollout engines, tensor by tensor, in its training dtype.
         Under ZeRO-3 every rank must call it (each tensor is gathered); rank 0 sends."""
-        for _, tensor in self._full_tensors(self.engine.module):
+        for _, tensor in self._full_tensors(self.engine.module, tied=True):
             if self.rank == 0:
                 weight_group.broadcast_(self.weight_group, tensor.detach().contiguous())
