@@ -107,8 +107,9 @@ class Learner:
         return ray.get(self._gathered("anchor_state_dict"))[0]
 
     def _gathered(self, method: str, *args) -> list[ray.ObjectRef]:
-        """Call a rank method that reads whole weights: rank 0's result first. Under ZeRO-3 every
-        rank must take part in the gathers (one rank alone would wait for the others forever)."""
+        """Call a rank method that reads whole weights (a state dict, a forward pass): rank 0's
+        result first. Under ZeRO-3 every rank must take part in the gathers (one rank alone would
+        wait for the others forever)."""
         return [getattr(rank, method).remote(*args) for rank in (self.ranks if self.zero3 else self.ranks[:1])]
 
     def sync(self) -> float:
@@ -130,7 +131,7 @@ class Learner:
         match. Exact in float32; in bf16 the two sides' kernels may round differently, so a
         mismatch is only reported."""
         ids = [self.tokenizer(p).input_ids for p in prompts]
-        policy = ray.get([rank.greedy.remote(ids, tokens) for rank in (self.ranks if self.zero3 else self.ranks[:1])])[0]
+        policy = ray.get(self._gathered("greedy", ids, tokens))[0]
         for i, rollout in enumerate(self.rollouts):
             engine = [c[0]["token_ids"] for c in ray.get(rollout.generate.remote(prompts, 1, 0.0, tokens))]
             if engine != policy:
