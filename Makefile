@@ -32,3 +32,4 @@ bench:
 	$(PY) bench/merge.py
 	$(PY) bench/reward_server.py
 	$(PY) bench/learner.py
+	$(PY) bench/coordinator_memory.py

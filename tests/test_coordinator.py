@@ -86,6 +86,7 @@ def run_and_resume(coordinator: Coordinator, tmp_path, sft) -> None:
         folder = tmp_path / f"iteration_{i}"
         assert {p.name for p in folder.iterdir()} == {"model", "manifest.json", "front.json", "front.png", "trajectories.json", "report.md"}
         assert AutoModelForCausalLM.from_pretrained(folder / "model") is not None  # a Hugging Face folder
+        assert len(json.loads((folder / "model" / "model.safetensors.index.json").read_text())["weight_map"]) > 0  # in 2 shards
     assert (tmp_path / "report.md").read_text().count("## Iteration") == 2
     manifest = json.loads((tmp_path / "iteration_0" / "manifest.json").read_text())
     assert manifest["restarts"] == [{"iteration": 0, "policy": 1, "error": manifest["restarts"][0]["error"], "rerun": True}]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +21,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def warm_run(tiny_task, ray_cluster, tmp_path_factory):
     params = WarmParams(M=2, learning_rates=[1e-4, 3e-4], dropouts=[0.1], steps=150, batch_size=16, linear_probe_steps=200)
-    splits = preference_splits(tiny_task / "preferences")
     out = tmp_path_factory.mktemp("warm")
-    folders = train_warm(params, tiny_task / "sft", splits, out)
-    return params, splits, out, folders
+    # Relative paths, as a config's `runs/...` gives them: Ray Tune runs trials in folders of its own.
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        task = Path(os.path.relpath(tiny_task, out.parent))
+        folders = train_warm(params, task / "sft", preference_splits(task / "preferences"), Path(out.name))
+    finally:
+        os.chdir(cwd)
+    return params, preference_splits(tiny_task / "preferences"), out, [out / f.name for f in folders]
 
 
 def test_tune_trials_fine_tune_diverse_rms_from_one_probed_start(warm_run):

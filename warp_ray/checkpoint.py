@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -127,21 +127,30 @@ def copy_non_weight_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def save_model(state: Mapping[str, Tensor], like: Path, folder: Path) -> None:
+def save_model(shards: Iterable[Mapping[str, Tensor]], like: Path, folder: Path, count: int = 1) -> None:
     """Make `folder` (an existing one, such as `atomic_dir`'s) a Hugging Face model folder: the
-    weights of `state` in one safetensors file, config and tokenizer from the folder `like`."""
+    weights, given as `count` dicts (shards, taken one at a time from an iterator, so that one is
+    in memory at once), in model.safetensors, or for several in model-0000k-of-0000n.safetensors
+    with their index; config and tokenizer from the folder `like`."""
     copy_non_weight_files(like, folder)
-    (folder / INDEX_FILE).unlink(missing_ok=True)  # `like` may be sharded; this copy is one file
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    (folder / INDEX_FILE).unlink(missing_ok=True)  # `like`'s layout may differ from this one
+    files = [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+    weight_map, total_size = {}, 0
+    for file, shard in zip(files, shards, strict=True):
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        total_size += sum(t.numel() * t.element_size() for t in shard.values())
+    if count > 1:
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
 
 
-def load_model_weights(folder: str | Path) -> dict[str, Tensor]:
-    """All weights of a Hugging Face folder (one file or shards), from safetensors only."""
+def load_model_weights(folder: str | Path, names: Optional[Collection[str]] = None) -> dict[str, Tensor]:
+    """The weights of a Hugging Face folder (one file or shards), all or those `names`, from safetensors only."""
     folder = check_model_folder(folder)
     weights = {}
     for file in weight_files(folder):
         with open_safetensors(folder / file) as f:
-            weights.update({name: f.get_tensor(name) for name in f.keys()})
+            weights.update({name: f.get_tensor(name) for name in f.keys() if names is None or name in names})
     return weights
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from torch import Tensor
 
-from warp_ray.checkpoint import atomic_dir, load_model_weights, save_model
+from warp_ray.checkpoint import atomic_dir, save_model
 from warp_ray.config import WarpConfig
 from warp_ray.errors import ConfigError
 
@@ -24,12 +24,13 @@ def iteration_dir(out: Path, iteration: int) -> Path:
     return out / f"iteration_{iteration}"
 
 
-def save_iteration(out: Path, iteration: int, init: Mapping[str, Tensor], like: Path, manifest: dict,
-                   extras: Callable[[Path], None]) -> Path:
-    """The next init and the manifest, plus what `extras(folder)` writes there, atomically."""
+def save_iteration(out: Path, iteration: int, init: Iterable[Mapping[str, Tensor]], shards: int, like: Path,
+                   manifest: dict, extras: Callable[[Path], None]) -> Path:
+    """The next init (its `shards` dicts, one at a time) and the manifest, plus what `extras(folder)`
+    writes there, atomically."""
     with atomic_dir(iteration_dir(out, iteration), overwrite=True) as tmp:
         (tmp / "model").mkdir()
-        save_model(init, like, tmp / "model")
+        save_model(init, like, tmp / "model", shards)
         extras(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return iteration_dir(out, iteration)
@@ -40,8 +41,8 @@ def last_complete(out: Path) -> Optional[int]:
     return max((int(m.group(1)) for m in names if m), default=None)
 
 
-def resume_from(out: Path, iteration: int, config: WarpConfig) -> dict[str, Tensor]:
-    """The init that iteration `iteration` wrote, after checking that the run's settings are the
+def resume_from(out: Path, iteration: int, config: WarpConfig) -> Path:
+    """The model folder of the init that iteration `iteration` wrote, after checking that the run's settings are the
     same (only the number of iterations may grow): another config would not continue this run."""
     folder = iteration_dir(out, iteration)
     saved = json.loads((folder / MANIFEST).read_text())["config"]["warp"]
@@ -50,4 +51,4 @@ def resume_from(out: Path, iteration: int, config: WarpConfig) -> dict[str, Tens
     if changed:
         raise ConfigError(f"cannot resume {out}: warp.{changed[0]} was {saved.get(changed[0])!r} in that run and is now "
                           f"{current[changed[0]]!r} ({len(changed)} setting(s) differ; only warp.I may change on resume)")
-    return load_model_weights(folder / "model")
+    return folder / "model"

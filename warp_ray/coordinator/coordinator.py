@@ -8,9 +8,11 @@
     return theta_init
 
 `Coordinator.run` is that loop. Ray stays in the helpers: the learners are actors kept across
-iterations (warp_ray/coordinator/learners.py), the init reaches them through the object store
-(one copy per node), the merges are warp_ray.merge's pure functions, and every iteration ends
-with its LITI front evaluated and a checkpoint written atomically.
+iterations (warp_ray/coordinator/learners.py); every model is sharded in the object store
+(warp_ray/shards.py), so the init reaches the learners with one copy per node and the merges
+run beside the learners with only Gram matrices meeting here
+(warp_ray/coordinator/distributed_merge.py, on warp_ray.merge's pure functions); every
+iteration ends with its LITI front evaluated and a checkpoint written atomically.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
+from warp_ray.coordinator import distributed_merge
 from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resume_from, save_iteration
-from warp_ray.coordinator.front import liti_front, plot_front, report
+from warp_ray.coordinator.front import plot_front, report
 from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
 from warp_ray.data import read_prompts
 from warp_ray.evaluation import Evaluator, ReferencePolicy
-from warp_ray.merge import liti, slerp
 from warp_ray.reward.server import RewardServer
+from warp_ray.shards import Shards, partition, put_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +56,20 @@ class Laps(dict):
 class Coordinator:
     def __init__(self, config: WarpConfig, sft: Path, prompts: Path, reward: tuple[str, list[str]], control: bool):
         """`reward`: the proxy reward server's (kind, folders); `control`: evaluate the gold reward too."""
-        self.config, self.sft, self.out = config, Path(sft), Path(config.paths.output_dir)
-        self.sft_weights = load_model_weights(sft)
+        self.config, self.sft_folder, self.out = config, Path(sft), Path(config.paths.output_dir)
+        self.names = partition(self.sft_folder, config.learner_bounds()[1])  # a shard per learner: the merge's unit of work
+        self.sft = put_folder(self.sft_folder, self.names)
         self.reward_server = RewardServer.remote(*reward, params=config.reward_server)
         control_server = RewardServer.remote("gold") if control else None
         evaluator = Evaluator(config, read_prompts(Path(prompts) / "held_out.jsonl"), self.reward_server,
                               ReferencePolicy.remote(str(sft)), control_server)
         train_prompts = read_prompts(Path(prompts) / "train.jsonl")
-        self.learners = LearnerGroup(config, lambda m, group: RemoteLearner.options(name=f"warp-learner-{m}").remote(
-            config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group), self.out / "logs")
+
+        def make_learner(m: int, group: PlacementGroup):  # in its group, on its node: the policy's shards stay there
+            return RemoteLearner.options(name=f"warp-learner-{m}", scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(
+                config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group)
+
+        self.learners = LearnerGroup(config, make_learner, self.out / "logs")
 
     def run(self, resume: bool = False) -> Path:
         """Algorithm 1; returns the folder of the last iteration (its model/ is the final policy)."""
@@ -69,14 +78,14 @@ class Coordinator:
         for i in range(start, warp.I):
             log.info("iteration %d: %d learners", i, self.learners.scale())  # as many as the cluster holds, within bounds
             laps = Laps()
-            init_ref = ray.put(init)                                          # broadcast: one copy per node
-            laps("broadcast")
-            policies, trajectories = self.learners.train(init_ref, i)         # M RL runs from init, each with its EMA anchor
+            policies, trajectories = self.learners.train(init, i, self.names)  # M RL runs from init, each with its EMA anchor
             laps("train")
-            merged = slerp(init, policies, warp.slerp_weights())              # SLERP of the M task vectors, per tensor
-            next_init = liti(init, merged, warp.eta)                          # LITI towards the init
+            hosts = self.learners.learners                                     # the merge runs on the survivors, by shard
+            merged = distributed_merge.slerp(init, policies, warp.slerp_weights(), hosts)  # SLERP of the M task vectors, per tensor
+            next_init = distributed_merge.liti(init, merged, warp.eta, hosts)              # LITI towards the init
+            ray.wait(next_init, num_returns=len(next_init), fetch_local=False)
             laps("merge")
-            front = self.front({"init": init, "sft": self.sft_weights}, merged)
+            front = self.front({"init": init, "sft": self.sft}, merged)
             laps("front")
             init = next_init
             self.save(i, init, front, trajectories, laps)
@@ -86,21 +95,21 @@ class Coordinator:
         """Free the learners' placement groups (the learners and their engines end with them)."""
         self.learners.close()
 
-    def starting_point(self, resume: bool) -> tuple[int, dict]:
+    def starting_point(self, resume: bool) -> tuple[int, Shards]:
         done = last_complete(self.out) if resume else None
         if done is None:
-            return 0, self.sft_weights
+            return 0, self.sft
         log.info("resuming after iteration %d of %s", done, self.out)
-        return done + 1, resume_from(self.out, done, self.config)
+        return done + 1, put_folder(resume_from(self.out, done, self.config), self.names)
 
-    def front(self, bases: dict, merged: dict) -> list[dict]:
+    def front(self, bases: dict[str, Shards], merged: Shards) -> list[dict]:
         """The LITI front on held-out prompts, evaluated on the learners' engines, a point each at a time."""
         evaluation, learners = self.config.evaluation, self.learners.learners
-        points = liti_front({towards: bases[towards] for towards in evaluation.front_towards}, merged, evaluation.front_etas)
+        points = iter([{"towards": towards, "eta": eta} for towards in evaluation.front_towards for eta in evaluation.front_etas])
         front = []
         for wave in iter(lambda: list(itertools.islice(points, len(learners))), []):
-            metrics = ray.get([learner.evaluate_weights.remote([ray.put(weights)]) for learner, (_, weights) in zip(learners, wave)])
-            front += [{**point, **m} for (point, _), m in zip(wave, metrics)]
+            weights = [distributed_merge.liti(bases[p["towards"]], merged, p["eta"], learners) for p in wave]
+            front += [{**p, **m} for p, m in zip(wave, ray.get([l.evaluate_weights.remote(w) for l, w in zip(learners, weights)]))]
         return front
 
     def save(self, i: int, init: dict, front: list[dict], trajectories: list[list[dict]], seconds: Laps) -> None:
@@ -116,7 +125,7 @@ class Coordinator:
                     "seeds": [run_seed(warp.seed, i, m) for m in range(len(trajectories))],
                     "final_metrics": [history[-1] for history in trajectories], "restarts": self.learners.restarts,
                     "seconds": seconds}
-        folder = save_iteration(self.out, i, init, self.sft, manifest, extras)
+        folder = save_iteration(self.out, i, (ray.get(shard) for shard in init), len(init), self.sft_folder, manifest, extras)
         reports = [iteration_dir(self.out, k) / "report.md" for k in range(i + 1)]
         (self.out / "report.md").write_text("# WARP run\n\n" + "\n".join(r.read_text() for r in reports if r.is_file()))
         log.info("iteration %d written to %s", i, folder)

@@ -4,25 +4,12 @@ held-out prompts, drawn with the learners' training trajectories on the same (KL
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from warp_ray.merge import liti  # noqa: E402
-
-StateDict = Mapping[str, Tensor]
-
-
-def liti_front(bases: Mapping[str, StateDict], merged: StateDict, etas: Sequence[float]) -> Iterator[tuple[dict, StateDict]]:
-    """The front's points, one at a time: ({"towards", "eta"}, (1 - eta) * base + eta * slerp)."""
-    for towards, base in bases.items():
-        for eta in etas:
-            yield {"towards": towards, "eta": eta}, liti(base, merged, eta)
-
 
 def plot_front(front: Sequence[dict], trajectories: Sequence[Sequence[dict]], path: Path, title: str) -> None:
     """Reward against KL to the SFT: one line per front base, one per learner's evaluations, and

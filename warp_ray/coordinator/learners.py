@@ -22,6 +22,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from warp_ray.config import WarpConfig
 from warp_ray.learner.learner import Learner, bundles
+from warp_ray.shards import Shards
 
 log = logging.getLogger(__name__)
 RemoteLearner = ray.remote(num_cpus=0)(Learner)  # the learner's ranks and engines hold the resources
@@ -59,40 +60,49 @@ class LearnerGroup:
                                f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}")
         return len(self.slots)
 
-    def train(self, init: ray.ObjectRef, iteration: int) -> tuple[list[dict], list[list[dict]]]:
-        """The policies trained for T steps from `init` by the placed learners, and their metric histories."""
-        runs = {m: self._run(m, init, iteration) for m in range(len(self.slots))}
+    def train(self, init: Shards, iteration: int, names: list[list[str]]) -> tuple[list[Shards], list[list[dict]]]:
+        """The policies trained for T steps from `init` by the placed learners, each left in the
+        object store on its learner's node cut along `names`, and their metric histories."""
+        runs = {m: self._run(m, init, iteration, names) for m in range(len(self.slots))}
         results, failures = {}, dict.fromkeys(runs, 0)
         while runs:
-            m, refs = next(iter(runs.items()))
-            del runs[m]
+            done, _ = ray.wait([policy for policy, _ in runs.values()], num_returns=1)  # the first to end, or die
+            m = next(m for m, (policy, _) in runs.items() if policy == done[0])
             try:
-                results[m] = ray.get(list(refs))
+                results[m] = ray.get(list(runs.pop(m)))
                 continue
             except LEARNER_DIED as e:
                 failures[m] += 1
-                retry = failures[m] <= self.config.resources.learner_retries
-                log.warning("learner %d died in iteration %d (%s); %s", m, iteration, type(e).__name__,
-                            "rerunning it from the iteration's init" if retry else "going on without it")
-                self.restarts.append({"iteration": iteration, "policy": m, "error": type(e).__name__, "rerun": retry})
+                error = type(e).__name__
+            group = self.slots[m][1]
+            # A learner lost with its node waits for Ray to place its group again, elsewhere: not forever.
+            placed = group.wait(self.config.learners.place_timeout_s)
+            retry = failures[m] <= self.config.resources.learner_retries and placed
+            log.warning("learner %d died in iteration %d (%s); %s", m, iteration, error,
+                        "rerunning it from the iteration's init" if retry else
+                        "going on without it" + ("" if placed else f": its placement group was not placed again within "
+                                                                  f"{self.config.learners.place_timeout_s:g} s"))
+            self.restarts.append({"iteration": iteration, "policy": m, "error": error, "rerun": retry})
             if retry:
-                self.slots[m] = (self.make_learner(m, self.slots[m][1]), self.slots[m][1])
-                runs[m] = self._run(m, init, iteration)
+                ray.kill(self.slots[m][0])  # if only its ranks died, the learner itself is still there
+                self.slots[m] = (self.make_learner(m, group), group)
+                runs[m] = self._run(m, init, iteration, names)
         low = self.config.learner_bounds()[0]
         if len(results) < low:
             raise RuntimeError(f"{len(results)} learner(s) finished iteration {iteration}, fewer than learners.min = {low}")
         self._drop(set(range(len(self.slots))) - set(results))
         return [results[m][0] for m in sorted(results)], [results[m][1] for m in sorted(results)]
 
-    def _run(self, m: int, init: ray.ObjectRef, iteration: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        """Queue one RL run on learner m (an actor runs its calls in order): start, T steps, read the policy."""
+    def _run(self, m: int, init: Shards, iteration: int, names: list[list[str]]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        """Queue one RL run on learner m (an actor runs its calls in order): start, T steps, shard the policy."""
         learner, log_dir = self.slots[m][0], self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
-        learner.set_weights.remote([init], run_seed(self.config.warp.seed, iteration, m))  # [ref]: passed on, not fetched
+        learner.set_weights.remote(init, run_seed(self.config.warp.seed, iteration, m))  # references in a list: passed on, not fetched
         history = learner.run.remote(self.config.warp.T, log_dir, desc=f"iteration {iteration} policy {m}")
-        return learner.get_weights.remote(), history
+        return learner.put_weights.remote(names), history
 
     def _drop(self, dead: set[int]) -> None:
         for m in dead:
+            ray.kill(self.slots[m][0])
             remove_placement_group(self.slots[m][1])
         self.slots = [slot for m, slot in enumerate(self.slots) if m not in dead]
 

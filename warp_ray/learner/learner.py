@@ -5,7 +5,8 @@ the rollout workers, score them on the reward server, update the policy on the K
 (each on whole prompts' groups of samples, so the leave-one-out baseline stays within a
 prompt), then, every `resources.sync_every` steps, push the new weights to the rollout
 workers. The coordinator starts each WARP iteration with `set_weights(init, seed)` and
-reads the result with `get_weights()`; processes and engines live across iterations.
+reads the result, sharded for its merge, with `put_weights(names)`; processes and engines
+live across iterations.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import ray
 import torch
@@ -30,6 +31,7 @@ from warp_ray.evaluation import Evaluator
 from warp_ray.learner.rank import LearnerRank
 from warp_ray.learner.reinforce import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
+from warp_ray.shards import Shards, join, split
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +88,14 @@ class Learner:
                 + [r.join_weight_group.remote(address, port, 1 + i, size) for i, r in enumerate(self.rollouts)])
         self.weight_specs = ray.get(self.ranks[0].weight_specs.remote())
 
-    def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | list[ray.ObjectRef]], seed: int) -> None:
+    def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | Shards], seed: int) -> None:
         """Start a new RL run from `init` (None: the SFT), as Algorithm 1 does every iteration:
         fresh optimizer state and warm-up, the EMA anchor reset to `init`, the prompt order and
         sampling seeds of `seed`, the rollout engines synced and checked. The ranks read the
-        weights from the object store (one copy per node): pass `[ref]` to hand over a reference
-        without this actor fetching it (Ray resolves only top-level references); a dict is put there."""
-        init = init[0] if isinstance(init, list) else ray.put(init) if isinstance(init, Mapping) else init
-        ray.get([rank.start.remote(init, seed) for rank in self.ranks])
+        init's shards from the object store (one copy per node; this actor never fetches them);
+        a dict is put there first."""
+        shards = [ray.put(init)] if isinstance(init, Mapping) else init or []
+        ray.get([rank.start.remote(seed, *shards) for rank in self.ranks])
         self.order, self.steps = random.Random(seed), 0
         self.sync()
         self.check_engine_agrees(self.prompts[:4])
@@ -101,6 +103,15 @@ class Learner:
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The policy, whole, in float32: a state dict that safetensors can save as it is."""
         return ray.get(self._gathered("policy_state_dict"))[0]
+
+    def put_weights(self, names: Sequence[Sequence[str]]) -> Shards:
+        """The policy into the object store (on this node), cut along the run's partition, for the merge."""
+        return [ray.put(shard) for shard in split(self.get_weights(), names)]
+
+    def apply(self, fn: Callable, *args):
+        """fn(*args) in this process, beside this learner's weights: the coordinator's merge work on
+        a shard (warp_ray/coordinator/distributed_merge.py), between runs."""
+        return fn(*args)
 
     def get_anchor_weights(self) -> dict[str, torch.Tensor]:
         """The KL anchor (the EMA, or the SFT), whole, in float32."""
@@ -180,10 +191,10 @@ class Learner:
         for actor in self.ranks + self.rollouts:
             ray.kill(actor)
 
-    def evaluate_weights(self, weights: Mapping[str, torch.Tensor] | list[ray.ObjectRef]) -> dict[str, float]:
+    def evaluate_weights(self, weights: Shards) -> dict[str, float]:
         """Held-out evaluation of other weights (a point of the LITI front) on this learner's
         engines, between runs; the next `set_weights` puts a policy back in them."""
-        weights = ray.get(weights[0]) if isinstance(weights, list) else weights
+        weights = join(ray.get(weights))
         if self.tied is None:
             self.tied = ray.get(self.ranks[0].tied_weights.remote())
         weights = {**weights, **{name: weights[saved].clone() for name, saved in self.tied.items()}}  # every name, for the engines

@@ -25,6 +25,7 @@ from warp_ray.config import WarpConfig
 from warp_ray.learner.reinforce import reinforce_loss, token_logprobs
 from warp_ray.merge import ema_update_
 from warp_ray.rollout import weight_group
+from warp_ray.shards import join
 
 WeightSpecs = list[tuple[str, str, list[int]]]
 
@@ -74,14 +75,16 @@ class LearnerRank:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.sft, self.engine = str(sft), None
 
-    def start(self, init: Optional[Mapping[str, torch.Tensor]], seed: int) -> None:
-        """A new RL run from `init` (None: the SFT policy): fresh optimizer state and warm-up,
-        and the anchor reset to the init (EMA) or to the SFT; every rank calls it at once."""
+    def start(self, seed: int, *init: Mapping[str, torch.Tensor]) -> None:
+        """A new RL run from the init, given as shards (none: the SFT policy): fresh optimizer
+        state and warm-up, and the anchor reset to the init (EMA) or to the SFT; every rank calls
+        it at once."""
         import deepspeed
 
         if self.engine is not None:
             self.engine.destroy()
         torch.manual_seed(seed)
+        init = join(init) if init else None
         policy = self._load(init)
         anchor = self._load(init if self.config.warp.anchor == "ema" else None).eval().requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),

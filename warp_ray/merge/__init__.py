@@ -8,5 +8,6 @@ applies the same functions to Hugging Face model folders, streaming tensor by te
 from warp_ray.merge.ema import ema_update_
 from warp_ray.merge.linear import average, liti
 from warp_ray.merge.slerp import slerp, slerp_coefficients
+from warp_ray.merge.state_dict import combine_task_vectors, task_vector_grams
 
-__all__ = ["average", "ema_update_", "liti", "slerp", "slerp_coefficients"]
+__all__ = ["average", "combine_task_vectors", "ema_update_", "liti", "slerp", "slerp_coefficients", "task_vector_grams"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from warp_ray.errors import MergeError
-from warp_ray.merge.state_dict import Merge, StateDict, merge_state_dicts, model_names
+from warp_ray.merge.state_dict import Merge, StateDict, given, merge_state_dicts, model_names
 
 
 def normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -26,21 +25,17 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
     return [w / total for w in weights]
 
 
-def _fixed(read, spans, c: Tensor) -> Tensor:
-    return c
-
-
 def average_merge(count: int, weights: Sequence[float] | None = None) -> Merge:
     """sum_m w_m theta_m = theta_1 + sum_{m>1} w_m (theta_m - theta_1), the weights summing to 1."""
     w = normalized_weights(weights, count)
-    return partial(_fixed, c=torch.tensor(w[1:], dtype=torch.float64))
+    return given(torch.tensor(w[1:], dtype=torch.float64))
 
 
 def liti_merge(eta: float) -> Merge:
     """(1 - eta) init + eta merged = init + eta (merged - init)."""
     if not 0.0 <= eta <= 1.0:  # also rejects NaN
         raise MergeError(f"eta = {eta!r} is outside the allowed range [0, 1]")
-    return partial(_fixed, c=torch.tensor([float(eta)], dtype=torch.float64))
+    return given(torch.tensor([float(eta)], dtype=torch.float64))
 
 
 def average(models: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None) -> StateDict:

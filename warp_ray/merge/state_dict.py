@@ -8,13 +8,14 @@ the reference, never interpolated; float tensors come back in the reference's dt
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from warp_ray.errors import MergeError
-from warp_ray.merge.task_vectors import ReadRows, combine, row_spans
+from warp_ray.merge.task_vectors import ReadRows, combine, gram, row_spans
 
 StateDict = dict[str, Tensor]
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
@@ -53,14 +54,27 @@ def check_compatible(
                 )
 
 
+def _rows(tensors: Sequence[Tensor]) -> tuple[ReadRows, list[tuple[int, int]]]:
+    """The kernels' view of one tensor of every input: read(start, stop) and the row chunks."""
+    rows = [t.reshape(1) for t in tensors] if tensors[0].dim() == 0 else tensors
+    return (lambda start, stop: [t[start:stop] for t in rows]), row_spans(tensors[0].shape)
+
+
+def _given(read: ReadRows, spans: Sequence[tuple[int, int]], c: Tensor) -> Tensor:
+    return c
+
+
+def given(c: Tensor) -> Merge:
+    """The Merge whose coefficients are `c` whatever the tensor (LITI, averages, precomputed SLERP)."""
+    return partial(_given, c=c)
+
+
 def merge_tensors(merge: Merge, tensors: Sequence[Tensor]) -> Tensor:
     """One merged tensor from the same tensor of every input, the reference first."""
     ref = tensors[0]
     if not ref.is_floating_point():
         return ref.clone()
-    rows = [t.reshape(1) for t in tensors] if ref.dim() == 0 else tensors
-    read = lambda start, stop: [t[start:stop] for t in rows]  # noqa: E731
-    spans = row_spans(ref.shape)
+    read, spans = _rows(tensors)
     out = torch.empty(ref.numel(), dtype=ref.dtype)
     for _ in combine(read, spans, merge(read, spans), out=out):
         pass  # each chunk is written into out
@@ -70,6 +84,23 @@ def merge_tensors(merge: Merge, tensors: Sequence[Tensor]) -> Tensor:
 def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> StateDict:
     check_compatible([spec_of(sd) for sd in state_dicts], names)
     return {key: merge_tensors(merge, [sd[key] for sd in state_dicts]) for key in state_dicts[0]}
+
+
+# A merge split across processes (the coordinator's): the Gram matrices are computed where the
+# weights are, the coefficients in one place, and the combination where the weights are again.
+# Inputs may differ in dtype (float32 policies, a bfloat16 init): the result has the init's.
+
+def task_vector_grams(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Per floating-point tensor, the M x M Gram matrix <theta_i - init, theta_j - init> (float64)."""
+    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
+    return {key: gram(*_rows([t, *(m[key] for m in models)])) for key, t in init.items() if t.is_floating_point()}
+
+
+def combine_task_vectors(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]],
+                         coefficients: Mapping[str, Tensor]) -> StateDict:
+    """init + sum_m c_m (theta_m - init) per tensor, c = coefficients[name]; integer tensors from the init."""
+    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
+    return {key: merge_tensors(given(coefficients.get(key)), [t, *(m[key] for m in models)]) for key, t in init.items()}
 
 
 def model_names(count: int) -> list[str]:

@@ -57,7 +57,7 @@ def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out:
     params.baklava, fine-tune m takes its backbone from the m-th of (SFT, *sft_checkpoints)
     instead, still with the probed head (<out>/start_<k>).
     """
-    out = Path(out)
+    out, sft = Path(out).resolve(), Path(sft).resolve()  # Ray Tune runs each trial in a folder of its own
     out.mkdir(parents=True, exist_ok=True)
     train = read_preferences(preferences["train"])
     model, tokenizer = load_reward_model(sft)
@@ -74,11 +74,11 @@ def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out:
             save(backbone, tokenizer, out / f"start_{k}")
             starts.append(out / f"start_{k}")
 
-    trainable = tune.with_parameters(fine_tune, params=params, starts=[str(s) for s in starts], train=str(preferences["train"]))
+    trainable = tune.with_parameters(fine_tune, params=params, starts=[str(s) for s in starts], train=str(Path(preferences["train"]).resolve()))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
         param_space={"m": tune.grid_search(list(range(params.M)))},
-        run_config=tune.RunConfig(name="warm", storage_path=str((out / "tune").resolve()), verbose=1),
+        run_config=tune.RunConfig(name="warm", storage_path=str(out / "tune"), verbose=1),
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error]
