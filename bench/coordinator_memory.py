@@ -34,7 +34,7 @@ from warp_ray import merge
 from warp_ray.checkpoint import load_model_weights, save_model
 from warp_ray.coordinator import distributed_merge
 from warp_ray.runtime import init_ray
-from warp_ray.shards import Shards, partition, put_folder, split
+from warp_ray.shards import Shards, join, partition, put_folder, split
 
 ROOT = Path(__file__).resolve().parents[1]
 M, ETA = 4, 0.5
@@ -99,7 +99,7 @@ def central(init_folder: Path, policies: list[Shards], out: Path) -> dict:
     with PeakMemory() as memory:
         start = time.perf_counter()
         init = load_model_weights(init_folder)
-        models = [{k: t for shard in ray.get(policy) for k, t in shard.items()} for policy in policies]
+        models = [join(ray.get(policy)) for policy in policies]
         merged = merge.slerp(init, models)
         next_init = merge.liti(init, merged, ETA)
         save_model([next_init], init_folder, out)
