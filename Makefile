@@ -5,7 +5,7 @@ EXTRAS ?= cpu,dev
 # One thread per process: more oversubscribes the 2-core machines (see docs/benchmarks.md).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup demo test test-fast bench lint
+.PHONY: setup demo reproduce test test-fast bench lint
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -20,6 +20,10 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/warp-ray warp --config configs/tiny.yaml
+
+# The papers' claims on the built-in task, measured (about half an hour): docs/results.md.
+reproduce: setup
+	$(VENV)/bin/warp-ray reproduce --config configs/reproduce.yaml --report docs
 
 test: setup
 	$(PY) -m pytest tests

@@ -20,6 +20,7 @@ from warp_ray.coordinator.coordinator import Coordinator
 from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner
 from warp_ray.data import read_prompts
 from warp_ray.errors import ConfigError
+from warp_ray.merge import liti, slerp
 from warp_ray.reward.server import RewardServer
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def warp_config(out, **warp) -> WarpConfig:
                  "beta": 0.02, "warmup_steps": 1, "mu": 0.1, "eta": 0.5, **warp},
         "evaluation": {"every": 2, "prompts": 8, "samples_per_prompt": 2, "front_etas": [0.0, 0.5, 1.0]},
         "resources": {"precision": "fp32", "cpus_per_rank": 0.5, "cpus_per_rollout_worker": 0.5},  # 2 learners on 2 CPUs
-        "paths": {"output_dir": str(out)}})
+        "paths": {"output_dir": str(out), "keep_policies": True}})
 
 
 def kill_when_training(log, name: str) -> threading.Thread:
@@ -84,7 +85,8 @@ def run_and_resume(coordinator: Coordinator, tmp_path, sft) -> None:
 
     for i in (0, 1):
         folder = tmp_path / f"iteration_{i}"
-        assert {p.name for p in folder.iterdir()} == {"model", "manifest.json", "front.json", "front.png", "trajectories.json", "report.md"}
+        assert {p.name for p in folder.iterdir()} == {"model", "policies", "manifest.json", "front.json", "front.png", "trajectories.json",
+                                                      "report.md"}
         assert AutoModelForCausalLM.from_pretrained(folder / "model") is not None  # a Hugging Face folder
         assert len(json.loads((folder / "model" / "model.safetensors.index.json").read_text())["weight_map"]) > 0  # in 2 shards
     assert (tmp_path / "report.md").read_text().count("## Iteration") == 2
@@ -104,6 +106,14 @@ def run_and_resume(coordinator: Coordinator, tmp_path, sft) -> None:
     first = load_model_weights(tmp_path / "iteration_0" / "model")
     key = "transformer.h.0.attn.c_attn.weight"
     assert not torch.equal(first[key], sft_weights[key])
+    # The kept policies are the ones merged: SLERP and LITI of them, in one process, give each iteration's next init.
+    eta = coordinator.config.warp.eta
+    for i, init in enumerate((sft_weights, first)):
+        policies = [load_model_weights(tmp_path / f"iteration_{i}" / "policies" / f"policy_{m}") for m in (0, 1)]
+        assert not torch.equal(policies[0][key], policies[1][key])
+        merged, saved = liti(init, slerp(init, policies), eta), load_model_weights(tmp_path / f"iteration_{i}" / "model")
+        for name in saved:
+            torch.testing.assert_close(merged[name], saved[name], rtol=0, atol=1e-6, msg=name)
 
     # The run "dies" during iteration 1: resuming redoes it from iteration 0's checkpoint, same seeds, same result.
     uninterrupted = load_model_weights(tmp_path / "iteration_1" / "model")

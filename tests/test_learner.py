@@ -116,6 +116,10 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     groups = sample(learner.rollouts, held_out[:5], 2, 1.0, 4)  # the engines share the prompts; answers keep their order
     assert [[s["prompt_token_ids"] for s in g] for g in groups] == [[learner.tokenizer(p).input_ids] * 2 for p in held_out[:5]]
     policy = learner.get_weights()
+    rows = learner.evaluate_weights([ray.put(policy)], per_sample=True)  # as a merge is evaluated, one row per sample
+    assert len(rows) == 16 * config.evaluation.samples_per_prompt and rows[0]["prompt"] == held_out[0]
+    means = learner.evaluate()  # the same policy, synced back: the rows' means
+    assert means == pytest.approx({key: statistics.mean(row[key] for row in rows) for key in means})
     anchors = ray.get([rank.anchor_state_dict.remote() for rank in learner.ranks])
     assert anchors[1] is None  # gathered once, on rank 0 only
     sft = load_file(tiny_task / "sft" / "model.safetensors")

@@ -63,7 +63,11 @@ def test_reward_models_beat_chance_on_held_out_pairs(warm_run):
     _, splits, out, folders = warm_run
     table = accuracy_table(folders, out / "warm", splits)
     assert set(table) == {"RM 1", "RM 2", "ENS", "WARM"}
-    assert set(table["WARM"]) == {"train (as labelled)", "train (true labels)", "validation", "ood"}
+    assert set(table["WARM"]) == {"train (as labelled)", "train (true labels)", "flipped pairs (as labelled)", "validation", "ood"}
+    # as labelled = true labels, except on the flipped pairs: as labelled - true = p * (2 * flipped - 1)
+    p = sum(pair["flipped"] for pair in read_preferences(splits["train"])) / len(read_preferences(splits["train"]))
+    for row in table.values():
+        assert abs(row["train (as labelled)"] - row["train (true labels)"] - p * (2 * row["flipped pairs (as labelled)"] - 1)) < 1e-6
     # 300 validation pairs: chance would exceed 0.57 with probability under 1%
     assert table["WARM"]["validation"] > 0.57 and table["ENS"]["validation"] > 0.57
     assert "| WARM |" in markdown(table)

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(warp)
     warp.add_argument("--resume", action="store_true", help="continue after the last complete iteration in paths.output_dir")
 
+    reproduce = commands.add_parser("reproduce", help="measure the WARP and WARM papers' claims on the built-in task (docs/results.md)")
+    _add_config_args(reproduce)
+    reproduce.add_argument("--report", type=Path, help="folder for results.md and its figures (default: <paths.output_dir>/reproduce)")
+    reproduce.add_argument("--report-only", action="store_true", help="redraw the report from the results.json of an earlier run")
+
     demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
     _add_config_args(demo)
     demo.add_argument("--out", type=Path, help="output folder (default: <paths.output_dir>/demo)")
@@ -97,6 +102,11 @@ def _run(args: argparse.Namespace) -> None:
 
         last = run_warp(config, resume=args.resume)
         print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
+    elif args.command == "reproduce":
+        from warp_ray.reproduce import reproduce
+
+        report = reproduce(config, args.report, measure=not args.report_only)
+        print(f"claims, figures and verdicts: {report}")
     else:
         from warp_ray.demo import run_demo
 

@@ -245,6 +245,10 @@ class Paths(Section):
     folders of those names without the suffix)."""
     output_dir: Path = Path("runs/warp")
     """Where checkpoints, metrics and plots go."""
+    keep_policies: bool = False
+    """Also write each iteration's trained policies to iteration_<i>/policies/policy_<m>/ (Hugging
+    Face folders, sharded as the model): to merge them again afterwards (another lam, LERP, a
+    subset), at the cost of M more models on disk per iteration."""
 
 
 class WarpConfig(Section):

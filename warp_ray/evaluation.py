@@ -55,6 +55,13 @@ class Evaluator:
         self.config, self.reward_server, self.reference, self.control_server = config, reward_server, reference, control_server
 
     def __call__(self, rollouts: list) -> dict[str, float]:
+        """The means over the held-out samples: reward, kl_to_sft and control_reward."""
+        rows = self.samples(rollouts)
+        return {key: _mean([row[key] for row in rows]) for key in ("reward", "kl_to_sft", "control_reward") if key in rows[0]}
+
+    def samples(self, rollouts: list) -> list[dict]:
+        """One row per held-out sample: prompt, completion and its measures (pairing samples of two
+        policies by position compares them on the same prompts, as a win rate does)."""
         params = self.config.evaluation
         groups = sample(rollouts, self.prompts, params.samples_per_prompt, params.temperature, self.config.warp.max_new_tokens,
                         seed=self.config.warp.seed)
@@ -64,11 +71,12 @@ class Evaluator:
         rewards = self.reward_server.score.remote(prompts, completions)
         control = self.control_server.score.remote(prompts, completions) if self.control_server else None
         sft = ray.get(self.reference.sequence_logprobs.remote([(s["prompt_token_ids"], s["token_ids"]) for s in samples]))
-        kl = [sum(s["logprobs"]) - ref for s, ref in zip(samples, sft)]
-        metrics = {"reward": _mean(ray.get(rewards)), "kl_to_sft": _mean(kl)}
+        rows = [{"prompt": p, "completion": c, "reward": r, "kl_to_sft": sum(s["logprobs"]) - ref}
+                for p, c, r, s, ref in zip(prompts, completions, ray.get(rewards), samples, sft)]
         if control is not None:
-            metrics["control_reward"] = _mean(ray.get(control))
-        return metrics
+            for row, value in zip(rows, ray.get(control)):
+                row["control_reward"] = value
+        return rows
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from warp_ray.checkpoint import save_model
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator import distributed_merge
 from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resume_from, save_iteration
@@ -88,7 +89,7 @@ class Coordinator:
             front = self.front({"init": init, "sft": self.sft}, merged)
             laps("front")
             init = next_init
-            self.save(i, init, front, trajectories, laps)
+            self.save(i, init, front, trajectories, laps, policies)
         return iteration_dir(self.out, warp.I - 1)
 
     def close(self) -> None:
@@ -112,10 +113,15 @@ class Coordinator:
             front += [{**p, **m} for p, m in zip(wave, ray.get([l.evaluate_weights.remote(w) for l, w in zip(learners, weights)]))]
         return front
 
-    def save(self, i: int, init: dict, front: list[dict], trajectories: list[list[dict]], seconds: Laps) -> None:
+    def save(self, i: int, init: Shards, front: list[dict], trajectories: list[list[dict]], seconds: Laps,
+             policies: list[Shards]) -> None:
         warp = self.config.warp
 
         def extras(folder: Path) -> None:
+            if self.config.paths.keep_policies:
+                for m, policy in enumerate(policies):
+                    (kept := folder / "policies" / f"policy_{m}").mkdir(parents=True)
+                    save_model((ray.get(shard) for shard in policy), self.sft_folder, kept, len(policy))
             (folder / "front.json").write_text(json.dumps(front, indent=2))
             (folder / "trajectories.json").write_text(json.dumps(trajectories))
             plot_front(front, trajectories, folder / "front.png", f"WARP iteration {i}: LITI front and training runs")

@@ -191,16 +191,17 @@ class Learner:
         for actor in self.ranks + self.rollouts:
             ray.kill(actor)
 
-    def evaluate_weights(self, weights: Shards) -> dict[str, float]:
+    def evaluate_weights(self, weights: Shards, per_sample: bool = False) -> dict[str, float] | list[dict]:
         """Held-out evaluation of other weights (a point of the LITI front) on this learner's
-        engines, between runs; the next `set_weights` puts a policy back in them."""
+        engines, between runs; the next `set_weights` puts a policy back in them. per_sample:
+        the evaluator's rows, one per sample, instead of their means."""
         weights = join(ray.get(weights))
         if self.tied is None:
             self.tied = ray.get(self.ranks[0].tied_weights.remote())
         weights = {**weights, **{name: weights[saved].clone() for name, saved in self.tied.items()}}  # every name, for the engines
         ray.get([r.update_weights.remote(weights) for r in self.rollouts])
         self.synced_at = None  # the engines no longer hold the policy
-        return self.evaluator(self.rollouts)
+        return self.evaluator.samples(self.rollouts) if per_sample else self.evaluator(self.rollouts)
 
     def step(self) -> dict[str, float]:
         start = time.perf_counter()

@@ -98,7 +98,8 @@ def accuracy_table(folders: Sequence[Path], warm: Path, preferences: dict[str, P
     """Pairwise accuracy of each RM, of their prediction ensemble ENS and of WARM, on every split.
 
     "train (as labelled)" counts agreement with the training labels, flipped ones included;
-    "train (true labels)" with the labels before the flips, where the data records them.
+    "train (true labels)" with the labels before the flips, where the data records them, and
+    "flipped pairs (as labelled)" with the flipped labels alone: memorisation of the noise.
     """
     splits = {name: read_preferences(path) for name, path in preferences.items()}
 
@@ -119,7 +120,10 @@ def accuracy_table(folders: Sequence[Path], warm: Path, preferences: dict[str, P
             label = "train (as labelled)" if name == "train" else name
             row[label] = pairwise_accuracy(chosen, rejected)
             if name == "train" and all("flipped" in p for p in splits[name]):
-                row["train (true labels)"] = pairwise_accuracy(chosen, rejected, [p["flipped"] for p in splits[name]])
+                flipped = torch.tensor([p["flipped"] for p in splits[name]], dtype=torch.bool)
+                row["train (true labels)"] = pairwise_accuracy(chosen, rejected, flipped.tolist())
+                if flipped.any():  # how far the model memorised the corrupted labels
+                    row["flipped pairs (as labelled)"] = pairwise_accuracy(chosen[flipped], rejected[flipped])
         table[model] = row
     return table
 

@@ -1,0 +1,274 @@
+"""results.md and one figure per claim, drawn from the results JSON alone (so that anyone can redraw
+them, or check them against the numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from warp_ray.reproduce.claims import Claim, angle_summary, check_all, collapse_step, noise, sft_point, towards_sft, win_rate  # noqa: E402
+from warp_ray.reward.warm import markdown as accuracy_markdown  # noqa: E402
+
+FIGURES = "results"  # beside results.md
+
+
+def write_report(results: dict, folder: Path) -> Path:
+    """results.md in `folder`, its figures in `folder`/results/; returns the path of results.md."""
+    (folder / FIGURES).mkdir(parents=True, exist_ok=True)
+    claims = check_all(results)
+    sections = []
+    for claim, (draw, details) in zip(claims, SECTIONS):
+        fig = draw(results)
+        fig.tight_layout()
+        fig.savefig(folder / FIGURES / f"claim_{claim.number}.png", dpi=110)
+        plt.close(fig)
+        sections.append(_section(claim, details(results)))
+    (folder / "results.md").write_text(_header(results, claims) + "\n" + "\n".join(sections))
+    return folder / "results.md"
+
+
+def _header(results: dict, claims: Sequence[Claim]) -> str:
+    config, minutes = results["config"], results.get("wall_seconds", sum(results["seconds"].values())) / 60
+    warp = config["warp"]
+    lines = [
+        "# The papers' claims, measured on the built-in task", "",
+        "Produced by `make reproduce` (`warp-ray reproduce --config configs/reproduce.yaml --report docs`) "
+        f"on {results.get('date', 'an unrecorded date')}, in {minutes:.0f} minutes on 2 CPU cores, seeds fixed; "
+        "every number and figure below is drawn from the run's `results.json` "
+        "(`warp-ray reproduce --config configs/reproduce.yaml --report-only` redraws them).", "",
+        f"Setting: the built-in task (a 0.9M-parameter GPT-2, the gold reward as the control), WARM of {config['warm']['M']} reward "
+        f"models as the proxy reward, REINFORCE runs of T = {warp['T']} steps of {warp['batch_size']} prompts x "
+        f"{warp['samples_per_prompt']} samples (lr {warp['lr']:g}, mu {warp['mu']:g}), WARP with M = {warp['M']}, "
+        f"I = {warp['I']}, eta = {warp['eta']:g}. Every evaluation: {config['evaluation']['prompts']} held-out prompts x "
+        f"{config['evaluation']['samples_per_prompt']} samples at temperature 1, the same seed for every policy; KL is to the "
+        f"SFT. One standard error of an evaluation's mean reward: {noise(results):.3f} (median over the run's evaluations); "
+        "a check holds when its margin exceeds twice its noise (see `warp_ray/reproduce/claims.py`). Iterations are "
+        "numbered from 1 here (the run's folders from 0).", "",
+        "| claim | verdict |", "|---|---|",
+        *(f"| {c.number}. {c.statement} | **{c.verdict}** |" for c in claims), "",
+        "Time: " + ", ".join(f"{name} {s / 60:.1f} min" for name, s in results["seconds"].items()) + ".", "",
+    ]
+    return "\n".join(lines)
+
+
+def _section(claim: Claim, details: str) -> str:
+    lines = [f"## Claim {claim.number}: {claim.verdict}", "", claim.statement, "",
+             "| check | margin | noise (1 SE) | status |", "|---|---|---|---|"]
+    lines += [f"| {c.what} | {'-' if c.margin is None else f'{c.margin:+.3f}'} | {c.noise:.3f} | {c.status} |" for c in claim.checks]
+    lines += ["", f"![claim {claim.number}]({FIGURES}/claim_{claim.number}.png)", "", details, ""]
+    return "\n".join(lines)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(cell(v) for v in r) + " |" for r in rows)])
+
+
+def _front_axes(ax, lines: dict[str, Sequence[dict]], origin: Optional[dict], key: str = "reward", label_eta: bool = False) -> None:
+    """Each line starts at `origin` (the SFT) unless None."""
+    for label, points in lines.items():
+        points = sorted([origin, *points] if origin else points, key=lambda p: p.get("eta", p.get("step", 0)))
+        line, = ax.plot([p["kl_to_sft"] for p in points], [p[key] for p in points], "o-", ms=3, label=label)
+        if label_eta:
+            for p in points:
+                if "eta" in p:
+                    ax.annotate(f"{p['eta']:g}", (p["kl_to_sft"], p[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="KL to the SFT (nats)", ylabel=f"{key.replace('_', ' ')} (held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+# Claim 1 ------------------------------------------------------------------------------------
+
+ANCHOR_RUNS = ("EMA anchor, beta 0.01", "EMA anchor, beta 0.1", "SFT anchor, beta 0", "SFT anchor, beta 0.01", "SFT anchor, beta 0.1")
+
+
+def _draw_1(results: dict):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    runs, origin = results["runs"], {**sft_point(results), "step": 0}
+    _front_axes(left, {name: runs[name] for name in ANCHOR_RUNS}, origin)
+    left.set_title("REINFORCE trajectories (proxy reward)")
+    for name in ANCHOR_RUNS:
+        right.plot([0] + [p["step"] for p in runs[name]], [0] + [p["kl_to_sft"] for p in runs[name]], "o-", ms=3, label=name)
+    right.set(xlabel="step", ylabel="KL to the SFT (nats)", title="KL during training")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    return fig
+
+
+def _details_1(results: dict) -> str:
+    runs = results["runs"]
+    rows = [(name, runs[name][-1]["step"], runs[name][-1]["kl_to_sft"], runs[name][-1]["reward"], runs[name][-1]["control_reward"],
+             max(p["control_reward"] for p in runs[name])) for name in ANCHOR_RUNS]
+    return "Each run at its last step (held-out):\n\n" + _table(
+        ("run", "step", "KL to SFT", "reward (WARM)", "control reward", "best control reward on the way"), rows)
+
+
+# Claim 2 ------------------------------------------------------------------------------------
+
+def _draw_2(results: dict):
+    curve = results["interpolation"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key in zip(axes, ("reward", "kl_to_sft")):
+        for method in ("slerp", "lerp"):
+            ax.errorbar(curve["lambda"], [p[key] for p in curve[method]], yerr=[p[f"{key}_se"] for p in curve[method]], marker="o",
+                        capsize=3, label=method.upper())
+        ax.set(xlabel="lambda (weight of the second policy)", ylabel=f"{key.replace('_', ' ')} (held-out)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("Merging two policies: reward")
+    axes[1].set_title("KL to the SFT")
+    return fig
+
+
+def _details_2(results: dict) -> str:
+    curve = results["interpolation"]
+    rows = [(lam, s["reward"], l["reward"], s["kl_to_sft"], l["kl_to_sft"], s["control_reward"], l["control_reward"])
+            for lam, s, l in zip(curve["lambda"], curve["slerp"], curve["lerp"])]
+    return _table(("lambda", "reward SLERP", "reward LERP", "KL SLERP", "KL LERP", "control SLERP", "control LERP"), rows)
+
+
+# Claim 3 ------------------------------------------------------------------------------------
+
+def _draw_3(results: dict):
+    tensors = results["angles"]["tensors"].values()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.hist(np.concatenate([t["task_vector_degrees"] for t in tensors]), bins=36, range=(0, 180))
+    left.axvline(90, color="k", lw=0.8)
+    left.set(xlabel="angle between task vectors (degrees)", ylabel="tensors x pairs", title="Task vectors, per tensor")
+    right.hist(np.concatenate([t["weight_cosine"] for t in tensors]), bins=40)
+    right.set(xlabel="cosine between full weights", ylabel="tensors x pairs", title="Full weights, per tensor")
+    return fig
+
+
+def _details_3(results: dict) -> str:
+    summary = angle_summary(results)
+    rows = [(name, s["median"], s["p5"], s["p95"], s["min"], s["max"]) for name, s in summary.items()]
+    pairs = results["angles"]["pairs"]
+    return (f"Over {len(results['angles']['tensors'])} tensors x {len(pairs)} pairs of the {max(map(max, pairs)) + 1} policies of "
+            "WARP's first iteration:\n\n" + _table(("measure", "median", "5%", "95%", "min", "max"), rows))
+
+
+# Claims 4 to 6 ------------------------------------------------------------------------------
+
+def _draw_4(results: dict):
+    first, origin = results["warp"][0], {**sft_point(results), "step": 0}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    lines = {f"policy {m + 1} (training)": run for m, run in enumerate(first["trajectories"])}
+    _front_axes(ax, lines, origin)
+    _front_axes(ax, {"LITI front (eta)": [p for p in first["front"] if p["towards"] == "init"]}, origin, label_eta=True)
+    ax.set_title("WARP iteration 1: LITI front and the training runs")
+    return fig
+
+
+def _front_rows(front: Sequence[dict]) -> str:
+    return _table(("eta", "KL to SFT", "reward", "control reward"), [(p["eta"], p["kl_to_sft"], p["reward"], p["control_reward"]) for p in front])
+
+
+def _details_4(results: dict) -> str:
+    first = results["warp"][0]
+    ends = [(m + 1, run[-1]["kl_to_sft"], run[-1]["reward"], run[-1]["control_reward"]) for m, run in enumerate(first["trajectories"])]
+    return ("LITI front of iteration 1:\n\n" + _front_rows([p for p in first["front"] if p["towards"] == "init"])
+            + "\n\nThe policies at their last step:\n\n" + _table(("policy", "KL to SFT", "reward", "control reward"), ends))
+
+
+def _draw_5(results: dict):
+    fig, ax = plt.subplots(figsize=(7, 5))
+    _front_axes(ax, {"SLERP of M = 4, LITI": towards_sft(results["warp"][0]["front"]),
+                     "SLERP of M = 2, LITI": results["front_two_policies"]}, sft_point(results), label_eta=True)
+    ax.set_title("More policies merged")
+    return fig
+
+
+def _details_5(results: dict) -> str:
+    return ("M = 4:\n\n" + _front_rows(towards_sft(results["warp"][0]["front"])) + "\n\nM = 2 (policies 1 and 2):\n\n"
+            + _front_rows(results["front_two_policies"]))
+
+
+def _draw_6(results: dict):
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for towards, origin in (("sft", sft_point(results)), ("init", None)):  # a front towards the init starts there
+        _front_axes(ax, {f"iteration {i + 1}, LITI towards {towards}": [p for p in it["front"] if p["towards"] == towards]
+                         for i, it in enumerate(results["warp"])}, origin, label_eta=True)
+    ax.set_title("WARP iterations (the verdict: towards the SFT)")
+    return fig
+
+
+def _details_6(results: dict) -> str:
+    return "\n\n".join(f"Iteration {i + 1}, towards {towards}:\n\n" + _front_rows([p for p in it["front"] if p["towards"] == towards])
+                       for towards in ("sft", "init") for i, it in enumerate(results["warp"]))
+
+
+# Claim 7 ------------------------------------------------------------------------------------
+
+WARM_RUNS = {"against WARM": "SFT anchor, beta 0.01", "against the single RM": "SFT anchor, beta 0.01, single RM"}
+
+
+def _draw_7(results: dict):
+    table = results["warm"]["accuracy"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    columns = ("flipped pairs (as labelled)", "validation", "ood")
+    x = np.arange(len(columns))
+    for k, model in enumerate(table):
+        left.bar(x + k * 0.8 / len(table), [table[model][c] for c in columns], 0.8 / len(table), label=model)
+    left.set_xticks(x + 0.4 - 0.4 / len(table), columns)
+    left.set(ylabel="pairwise accuracy", title="Reward models (25% of training labels flipped)", ylim=(0, 1))
+    left.legend(fontsize=7)
+    for label, name in WARM_RUNS.items():
+        run = results["runs"][name]
+        right.plot([0] + [p["step"] for p in run], [sft_point(results)["control_reward"]] + [p["control_reward"] for p in run], "o-",
+                   label=f"policy trained {label}")
+    right.set(xlabel="step", ylabel="control (gold) reward (held-out)", title="RL against WARM vs a single RM (SFT anchor, beta 0.01)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    return fig
+
+
+def _details_7(results: dict) -> str:
+    se = np.sqrt(2) * noise(results, "control_reward")
+    rows = [(label, results["runs"][name][-1]["kl_to_sft"], max(p["control_reward"] for p in results["runs"][name]),
+             max(results["runs"][name], key=lambda p: p["control_reward"])["step"], collapse_step(results["runs"][name], se) or "none")
+            for label, name in WARM_RUNS.items()]
+    return (f"Reward models (the single RM of the RL comparison: {results['warm']['single_rm']}, the best on validation):\n\n"
+            + accuracy_markdown(results["warm"]["accuracy"]) + "\nRL (the proxy rewards differ, the control reward is the same):\n\n"
+            + _table(("policy", "final KL to SFT", "peak control reward", "at step", "collapse step"), rows))
+
+
+# Claim 8 ------------------------------------------------------------------------------------
+
+def _draw_8(results: dict):
+    match = results["win_rate"]
+    rate = win_rate(match["warp"]["control_rewards"], match["reinforce"]["control_rewards"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.bar(["WARP wins", "ties", "REINFORCE wins"], [rate["wins"], rate["ties"], rate["losses"]], color=["C0", "C7", "C1"])
+    left.set(ylabel="paired samples", title=f"Gold-reward comparisons: win rate {rate['rate']:.3f} +- {rate['se']:.3f}")
+    bins = np.linspace(min(match["warp"]["control_rewards"] + match["reinforce"]["control_rewards"]),
+                       max(match["warp"]["control_rewards"] + match["reinforce"]["control_rewards"]), 25)
+    right.hist(match["warp"]["control_rewards"], bins=bins, alpha=0.6, label=f"WARP (KL {match['warp']['kl_to_sft']:.2f})")
+    right.hist(match["reinforce"]["control_rewards"], bins=bins, alpha=0.6, label=f"REINFORCE, SFT anchor (KL {match['reinforce']['kl_to_sft']:.2f})")
+    right.set(xlabel="gold reward of a held-out sample", ylabel="samples", title="Gold rewards at matched KL")
+    right.legend(fontsize=8)
+    return fig
+
+
+def _details_8(results: dict) -> str:
+    match = results["win_rate"]
+    rate = win_rate(match["warp"]["control_rewards"], match["reinforce"]["control_rewards"])
+    rows = [("WARP (last iteration's SLERP, LITI towards the SFT, eta = " + f"{match['warp']['eta']:.3f})", match["warp"]["kl_to_sft"],
+             match["warp"]["reward"], match["warp"]["control_reward"]),
+            ("REINFORCE, SFT anchor, beta 0.1, last step", match["reinforce"]["kl_to_sft"], match["reinforce"]["reward"],
+             match["reinforce"]["control_reward"])]
+    return (_table(("policy", "KL to SFT", "reward (WARM)", "control reward"), rows)
+            + f"\n\nPaired samples: {rate['wins']} wins, {rate['ties']} ties, {rate['losses']} losses of {len(match['warp']['control_rewards'])}: "
+            f"win rate {rate['rate']:.3f} +- {rate['se']:.3f} (ties count half).")
+
+
+SECTIONS = ((_draw_1, _details_1), (_draw_2, _details_2), (_draw_3, _details_3), (_draw_4, _details_4),
+            (_draw_5, _details_5), (_draw_6, _details_6), (_draw_7, _details_7), (_draw_8, _details_8))
