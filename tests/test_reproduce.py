@@ -151,3 +151,4 @@ def test_report_only_redraws_from_the_saved_results(tmp_path, capsys):
     (out / "reproduce" / "results.json").write_text(json.dumps(made_up_results()))
     assert main(args + ["--report", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "results.md").is_file() and (tmp_path / "docs" / "results" / "claim_8.png").is_file()
+    assert json.loads((tmp_path / "docs" / "results" / "results.json").read_text()) == made_up_results()  # the data, beside

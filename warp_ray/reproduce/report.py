@@ -3,6 +3,7 @@ them, or check them against the numbers)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,8 +20,10 @@ FIGURES = "results"  # beside results.md
 
 
 def write_report(results: dict, folder: Path) -> Path:
-    """results.md in `folder`, its figures in `folder`/results/; returns the path of results.md."""
+    """results.md in `folder`, its figures and the results they are drawn from in `folder`/results/;
+    returns the path of results.md."""
     (folder / FIGURES).mkdir(parents=True, exist_ok=True)
+    (folder / FIGURES / "results.json").write_text(json.dumps(results, indent=1))
     claims = check_all(results)
     sections = []
     for claim, (draw, details) in zip(claims, SECTIONS):
@@ -40,7 +43,7 @@ def _header(results: dict, claims: Sequence[Claim]) -> str:
         "# The papers' claims, measured on the built-in task", "",
         "Produced by `make reproduce` (`warp-ray reproduce --config configs/reproduce.yaml --report docs`) "
         f"on {results.get('date', 'an unrecorded date')}, in {minutes:.0f} minutes on 2 CPU cores, seeds fixed; "
-        "every number and figure below is drawn from the run's `results.json` "
+        f"every number and figure below is drawn from the run's results, [`{FIGURES}/results.json`]({FIGURES}/results.json) "
         "(`warp-ray reproduce --config configs/reproduce.yaml --report-only` redraws them).", "",
         f"Setting: the built-in task (a 0.9M-parameter GPT-2, the gold reward as the control), WARM of {config['warm']['M']} reward "
         f"models as the proxy reward, REINFORCE runs of T = {warp['T']} steps of {warp['batch_size']} prompts x "
