@@ -156,6 +156,7 @@ def angles(init: dict[str, torch.Tensor], policies: list[dict[str, torch.Tensor]
     deltas = task_vector_grams(init, policies)
     weights = task_vector_grams({k: torch.zeros_like(v) for k, v in init.items()}, policies)
     pairs = [(i, j) for i in range(len(policies)) for j in range(i + 1, len(policies))]
+
     def cosine(g: torch.Tensor, i: int, j: int) -> float:
         return float(g[i, j] / (g[i, i] * g[j, j]).sqrt())
 
