@@ -108,7 +108,4 @@ class LearnerGroup:
 
     def close(self) -> None:
         """End every learner and free its placement group."""
-        for learner, group in self.slots:
-            ray.kill(learner)
-            remove_placement_group(group)
-        self.slots = []
+        self._drop(set(range(len(self.slots))))
