@@ -90,16 +90,20 @@ def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]],
 # weights are, the coefficients in one place, and the combination where the weights are again.
 # Inputs may differ in dtype (float32 policies, a bfloat16 init): the result has the init's.
 
+def _check_task_vector_inputs(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> None:
+    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
+
+
 def task_vector_grams(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """Per floating-point tensor, the M x M Gram matrix <theta_i - init, theta_j - init> (float64)."""
-    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
+    _check_task_vector_inputs(init, models)
     return {key: gram(*_rows([t, *(m[key] for m in models)])) for key, t in init.items() if t.is_floating_point()}
 
 
 def combine_task_vectors(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]],
                          coefficients: Mapping[str, Tensor]) -> StateDict:
     """init + sum_m c_m (theta_m - init) per tensor, c = coefficients[name]; integer tensors from the init."""
-    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
+    _check_task_vector_inputs(init, models)
     return {key: merge_tensors(given(coefficients.get(key)), [t, *(m[key] for m in models)]) for key, t in init.items()}
 
 
