@@ -21,7 +21,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 demo: setup
 	$(VENV)/bin/warp-ray warp --config configs/tiny.yaml
 
-# The papers' claims on the built-in task, measured (about half an hour): docs/results.md.
+# The papers' claims on the built-in task, measured (about 20 minutes on 2 cores): docs/results.md.
 reproduce: setup
 	$(VENV)/bin/warp-ray reproduce --config configs/reproduce.yaml --report docs
 

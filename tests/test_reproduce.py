@@ -1,6 +1,6 @@
 """`warp-ray reproduce`'s checks and report, on results made up to hold or fail known claims.
 
-The measurements themselves (runs.py) take half an hour on 2 cores; they run as `make
+The measurements themselves (runs.py) take about 20 minutes on 2 cores; they run as `make
 reproduce`, not here. What they are made of runs in the other tests: the coordinator keeping
 its policies (tests/test_coordinator.py), per-sample evaluation (tests/test_learner.py), the
 accuracy table's flipped-pairs column (tests/test_warm.py).
