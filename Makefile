@@ -35,5 +35,6 @@ bench:
 	$(MAKE) setup EXTRAS=cpu,dev,bench
 	$(PY) bench/merge.py
 	$(PY) bench/reward_server.py
+	$(PY) bench/reward_server_load.py
 	$(PY) bench/learner.py
 	$(PY) bench/coordinator_memory.py

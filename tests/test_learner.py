@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from warp_ray.config import WarpConfig
 from warp_ray.data import read_prompts
+from warp_ray.errors import NonFiniteError
 from warp_ray.evaluation import Evaluator, ReferencePolicy
 from warp_ray.learner.learner import Learner
+from warp_ray.reward.model import load_reward_model
 from warp_ray.reward.server import RewardServer
 from warp_ray.rollout.worker import sample
 
@@ -65,7 +67,7 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert 0 < moved < drift  # the EMA anchor follows the policy, from behind
 
 
-def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(tiny_task, ray_cluster):
+def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(tiny_task, ray_cluster, tmp_path):
     learner = Learner(tiny_config(anchor="sft"), tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"),
                       RewardServer.remote("gold"), seed=1)
     stats = [learner.step() for _ in range(20)]
@@ -85,6 +87,21 @@ def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_s
     ray.get(learner.rollouts[0].update_weights.remote(stale))  # an engine holding other weights...
     with pytest.raises(RuntimeError, match="disagree on greedy completions"):
         learner.check_engine_agrees(prompts)  # ...is caught
+
+    # NaN or Inf never reaches the merge: in a policy's weights (here where no forward pass looks, the
+    # last position's embedding), or in the rewards (a reward model with a broken head).
+    broken = {**policy, "transformer.wpe.weight": policy["transformer.wpe.weight"].clone()}
+    broken["transformer.wpe.weight"][-1, 3] = float("inf")
+    learner.set_weights(broken, seed=1)
+    with pytest.raises(NonFiniteError, match=r"the trained policy: 'transformer.wpe.weight' has 1 NaN or Inf value\(s\) of"):
+        learner.put_weights([list(policy)])
+    model, tokenizer = load_reward_model(tiny_task / "sft")
+    torch.nn.init.constant_(model.score.weight, float("nan"))
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    learner.reward_server = RewardServer.remote("model", [str(tmp_path / "rm")])
+    with pytest.raises(NonFiniteError, match=r"step 1: 'reward' has 32 NaN or Inf value\(s\) of 32"):
+        learner.step()
 
 
 def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(tiny_task, ray_cluster, tmp_path):

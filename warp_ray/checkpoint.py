@@ -53,6 +53,15 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
+def architecture(folder: Path) -> str:
+    """What a model folder's config.json says it is: its model type and classes, e.g. "gpt2 (GPT2LMHeadModel)"."""
+    try:
+        config = json.loads((check_model_folder(folder) / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    return f"{config.get('model_type')} ({', '.join(config.get('architectures') or ['no architectures listed'])})"
+
+
 def weight_files(folder: Path) -> list[str]:
     if (folder / INDEX_FILE).is_file():
         try:

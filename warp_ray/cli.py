@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run(args)
     except WarpRayError as e:
-        print(f"warp-ray: error: {e}", file=sys.stderr)
+        # Raised in an actor, it comes back as Ray's RayTaskError too, whose text is the remote traceback.
+        print(f"warp-ray: error: {getattr(e, 'cause', e)}", file=sys.stderr)
         return 2
     return 0
 

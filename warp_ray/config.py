@@ -10,6 +10,7 @@ the value and the allowed range.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
@@ -249,6 +250,17 @@ class Paths(Section):
     """Also write each iteration's trained policies to iteration_<i>/policies/policy_<m>/ (Hugging
     Face folders, sharded as the model): to merge them again afterwards (another lam, LERP, a
     subset), at the cost of M more models on disk per iteration."""
+    trust_remote_code: bool = False
+    """Run the Python code that a model folder ships (its config.json's auto_map) when loading it.
+    Off: a model folder is data; one that needs its own code is refused, naming the folder."""
+
+    @model_validator(mode="after")
+    def _remote_code_only_if_trusted(self) -> "Paths":
+        for folder in (self.sft_model, *self.sft_checkpoints, self.reward_model):
+            if folder is not None and not self.trust_remote_code and "auto_map" in _read_json(folder / "config.json"):
+                raise ValueError(f"{folder} ships its own model code (auto_map in its config.json), which warp-ray does not "
+                                 "run unless paths.trust_remote_code is true")
+        return self
 
 
 class WarpConfig(Section):
@@ -309,6 +321,13 @@ class WarpConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

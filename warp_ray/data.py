@@ -50,7 +50,7 @@ def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}: column {e.colno})") from None
         records.append(_check(record, keys, f"{path}:{number}"))
     if not records:
         raise DataError(f"{path} has no records")

@@ -15,3 +15,12 @@ class MergeError(WarpRayError):
 
 class CheckpointError(WarpRayError):
     """A model folder that is missing, not a Hugging Face folder, or has unreadable weights."""
+
+
+class TooFewLearners(WarpRayError):
+    """Fewer learners than learners.min could be placed on the cluster, or ended an iteration with
+    a usable policy."""
+
+
+class NonFiniteError(Exception):
+    """NaN or Inf in a learner's rewards or weights: that learner's policy is left out of the merge."""

@@ -21,15 +21,17 @@ from transformers import AutoModelForCausalLM
 from warp_ray.config import WarpConfig
 from warp_ray.learner.reinforce import pack, token_logprobs
 from warp_ray.rollout.worker import sample
+from warp_ray.runtime import SERVICE, log_if_restarted
 
 
-@ray.remote
+@ray.remote(**SERVICE)
 class ReferencePolicy:
     """A fixed policy (the SFT), scoring completions: sum_t log pi_sft(y_t | x, y_<t)."""
 
-    def __init__(self, folder: str | Path, threads: int = 1, batch_size: int = 64):
+    def __init__(self, folder: str | Path, threads: int = 1, batch_size: int = 64, trust_remote_code: bool = False):
+        log_if_restarted("the reference policy")
         torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
         self.batch_size = batch_size
 
     @torch.no_grad()

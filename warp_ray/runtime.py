@@ -7,10 +7,26 @@ exposed beyond this machine unless the user points warp-ray at a cluster.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import ray
 from ray._private import ray_constants
+
+SERVICE = {"max_restarts": 3, "max_task_retries": -1}
+"""Ray options of a stateless service actor (the reward server, the reference policy): if its
+process dies, Ray starts it again, up to 3 times, and retries the calls in flight, which give
+the same answers on the new process; the callers see a delay, not an error."""
+
+
+def log_if_restarted(service: str) -> None:
+    """Called in a service actor's constructor: say in the logs that its process died and was replaced."""
+    with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated property inside this one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+    if restarted:
+        logging.getLogger(__name__).warning("%s restarted after its process died; the calls in flight are retried", service)
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -35,6 +35,7 @@ from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resum
 from warp_ray.coordinator.front import plot_front, report
 from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
 from warp_ray.data import read_prompts
+from warp_ray.errors import WarpRayError
 from warp_ray.evaluation import Evaluator, ReferencePolicy
 from warp_ray.reward.server import RewardServer
 from warp_ray.shards import Shards, partition, put_folder
@@ -60,10 +61,11 @@ class Coordinator:
         self.config, self.sft_folder, self.out = config, Path(sft), Path(config.paths.output_dir)
         self.names = partition(self.sft_folder, config.learner_bounds()[1])  # a shard per learner: the merge's unit of work
         self.sft = put_folder(self.sft_folder, self.names)
-        self.reward_server = RewardServer.remote(*reward, params=config.reward_server)
+        trust = config.paths.trust_remote_code
+        self.reward_server = RewardServer.remote(*reward, params=config.reward_server, trust_remote_code=trust)
         control_server = RewardServer.remote("gold") if control else None
         evaluator = Evaluator(config, read_prompts(Path(prompts) / "held_out.jsonl"), self.reward_server,
-                              ReferencePolicy.remote(str(sft)), control_server)
+                              ReferencePolicy.remote(str(sft), trust_remote_code=trust), control_server)
         train_prompts = read_prompts(Path(prompts) / "train.jsonl")
 
         def make_learner(m: int, group: PlacementGroup):  # in its group, on its node: the policy's shards stay there
@@ -128,8 +130,9 @@ class Coordinator:
             (folder / "report.md").write_text(report(front, [history[-1] for history in trajectories], i))
 
         manifest = {"iteration": i, "config": self.config.model_dump(mode="json"),
-                    "seeds": [run_seed(warp.seed, i, m) for m in range(len(trajectories))],
+                    "seeds": [run_seed(warp.seed, i, m) for m in self.learners.merged],
                     "final_metrics": [history[-1] for history in trajectories], "restarts": self.learners.restarts,
+                    "rejected": self.learners.rejected,
                     "seconds": seconds}
         folder = save_iteration(self.out, i, (ray.get(shard) for shard in init), len(init), self.sft_folder, manifest, extras)
         reports = [iteration_dir(self.out, k) / "report.md" for k in range(i + 1)]
@@ -141,6 +144,7 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
     """`warp-ray warp`: the inputs (the built-in task unless the config names others; the WARM
     reward model, trained first unless given or warp.proxy_reward is gold), then Algorithm 1 in
     the coordinator actor."""
+    from warp_ray.coordinator.inputs import check_run_inputs
     from warp_ray.reward.warm import run_warm
     from warp_ray.runtime import init_ray
     from warp_ray.task.build import task_inputs
@@ -155,10 +159,16 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
         if not (warm / "config.json").is_file():
             run_warm(config)
         reward = ("model", [str(warm)])
+    check_run_inputs(config, sft, prompts, Path(reward[1][0]) if reward[1] else None)
     init_ray()
     coordinator = ray.remote(num_cpus=0)(Coordinator).remote(config, sft, prompts, reward, control=builtin)
     try:
         return ray.get(coordinator.run.remote(resume))
+    except RayActorError as e:
+        done = last_complete(config.paths.output_dir)
+        raise WarpRayError(f"the coordinator's process died ({type(e).__name__}); "
+                           + ("no iteration was complete" if done is None else f"iterations up to {done} are complete in {config.paths.output_dir}")
+                           + ": run the same command with --resume to continue") from None
     finally:
         try:
             ray.get(coordinator.close.remote())

@@ -8,6 +8,8 @@ Before every iteration the group places as many learners as the cluster can hold
 fewer. A learner whose process dies mid-iteration is replaced in its placement group and rerun
 from the iteration's init with the same seed, up to `resources.learner_retries` times; past
 that it is dropped and the survivors are merged, if there are at least `learners.min` of them.
+A learner whose rewards or policy hold NaN or Inf is not rerun (its seed would give the same
+run again): its policy is left out of the merge, under the same `learners.min` rule.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from warp_ray.config import WarpConfig
+from warp_ray.errors import NonFiniteError, TooFewLearners
 from warp_ray.learner.learner import Learner, bundles
 from warp_ray.shards import Shards
 
@@ -40,6 +43,8 @@ class LearnerGroup:
         self.config, self.make_learner, self.log_dir = config, make_learner, log_dir
         self.slots: list[tuple[ray.actor.ActorHandle, PlacementGroup]] = []
         self.restarts: list[dict] = []  # what died, and what was done, for the manifests
+        self.rejected: list[dict] = []  # policies left out of a merge, and why
+        self.merged: list[int] = []  # the learners whose policies the last `train` returned, in order
 
     @property
     def learners(self) -> list[ray.actor.ActorHandle]:
@@ -47,17 +52,27 @@ class LearnerGroup:
 
     def scale(self) -> int:
         """Place learners until `learners.max`, or until the cluster cannot hold one more within
-        `learners.place_timeout_s`; fail if fewer than `learners.min` fit. Returns how many."""
+        `learners.place_timeout_s`; refuse, before starting any, if fewer than `learners.min` fit.
+        Returns how many."""
         low, high = self.config.learner_bounds()
-        while len(self.slots) < high:
+        groups = []
+        while len(self.slots) + len(groups) < high:
             group = placement_group(bundles(self.config), strategy="PACK")
             if not group.wait(self.config.learners.place_timeout_s):
                 remove_placement_group(group)
                 break
+            groups.append(group)
+        if len(self.slots) + len(groups) < low:
+            for group in groups:
+                remove_placement_group(group)
+            has = ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
+                            if k in ("CPU", "GPU", "memory"))
+            raise TooFewLearners(f"the cluster placed {len(self.slots) + len(groups)} learner(s) within "
+                                 f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}: each takes "
+                                 f"{bundles(self.config)} (resources.*) and the cluster has {has}; lower warp.M or "
+                                 "learners.min, ask less per learner, or add nodes")
+        for group in groups:
             self.slots.append((self.make_learner(len(self.slots), group), group))
-        if len(self.slots) < low:
-            raise RuntimeError(f"the cluster placed {len(self.slots)} learner(s) of {bundles(self.config)} each within "
-                               f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}")
         return len(self.slots)
 
     def train(self, init: Shards, iteration: int, names: list[list[str]]) -> tuple[list[Shards], list[list[dict]]]:
@@ -71,9 +86,17 @@ class LearnerGroup:
             try:
                 results[m] = ray.get(list(runs.pop(m)))
                 continue
-            except LEARNER_DIED as e:
+            except NonFiniteError as e:
+                reason = str(e.cause if isinstance(e, RayTaskError) else e)  # the learner's message, without Ray's traceback
+                log.warning("learner %d is left out of iteration %d's merge: %s", m, iteration, reason)
+                self.rejected.append({"iteration": iteration, "policy": m, "reason": reason})
+                continue
+            except RayError as e:
+                cause = e.cause if isinstance(e, RayTaskError) else e  # a rank's or engine's death comes through the learner
+                if not isinstance(cause, LEARNER_DIED):
+                    raise
                 failures[m] += 1
-                error = type(e).__name__
+                error = type(cause).__name__
             group = self.slots[m][1]
             # A learner lost with its node waits for Ray to place its group again, elsewhere: not forever.
             placed = group.wait(self.config.learners.place_timeout_s)
@@ -88,10 +111,13 @@ class LearnerGroup:
                 self.slots[m] = (self.make_learner(m, group), group)
                 runs[m] = self._run(m, init, iteration, names)
         low = self.config.learner_bounds()[0]
+        rejected = sorted((r for r in self.rejected if r["iteration"] == iteration), key=lambda r: r["policy"])
         if len(results) < low:
-            raise RuntimeError(f"{len(results)} learner(s) finished iteration {iteration}, fewer than learners.min = {low}")
-        self._drop(set(range(len(self.slots))) - set(results))
-        return [results[m][0] for m in sorted(results)], [results[m][1] for m in sorted(results)]
+            raise TooFewLearners(f"{len(results)} learner(s) ended iteration {iteration} with a usable policy, fewer than "
+                                 f"learners.min = {low}" + "".join(f"; learner {r['policy']}: {r['reason']}" for r in rejected))
+        self._drop(set(range(len(self.slots))) - set(results) - {r["policy"] for r in rejected})  # a rejected learner's processes are fine
+        self.merged = sorted(results)
+        return [results[m][0] for m in self.merged], [results[m][1] for m in self.merged]
 
     def _run(self, m: int, init: Shards, iteration: int, names: list[list[str]]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         """Queue one RL run on learner m (an actor runs its calls in order): start, T steps, shard the policy."""

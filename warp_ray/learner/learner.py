@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from warp_ray.config import WarpConfig
+from warp_ray.errors import NonFiniteError
 from warp_ray.evaluation import Evaluator
 from warp_ray.learner.rank import LearnerRank
 from warp_ray.learner.reinforce import pack
@@ -42,6 +43,14 @@ def bundles(config: WarpConfig) -> list[dict[str, float]]:
     rank = {"CPU": r.cpus_per_rank, "GPU": r.gpus_per_rank}
     engine = {"CPU": r.cpus_per_rollout_worker, "GPU": r.gpus_per_rollout_worker}
     return [{k: v for k, v in b.items() if v} for b in [rank] * r.ranks_per_learner + [engine] * r.rollout_workers_per_learner]
+
+
+def check_finite(what: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise NonFiniteError naming the first tensor that holds NaN or Inf: a policy trained on such
+    values, or holding them, must not reach the merge."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not (finite := torch.isfinite(t)).all():
+            raise NonFiniteError(f"{what}: {name!r} has {int((~finite).sum())} NaN or Inf value(s) of {t.numel()}")
 
 
 def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
@@ -63,7 +72,7 @@ class Learner:
         warp, resources = config.warp, config.resources
         K = resources.ranks_per_learner  # the config checked that K divides the batch
         self.config, self.prompts, self.reward_server, self.evaluator = config, list(prompts), reward_server, evaluator
-        self.tokenizer = AutoTokenizer.from_pretrained(sft)
+        self.tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
         self.zero3 = resources.zero_stage == 3
         micro_batch = warp.batch_size // K * warp.samples_per_prompt
         placed = _placement(config, placement_group)
@@ -72,7 +81,8 @@ class Learner:
         ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
         dtype = "bfloat16" if resources.precision == "bf16" else "float32"
         self.rollouts = [RolloutWorker.options(**placed(K + i)).remote(str(sft), max_model_len=self.tokenizer.model_max_length,
-                                                                      seed=seed + i, dtype=dtype)
+                                                                      seed=seed + i, dtype=dtype,
+                                                                      trust_remote_code=config.paths.trust_remote_code)
                          for i in range(resources.rollout_workers_per_learner)]
         # This actor holds no GPU itself: the engines' resources tell where they run.
         gpu = resources.gpus_per_rollout_worker > 0
@@ -105,8 +115,11 @@ class Learner:
         return ray.get(self._gathered("policy_state_dict"))[0]
 
     def put_weights(self, names: Sequence[Sequence[str]]) -> Shards:
-        """The policy into the object store (on this node), cut along the run's partition, for the merge."""
-        return [ray.put(shard) for shard in split(self.get_weights(), names)]
+        """The policy into the object store (on this node), cut along the run's partition, for the
+        merge; NonFiniteError if it holds NaN or Inf."""
+        weights = self.get_weights()
+        check_finite("the trained policy", weights)
+        return [ray.put(shard) for shard in split(weights, names)]
 
     def apply(self, fn: Callable, *args):
         """fn(*args) in this process, beside this learner's weights: the coordinator's merge work on
@@ -212,12 +225,14 @@ class Learner:
                          seed=self.order.randrange(2**31))
         rows = [(prompt, s) for prompt, group in zip(prompts, samples) for s in group]
         rewards = torch.tensor(ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows])))
+        check_finite(f"step {self.steps + 1}", {"reward": rewards})
         rollout_seconds = time.perf_counter() - start
         input_ids, attention, completion = pack([(s["prompt_token_ids"], s["token_ids"]) for _, s in rows], self.tokenizer.pad_token_id)
         share = len(rows) // len(self.ranks)
         shards = [slice(i, i + share) for i in range(0, len(rows), share)]
         stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s]) for rank, s in zip(self.ranks, shards)])
         update_seconds = time.perf_counter() - start - rollout_seconds
+        check_finite(f"step {self.steps + 1}", {"loss": torch.tensor([s["loss"] for s in stats])})
         self.steps += 1
         sync_seconds = self.sync() if self.steps % self.config.resources.sync_every == 0 else 0.0
         metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}

@@ -95,7 +95,7 @@ class LearnerRank:
             self.anchor = anchor
 
     def _load(self, weights: Optional[Mapping[str, torch.Tensor]]) -> nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32, trust_remote_code=self.config.paths.trust_remote_code)
         if weights is not None:
             missing, unexpected = model.load_state_dict(weights, strict=False)
             missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from warp_ray.checkpoint import TensorInfo, atomic_dir, copy_non_weight_files, open_safetensors, weight_files, weight_layout, write_safetensors
+from warp_ray.checkpoint import TensorInfo, architecture, atomic_dir, copy_non_weight_files, open_safetensors, weight_files, weight_layout, write_safetensors
 from warp_ray.errors import MergeError
 from warp_ray.merge.linear import average_merge, liti_merge
 from warp_ray.merge.slerp import slerp_merge
@@ -54,6 +54,10 @@ class RowReader:
 def merge_folders(merge: Merge, folders: Sequence[Folder], out: Folder, overwrite: bool = False, progress: bool = True) -> Path:
     """Run `merge` on model folders; folders[0] is the reference (dtype, layout, config, tokenizer)."""
     folders = [Path(f) for f in folders]
+    for folder in folders[1:]:
+        if architecture(folder) != architecture(folders[0]):
+            raise MergeError(f"{folder} is a {architecture(folder)} model and {folders[0]} a {architecture(folders[0])}: "
+                             "a merge takes models of one architecture")
     layouts = [weight_layout(f) for f in folders]
     check_compatible([{k: (i.shape, i.dtype) for k, i in lay.items()} for lay in layouts], [str(f) for f in folders])
     reference = layouts[0]
@@ -70,7 +74,7 @@ def merge_folders(merge: Merge, folders: Sequence[Folder], out: Folder, overwrit
         return combine(read, spans, merge(read, spans))
 
     by_file = groupby(sorted(reference, key=lambda n: reference[n].file), key=lambda n: reference[n].file)
-    with tqdm(total=len(reference), unit="tensor", desc=f"merge -> {out}", disable=not progress) as bar, atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, tqdm(total=len(reference), unit="tensor", desc=f"merge -> {out}", disable=not progress) as bar:
         copy_non_weight_files(folders[0], tmp)
         for file, names in by_file:
             write_safetensors(tmp / file, {n: reference[n] for n in names}, chunks, metadata)

@@ -128,9 +128,11 @@ def _variant(config: WarpConfig, anchor: str, beta: float) -> WarpConfig:
 def _evaluators(config: WarpConfig, sft: Path, prompts: Path, rm: Path, single: str) -> dict[str, Evaluator]:
     """The held-out evaluators of the runs against WARM and against the single RM, sharing the SFT
     reference and the gold (control) reward."""
-    reference, gold, held_out = ReferencePolicy.remote(str(sft)), RewardServer.remote("gold"), read_prompts(prompts / "held_out.jsonl")
+    trust = config.paths.trust_remote_code
+    reference, gold, held_out = ReferencePolicy.remote(str(sft), trust_remote_code=trust), RewardServer.remote("gold"), read_prompts(prompts / "held_out.jsonl")
     folders = {"warm": rm / "warm", "single": rm / f"rm_{int(single.removeprefix('RM ')) - 1}"}
-    return {reward: Evaluator(config, held_out, RewardServer.remote("model", [str(folder)], params=config.reward_server), reference, gold)
+    return {reward: Evaluator(config, held_out, RewardServer.remote("model", [str(folder)], params=config.reward_server, trust_remote_code=trust),
+                                  reference, gold)
             for reward, folder in folders.items()}
 
 

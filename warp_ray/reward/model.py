@@ -16,15 +16,16 @@ DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", 
 """Dropout settings of the GPT-2 and Llama families; a config takes those it has."""
 
 
-def load_reward_model(folder: str | Path, dropout: float | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_reward_model(folder: str | Path, dropout: float | None = None,
+                      trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """An RM from an RM folder, or a fresh one-output head on a causal-LM folder (the policy's backbone)."""
     folder = check_model_folder(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = AutoConfig.from_pretrained(folder, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, num_labels=1, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code)
     for key in DROPOUT_KEYS if dropout is not None else ():
         if hasattr(config, key):
             setattr(config, key, dropout)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
 

@@ -6,6 +6,8 @@ several RM folders (M forward passes, for comparison), or the built-in task's go
 in a bounded queue and a batching loop serves them together, up to `max_batch_size` pairs,
 waiting at most `max_wait_ms` to fill a batch, so that M learners share one model. A bad
 request is answered with an error naming the problem; the others, and the server, go on.
+If the server's process dies, Ray starts it again and retries the requests in flight
+(`warp_ray.runtime.SERVICE`).
 """
 
 from __future__ import annotations
@@ -20,23 +22,24 @@ from transformers import AutoTokenizer
 
 from warp_ray.config import RewardServerParams
 from warp_ray.reward.model import load_reward_model, score, texts
+from warp_ray.runtime import SERVICE, log_if_restarted
 from warp_ray.task import world
 
 
 class Reward:
     """r(x, y) for a batch, from a model folder, several folders (ENS), or the gold reward."""
 
-    def __init__(self, kind: str, folders: Sequence[str | Path] = ()):
+    def __init__(self, kind: str, folders: Sequence[str | Path] = (), trust_remote_code: bool = False):
         if kind not in ("model", "ens", "gold"):
             raise ValueError(f"reward kind {kind!r} is not one of 'model', 'ens', 'gold'")
         if (kind == "gold") != (not folders) or (kind == "model" and len(folders) != 1):
             raise ValueError(f"a {kind!r} reward takes {'no folder' if kind == 'gold' else 'one folder' if kind == 'model' else 'folders'}")
         self.kind = kind
-        self.models = [load_reward_model(folder) for folder in folders]
+        self.models = [load_reward_model(folder, trust_remote_code=trust_remote_code) for folder in folders]
         self.max_length = min((tokenizer.model_max_length for _, tokenizer in self.models), default=None)
         # A tokenizer of its own for `check`: the server checks requests in its event loop while
         # a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.
-        self.length_tokenizer = AutoTokenizer.from_pretrained(folders[0]) if folders else None
+        self.length_tokenizer = AutoTokenizer.from_pretrained(folders[0], trust_remote_code=trust_remote_code) if folders else None
 
     def check(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
         if not isinstance(prompts, (list, tuple)) or not isinstance(completions, (list, tuple)):
@@ -63,11 +66,13 @@ class Reward:
         return scores.mean(0).tolist()
 
 
-@ray.remote
+@ray.remote(**SERVICE)
 class RewardServer:
-    def __init__(self, kind: str, folders: Sequence[str] = (), params: RewardServerParams = RewardServerParams()):
+    def __init__(self, kind: str, folders: Sequence[str] = (), params: RewardServerParams = RewardServerParams(),
+                 trust_remote_code: bool = False):
+        log_if_restarted("the reward server")
         torch.set_num_threads(max(1, params.threads))
-        self.reward = Reward(kind, folders)
+        self.reward = Reward(kind, folders, trust_remote_code)
         self.params = params
         self.queue: asyncio.Queue | None = None
         self.served = {"requests": 0, "pairs": 0, "batches": 0}

@@ -29,13 +29,13 @@ from warp_ray.runtime import init_ray
 from warp_ray.task.build import task_inputs
 
 
-def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str) -> None:
+def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, trust_remote_code: bool) -> None:
     """One Ray Tune trial: fine-tune a start with trial m's lr, dropout and data order."""
     trial = params.trial(config["m"])
     trial["start"] = starts[config["m"] % len(starts)]
     torch.set_num_threads(max(1, int(params.cpus_per_trial)))
     torch.manual_seed(trial["seed"])
-    model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"])
+    model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"], trust_remote_code=trust_remote_code)
     losses = train_reward_model(model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"])
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -50,7 +50,7 @@ def save(model, tokenizer, folder: Path) -> None:
 
 
 def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out: Path,
-               sft_checkpoints: Sequence[Path] = ()) -> list[Path]:
+               sft_checkpoints: Sequence[Path] = (), trust_remote_code: bool = False) -> list[Path]:
     """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders.
 
     Every fine-tune starts from the SFT backbone with the linear-probed head (<out>/probe); with
@@ -60,7 +60,7 @@ def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out:
     out, sft = Path(out).resolve(), Path(sft).resolve()  # Ray Tune runs each trial in a folder of its own
     out.mkdir(parents=True, exist_ok=True)
     train = read_preferences(preferences["train"])
-    model, tokenizer = load_reward_model(sft)
+    model, tokenizer = load_reward_model(sft, trust_remote_code=trust_remote_code)
     linear_probe(model, tokenizer, train, params.linear_probe_steps, params.linear_probe_lr)
     save(model, tokenizer, out / "probe")
     starts = [out / "probe"]
@@ -69,12 +69,13 @@ def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out:
             raise WarpRayError("warm.baklava needs SFT checkpoints (paths.sft_checkpoints, or the built-in task's)")
         head = model.score.state_dict()
         for k, checkpoint in enumerate(sft_checkpoints, start=1):
-            backbone, tokenizer = load_reward_model(checkpoint)
+            backbone, tokenizer = load_reward_model(checkpoint, trust_remote_code=trust_remote_code)
             backbone.score.load_state_dict(head)
             save(backbone, tokenizer, out / f"start_{k}")
             starts.append(out / f"start_{k}")
 
-    trainable = tune.with_parameters(fine_tune, params=params, starts=[str(s) for s in starts], train=str(Path(preferences["train"]).resolve()))
+    trainable = tune.with_parameters(fine_tune, params=params, starts=[str(s) for s in starts], train=str(Path(preferences["train"]).resolve()),
+                                     trust_remote_code=trust_remote_code)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
         param_space={"m": tune.grid_search(list(range(params.M)))},
@@ -141,7 +142,7 @@ def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
     splits = preference_splits(preferences)
     init_ray()
     out = config.paths.output_dir / "rm"
-    folders = train_warm(config.warm, sft, splits, out, sft_checkpoints)
+    folders = train_warm(config.warm, sft, splits, out, sft_checkpoints, config.paths.trust_remote_code)
     table = accuracy_table(folders, out / "warm", splits)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2))
     (out / "accuracy.md").write_text(markdown(table))

@@ -24,13 +24,13 @@ EXTENSION = "warp_ray.rollout.extension.WeightSync"
 @ray.remote
 class RolloutWorker:
     def __init__(self, model: str | Path, max_model_len: int, seed: int = 0, dtype: str = "float32",
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, trust_remote_code: bool = False):
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for small batches
         from vllm import LLM
 
         self.llm = LLM(model=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       enforce_eager=True, worker_extension_cls=EXTENSION)
+                       enforce_eager=True, worker_extension_cls=EXTENSION, trust_remote_code=trust_remote_code)
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int | None = None) -> list[list[dict]]:
         """`n` completions per prompt, each {"text", "token_ids", "logprobs", "prompt_token_ids"}: log-probs of

@@ -1,0 +1,62 @@
+"""A WARP run's inputs, checked in the driver before Ray starts, so that a bad one costs seconds
+and one clear message, not a run that fails in its first step: the weights are readable
+safetensors, the policy and the reward model share a tokenizer, and every prompt fits the
+policy's and the reward model's contexts with room for `warp.max_new_tokens`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from warp_ray.checkpoint import weight_layout
+from warp_ray.config import WarpConfig
+from warp_ray.data import DataError, read_prompts
+from warp_ray.errors import ConfigError
+from warp_ray.reward.model import texts
+
+PROMPT_SPLITS = ("train.jsonl", "held_out.jsonl")
+
+
+def context(folder: Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int:
+    """The longest sequence a model folder takes: its position embeddings, or its tokenizer's limit if lower."""
+    positions = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), "max_position_embeddings", None)
+    return min(positions or tokenizer.model_max_length, tokenizer.model_max_length)
+
+
+def check_same_tokenizer(policy: PreTrainedTokenizerBase, sft: Path, reward: PreTrainedTokenizerBase, rm: Path) -> None:
+    a, b = policy.get_vocab(), reward.get_vocab()
+    if a == b:
+        return
+    token = next(t for t in sorted(a.keys() | b.keys()) if a.get(t) != b.get(t))
+    raise ConfigError(f"the policy (paths.sft_model {sft}) and the reward model (paths.reward_model {rm}) have different "
+                      f"tokenizers: {len(a)} and {len(b)} tokens, and token {token!r} is id {a.get(token, 'absent')} in one, "
+                      f"{b.get(token, 'absent')} in the other; train the reward model from the policy's SFT (warp-ray train-rm)")
+
+
+def check_prompts_fit(path: Path, tokenizer: PreTrainedTokenizerBase, limit: int, limited_by: str, max_new_tokens: int,
+                      pair_text: bool = False) -> None:
+    prompts = read_prompts(path)
+    encoded = texts(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server tokenizes a pair
+    for i, ids in enumerate(tokenizer(encoded).input_ids):
+        if len(ids) + max_new_tokens > limit:
+            raise DataError(f"{path}: prompt {i + 1} is {len(ids)} tokens long: with warp.max_new_tokens = {max_new_tokens} it "
+                            f"needs {len(ids) + max_new_tokens}, over {limited_by} of {limit} tokens (prompt: {prompts[i][:60]!r})")
+
+
+def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> None:
+    trust, max_new_tokens = config.paths.trust_remote_code, config.warp.max_new_tokens
+    for folder in (sft, reward_model):
+        if folder is not None:
+            weight_layout(folder)  # every weight file's header: a truncated or pickled file fails here
+    policy = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
+    reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
+    if reward is not None:
+        check_same_tokenizer(policy, sft, reward, reward_model)
+    for split in PROMPT_SPLITS:
+        path = Path(prompts) / split
+        check_prompts_fit(path, policy, context(sft, policy, trust), f"the policy's context ({sft})", max_new_tokens)
+        if reward is not None:
+            check_prompts_fit(path, reward, reward.model_max_length, f"the reward model's limit ({reward_model})", max_new_tokens,
+                              pair_text=True)
