@@ -35,9 +35,8 @@ def check_same_tokenizer(policy: PreTrainedTokenizerBase, sft: Path, reward: Pre
                       f"{b.get(token, 'absent')} in the other; train the reward model from the policy's SFT (warp-ray train-rm)")
 
 
-def check_prompts_fit(path: Path, tokenizer: PreTrainedTokenizerBase, limit: int, limited_by: str, max_new_tokens: int,
-                      pair_text: bool = False) -> None:
-    prompts = read_prompts(path)
+def check_prompts_fit(path: Path, prompts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, limited_by: str,
+                      max_new_tokens: int, pair_text: bool = False) -> None:
     encoded = texts(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server tokenizes a pair
     for i, ids in enumerate(tokenizer(encoded).input_ids):
         if len(ids) + max_new_tokens > limit:
@@ -54,9 +53,11 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
     reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
     if reward is not None:
         check_same_tokenizer(policy, sft, reward, reward_model)
+    policy_context = context(sft, policy, trust)
     for split in PROMPT_SPLITS:
         path = Path(prompts) / split
-        check_prompts_fit(path, policy, context(sft, policy, trust), f"the policy's context ({sft})", max_new_tokens)
+        texts_read = read_prompts(path)
+        check_prompts_fit(path, texts_read, policy, policy_context, f"the policy's context ({sft})", max_new_tokens)
         if reward is not None:
-            check_prompts_fit(path, reward, reward.model_max_length, f"the reward model's limit ({reward_model})", max_new_tokens,
-                              pair_text=True)
+            check_prompts_fit(path, texts_read, reward, reward.model_max_length, f"the reward model's limit ({reward_model})",
+                              max_new_tokens, pair_text=True)
