@@ -1,8 +1,10 @@
 """Benchmark of a learner on the built-in task, every ratio against a baseline of the same run.
 
-1. Rollouts: a vLLM engine (a `RolloutWorker` actor) against `transformers` `generate` in this
-   process, on the same batch (the tiny config's 8 prompts x 4 samples, 24 new tokens, T = 0.9):
-   generated tokens per second.
+1. Rollouts: a vLLM engine (a `RolloutWorker` actor), with its core and worker in child
+   processes (vLLM's default) and in the actor's own process (`resources.rollout_in_process`),
+   against `transformers` `generate` in this process, on the same batch (the tiny config's 8
+   prompts x 4 samples, 24 new tokens, T = 0.9): generated tokens per second, and each engine's
+   start (actor created to first completion). The two engines also on 8 times that batch.
 2. Weight sync as a fraction of step time, through the object store and through the broadcast
    group (gloo here), one learner each (K = 1, ZeRO-2, fp32).
 3. The Ray + DeepSpeed learner's step against a bare single-process torch REINFORCE loop doing
@@ -89,17 +91,31 @@ class BareLoop:
         return end - start, end - update
 
 
-def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -> dict[str, float]:
-    """Generated tokens per second of vLLM and of transformers (1 and 2 threads) on one batch."""
+def started_engine(sft: Path, in_process: bool) -> tuple[ray.actor.ActorHandle, float]:
+    """A rollout engine and the seconds from its creation to its first completion."""
+    start = time.perf_counter()
+    engine = RolloutWorker.remote(str(sft), max_model_len=AutoTokenizer.from_pretrained(sft).model_max_length, in_process=in_process)
+    ray.get(engine.generate.remote(["the"], 1, 1.0, 1))
+    return engine, time.perf_counter() - start
+
+
+def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Generated tokens per second of vLLM (both engine layouts) and of transformers (1 and 2
+    threads) on one batch, the engines also on 8 copies of it; the engines' start seconds."""
     warp = config.warp
-    engine = RolloutWorker.remote(str(sft), max_model_len=AutoTokenizer.from_pretrained(sft).model_max_length)
+    engines, starts = {}, {}
+    for name, in_process in (("vllm", False), ("vllm_in_process", True)):  # one at a time: starts are not contended
+        engines[name], starts[name] = started_engine(sft, in_process)
     bare = BareLoop(config, sft)
-    rates: dict[str, list[float]] = {"vllm": [], "transformers_1_thread": [], "transformers_2_threads": []}
+    rates: dict[str, list[float]] = {name: [] for name in (*engines, *(f"{e}_x8" for e in engines), "transformers_1_thread",
+                                                           "transformers_2_threads")}
     for r in range(rounds + 1):  # round 0 warms up
-        start = time.perf_counter()
-        groups = ray.get(engine.generate.remote(prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
-        vllm = sum(len(s["token_ids"]) for g in groups for s in g) / (time.perf_counter() - start)
-        results = {"vllm": vllm}
+        results = {}
+        for name, engine in engines.items():
+            for suffix, batch in (("", prompts), ("_x8", prompts * 8)):
+                start = time.perf_counter()
+                groups = ray.get(engine.generate.remote(batch, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
+                results[name + suffix] = sum(len(s["token_ids"]) for g in groups for s in g) / (time.perf_counter() - start)
         for threads in (1, 2):
             torch.set_num_threads(threads)
             start = time.perf_counter()
@@ -108,17 +124,21 @@ def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -
         if r:
             for k, v in results.items():
                 rates[k].append(v)
-    ray.kill(engine)
-    return {k: statistics.median(v) for k, v in rates.items()}
+    for engine in engines.values():
+        ray.kill(engine)
+    return {k: statistics.median(v) for k, v in rates.items()}, starts
 
 
 def learner_steps(config: WarpConfig, task: Path, weight_sync: str, steps: int) -> dict[str, float]:
     config = config.model_copy(update={"resources": config.resources.model_copy(update={"weight_sync": weight_sync})})
+    start = time.perf_counter()
     learner = Learner(config, task / "sft", read_prompts(task / "prompts" / "train.jsonl"), RewardServer.remote("gold"), seed=0)
+    start_seconds = time.perf_counter() - start
     learner.run(3, desc=f"warm-up ({weight_sync})")
     history = learner.run(steps, desc=weight_sync)
     learner.close()
-    return {k: statistics.median(m[k] for m in history) for k in ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")}
+    medians = {k: statistics.median(m[k] for m in history) for k in ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")}
+    return {**medians, "start_seconds": start_seconds}
 
 
 def main() -> None:
@@ -131,7 +151,7 @@ def main() -> None:
     prompts = read_prompts(task / "prompts" / "train.jsonl")[: config.warp.batch_size]
     init_ray(num_cpus=2)
 
-    rates = generation(config, task / "sft", prompts, rounds=5)
+    rates, starts = generation(config, task / "sft", prompts, rounds=5)
     learners = {sync: learner_steps(config, task, sync, args.steps) for sync in ("object_store", "broadcast")}
     bare = BareLoop(config, task / "sft")
     for _ in range(3):
@@ -139,12 +159,17 @@ def main() -> None:
     timings = [bare.step(prompts) for _ in range(args.steps)]
     bare_step, bare_update = statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
 
-    results = {"tokens_per_s": rates, "learner": learners, "bare_loop": {"seconds": bare_step, "update_seconds": bare_update}}
+    results = {"tokens_per_s": rates, "engine_start_seconds": starts, "learner": learners, "bare_loop": {"seconds": bare_step, "update_seconds": bare_update}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print("\n| rollouts | tokens/s | vs transformers (1 thread / 2 threads) |\n|---|---|---|")
-    for name, rate in rates.items():
+    for name, rate in ((n, r) for n, r in rates.items() if not n.endswith("_x8")):  # the same batch as transformers
         print(f"| {name} | {rate:.0f} | {rate / rates['transformers_1_thread']:.2f} / {rate / rates['transformers_2_threads']:.2f} |")
+    print("\n| vLLM engine | start s | start vs child processes | tokens/s vs child processes |\n|---|---|---|---|")
+    for name, seconds in starts.items():
+        print(f"| {name} | {seconds:.1f} | {seconds / starts['vllm']:.2f} | {rates[name] / rates['vllm']:.2f} "
+              f"(x8 batch: {rates[name + '_x8'] / rates['vllm_x8']:.2f}) |")
+    print("\n| learner start (tiny config, engines in process) | " + " | ".join(f"{s}: {t['start_seconds']:.1f} s" for s, t in learners.items()) + " |")
     print("\n| step (medians) | s/step | rollout s | update s | sync s | sync / step | step vs bare | update vs bare |")
     print("|---|---|---|---|---|---|---|---|")
     for sync, t in learners.items():

@@ -36,7 +36,8 @@ def warp_config(out, **warp) -> WarpConfig:
         "warp": {"M": 2, "I": 2, "T": 4, "batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 16, "lr": 3e-4,
                  "beta": 0.02, "warmup_steps": 1, "mu": 0.1, "eta": 0.5, **warp},
         "evaluation": {"every": 0, "prompts": 8, "samples_per_prompt": 2, "front_etas": [0.0, 0.5, 1.0]},
-        "resources": {"precision": "fp32", "cpus_per_rank": 0.5, "cpus_per_rollout_worker": 0.5},  # 2 learners on 2 CPUs
+        "resources": {"precision": "fp32", "cpus_per_rank": 0.5, "cpus_per_rollout_worker": 0.5,  # 2 learners on 2 CPUs
+                      "rollout_in_process": True},
         "paths": {"output_dir": str(out), "keep_policies": True}})
 
 

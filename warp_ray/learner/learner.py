@@ -77,13 +77,15 @@ class Learner:
         micro_batch = warp.batch_size // K * warp.samples_per_prompt
         placed = _placement(config, placement_group)
         self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, config, micro_batch) for k in range(K)]
-        address, port = ray.get(self.ranks[0].rendezvous.remote())
-        ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
         dtype = "bfloat16" if resources.precision == "bf16" else "float32"
+        # The engines start (tens of seconds) while the ranks join their group.
         self.rollouts = [RolloutWorker.options(**placed(K + i)).remote(str(sft), max_model_len=self.tokenizer.model_max_length,
                                                                       seed=seed + i, dtype=dtype,
-                                                                      trust_remote_code=config.paths.trust_remote_code)
+                                                                      trust_remote_code=config.paths.trust_remote_code,
+                                                                      in_process=resources.rollout_in_process)
                          for i in range(resources.rollout_workers_per_learner)]
+        address, port = ray.get(self.ranks[0].rendezvous.remote())
+        ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
         # This actor holds no GPU itself: the engines' resources tell where they run.
         gpu = resources.gpus_per_rollout_worker > 0
         self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and gpu)

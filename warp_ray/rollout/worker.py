@@ -24,9 +24,11 @@ EXTENSION = "warp_ray.rollout.extension.WeightSync"
 @ray.remote
 class RolloutWorker:
     def __init__(self, model: str | Path, max_model_len: int, seed: int = 0, dtype: str = "float32",
-                 max_num_seqs: int = 64, trust_remote_code: bool = False):
+                 max_num_seqs: int = 64, trust_remote_code: bool = False, in_process: bool = False):
+        """in_process: the engine core and its worker in this process (resources.rollout_in_process)."""
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for small batches
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # read by vLLM when the engine starts
         from vllm import LLM
 
         self.llm = LLM(model=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
