@@ -12,6 +12,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import perturbed
 from warp_ray.data import read_prompts
 from warp_ray.rollout import weight_group
 from warp_ray.rollout.worker import RolloutWorker
@@ -45,10 +46,7 @@ def test_vllm_and_transformers_agree_before_and_after_a_weight_sync(engine, tiny
 
     before = vllm_greedy()
     assert before == greedy(model, tokenizer, prompts, 16)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():  # in place: tied embeddings stay tied
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(model, seed=0)
     seconds = ray.get(engine.update_weights.remote(model.state_dict()))
     after = vllm_greedy()
     assert after != before  # the engine runs the new weights...
@@ -61,10 +59,7 @@ def test_the_broadcast_group_streams_weights_into_the_engines_worker_process(eng
     model = AutoModelForCausalLM.from_pretrained(tiny_task / "sft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
     prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:6]
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(model, seed=1)
     address, port = weight_group.free_address()
     joined = engine.join_weight_group.remote(address, port, 1, 2)
     group = weight_group.join(address, port, 0, 2)
