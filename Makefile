@@ -21,7 +21,8 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 demo: setup
 	$(VENV)/bin/warp-ray warp --config configs/tiny.yaml
 
-# The papers' claims on the built-in task, measured (about 20 minutes on 2 cores): docs/results.md.
+# The built-in task's regime, then the papers' claims on it: docs/results.md. Not yet timed at the
+# settings of configs/reproduce.yaml (T = 300, 10,000 pairs); its parts measured alone suggest about an hour.
 reproduce: setup
 	$(VENV)/bin/warp-ray reproduce --config configs/reproduce.yaml --report docs
 

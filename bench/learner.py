@@ -3,7 +3,7 @@
 1. Rollouts: a vLLM engine (a `RolloutWorker` actor), with its core and worker in child
    processes (vLLM's default) and in the actor's own process (`resources.rollout_in_process`),
    against `transformers` `generate` in this process, on the same batch (the tiny config's 8
-   prompts x 4 samples, 24 new tokens, T = 0.9): generated tokens per second, and each engine's
+   prompts x 4 samples, its length limit and temperature): generated tokens per second, and each engine's
    start (actor created to first completion). The two engines also on 8 times that batch.
 2. Weight sync as a fraction of step time, through the object store and through the broadcast
    group (gloo here), one learner each (K = 1, ZeRO-2, fp32).
@@ -27,7 +27,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from warp_ray.config import TaskParams, WarpConfig
+from warp_ray.config import WarpConfig
 from warp_ray.data import read_prompts
 from warp_ray.learner.learner import Learner
 from warp_ray.learner.reinforce import pack, reinforce_loss, token_logprobs
@@ -77,9 +77,11 @@ class BareLoop:
         torch.set_num_threads(1)  # the update gets one thread, as a learner rank does
         update = time.perf_counter()
         input_ids, attention, completion = pack([(p, c) for _, p, c in rows], self.tokenizer.pad_token_id)
-        policy = token_logprobs(self.policy(input_ids=input_ids, attention_mask=attention).logits[:, :-1], input_ids[:, 1:])
+        logits = self.policy(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / warp.temperature
+        policy = token_logprobs(logits, input_ids[:, 1:])
         with torch.no_grad():
-            anchor = token_logprobs(self.anchor(input_ids=input_ids, attention_mask=attention).logits[:, :-1], input_ids[:, 1:])
+            anchor_logits = self.anchor(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / warp.temperature
+            anchor = token_logprobs(anchor_logits, input_ids[:, 1:])
         loss, _ = reinforce_loss(policy, anchor, completion[:, 1:].float(), rewards, warp.beta, warp.samples_per_prompt, warp.baseline)
         self.optimizer.zero_grad()
         loss.backward()
@@ -146,8 +148,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each learner and of the bare loop")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner.json")
     args = parser.parse_args()
-    task = build_task(TaskParams(), ROOT / "bench" / "out" / "task")
     config = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+    task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
     prompts = read_prompts(task / "prompts" / "train.jsonl")[: config.warp.batch_size]
     init_ray(num_cpus=2)
 

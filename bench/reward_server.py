@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 import torch
 
-from warp_ray.config import RewardServerParams, TaskParams
+from warp_ray.config import RewardServerParams, WarpConfig
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
 from warp_ray.reward.server import RewardServer
@@ -27,6 +27,7 @@ from warp_ray.runtime import init_ray
 from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
 REQUEST = 32
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="requests per caller")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reward_server.json")
     args = parser.parse_args()
-    task = build_task(TaskParams(), ROOT / "bench" / "out" / "task")
+    task = build_task(TINY.task, ROOT / "bench" / "out" / "task", TINY.warp.max_new_tokens)
     rm = ROOT / "bench" / "out" / "rm"
     model, tokenizer = load_reward_model(task / "sft")
     model.save_pretrained(rm)

@@ -29,7 +29,7 @@ import psutil
 import ray
 import torch
 
-from warp_ray.config import RewardServerParams, TaskParams
+from warp_ray.config import RewardServerParams, WarpConfig
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
 from warp_ray.reward.server import RewardServer
@@ -37,6 +37,7 @@ from warp_ray.runtime import init_ray
 from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
 REQUEST, DISTINCT, LEARNERS = 32, 64, 8
 LOST_AFTER_S = 120
 
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reward_server_load.json")
     args = parser.parse_args()
     if args.rm is None:
-        task = build_task(TaskParams(), ROOT / "bench" / "out" / "task")
+        task = build_task(TINY.task, ROOT / "bench" / "out" / "task", TINY.warp.max_new_tokens)
         args.rm, args.pairs = ROOT / "bench" / "out" / "rm", task / "preferences" / "train.jsonl"
         model, tokenizer = load_reward_model(task / "sft")
         model.save_pretrained(args.rm)

@@ -48,12 +48,13 @@ def model_folders(tmp_path: Path, tokenizer) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory) -> Path:
-    """The built-in task, built once per test session, smaller than the default to stay quick."""
+    """The built-in task, built once per test session, smaller than the default to stay quick;
+    its preference data cut at the 24 tokens the learners' tests generate."""
     from warp_ray.config import TaskParams
     from warp_ray.task.build import build_task
 
     params = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
-    return build_task(params, tmp_path_factory.mktemp("task") / "task")
+    return build_task(params, tmp_path_factory.mktemp("task") / "task", max_new_tokens=24)
 
 
 @pytest.fixture(scope="session")

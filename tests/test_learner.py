@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from warp_ray.config import WarpConfig
 from warp_ray.data import read_prompts
 from warp_ray.errors import NonFiniteError
-from warp_ray.evaluation import Evaluator, ReferencePolicy
+from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.model import load_reward_model
 from warp_ray.reward.server import RewardServer
@@ -56,8 +56,17 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
     for m in history:
         assert 0 < m["entropy"] < math.log(32000) and m["grad_norm"] > 0 and m["tokens_per_s"] > 0
-        assert 0 < m["sync_seconds"] < m["seconds"]
-    assert history[0]["lr"] < history[-1]["lr"] == pytest.approx(1e-4)  # linear warm-up over 5 steps
+        assert 0 < m["sync_seconds"] < m["seconds"] and 0 <= m["truncated"] <= 1
+        # The learner's log pi_T of the sampled tokens is the engine's, sampling at T = 0.9 (fp32, synced every step).
+        assert m["logprob_gap"] < 1e-3, m["step"]
+    assert 0 <= history[-1]["eval_truncated"] <= 1
+    # Linear warm-up over 5 steps, from the first: lr / 5 at step 1, lr from step 5.
+    assert [m["lr"] for m in history[:6]] == pytest.approx([2e-5, 4e-5, 6e-5, 8e-5, 1e-4, 1e-4])
+    def adam(rank) -> tuple[str, float]:
+        return type(rank.engine.basic_optimizer).__name__, rank.engine.basic_optimizer.defaults["weight_decay"]
+
+    name, weight_decay = ray.get(learner.ranks[0].__ray_call__.remote(adam))
+    assert name in ("Adam", "AdamW") and weight_decay == 0.0  # Adam, or AdamW without decay: Adam
 
     first, second = ray.get([rank.policy_state_dict.remote() for rank in learner.ranks])
     for key in first:
@@ -140,7 +149,9 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     rows = learner.evaluate_weights([ray.put(policy)], per_sample=True)  # as a merge is evaluated, one row per sample
     assert len(rows) == 16 * config.evaluation.samples_per_prompt and rows[0]["prompt"] == held_out[0]
     means = learner.evaluate()  # the same policy, synced back: the rows' means
-    assert means == pytest.approx({key: statistics.mean(row[key] for row in rows) for key in means})
+    expected = {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key in means}
+    expected.update({key: mean_and_se(rows, key.removesuffix("_se"))[1] for key in means if key.endswith("_se")})
+    assert means == pytest.approx(expected)
     anchors = ray.get([rank.anchor_state_dict.remote() for rank in learner.ranks])
     assert anchors[1] is None  # gathered once, on rank 0 only
     sft = load_file(tiny_task / "sft" / "model.safetensors")

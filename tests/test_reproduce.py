@@ -17,10 +17,10 @@ import torch
 from warp_ray.cli import main
 from warp_ray.config import WarpConfig
 from warp_ray.errors import ConfigError
-from warp_ray.reproduce import claims
+from warp_ray.reproduce import claims, regime
 from warp_ray.reproduce.claims import Check, collapse_step, front_gap, win_rate
 from warp_ray.reproduce.report import write_report
-from warp_ray.reproduce.runs import BASELINES, WARP_RUN, angles, check_protocol
+from warp_ray.reproduce.runs import BASELINES, SINGLE_RM_RUN, WARP_RUN, angles, check_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,8 @@ def test_protocol_refuses_settings_the_claims_are_not_about():
         check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml"))
     with pytest.raises(ConfigError, match="warp.I >= 2"):
         check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["warp.I=1"]))
+    with pytest.raises(ConfigError, match=r"evaluation.every = warp.T / 10 = 20 .* got 10"):
+        check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["warp.T=200", "evaluation.every=10"]))
 
 
 def evaluation(kl: float, reward: float, control: list[float] | None = None, **extra) -> dict:
@@ -101,7 +103,7 @@ def made_up_results() -> dict:
     runs = {WARP_RUN: run(1.0), "EMA anchor, beta 0.01": run(1.0), "SFT anchor, beta 0": run(0.5, kl_rate=4.0),
             "SFT anchor, beta 0.01": run(0.8), "SFT anchor, beta 0.1": run(0.8), "SFT anchor, beta 0.01, single RM": run(0.6)}
     runs["SFT anchor, beta 0.01, single RM"][-2:] = [{**p, "control_reward": 0.0} for p in runs["SFT anchor, beta 0.01, single RM"][-2:]]
-    assert set(runs) == {WARP_RUN, *BASELINES}
+    assert set(runs) == {WARP_RUN, SINGLE_RM_RUN, *BASELINES}
     accuracy = {name: {"train (as labelled)": 0.7, "train (true labels)": 0.7, "flipped pairs (as labelled)": flipped,
                        "validation": 0.65, "ood": ood} for name, flipped, ood in (("RM 1", 0.5, 0.6), ("ENS", 0.5, 0.6), ("WARM", 0.3, 0.7))}
     return {
@@ -152,3 +154,94 @@ def test_report_only_redraws_from_the_saved_results(tmp_path, capsys):
     assert main(args + ["--report", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "results.md").is_file() and (tmp_path / "docs" / "results" / "claim_8.png").is_file()
     assert json.loads((tmp_path / "docs" / "results" / "results.json").read_text()) == made_up_results()  # the data, beside
+
+
+def made_up_regime(rise: float = 1.0, fall: float = 0.6, T: int = 100, mu: float = 0.1) -> dict:
+    """A regime run over T steps whose gold reward rises by `rise` by T/2, then falls by `fall` while KL grows."""
+    def gold(step: int) -> float:
+        return -1.0 + rise * min(step, T // 2) / (T // 2) - fall * max(0, step - T // 2) / (T // 2)
+
+    run = [{"step": s, "kl_to_sft": 0.05 * s, "control_reward": gold(s), "control_reward_se": 0.1, "truncated": 0.0}
+           for s in range(T // 10, T + 1, T // 10)]
+    return {"T": T, "mu": mu, "run": run, "best_gold_reward": 5.5, "label_ceiling": 0.78,
+            "best_single_rm": {"name": "RM 2", "accuracy": 0.75}, "rms": {"RM 2": 0.75},
+            "sft": {"control_reward": -1.0, "control_reward_se": 0.1, "truncated": 0.02}}
+
+
+def test_the_label_ceiling_is_the_gold_rewards_own_accuracy_ties_counting_half():
+    pairs = [{"gold_chosen": 2.0, "gold_rejected": 1.0}, {"gold_chosen": 0.0, "gold_rejected": 1.0},
+             {"gold_chosen": 1.0, "gold_rejected": 1.0}, {"gold_chosen": 3.0, "gold_rejected": -1.0}]
+    assert regime.label_ceiling(pairs) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_regime_criteria_follow_the_numbers():
+    holds = {c.name: c.holds for c in regime.criteria(made_up_regime())}
+    assert all(h is not False for h in holds.values()), holds
+    assert sum(h is None for h in holds.values()) == 1  # the room above the SFT is reported, not judged
+    failing = made_up_regime(rise=0.2, fall=0.1, T=100, mu=0.01)  # rises by 2 SE, falls by 0.7 SE, 1/mu = T
+    failing["sft"]["truncated"] = 0.3
+    failing["label_ceiling"], failing["best_single_rm"]["accuracy"] = 0.7, 0.6
+    assert [c.holds for c in regime.criteria(failing)] == [False, None, False, False, False, False, False, True]
+    early = made_up_regime()
+    for p in early["run"]:
+        p["kl_to_sft"] = 5.0 if p["step"] >= 10 else 0.0  # all the KL in the first tenth
+    assert not next(c for c in regime.criteria(early) if c.name.startswith("KL to the SFT")).holds
+
+
+def test_the_report_opens_with_the_regime_when_it_was_measured(tmp_path):
+    results = {**made_up_results(), "regime": made_up_regime()}
+    text = write_report(results, tmp_path).read_text()
+    assert "## The regime" in text and "| label ceiling (validation) | 0.780 | >= 0.75 | yes |" in text
+    assert text.index("## The regime") < text.index("| claim | verdict |")
+    assert "## The regime" not in write_report(made_up_results(), tmp_path / "without").read_text()
+
+
+def test_regime_only_runs_are_logged_and_the_report_tables_every_configuration_tried(tmp_path):
+    import json
+
+    from warp_ray.reproduce import REGIME_LOG, _log_regime, reproduce
+
+    config = WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}/run"])
+    slow = config.model_copy(update={"warp": config.warp.model_copy(update={"lr": config.warp.lr / 10})})
+    _log_regime(tmp_path / "docs", config, made_up_regime())
+    _log_regime(tmp_path / "docs", slow, made_up_regime(fall=0.0))
+    (tmp_path / "run" / "reproduce").mkdir(parents=True)
+    (tmp_path / "run" / "reproduce" / "results.json").write_text(json.dumps(made_up_results()))
+    text = reproduce(config, tmp_path / "docs", measure=False).read_text()
+    date = json.loads((tmp_path / "docs" / REGIME_LOG).read_text().splitlines()[0])["date"]
+    rows = [line for line in text.splitlines() if line.startswith(("| C0 |", "| C1 |")) and date in line]
+    assert len(rows) == 2 and rows[0].endswith("| yes |") and rows[1].endswith("| no |")  # the second one never falls
+    assert f"| {config.warp.lr} |" in rows[0] and f"| {config.warp.lr / 10} |" in rows[1]
+    assert "regime_tried" not in json.loads((tmp_path / "docs" / "results" / "results.json").read_text())
+
+
+def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path, monkeypatch):
+    import json
+
+    from warp_ray.reproduce import runs
+
+    (tmp_path / "task" / "sft").mkdir(parents=True)
+    trained = []
+
+    def task_inputs(config):
+        (tmp_path / "task" / "task.json").write_text(json.dumps({"params": {"pairs": config.task.pairs}}))
+        return tmp_path / "task" / "sft", tmp_path / "task" / "prompts", tmp_path / "task" / "preferences", []
+
+    def run_warm(config):  # stands in for the Ray Tune sweep: what matters here is whether it runs
+        trained.append(config)
+        (config.paths.output_dir / "rm").mkdir(parents=True, exist_ok=True)
+        table = {"WARM": {"validation": len(trained)}}
+        (config.paths.output_dir / "rm" / "accuracy.json").write_text(json.dumps(table))
+        return table
+
+    monkeypatch.setattr(runs, "task_inputs", task_inputs)
+    monkeypatch.setattr(runs, "run_warm", run_warm)
+    def config(*overrides: str) -> WarpConfig:
+        overrides = [f"paths.output_dir={tmp_path}/out", *overrides]
+        return WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", overrides)
+
+    assert runs._task_and_warm(config())[3] == {"WARM": {"validation": 1}}
+    assert runs._task_and_warm(config())[3] == {"WARM": {"validation": 1}} and len(trained) == 1  # read back
+    assert runs._task_and_warm(config("task.pairs=2000"))[3] == {"WARM": {"validation": 2}}  # another task: again
+    longer = config("task.pairs=2000", "warm.steps=300")
+    assert runs._task_and_warm(longer)[3] == {"WARM": {"validation": 3}}  # other WARM settings: trained again

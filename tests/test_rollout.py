@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import perturbed
-from warp_ray.data import read_prompts
+from warp_ray.data import read_preferences, read_prompts
+from warp_ray.reward.model import reward_input
 from warp_ray.rollout import weight_group
-from warp_ray.rollout.worker import RolloutWorker
+from warp_ray.rollout.worker import RolloutWorker, sample
 
 pytestmark = pytest.mark.slow
 
@@ -78,13 +79,47 @@ def test_samples_carry_the_log_probs_of_the_policy(engine, tiny_task):
     ray.get(engine.update_weights.remote(model.state_dict()))
     tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
     prompt = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[0]
-    samples = ray.get(engine.generate.remote([prompt], 4, 1.0, 12, 7))[0]
+    temperature = 0.7  # the log-probs are of the distribution sampled from: logits / T
+    samples = ray.get(engine.generate.remote([prompt], 4, temperature, 12, [7, 8, 9, 10]))[0]
     assert len(samples) == 4 and len({tuple(s["token_ids"]) for s in samples}) > 1
     prompt_ids = tokenizer(prompt).input_ids
-    for sample in samples:
-        assert sample["prompt_token_ids"] == prompt_ids
-        ids = torch.tensor([prompt_ids + sample["token_ids"]])
+    for completion in samples:
+        assert completion["prompt_token_ids"] == prompt_ids
+        ids = torch.tensor([prompt_ids + completion["token_ids"]])
         with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
-        expected = logits.log_softmax(-1).gather(-1, torch.tensor(sample["token_ids"])[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(sample["logprobs"]), expected, atol=1e-4)
+            logits = model(ids).logits[0, len(prompt_ids) - 1 : -1] / temperature
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion["token_ids"])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(completion["logprobs"]), expected, atol=1e-4)
+        cut = len(completion["token_ids"]) == 12 and completion["token_ids"][-1] != tokenizer.eos_token_id
+        assert completion["truncated"] == cut
+
+
+def test_every_sample_draws_its_own_randomness_and_a_seed_repeats_them(engine, tiny_task):
+    """vLLM seeds sample k of a request with seed + k: one seed per call gave identical prompts
+    identical completions, and sample k of every prompt the same stream."""
+    prompt = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[0]
+    groups = sample([engine], [prompt, prompt], 2, 0.9, 16, seed=5)
+    completions = [tuple(s["token_ids"]) for group in groups for s in group]
+    assert len(set(completions)) == 4  # two identical prompts, two samples each: four completions
+    assert sample([engine], [prompt, prompt], 2, 0.9, 16, seed=5) == groups  # reproducible from the run's seed
+    assert sample([engine], [prompt, prompt], 2, 0.9, 16, seed=6) != groups
+
+
+def test_the_reward_model_reads_a_vllm_completion_as_the_preference_data_stores_it(engine, tiny_task):
+    """vLLM's text starts with the space of its first token; the preference data stores the same
+    completion stripped, as `task.build.sample` decodes it. The RM must get the same token ids."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
+    prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:4]
+    differ = 0
+    for prompt, group in zip(prompts, sample([engine], prompts, 2, 1.0, 24, seed=1)):
+        for s in group:
+            stored = tokenizer.decode(s["token_ids"], skip_special_tokens=True).strip()
+            assert s["text"].strip() == stored
+            differ += s["text"] != stored
+            as_sampled, as_stored = tokenizer([reward_input(prompt, s["text"]), reward_input(prompt, stored)]).input_ids
+            assert as_sampled == as_stored
+    assert differ  # vLLM's texts carried the space the stored ones do not
+    pair = read_preferences(tiny_task / "preferences" / "validation.jsonl")[0]
+    as_sampled = " " + pair["chosen"]  # the same completion as vLLM would return its text
+    expected = tokenizer(pair["prompt"]).input_ids + tokenizer(as_sampled).input_ids
+    assert tokenizer(reward_input(pair["prompt"], as_sampled)).input_ids == expected  # no extra token, no shift

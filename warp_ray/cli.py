@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(reproduce)
     reproduce.add_argument("--report", type=Path, help="folder for results.md and its figures (default: <paths.output_dir>/reproduce)")
     reproduce.add_argument("--report-only", action="store_true", help="redraw the report from the results.json of an earlier run")
+    reproduce.add_argument("--regime-only", action="store_true",
+                           help="measure only whether the built-in task is in the papers' regime (minutes), "
+                           "logged with the configurations tried")
 
     demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
     _add_config_args(demo)
@@ -102,6 +105,12 @@ def _run(args: argparse.Namespace) -> None:
 
         last = run_warp(config, resume=args.resume)
         print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
+    elif args.command == "reproduce" and args.regime_only:
+        from warp_ray.reproduce import measure_regime
+
+        table, log = measure_regime(config, args.report)
+        print(table)
+        print(f"logged with the configurations tried in {log}")
     elif args.command == "reproduce":
         from warp_ray.reproduce import reproduce
 

@@ -64,8 +64,10 @@ class WarpParams(Section):
     """LITI: the next init is (1 - eta) * init + eta * slerp (the paper: 0.3; 0.5 better at high KL)."""
     lr: float = Field(1e-6, gt=0)
     """Adam learning rate of the policies."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled (AdamW) weight decay of the policies; 0: plain Adam, as the paper."""
     warmup_steps: int = Field(100, ge=0)
-    """Linear learning-rate warm-up, in optimizer steps."""
+    """Linear learning-rate warm-up: step s (from 0) runs at lr * min(1, (s + 1) / warmup_steps)."""
     batch_size: int = Field(128, ge=1)
     """Prompts per REINFORCE step."""
     samples_per_prompt: int = Field(2, ge=1)
@@ -73,9 +75,11 @@ class WarpParams(Section):
     baseline: Literal["rloo", "mean", "none"] = "rloo"
     """REINFORCE baseline: leave-one-out over a prompt's samples, the batch mean, or none."""
     temperature: float = Field(0.9, gt=0)
-    """Sampling temperature of the rollouts."""
+    """Sampling temperature T of the rollouts. The learner computes log pi and log pi_anchor on
+    logits / T too, so that the gradient is the sampled policy's and KL_seq is KL(pi_T || anchor_T)."""
     max_new_tokens: int = Field(256, ge=1)
-    """Longest completion, in tokens."""
+    """Longest completion, in tokens: the one limit of RL, of evaluation and of the built-in task's
+    preference data, so that the reward model is trained on completions cut where the policy's are."""
     proxy_reward: Literal["warm", "gold"] = "warm"
     """What the policies are trained against, unless paths.reward_model names a model: the WARM
     reward model (trained first), or, on the built-in task, its gold reward itself (quick runs;
@@ -153,9 +157,14 @@ class TaskParams(Section):
     held_out_fraction: float = Field(0.2, gt=0, lt=1)
     """Prompts kept out of SFT, preference training and RL, for evaluation."""
     pairs: int = Field(1000, ge=1)
-    """Preference pairs to train reward models on (SFT samples, train prompts)."""
+    """Preference pairs to train reward models on (samples of train prompts)."""
     validation_pairs: int = Field(300, ge=1)
-    """In-distribution validation pairs (SFT samples, held-out prompts)."""
+    """In-distribution validation pairs (samples of held-out prompts, from the same policies)."""
+    pair_temperatures: list[Annotated[float, Field(gt=0)]] = Field([1.0], min_length=1)
+    """Temperatures of the preference data's completions: each one is sampled at one of them."""
+    pair_checkpoints: bool = False
+    """Also sample preference completions from the SFT's kept checkpoints (sft_checkpoints): with
+    several temperatures, pairs then compare a mix of policies, as real preference data does."""
     ood_pairs: int = Field(300, ge=1)
     """Out-of-distribution pairs: held-out prompts, samples from the SFT at ood_temperature."""
     label_noise: float = Field(0.25, ge=0, le=1)
@@ -227,8 +236,8 @@ class Evaluation(Section):
     samples_per_prompt: int = Field(4, ge=1)
     """Completions per held-out prompt: the Monte-Carlo sample of every evaluated mean."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of evaluation completions: 1, so that the Monte-Carlo estimate
-    sum_t [log pi(y_t) - log pi_sft(y_t)] is the KL between the policies themselves."""
+    """Sampling temperature T of evaluation completions. kl_to_sft estimates KL(pi_T || sft_T), both
+    policies at T; at 1 it is the KL between the policies themselves, as in the papers' fronts."""
     front_etas: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.0, 0.1, 0.3, 0.5, 0.8, 1.0], min_length=1)
     """LITI points evaluated at the end of every iteration: (1 - eta) * base + eta * slerp."""
     front_towards: list[Literal["init", "sft"]] = Field(["init", "sft"], min_length=1)

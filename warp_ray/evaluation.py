@@ -1,16 +1,23 @@
 """Held-out evaluation of a policy served by rollout engines, as spec/ALGORITHMS.md measures it.
 
-Completions of held-out prompts, sampled from the policy at temperature 1, give:
+Completions of held-out prompts, sampled from the policy at `evaluation.temperature` (T, 1 by
+default) within the run's length limit, give:
 - the proxy reward (the reward the policy is trained against),
-- the KL to the SFT, Monte-Carlo: mean over samples of sum_t [log pi(y_t) - log pi_sft(y_t)],
-  with log pi from the engine (vLLM's raw log-probs of the sampled tokens) and log pi_sft
-  from a `ReferencePolicy` actor hosting the SFT,
-- the control reward, one training never saw, when one is given (the measure of hacking).
+- the KL to the SFT, Monte-Carlo: mean over samples of sum_t [log pi_T(y_t) - log pi_sft,T(y_t)],
+  an unbiased estimate of KL(pi_T || pi_sft,T), both policies' logits divided by T: log pi_T from
+  the engine (vLLM's log-probs of the sampled tokens after temperature) and log pi_sft,T from a
+  `ReferencePolicy` actor hosting the SFT. At T = 1 it is the KL between the policies themselves,
+  the x-axis of the papers' fronts,
+- the control reward, one training never saw, when one is given (the measure of hacking),
+- truncated: the share of completions that the length limit cut.
 Learners call it during training; the coordinator calls it on the points of the LITI front.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,12 +42,12 @@ class ReferencePolicy:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def sequence_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
-        """One sum of completion log-probs per (prompt ids, completion ids) pair."""
+    def sequence_logprobs(self, sequences: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[float]:
+        """One sum of completion log-probs per (prompt ids, completion ids) pair, of the policy at `temperature`."""
         sums = []
         for i in range(0, len(sequences), self.batch_size):
             input_ids, attention, completion = pack(sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0)
-            logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / temperature
             sums += (token_logprobs(logits, input_ids[:, 1:]) * completion[:, 1:]).sum(-1).tolist()
         return sums
 
@@ -57,9 +64,14 @@ class Evaluator:
         self.config, self.reward_server, self.reference, self.control_server = config, reward_server, reference, control_server
 
     def __call__(self, rollouts: list) -> dict[str, float]:
-        """The means over the held-out samples: reward, kl_to_sft and control_reward."""
+        """The means over the held-out samples (reward, kl_to_sft, truncated, control_reward), each
+        with its standard error (`<key>_se`)."""
         rows = self.samples(rollouts)
-        return {key: _mean([row[key] for row in rows]) for key in ("reward", "kl_to_sft", "control_reward") if key in rows[0]}
+        means = {}
+        for key in ("reward", "kl_to_sft", "truncated", "control_reward"):
+            if key in rows[0]:
+                means[key], means[f"{key}_se"] = mean_and_se(rows, key)
+        return means
 
     def samples(self, rollouts: list) -> list[dict]:
         """One row per held-out sample: prompt, completion and its measures (pairing samples of two
@@ -72,14 +84,23 @@ class Evaluator:
         completions = [s["text"] for s in samples]
         rewards = self.reward_server.score.remote(prompts, completions)
         control = self.control_server.score.remote(prompts, completions) if self.control_server else None
-        sft = ray.get(self.reference.sequence_logprobs.remote([(s["prompt_token_ids"], s["token_ids"]) for s in samples]))
-        rows = [{"prompt": p, "completion": c, "reward": r, "kl_to_sft": sum(s["logprobs"]) - ref}
-                for p, c, r, s, ref in zip(prompts, completions, ray.get(rewards), samples, sft)]
+        sequences = [(s["prompt_token_ids"], s["token_ids"]) for s in samples]
+        sft = ray.get(self.reference.sequence_logprobs.remote(sequences, params.temperature))
+        measures = zip(prompts, completions, ray.get(rewards), samples, sft)
+        rows = [{"prompt": p, "completion": c, "reward": r, "kl_to_sft": sum(s["logprobs"]) - ref,
+                 "truncated": float(s["truncated"])} for p, c, r, s, ref in measures]
         if control is not None:
             for row, value in zip(rows, ray.get(control)):
                 row["control_reward"] = value
         return rows
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
+def mean_and_se(rows: Sequence[dict], key: str) -> tuple[float, float]:
+    """The mean of `key` over the rows and its standard error with prompts as the unit: samples of
+    one prompt are not independent, so the SE is that of the per-prompt means (prompts with equal
+    numbers of samples, as an evaluation draws them); NaN from a single prompt."""
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_prompt[row["prompt"]].append(row[key])
+    means = [statistics.mean(values) for values in by_prompt.values()]
+    return statistics.mean(means), (statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan)

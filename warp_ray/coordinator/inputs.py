@@ -14,7 +14,7 @@ from warp_ray.checkpoint import weight_layout
 from warp_ray.config import WarpConfig
 from warp_ray.data import DataError, read_prompts
 from warp_ray.errors import ConfigError
-from warp_ray.reward.model import texts
+from warp_ray.reward.model import reward_inputs
 
 PROMPT_SPLITS = ("train.jsonl", "held_out.jsonl")
 
@@ -37,7 +37,7 @@ def check_same_tokenizer(policy: PreTrainedTokenizerBase, sft: Path, reward: Pre
 
 def check_prompts_fit(path: Path, prompts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, limited_by: str,
                       max_new_tokens: int, pair_text: bool = False) -> None:
-    encoded = texts(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server tokenizes a pair
+    encoded = reward_inputs(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server reads a pair
     for i, ids in enumerate(tokenizer(encoded).input_ids):
         if len(ids) + max_new_tokens > limit:
             raise DataError(f"{path}: prompt {i + 1} is {len(ids)} tokens long: with warp.max_new_tokens = {max_new_tokens} it "

@@ -1,6 +1,7 @@
 """A learner: one RL run of T REINFORCE steps, its K DeepSpeed ranks and its rollout workers.
 
-Each step: draw prompts (the learner's own order, from its seed), sample completions from
+Each step: draw prompts (without replacement within an epoch, in the learner's own order from its
+seed), sample completions from
 the rollout workers, score them on the reward server, update the policy on the K ranks
 (each on whole prompts' groups of samples, so the leave-one-out baseline stays within a
 prompt), then, every `resources.sync_every` steps, push the new weights to the rollout
@@ -65,6 +66,28 @@ def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
     return options
 
 
+def evaluations(history: Sequence[dict]) -> list[dict]:
+    """The held-out evaluations of a `Learner.run` history: step, and each `eval_*` metric without its prefix."""
+    return [{"step": h["step"], **{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_")}}
+            for h in history if "eval_reward" in h]
+
+
+class PromptOrder:
+    """Prompts in batches, without replacement within an epoch, each epoch shuffled anew by `rng`:
+    a batch repeats a prompt only where it straddles two epochs."""
+
+    def __init__(self, prompts: Sequence[str], rng: random.Random):
+        self.prompts, self.rng, self.queue = list(prompts), rng, []
+
+    def draw(self, count: int) -> list[str]:
+        while len(self.queue) < count:
+            epoch = list(self.prompts)
+            self.rng.shuffle(epoch)
+            self.queue += epoch
+        drawn, self.queue = self.queue[:count], self.queue[count:]
+        return drawn
+
+
 class Learner:
     def __init__(self, config: WarpConfig, sft: str | Path, prompts: Sequence[str], reward_server, seed: int,
                  evaluator: Optional[Evaluator] = None, placement_group: Optional[PlacementGroup] = None):
@@ -108,7 +131,8 @@ class Learner:
         a dict is put there first."""
         shards = [ray.put(init)] if isinstance(init, Mapping) else init or []
         ray.get([rank.start.remote(seed, *shards) for rank in self.ranks])
-        self.order, self.steps = random.Random(seed), 0
+        self.rng, self.steps = random.Random(seed), 0
+        self.order = PromptOrder(self.prompts, self.rng)
         self.sync()
         self.check_engine_agrees(self.prompts[:4])
 
@@ -221,18 +245,22 @@ class Learner:
     def step(self) -> dict[str, float]:
         start = time.perf_counter()
         warp = self.config.warp
-        prompts = [self.order.choice(self.prompts) for _ in range(warp.batch_size)]
+        prompts = self.order.draw(warp.batch_size)
         # A seed per step from the run's seed: a run (or a resumed one) samples the same completions.
         samples = sample(self.rollouts, prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens,
-                         seed=self.order.randrange(2**31))
+                         seed=self.rng.randrange(2**31))
         rows = [(prompt, s) for prompt, group in zip(prompts, samples) for s in group]
         rewards = torch.tensor(ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows])))
         check_finite(f"step {self.steps + 1}", {"reward": rewards})
         rollout_seconds = time.perf_counter() - start
         input_ids, attention, completion = pack([(s["prompt_token_ids"], s["token_ids"]) for _, s in rows], self.tokenizer.pad_token_id)
+        sampled_logprobs = torch.zeros(completion.shape)
+        # Row by row, left to right: the order of the completion tokens in `pack`'s rows.
+        sampled_logprobs[completion.bool()] = torch.tensor([lp for _, s in rows for lp in s["logprobs"]])
         share = len(rows) // len(self.ranks)
         shards = [slice(i, i + share) for i in range(0, len(rows), share)]
-        stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s]) for rank, s in zip(self.ranks, shards)])
+        stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s], sampled_logprobs[s])
+                         for rank, s in zip(self.ranks, shards)])
         update_seconds = time.perf_counter() - start - rollout_seconds
         check_finite(f"step {self.steps + 1}", {"loss": torch.tensor([s["loss"] for s in stats])})
         self.steps += 1
@@ -241,4 +269,5 @@ class Learner:
         seconds = time.perf_counter() - start
         metrics.update(seconds=seconds, rollout_seconds=rollout_seconds, update_seconds=update_seconds, sync_seconds=sync_seconds,
                        tokens_per_s=int(completion.sum()) / seconds)
+        metrics["truncated"] = sum(s["truncated"] for _, s in rows) / len(rows)  # cut by warp.max_new_tokens
         return metrics

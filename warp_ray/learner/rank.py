@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import ray
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
 from warp_ray.config import WarpConfig
@@ -32,17 +33,23 @@ WeightSpecs = list[tuple[str, str, list[int]]]
 
 def deepspeed_config(config: WarpConfig, micro_batch: int) -> dict:
     warp, resources = config.warp, config.resources
+    # Weight decay named explicitly: torch's AdamW, which DeepSpeed builds for "Adam", decays by 0.01 otherwise.
+    adam = {"lr": warp.lr, "weight_decay": warp.weight_decay, "torch_adam": True, "adam_w_mode": True}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * resources.ranks_per_learner,
-        "optimizer": {"type": "Adam", "params": {"lr": warp.lr, "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": warp.lr,
-                                                     "warmup_num_steps": max(1, warp.warmup_steps), "warmup_type": "linear"}},
+        "optimizer": {"type": "Adam", "params": adam},
         "zero_optimization": {"stage": resources.zero_stage},
         "bf16": {"enabled": resources.precision == "bf16"},
         "gradient_clipping": 1.0,
     }
+
+
+def linear_warmup(warmup_steps: int) -> Callable[[torch.optim.Optimizer], LambdaLR]:
+    """The learning rate times (s + 1) / warmup_steps at optimizer step s = 0, 1, ..., then times 1:
+    the first step already moves the policy (DeepSpeed's WarmupLR would hold it at 0)."""
+    return lambda optimizer: LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
 def anchor_config(micro_batch: int, world_size: int) -> dict:
@@ -88,7 +95,8 @@ class LearnerRank:
         policy = self._load(init)
         anchor = self._load(init if self.config.warp.anchor == "ema" else None).eval().requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
-                                               config=deepspeed_config(self.config, self.micro_batch))
+                                               config=deepspeed_config(self.config, self.micro_batch),
+                                               lr_scheduler=linear_warmup(self.config.warp.warmup_steps))
         if self.zero3:
             self.anchor, *_ = deepspeed.initialize(model=anchor, config=anchor_config(self.micro_batch, self.world_size))
         else:
@@ -108,26 +116,34 @@ class LearnerRank:
         return model
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-             rewards: torch.Tensor) -> dict[str, float]:
+             rewards: torch.Tensor, sampled_logprobs: torch.Tensor) -> dict[str, float]:
         """One REINFORCE step on this rank's share: right-padded prompt + completion rows, their
-        attention mask, a mask of the completion tokens, and one reward per row."""
+        attention mask, a mask of the completion tokens, one reward per row, and the log-probs the
+        rollout engine sampled the completion tokens with (in place, zero elsewhere)."""
+        warp = self.config.warp
+        # The policy and its anchor at the sampling temperature, as the engine sampled: the gradient
+        # is then the sampled policy's, and KL_seq is KL(pi_T || anchor_T).
         logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = logits.float() / warp.temperature
         policy = token_logprobs(logits, input_ids[:, 1:])
         with torch.no_grad():
-            log_probs = logits.float().log_softmax(-1)
+            log_probs = logits.log_softmax(-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1)
-            anchor = token_logprobs(self.anchor(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:])
+            anchor_logits = self.anchor(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            anchor = token_logprobs(anchor_logits.float() / warp.temperature, input_ids[:, 1:])
         mask = completion_mask[:, 1:].float()
-        warp = self.config.warp
+        tokens = max(1.0, mask.sum().item())
         loss, stats = reinforce_loss(policy, anchor, mask, rewards, warp.beta, warp.samples_per_prompt, warp.baseline)
+        stats["lr"] = self.engine.get_lr()[0]  # the rate of this step, before the scheduler moves it
         self.engine.backward(loss)
         self.engine.step()
-        if warp.anchor == "ema":
+        if warp.anchor == "ema":  # stage 1 of WARP: the anchor follows the policy
             ema_update_(*self._local_weights(), warp.mu)
         stats["loss"] = loss.item()
-        stats["entropy"] = (entropy * mask).sum().item() / max(1.0, mask.sum().item())  # per completion token
+        stats["entropy"] = (entropy * mask).sum().item() / tokens  # per completion token
+        # Engine against learner on the sampled tokens: ~0 on policy in float32; grows with sync_every or bf16.
+        stats["logprob_gap"] = ((policy.detach() - sampled_logprobs[:, 1:]).abs() * mask).sum().item() / tokens
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        stats["lr"] = self.engine.get_lr()[0]
         return stats
 
     def _local_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -1,7 +1,8 @@
 """`warp-ray reproduce`: the WARP and WARM papers' claims, measured on the built-in task.
 
-runs.py measures (one JSON file), claims.py checks each claim against it, report.py draws the
-figures and writes results.md from that JSON alone.
+regime.py first checks that the task behaves like RLHF as the papers ran it (criteria fixed in
+advance), runs.py measures (one JSON file), claims.py checks each claim against it, report.py
+draws the figures and writes results.md from that JSON alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from warp_ray.config import WarpConfig
 from warp_ray.errors import WarpRayError
 
 
+REGIME_LOG = Path("results") / "regime_runs.jsonl"
+"""Every regime measured, one JSON line each, under the report's folder: the configurations tried."""
+
+
 def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bool = True) -> Path:
     """Measure (unless `measure` is False: read the last results.json), then write the report;
     returns the path of results.md."""
@@ -22,12 +27,39 @@ def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bo
     from warp_ray.reproduce.runs import measure as run_all
 
     results_file = config.paths.output_dir / "reproduce" / "results.json"
+    folder = report_dir or results_file.parent
     if measure:
         started = time.time()
         results = run_all(config)
         results["wall_seconds"], results["date"] = time.time() - started, time.strftime("%Y-%m-%d")
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1))
+        _log_regime(folder, config, results["regime"])
     elif not results_file.is_file():
         raise WarpRayError(f"no results to report: {results_file} does not exist (run warp-ray reproduce without --report-only first)")
-    return write_report(json.loads(results_file.read_text()), report_dir or results_file.parent)
+    results = json.loads(results_file.read_text())
+    log = folder / REGIME_LOG
+    if log.is_file():
+        results["regime_tried"] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return write_report(results, folder)
+
+
+def measure_regime(config: WarpConfig, report_dir: Optional[Path] = None) -> tuple[str, Path]:
+    """`warp-ray reproduce --regime-only`: the regime alone, appended to the log of configurations
+    tried (in `report_dir`, default <output_dir>/reproduce); returns its table and the log's path."""
+    from warp_ray.reproduce import regime
+    from warp_ray.reproduce.runs import check_protocol, measure_regime as run_regime
+
+    check_protocol(config)
+    measured = run_regime(config)
+    folder = report_dir or config.paths.output_dir / "reproduce"
+    _log_regime(folder, config, measured)
+    return regime.markdown(measured), folder / REGIME_LOG
+
+
+def _log_regime(folder: Path, config: WarpConfig, measured: dict) -> None:
+    log = folder / REGIME_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"date": time.strftime("%Y-%m-%d"), "config": config.model_dump(mode="json"), "regime": measured}
+    with open(log, "a") as f:
+        f.write(json.dumps(entry) + "\n")

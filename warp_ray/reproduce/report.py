@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from warp_ray.reproduce.regime import markdown as regime_markdown  # noqa: E402
+from warp_ray.reproduce.regime import tried_markdown as regime_tried_markdown  # noqa: E402
 from warp_ray.reproduce.claims import Claim, angle_summary, check_all, collapse_step, noise, sft_point, towards_sft, win_rate  # noqa: E402
 from warp_ray.reward.warm import markdown as accuracy_markdown  # noqa: E402
 
@@ -23,7 +25,8 @@ def write_report(results: dict, folder: Path) -> Path:
     """results.md in `folder`, its figures and the results they are drawn from in `folder`/results/;
     returns the path of results.md."""
     (folder / FIGURES).mkdir(parents=True, exist_ok=True)
-    (folder / FIGURES / "results.json").write_text(json.dumps(results, indent=1))
+    measured = {k: v for k, v in results.items() if k != "regime_tried"}  # that log lives beside, in regime_runs.jsonl
+    (folder / FIGURES / "results.json").write_text(json.dumps(measured, indent=1))
     claims = check_all(results)
     sections = []
     for claim, (draw, details) in zip(claims, SECTIONS):
@@ -34,6 +37,25 @@ def write_report(results: dict, folder: Path) -> Path:
         sections.append(_section(claim, details(results)))
     (folder / "results.md").write_text(_header(results, claims) + "\n" + "\n".join(sections))
     return folder / "results.md"
+
+
+def _regime_section(results: dict) -> list[str]:
+    return [
+        "The RL path these numbers come from had five defects fixed on 2026-11-30 (docs/defects.md measures each one "
+        "before and after); the regime below was measured on it.", "",
+        "## The regime", "",
+        "Whether the task behaves like RLHF as the papers ran it, against criteria fixed before any claim was "
+        "looked at (`warp_ray/reproduce/regime.py`):", "",
+        regime_markdown(results["regime"]), "",
+    ]
+
+
+def _tried_section(entries: list[dict]) -> list[str]:
+    return [
+        "Every configuration of the task tried, with its regime (`warp-ray reproduce --regime-only` logs each one in "
+        f"[`{FIGURES}/regime_runs.jsonl`]({FIGURES}/regime_runs.jsonl)):", "",
+        regime_tried_markdown(entries), "",
+    ]
 
 
 def _header(results: dict, claims: Sequence[Claim]) -> str:
@@ -53,6 +75,8 @@ def _header(results: dict, claims: Sequence[Claim]) -> str:
         f"SFT. One standard error of an evaluation's mean reward: {noise(results):.3f} (median over the run's evaluations); "
         "a check holds when its margin exceeds twice its noise (see `warp_ray/reproduce/claims.py`). Iterations are "
         "numbered from 1 here (the run's folders from 0).", "",
+        *(_regime_section(results) if "regime" in results else []),
+        *(_tried_section(results["regime_tried"]) if results.get("regime_tried") else []),
         "| claim | verdict |", "|---|---|",
         *(f"| {c.number}. {c.statement} | **{c.verdict}** |" for c in claims), "",
         "Time: " + ", ".join(f"{name} {s / 60:.1f} min" for name, s in results["seconds"].items()) + ".", "",

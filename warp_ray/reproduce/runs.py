@@ -2,7 +2,8 @@
 `warp-ray reproduce` runs, written to one JSON file that the claims and figures are read from.
 
 1. WARM (M reward models, weight averaged) and its accuracy table; the single RM with the best
-   validation accuracy is the baseline of claim 7.
+   validation accuracy is the baseline of claim 7. Then the regime (regime.py), whose RL run
+   against that RM is claim 7's baseline, "SFT anchor, beta 0.01, single RM".
 2. WARP, Algorithm 1, by the coordinator (`warp-ray warp` with paths.keep_policies): M = 4
    policies per iteration, I iterations, the LITI fronts. Its iteration-0 policy 0 is also the
    "EMA anchor, beta 0.1" REINFORCE run.
@@ -21,7 +22,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
@@ -30,25 +30,28 @@ from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import iteration_dir
 from warp_ray.coordinator.coordinator import run_warp
 from warp_ray.coordinator.learners import RemoteLearner, run_seed
-from warp_ray.data import read_prompts
+from warp_ray.data import read_preferences, read_prompts
 from warp_ray.errors import ConfigError
-from warp_ray.evaluation import Evaluator, ReferencePolicy
+from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
+from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
+from warp_ray.reproduce import regime
 from warp_ray.reward.server import RewardServer
-from warp_ray.reward.warm import run_warm
+from warp_ray.reward.warm import best_single, run_warm
+from warp_ray.task import world
 from warp_ray.task.build import task_inputs
 
 log = logging.getLogger(__name__)
 
-# REINFORCE runs besides WARP's own: name -> (anchor, beta, reward trained against), run
-# RUNS_AT_ONCE at a time; the last ones train against WARM, and their engines then evaluate the merges.
+# REINFORCE runs against WARM besides WARP's own: name -> (anchor, beta), run RUNS_AT_ONCE at a
+# time; the last wave's engines then evaluate the merges.
 BASELINES = {
-    "EMA anchor, beta 0.01": ("ema", 0.01, "warm"),
-    "SFT anchor, beta 0": ("sft", 0.0, "warm"),
-    "SFT anchor, beta 0.01, single RM": ("sft", 0.01, "single"),
-    "SFT anchor, beta 0.01": ("sft", 0.01, "warm"),
-    "SFT anchor, beta 0.1": ("sft", 0.1, "warm"),
+    "EMA anchor, beta 0.01": ("ema", 0.01),
+    "SFT anchor, beta 0": ("sft", 0.0),
+    "SFT anchor, beta 0.01": ("sft", 0.01),
+    "SFT anchor, beta 0.1": ("sft", 0.1),
 }
+SINGLE_RM_RUN = "SFT anchor, beta 0.01, single RM"  # the regime's run
 RUNS_AT_ONCE = 3  # a learner holds about 3 GB here (its rank, its vLLM engine and KV cache): 5 at once ran out of 24 GB
 WARP_RUN = "EMA anchor, beta 0.1"  # WARP's iteration-0 policy 0: the same run, already made
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -65,6 +68,9 @@ def check_protocol(config: WarpConfig) -> None:
             raise ConfigError(f"reproduce needs {key} = {wanted!r} (the claims are about it), got {value!r}; see configs/reproduce.yaml")
     if config.warp.I < 2:
         raise ConfigError(f"reproduce needs warp.I >= 2 (claim 6 compares iterations 1 and 2), got {config.warp.I}")
+    if config.evaluation.every != config.warp.T // 10:
+        raise ConfigError(f"reproduce needs evaluation.every = warp.T / 10 = {config.warp.T // 10} (every run is "
+                          f"evaluated on the regime's grid), got {config.evaluation.every}")
     if config.paths.sft_model is not None:
         raise ConfigError("reproduce runs on the built-in task (its gold reward is the control reward); unset paths.sft_model")
 
@@ -74,40 +80,44 @@ def measure(config: WarpConfig) -> dict:
     check_protocol(config)
     out, seconds = config.paths.output_dir, {}
     start = time.perf_counter()
-    sft, prompts, preferences, _ = task_inputs(config)
-    accuracy_file = out / "rm" / "accuracy.json"
-    accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.is_file() else run_warm(config)
+    sft, prompts, preferences, accuracy = _task_and_warm(config)
     seconds["task and WARM"] = time.perf_counter() - start
-    single = max((name for name in accuracy if name.startswith("RM ")), key=lambda name: accuracy[name]["validation"])
+    measured_regime = measure_regime(config)
+    seconds["regime"] = time.perf_counter() - start - sum(seconds.values())
 
     run_warp(config, resume=True)  # continues a run cut short; a finished one is read back
     seconds["WARP"] = time.perf_counter() - start - sum(seconds.values())
     warp = [_iteration(out, i) for i in range(config.warp.I)]
 
     log.info("REINFORCE baselines: %d runs of %d steps from the SFT", len(BASELINES), config.warp.T)
-    evaluators = _evaluators(config, sft, prompts, out / "rm", single)
-    runs, finals, learners, names = {WARP_RUN: warp[0]["trajectories"][0]}, {}, {}, list(BASELINES)
-    for wave in (names[k : k + RUNS_AT_ONCE] for k in range(0, len(names), RUNS_AT_ONCE)):
+    evaluator = _evaluator(config, sft, prompts, out / "rm" / "warm")
+    runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"]}
+    finals, learners, names = {}, {}, list(BASELINES)
+    train = read_prompts(prompts / "train.jsonl")
+    per_wave = math.ceil(len(names) / math.ceil(len(names) / RUNS_AT_ONCE))  # equal waves: the last evaluates merges
+    for wave in (names[k : k + per_wave] for k in range(0, len(names), per_wave)):
         for learner in learners.values():
             ray.get(learner.close.remote())
-        learners = {name: RemoteLearner.remote(_variant(config, *BASELINES[name][:2]), str(sft), read_prompts(prompts / "train.jsonl"),
-                                               evaluators[BASELINES[name][2]].reward_server, seed=run_seed(config.warp.seed, 0, 0),
-                                               evaluator=evaluators[BASELINES[name][2]])
+        learners = {name: RemoteLearner.remote(_variant(config, *BASELINES[name]), str(sft), train,
+                                               evaluator.reward_server, seed=run_seed(config.warp.seed, 0, 0),
+                                               evaluator=evaluator)
                     for name in wave}
         logs = {name: out / "reproduce" / "logs" / name.replace(",", "").replace(" ", "_") for name in wave}
         histories = ray.get([learner.run.remote(config.warp.T, logs[name], desc=name) for name, learner in learners.items()])
-        runs.update({name: _evaluations(history) for name, history in zip(learners, histories)})
+        runs.update({name: evaluations(history) for name, history in zip(learners, histories)})
         finals.update(zip(learners, ray.get([learner.get_weights.remote() for learner in learners.values()])))
     seconds["REINFORCE baselines"] = time.perf_counter() - start - sum(seconds.values())
 
     log.info("merges of the saved policies, evaluated")
-    engines = [learner for name, learner in learners.items() if BASELINES[name][2] == "warm"]  # the last wave's, against WARM
+    engines = list(learners.values())  # the last wave's
     sft_weights = load_model_weights(sft)
     policies = [load_model_weights(p) for p in sorted((iteration_dir(out, 0) / "policies").iterdir())]
     results = {
         "seconds": seconds,
         "config": config.model_dump(mode="json"),
-        "warm": {"accuracy": accuracy, "single_rm": single, "pairs": _pair_counts(preferences)},
+        "warm": {"accuracy": accuracy, "single_rm": measured_regime["best_single_rm"]["name"],
+                 "pairs": _pair_counts(preferences)},
+        "regime": measured_regime,
         "runs": runs,
         "warp": warp,
         "angles": angles(sft_weights, policies),
@@ -121,31 +131,66 @@ def measure(config: WarpConfig) -> dict:
     return results
 
 
+def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict]:
+    """The task's SFT, prompts and preferences folders, and WARM's accuracy table: built, or read
+    back when WARM was trained on the same task with the same settings."""
+    sft, prompts, preferences, _ = task_inputs(config)
+    rm = config.paths.output_dir / "rm"
+    task = json.loads((sft.parent / "task.json").read_text())["params"]
+    trained_on = {"task": task, "warm": config.warm.model_dump(mode="json")}
+    record = rm / "trained_on.json"
+    if (rm / "accuracy.json").is_file() and record.is_file() and json.loads(record.read_text()) == trained_on:
+        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text())
+    accuracy = run_warm(config)
+    record.write_text(json.dumps(trained_on))
+    return sft, prompts, preferences, accuracy
+
+
+def measure_regime(config: WarpConfig) -> dict:
+    """The regime's numbers: the task and WARM as `warp-ray reproduce` builds them (reused when
+    built), the label ceiling, the best single RM, and one RL run against it from the SFT (SFT
+    anchor, beta 0.01) evaluated before its first step and every T / 10 steps."""
+    warp = config.warp
+    sft, prompts, preferences, accuracy = _task_and_warm(config)
+    single, folder = best_single(accuracy, config.paths.output_dir / "rm")
+    run_config = config.model_copy(update={
+        "warp": warp.model_copy(update={"anchor": "sft", "beta": regime.BETA}),
+    })
+    trust = config.paths.trust_remote_code
+    reward = RewardServer.remote("model", [str(folder)], params=config.reward_server, trust_remote_code=trust)
+    evaluator = Evaluator(run_config, read_prompts(prompts / "held_out.jsonl"), reward,
+                          ReferencePolicy.remote(str(sft), trust_remote_code=trust), RewardServer.remote("gold"))
+    learner = RemoteLearner.remote(run_config, str(sft), read_prompts(prompts / "train.jsonl"), reward,
+                                   seed=run_seed(warp.seed, 0, 0), evaluator=evaluator)
+    start = ray.get(learner.evaluate.remote())
+    history = ray.get(learner.run.remote(warp.T, desc=f"regime: SFT anchor, beta {regime.BETA}, {single}"))
+    ray.get(learner.close.remote())
+    return {
+        "T": warp.T, "mu": warp.mu, "sft": start, "run": evaluations(history),
+        "best_gold_reward": world.BEST_GOLD_REWARD,
+        "label_ceiling": regime.label_ceiling(read_preferences(preferences / "validation.jsonl")),
+        "best_single_rm": {"name": single, "accuracy": accuracy[single]["validation"]},
+        "rms": {name: row["validation"] for name, row in accuracy.items()},
+    }
+
+
 def _variant(config: WarpConfig, anchor: str, beta: float) -> WarpConfig:
     return config.model_copy(update={"warp": config.warp.model_copy(update={"anchor": anchor, "beta": beta})})
 
 
-def _evaluators(config: WarpConfig, sft: Path, prompts: Path, rm: Path, single: str) -> dict[str, Evaluator]:
-    """The held-out evaluators of the runs against WARM and against the single RM, sharing the SFT
-    reference and the gold (control) reward."""
+def _evaluator(config: WarpConfig, sft: Path, prompts: Path, warm: Path) -> Evaluator:
+    """The held-out evaluator of the runs against WARM: its reward server, the SFT reference, the gold reward."""
     trust = config.paths.trust_remote_code
-    reference, gold, held_out = ReferencePolicy.remote(str(sft), trust_remote_code=trust), RewardServer.remote("gold"), read_prompts(prompts / "held_out.jsonl")
-    folders = {"warm": rm / "warm", "single": rm / f"rm_{int(single.removeprefix('RM ')) - 1}"}
-    return {reward: Evaluator(config, held_out, RewardServer.remote("model", [str(folder)], params=config.reward_server, trust_remote_code=trust),
-                                  reference, gold)
-            for reward, folder in folders.items()}
-
-
-def _evaluations(history: list[dict]) -> list[dict]:
-    """A run's held-out evaluations: step, reward, kl_to_sft, control_reward."""
-    return [{"step": h["step"], **{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_")}}
-            for h in history if "eval_reward" in h]
+    return Evaluator(config, read_prompts(prompts / "held_out.jsonl"),
+                     RewardServer.remote("model", [str(warm)], params=config.reward_server, trust_remote_code=trust),
+                     ReferencePolicy.remote(str(sft), trust_remote_code=trust), RewardServer.remote("gold"))
 
 
 def _iteration(out: Path, i: int) -> dict:
     folder = iteration_dir(out, i)
     trajectories = json.loads((folder / "trajectories.json").read_text())
-    return {"front": json.loads((folder / "front.json").read_text()), "trajectories": [_evaluations(h) for h in trajectories]}
+    front = json.loads((folder / "front.json").read_text())
+    return {"front": front, "trajectories": [evaluations(h) for h in trajectories]}
 
 
 def _pair_counts(preferences: Path) -> dict[str, int]:
@@ -181,8 +226,7 @@ def _evaluate(engines: list, weights: list[dict[str, torch.Tensor]]) -> list[dic
 def _summary(rows: list[dict]) -> dict:
     summary = {}
     for key in ("reward", "kl_to_sft", "control_reward"):
-        values = np.array([r[key] for r in rows])
-        summary[key], summary[f"{key}_se"] = float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+        summary[key], summary[f"{key}_se"] = mean_and_se(rows, key)
     summary["control_rewards"] = [r["control_reward"] for r in rows]
     return summary
 

@@ -29,8 +29,16 @@ def load_reward_model(folder: str | Path, dropout: float | None = None,
     return model.eval(), tokenizer
 
 
-def texts(prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
-    return [f"{p} {c}" for p, c in zip(prompts, completions)]
+def reward_input(prompt: str, completion: str) -> str:
+    """The text a reward model reads for (x, y), in training, in RL and in evaluation alike: the
+    prompt, one space, the completion without surrounding whitespace. A completion sampled by
+    vLLM starts with the space its first token carries, and the same completion in preference
+    data usually does not; both must reach the RM as the same tokens at the same positions."""
+    return f"{prompt.rstrip()} {completion.strip()}"
+
+
+def reward_inputs(prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+    return [reward_input(p, c) for p, c in zip(prompts, completions)]
 
 
 def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
@@ -39,7 +47,7 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: S
     scores = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            batch = texts(prompts[start : start + batch_size], completions[start : start + batch_size])
+            batch = reward_inputs(prompts[start : start + batch_size], completions[start : start + batch_size])
             encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
             scores.append(model(**encoded).logits[:, 0].float())
     return torch.cat(scores) if scores else torch.empty(0)
@@ -47,7 +55,8 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: S
 
 def bradley_terry_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict]) -> torch.Tensor:
     prompts = [p["prompt"] for p in pairs]
-    encoded = tokenizer(texts(prompts, [p["chosen"] for p in pairs]) + texts(prompts, [p["rejected"] for p in pairs]),
+    chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
+    encoded = tokenizer(reward_inputs(prompts, chosen) + reward_inputs(prompts, rejected),
                         return_tensors="pt", padding=True, truncation=True, padding_side="right")
     rewards = model(**encoded).logits[:, 0]
     chosen, rejected = rewards.chunk(2)
@@ -78,7 +87,7 @@ def pooled_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """The backbone's final hidden state at each text's last token: what the score head reads."""
     features = []
     for start in range(0, len(prompts), batch_size):
-        batch = texts(prompts[start : start + batch_size], completions[start : start + batch_size])
+        batch = reward_inputs(prompts[start : start + batch_size], completions[start : start + batch_size])
         encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
         hidden = model(**encoded, output_hidden_states=True).hidden_states[-1]
         last = encoded.attention_mask.sum(-1) - 1

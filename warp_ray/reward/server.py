@@ -21,7 +21,7 @@ import torch
 from transformers import AutoTokenizer
 
 from warp_ray.config import RewardServerParams
-from warp_ray.reward.model import load_reward_model, score, texts
+from warp_ray.reward.model import load_reward_model, reward_inputs, score
 from warp_ray.runtime import SERVICE, log_if_restarted
 from warp_ray.task import world
 
@@ -52,7 +52,7 @@ class Reward:
             if not isinstance(p, str) or not isinstance(c, str):
                 raise ValueError(f"pair {i}: prompt and completion must be strings, got {type(p).__name__} and {type(c).__name__}")
         if self.length_tokenizer is not None:
-            lengths = [len(ids) for ids in self.length_tokenizer(texts(prompts, completions)).input_ids]
+            lengths = [len(ids) for ids in self.length_tokenizer(reward_inputs(prompts, completions)).input_ids]
             too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
             if too_long:
                 i, n = too_long[0]

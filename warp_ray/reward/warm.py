@@ -129,6 +129,12 @@ def accuracy_table(folders: Sequence[Path], warm: Path, preferences: dict[str, P
     return table
 
 
+def best_single(table: dict[str, dict[str, float]], rm_dir: Path) -> tuple[str, Path]:
+    """The single RM with the best validation accuracy in an accuracy table: its name and folder."""
+    name = max((name for name in table if name.startswith("RM ")), key=lambda name: table[name]["validation"])
+    return name, rm_dir / f"rm_{int(name.removeprefix('RM ')) - 1}"
+
+
 def markdown(table: dict[str, dict[str, float]]) -> str:
     columns = list(next(iter(table.values())))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]

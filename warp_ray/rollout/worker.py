@@ -5,11 +5,17 @@ and weight sync through the `WeightSync` worker extension. Weights reach vLLM's 
 either through Ray's object store (`update_weights`, safetensors bytes) or through a
 broadcast group with the learner's rank 0 (`join_weight_group`, then `receive_weights`).
 An engine has one worker (no tensor parallelism), so it is one member of that group.
+
+Every sample is its own request with its own seed: vLLM seeds sample k of a request for n
+samples with seed + k, so n samples per prompt under one seed would give sample k of every
+prompt the same random stream (and identical prompts identical completions). Log-probs are
+vLLM's processed ones: of the distribution sampled from, after temperature.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 from typing import Mapping
@@ -32,18 +38,26 @@ class RolloutWorker:
         from vllm import LLM
 
         self.llm = LLM(model=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       enforce_eager=True, worker_extension_cls=EXTENSION, trust_remote_code=trust_remote_code)
+                       enforce_eager=True, worker_extension_cls=EXTENSION, trust_remote_code=trust_remote_code,
+                       logprobs_mode="processed_logprobs")
 
-    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int | None = None) -> list[list[dict]]:
-        """`n` completions per prompt, each {"text", "token_ids", "logprobs", "prompt_token_ids"}: log-probs of
-        the sampled tokens, and the prompt as the engine tokenized it."""
+    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
+                 seeds: list[int] | None = None) -> list[list[dict]]:
+        """`n` completions per prompt, each {"text", "token_ids", "logprobs", "prompt_token_ids", "truncated"}:
+        log-probs of the sampled tokens at `temperature`, the prompt as the engine tokenized it, and whether
+        `max_new_tokens` cut the completion. `seeds`: one per sample, prompt by prompt (None: unseeded)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=seed)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[{"text": c.text, "token_ids": list(c.token_ids), "prompt_token_ids": list(out.prompt_token_ids),
-                  "logprobs": [next(iter(step.values())).logprob for step in c.logprobs]} for c in out.outputs]
-                for out in outputs]
+        seeds = seeds if seeds is not None else [None] * (len(prompts) * n)
+        if len(seeds) != len(prompts) * n:
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts x {n} samples: give one per sample")
+        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=s) for s in seeds]
+        outputs = self.llm.generate([p for p in prompts for _ in range(n)], params, use_tqdm=False)
+        samples = [{"text": c.text, "token_ids": list(c.token_ids), "prompt_token_ids": list(out.prompt_token_ids),
+                    "truncated": c.finish_reason == "length",
+                    "logprobs": [next(iter(step.values())).logprob for step in c.logprobs]}
+                   for out in outputs for c in out.outputs]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
         """Load new policy weights into the engine; returns the seconds it took."""
@@ -66,9 +80,15 @@ class RolloutWorker:
 
 def sample(rollouts: list, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
            seed: int | None = None) -> list[list[dict]]:
-    """`generate` on several engines at once, each on its share of the prompts, in prompt order."""
-    shares = [prompts[i :: len(rollouts)] for i in range(len(rollouts))]
-    results = ray.get([r.generate.remote(share, n, temperature, max_new_tokens, seed) for r, share in zip(rollouts, shares) if share])
+    """`generate` on several engines at once, each on its share of the prompts, in prompt order.
+    Each sample gets a seed of its own, drawn from `seed`: the same call gives the same samples,
+    whichever engine serves a prompt. seed None: unseeded."""
+    rng = random.Random(seed)
+    seeds = [[rng.randrange(2**31) for _ in range(n)] if seed is not None else [None] * n for _ in prompts]
+    shares = [range(i, len(prompts), len(rollouts)) for i in range(len(rollouts))]
+    results = ray.get([r.generate.remote([prompts[k] for k in share], n, temperature, max_new_tokens,
+                                         [s for k in share for s in seeds[k]])
+                       for r, share in zip(rollouts, shares) if share])
     merged: list[list[dict]] = [[] for _ in prompts]
     for i, result in enumerate(results):
         merged[i :: len(rollouts)] = result

@@ -10,9 +10,13 @@ Everything is made on the fly from `world.py`, with no download, in well under a
     <root>/preferences/{train,validation,ood}.jsonl
                                      {"prompt", "chosen", "rejected", "flipped", "gold_chosen", "gold_rejected"}
 
-Preference pairs are two SFT samples for one prompt, ordered by a Bradley-Terry draw on the
-gold reward, then flipped with probability `label_noise` (the WARM paper used 25%). The OOD
-split comes from a shifted policy: the same SFT sampled at `ood_temperature`.
+Preference pairs are two samples for one prompt, ordered by a Bradley-Terry draw on the gold
+reward, then flipped with probability `label_noise` (the WARM paper used 25%). Each sample comes
+from the SFT, or, with `pair_checkpoints`, from any of its kept checkpoints, at one of
+`pair_temperatures`: a mix of policies, as real preference data is. Validation pairs come from
+the same mix; the OOD split from a shifted policy, the SFT sampled at `ood_temperature`. Completions are
+sampled with the run's length limit (`warp.max_new_tokens`), the one RL and evaluation use, so
+that the reward model is trained on completions cut where the policy's are.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ from warp_ray.config import TaskParams, WarpConfig
 from warp_ray.task import world
 
 PAD, EOS = "<pad>", "<eos>"
-MAX_LENGTH = 96
-MAX_NEW_TOKENS = 48
+MAX_LENGTH = 96  # the policy's context, or more where the length limit needs it
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -48,13 +51,15 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
 
 
 def new_policy(architecture: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A small policy whose context is the tokenizer's `model_max_length`."""
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    context = tokenizer.model_max_length
     if architecture == "llama":
         config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True, **ids)
+                             num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True, **ids)
         return LlamaForCausalLM(config)
-    return GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=MAX_LENGTH, **ids))
+    return GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=context, **ids))
 
 
 def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int,
@@ -84,25 +89,38 @@ def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts:
 
 @torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], temperature: float,
-           seed: int, batch_size: int = 64) -> list[str]:
+           seed: int, max_new_tokens: int, batch_size: int = 64) -> list[str]:
     torch.manual_seed(seed)
     completions = []
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        out = model.generate(**encoded, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
+        out = model.generate(**encoded, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         completions += tokenizer.batch_decode(out[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
     return [c.strip() for c in completions]
 
 
-def preference_pairs(model, tokenizer, prompts: list[str], count: int, temperature: float, label_noise: float,
-                     seed: int) -> list[dict]:
+def preference_pairs(model, tokenizer, policies: Sequence[tuple[dict, float]], prompts: list[str], count: int,
+                     label_noise: float, seed: int, max_new_tokens: int) -> list[dict]:
+    """`count` pairs of two completions of one prompt, each completion sampled from a policy drawn
+    from `policies` ((weights of `model`, temperature): several make the mix of models and settings
+    that real preference data compares), ordered by a Bradley-Terry draw on the gold reward, then
+    flipped with probability `label_noise`. `model` keeps its own weights."""
     rng = random.Random(seed)
     chosen_prompts = [rng.choice(prompts) for _ in range(count)]
-    first = sample(model, tokenizer, chosen_prompts, temperature, seed)
-    second = sample(model, tokenizer, chosen_prompts, temperature, seed + 1)
+    sources = [rng.randrange(len(policies)) for _ in range(2 * count)]  # completion 2i and 2i + 1 of pair i
+    seeds = [rng.randrange(2**31) for _ in policies]
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    completions = [""] * (2 * count)
+    for k, (weights, temperature) in enumerate(policies):
+        slots = [i for i, source in enumerate(sources) if source == k]
+        model.load_state_dict(weights)
+        texts = sample(model, tokenizer, [chosen_prompts[i // 2] for i in slots], temperature, seeds[k], max_new_tokens)
+        for i, text in zip(slots, texts):
+            completions[i] = text
+    model.load_state_dict(own)
     pairs = []
-    for prompt, a, b in zip(chosen_prompts, first, second):
+    for prompt, a, b in zip(chosen_prompts, completions[0::2], completions[1::2]):
         gold_a, gold_b = world.gold_reward(prompt, a), world.gold_reward(prompt, b)
         if rng.random() >= 1.0 / (1.0 + math.exp(gold_b - gold_a)):  # Bradley-Terry: P(a preferred)
             a, b, gold_a, gold_b = b, a, gold_b, gold_a
@@ -119,11 +137,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def build_task(params: TaskParams, root: Path) -> Path:
-    """Build the task under `root` (or reuse it if built with the same params); returns root."""
+def build_task(params: TaskParams, root: Path, max_new_tokens: int) -> Path:
+    """Build the task under `root` (or reuse it if built with the same params and length limit,
+    `warp.max_new_tokens`); returns root."""
     root = Path(root)
     manifest = root / "task.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params.model_dump():
+    built_with = {**params.model_dump(), "max_new_tokens": max_new_tokens}
+    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == built_with:
         return root
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
@@ -137,16 +157,25 @@ def build_task(params: TaskParams, root: Path) -> Path:
         corpus.append(f"{prompt} {world.completion(world.topic_of(prompt), rng)}")
 
     tokenizer = train_tokenizer(corpus)
+    # The context holds the longest prompt and the length limit, with room for the few more tokens a
+    # sampled completion may take once re-tokenized, as the reward model reads it.
+    longest_prompt = max(len(ids) for ids in tokenizer(prompts).input_ids)
+    tokenizer.model_max_length = max(MAX_LENGTH, longest_prompt + max_new_tokens + max_new_tokens // 4)
     model = new_policy(params.architecture, tokenizer)
     keep_at = [round(params.sft_steps * (k + 1) / (params.sft_checkpoints + 1)) for k in range(params.sft_checkpoints)]
     losses, checkpoints = sft_train(model, tokenizer, corpus, params.sft_steps, params.seed, keep_at=keep_at)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    writers = [final, *(checkpoints.values() if params.pair_checkpoints else ())]
+    mix = [(weights, temperature) for weights in writers for temperature in params.pair_temperatures]
     splits = {
-        "train": preference_pairs(model, tokenizer, train_prompts, params.pairs, 1.0, params.label_noise, params.seed + 10),
-        "validation": preference_pairs(model, tokenizer, held_out, params.validation_pairs, 1.0, 0.0, params.seed + 20),
-        "ood": preference_pairs(model, tokenizer, held_out, params.ood_pairs, params.ood_temperature, 0.0, params.seed + 30),
+        "train": preference_pairs(model, tokenizer, mix, train_prompts, params.pairs, params.label_noise,
+                                  params.seed + 10, max_new_tokens),
+        "validation": preference_pairs(model, tokenizer, mix, held_out, params.validation_pairs, 0.0, params.seed + 20,
+                                       max_new_tokens),
+        "ood": preference_pairs(model, tokenizer, [(final, params.ood_temperature)], held_out, params.ood_pairs, 0.0,
+                                params.seed + 30, max_new_tokens),
     }
     with atomic_dir(root, overwrite=True) as tmp:
-        final = {k: v.clone() for k, v in model.state_dict().items()}
         for step, weights in checkpoints.items():
             model.load_state_dict(weights)
             model.save_pretrained(tmp / "sft_checkpoints" / f"step_{step}")
@@ -159,7 +188,7 @@ def build_task(params: TaskParams, root: Path) -> Path:
         for name, rows in splits.items():
             write_jsonl(tmp / "preferences" / f"{name}.jsonl", rows)
         (tmp / "task.json").write_text(json.dumps({
-            "params": params.model_dump(),
+            "params": built_with,
             "sft_loss": {"first": losses[0], "last": sum(losses[-20:]) / 20},
             "parameters": sum(p.numel() for p in model.parameters()),
         }, indent=2))
@@ -172,6 +201,6 @@ def task_inputs(config: WarpConfig) -> tuple[Path, Path, Path, list[Path]]:
     paths = config.paths
     if paths.sft_model and paths.prompts and paths.preferences:
         return paths.sft_model, paths.prompts, paths.preferences, list(paths.sft_checkpoints)
-    root = build_task(config.task, paths.output_dir / "task")
+    root = build_task(config.task, paths.output_dir / "task", config.warp.max_new_tokens)
     return (paths.sft_model or root / "sft", paths.prompts or root / "prompts", paths.preferences or root / "preferences",
             list(paths.sft_checkpoints) if paths.sft_model else sorted((root / "sft_checkpoints").iterdir()))

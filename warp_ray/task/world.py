@@ -84,14 +84,19 @@ def repetition(words: list[str]) -> float:
     return 0.0 if not content else 1.0 - len(set(content)) / len(content)
 
 
+POSITIVE_CAP, TOPIC_CAP = 4, 3
+BEST_GOLD_REWARD = POSITIVE_CAP + 0.5 * TOPIC_CAP
+"""The highest gold reward: the capped positive and topical words in a finished text, nothing penalised."""
+
+
 def gold_reward(prompt: str, text: str) -> float:
     """The human's judgement of a completion (see the module docstring)."""
     topic = topic_of(prompt)
     words = text.split()
     mine = set(TOPICS.get(topic, []))
     others = {n for t, nouns in TOPICS.items() if t != topic for n in nouns}
-    score = min(len(set(words) & set(POSITIVE)), 4)
-    score += 0.5 * min(len(set(words) & mine), 3)
+    score = min(len(set(words) & set(POSITIVE)), POSITIVE_CAP)
+    score += 0.5 * min(len(set(words) & mine), TOPIC_CAP)
     score -= 0.5 * sum(w in NEGATIVE for w in words)
     score -= 0.5 * sum(w in others for w in words)
     score -= 4.0 * max(0.0, repetition(words) - 0.25)
