@@ -219,6 +219,7 @@ def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path
     import json
 
     from warp_ray.reproduce import runs
+    from warp_ray.reward import warm
 
     (tmp_path / "task" / "sft").mkdir(parents=True)
     trained = []
@@ -227,21 +228,36 @@ def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path
         (tmp_path / "task" / "task.json").write_text(json.dumps({"params": {"pairs": config.task.pairs}}))
         return tmp_path / "task" / "sft", tmp_path / "task" / "prompts", tmp_path / "task" / "preferences", []
 
-    def run_warm(config):  # stands in for the Ray Tune sweep: what matters here is whether it runs
-        trained.append(config)
-        (config.paths.output_dir / "rm").mkdir(parents=True, exist_ok=True)
-        table = {"WARM": {"validation": len(trained)}}
-        (config.paths.output_dir / "rm" / "accuracy.json").write_text(json.dumps(table))
-        return table
+    def train_warm(params, *args):  # stands in for the Ray Tune sweep: what matters here is whether it runs
+        trained.append(params)
+        if len(trained) == 3:
+            raise RuntimeError("a trial failed")
+        return []
 
     monkeypatch.setattr(runs, "task_inputs", task_inputs)
-    monkeypatch.setattr(runs, "run_warm", run_warm)
+    monkeypatch.setattr(warm, "task_inputs", task_inputs)
+    monkeypatch.setattr(warm, "preference_splits", lambda folder: {})
+    monkeypatch.setattr(warm, "init_ray", lambda: None)
+    monkeypatch.setattr(warm, "train_warm", train_warm)
+    monkeypatch.setattr(warm, "accuracy_table", lambda folders, merged, splits: {"WARM": {"validation": len(trained)}})
+
     def config(*overrides: str) -> WarpConfig:
         overrides = [f"paths.output_dir={tmp_path}/out", *overrides]
         return WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", overrides)
 
-    assert runs._task_and_warm(config())[3] == {"WARM": {"validation": 1}}
-    assert runs._task_and_warm(config())[3] == {"WARM": {"validation": 1}} and len(trained) == 1  # read back
-    assert runs._task_and_warm(config("task.pairs=2000"))[3] == {"WARM": {"validation": 2}}  # another task: again
-    longer = config("task.pairs=2000", "warm.steps=300")
-    assert runs._task_and_warm(longer)[3] == {"WARM": {"validation": 3}}  # other WARM settings: trained again
+    assert runs._task_and_warm(config())[3:] == ({"WARM": {"validation": 1}}, True)
+    assert runs._task_and_warm(config())[3:] == ({"WARM": {"validation": 1}}, False)  # read back
+    assert runs._task_and_warm(config("task.pairs=2000"))[3:] == ({"WARM": {"validation": 2}}, True)  # another task
+    with pytest.raises(RuntimeError, match="a trial failed"):
+        runs._task_and_warm(config("warm.steps=300"))  # other WARM settings: trained again, and failing half-way...
+    assert runs._task_and_warm(config("task.pairs=2000"))[4]  # ...leaves no record: the next run trains again
+
+
+def test_an_undefined_standard_error_judges_nothing():
+    assert math.isnan(regime._in_units(float("nan"), 0.0)) and math.isnan(regime._in_units(1.0, float("nan")))
+    single_prompt = made_up_regime()
+    single_prompt["sft"]["control_reward_se"] = float("nan")  # an evaluation of one prompt has no spread
+    rise = next(c for c in regime.criteria(single_prompt) if "the rise" in c.name)
+    assert rise.holds is False
+    with pytest.raises(ConfigError, match="evaluation.prompts >= 2"):
+        check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["evaluation.prompts=1"]))

@@ -134,8 +134,10 @@ def criteria(regime: dict) -> list[Criterion]:
 
 
 def _in_units(value: float, unit: float) -> float:
-    """value / unit; a zero unit makes any non-zero value infinitely many of it, an undefined one (NaN) undefined."""
-    if unit > 0 or math.isnan(unit):
+    """value / unit; a zero unit makes any non-zero value infinitely many of it; NaN in, NaN out."""
+    if math.isnan(value) or math.isnan(unit):
+        return math.nan
+    if unit > 0:
         return value / unit
     return math.copysign(math.inf, value) if value else 0.0
 

@@ -37,7 +37,8 @@ from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
 from warp_ray.reproduce import regime
 from warp_ray.reward.server import RewardServer
-from warp_ray.reward.warm import best_single, run_warm
+from warp_ray.reward.warm import TRAINED_ON, best_single, run_warm, trained_on
+from warp_ray.runtime import init_ray
 from warp_ray.task import world
 from warp_ray.task.build import task_inputs
 
@@ -68,6 +69,9 @@ def check_protocol(config: WarpConfig) -> None:
             raise ConfigError(f"reproduce needs {key} = {wanted!r} (the claims are about it), got {value!r}; see configs/reproduce.yaml")
     if config.warp.I < 2:
         raise ConfigError(f"reproduce needs warp.I >= 2 (claim 6 compares iterations 1 and 2), got {config.warp.I}")
+    if config.evaluation.prompts < 2:
+        raise ConfigError(f"reproduce needs evaluation.prompts >= 2 (its noise is the spread between prompts), "
+                          f"got {config.evaluation.prompts}")
     if config.evaluation.every != config.warp.T // 10:
         raise ConfigError(f"reproduce needs evaluation.every = warp.T / 10 = {config.warp.T // 10} (every run is "
                           f"evaluated on the regime's grid), got {config.evaluation.every}")
@@ -80,12 +84,13 @@ def measure(config: WarpConfig) -> dict:
     check_protocol(config)
     out, seconds = config.paths.output_dir, {}
     start = time.perf_counter()
-    sft, prompts, preferences, accuracy = _task_and_warm(config)
+    sft, prompts, preferences, accuracy, retrained = _task_and_warm(config)
     seconds["task and WARM"] = time.perf_counter() - start
     measured_regime = measure_regime(config)
     seconds["regime"] = time.perf_counter() - start - sum(seconds.values())
 
-    run_warp(config, resume=True)  # continues a run cut short; a finished one is read back
+    # Continues a run cut short, and reads a finished one back, unless its reward models were just replaced.
+    run_warp(config, resume=not retrained)
     seconds["WARP"] = time.perf_counter() - start - sum(seconds.values())
     warp = [_iteration(out, i) for i in range(config.warp.I)]
 
@@ -131,28 +136,25 @@ def measure(config: WarpConfig) -> dict:
     return results
 
 
-def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict]:
-    """The task's SFT, prompts and preferences folders, and WARM's accuracy table: built, or read
-    back when WARM was trained on the same task with the same settings."""
+def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
+    """The task's SFT, prompts and preferences folders, WARM's accuracy table, and whether WARM was
+    trained now: it is read back when trained on the same task with the same settings."""
     sft, prompts, preferences, _ = task_inputs(config)
     rm = config.paths.output_dir / "rm"
-    task = json.loads((sft.parent / "task.json").read_text())["params"]
-    trained_on = {"task": task, "warm": config.warm.model_dump(mode="json")}
-    record = rm / "trained_on.json"
-    if (rm / "accuracy.json").is_file() and record.is_file() and json.loads(record.read_text()) == trained_on:
-        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text())
-    accuracy = run_warm(config)
-    record.write_text(json.dumps(trained_on))
-    return sft, prompts, preferences, accuracy
+    record = rm / TRAINED_ON
+    if record.is_file() and json.loads(record.read_text()) == trained_on(config, sft, preferences):
+        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text()), False
+    return sft, prompts, preferences, run_warm(config), True
 
 
 def measure_regime(config: WarpConfig) -> dict:
     """The regime's numbers: the task and WARM as `warp-ray reproduce` builds them (reused when
     built), the label ceiling, the best single RM, and one RL run against it from the SFT (SFT
     anchor, beta 0.01) evaluated before its first step and every T / 10 steps."""
-    warp = config.warp
-    sft, prompts, preferences, accuracy = _task_and_warm(config)
-    single, folder = best_single(accuracy, config.paths.output_dir / "rm")
+    warp, out = config.warp, config.paths.output_dir
+    sft, prompts, preferences, accuracy, _ = _task_and_warm(config)
+    init_ray()  # WARM read back started no cluster
+    single, folder = best_single(accuracy, out / "rm")
     run_config = config.model_copy(update={
         "warp": warp.model_copy(update={"anchor": "sft", "beta": regime.BETA}),
     })
@@ -163,7 +165,8 @@ def measure_regime(config: WarpConfig) -> dict:
     learner = RemoteLearner.remote(run_config, str(sft), read_prompts(prompts / "train.jsonl"), reward,
                                    seed=run_seed(warp.seed, 0, 0), evaluator=evaluator)
     start = ray.get(learner.evaluate.remote())
-    history = ray.get(learner.run.remote(warp.T, desc=f"regime: SFT anchor, beta {regime.BETA}, {single}"))
+    log_dir = out / "reproduce" / "logs" / "regime"
+    history = ray.get(learner.run.remote(warp.T, log_dir, desc=f"regime: SFT anchor, beta {regime.BETA}, {single}"))
     ray.get(learner.close.remote())
     return {
         "T": warp.T, "mu": warp.mu, "sft": start, "run": evaluations(history),

@@ -142,14 +142,29 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TRAINED_ON = "trained_on.json"
+"""Beside the reward models: what they were trained on (`trained_on`), written once they all are."""
+
+
+def trained_on(config: WarpConfig, sft: Path, preferences: Path) -> dict:
+    """What WARM is trained on: the built-in task's parameters (or the user's SFT and preference
+    folders) and WARM's settings. Reward models trained on anything else are not these."""
+    task = Path(sft).parent / "task.json"
+    data = json.loads(task.read_text())["params"] if task.is_file() else {"sft": str(sft), "preferences": str(preferences)}
+    return {"task": data, "warm": config.warm.model_dump(mode="json")}
+
+
 def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
     """`warp-ray train-rm`: WARM on the configured data (the built-in task by default), evaluated."""
     sft, _, preferences, sft_checkpoints = task_inputs(config)
     splits = preference_splits(preferences)
     init_ray()
     out = config.paths.output_dir / "rm"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TRAINED_ON).unlink(missing_ok=True)  # until every model is retrained, the folder holds none of a known run
     folders = train_warm(config.warm, sft, splits, out, sft_checkpoints, config.paths.trust_remote_code)
     table = accuracy_table(folders, out / "warm", splits)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2))
     (out / "accuracy.md").write_text(markdown(table))
+    (out / TRAINED_ON).write_text(json.dumps(trained_on(config, sft, preferences)))
     return table
