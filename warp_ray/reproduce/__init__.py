@@ -37,11 +37,9 @@ def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bo
         _log_regime(folder, config, results["regime"])
     elif not results_file.is_file():
         raise WarpRayError(f"no results to report: {results_file} does not exist (run warp-ray reproduce without --report-only first)")
-    results = json.loads(results_file.read_text())
     log = folder / REGIME_LOG
-    if log.is_file():
-        results["regime_tried"] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return write_report(results, folder)
+    tried = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return write_report(json.loads(results_file.read_text()), folder, tried)
 
 
 def measure_regime(config: WarpConfig, report_dir: Optional[Path] = None) -> tuple[str, Path]:

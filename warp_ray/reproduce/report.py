@@ -21,12 +21,11 @@ from warp_ray.reward.warm import markdown as accuracy_markdown  # noqa: E402
 FIGURES = "results"  # beside results.md
 
 
-def write_report(results: dict, folder: Path) -> Path:
-    """results.md in `folder`, its figures and the results they are drawn from in `folder`/results/;
-    returns the path of results.md."""
+def write_report(results: dict, folder: Path, tried: Sequence[dict] = ()) -> Path:
+    """results.md in `folder`, its figures and the results they are drawn from in `folder`/results/,
+    with a table of the regime runs `tried` when given; returns the path of results.md."""
     (folder / FIGURES).mkdir(parents=True, exist_ok=True)
-    measured = {k: v for k, v in results.items() if k != "regime_tried"}  # that log lives beside, in regime_runs.jsonl
-    (folder / FIGURES / "results.json").write_text(json.dumps(measured, indent=1))
+    (folder / FIGURES / "results.json").write_text(json.dumps(results, indent=1))
     claims = check_all(results)
     sections = []
     for claim, (draw, details) in zip(claims, SECTIONS):
@@ -35,7 +34,7 @@ def write_report(results: dict, folder: Path) -> Path:
         fig.savefig(folder / FIGURES / f"claim_{claim.number}.png", dpi=110)
         plt.close(fig)
         sections.append(_section(claim, details(results)))
-    (folder / "results.md").write_text(_header(results, claims) + "\n" + "\n".join(sections))
+    (folder / "results.md").write_text(_header(results, claims, tried) + "\n" + "\n".join(sections))
     return folder / "results.md"
 
 
@@ -58,7 +57,7 @@ def _tried_section(entries: list[dict]) -> list[str]:
     ]
 
 
-def _header(results: dict, claims: Sequence[Claim]) -> str:
+def _header(results: dict, claims: Sequence[Claim], tried: Sequence[dict]) -> str:
     config, minutes = results["config"], results.get("wall_seconds", sum(results["seconds"].values())) / 60
     warp = config["warp"]
     lines = [
@@ -76,7 +75,7 @@ def _header(results: dict, claims: Sequence[Claim]) -> str:
         "a check holds when its margin exceeds twice its noise (see `warp_ray/reproduce/claims.py`). Iterations are "
         "numbered from 1 here (the run's folders from 0).", "",
         *(_regime_section(results) if "regime" in results else []),
-        *(_tried_section(results["regime_tried"]) if results.get("regime_tried") else []),
+        *(_tried_section(tried) if tried else []),
         "| claim | verdict |", "|---|---|",
         *(f"| {c.number}. {c.statement} | **{c.verdict}** |" for c in claims), "",
         "Time: " + ", ".join(f"{name} {s / 60:.1f} min" for name, s in results["seconds"].items()) + ".", "",
