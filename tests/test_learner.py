@@ -149,6 +149,12 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     rows = learner.evaluate_weights([ray.put(policy)], per_sample=True)  # as a merge is evaluated, one row per sample
     assert len(rows) == 16 * config.evaluation.samples_per_prompt and rows[0]["prompt"] == held_out[0]
     means = learner.evaluate()  # the same policy, synced back: the rows' means
+    by_prompt = {key: means.pop(key) for key in list(means) if key.endswith("_by_prompt")}
+    assert set(by_prompt) == {"reward_by_prompt", "kl_to_sft_by_prompt", "control_reward_by_prompt"}
+    for key, values in by_prompt.items():  # held-out prompts in order: what a bootstrap over prompts resamples
+        measure = key.removesuffix("_by_prompt")
+        assert values == pytest.approx([statistics.mean(r[measure] for r in rows if r["prompt"] == p) for p in held_out[:16]])
+        assert statistics.mean(values) == pytest.approx(means[measure])
     expected = {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key in means}
     expected.update({key: mean_and_se(rows, key.removesuffix("_se"))[1] for key in means if key.endswith("_se")})
     assert means == pytest.approx(expected)

@@ -42,6 +42,15 @@ def test_the_cheap_feature_is_hackable_repeating_positive_words_lowers_gold():
     assert world.repetition(hacked.split()) > 0.5 > world.repetition(honest.split())
 
 
+def test_praise_beyond_four_positive_words_costs_what_more_words_would_seem_to_earn():
+    four = "the flower is lovely and bright . the bee was warm and calm ."
+    six = "the flower is lovely and bright . the bee was warm and calm . the tree is kind and happy ."
+    assert world.gold_reward(PROMPT, six) == world.gold_reward(PROMPT, four) + 0.5 - 2 * world.PRAISE_PENALTY  # + a noun
+    rng = random.Random(0)
+    piled_on = sum(sum(w in world.POSITIVE for w in world.completion("garden", rng).split()) > 4 for _ in range(5000))
+    assert piled_on < 0.01 * 5000  # SFT text rarely shows it: preference data cannot teach it
+
+
 def test_sft_corpus_scores_spread_over_the_gold_reward():
     rng = random.Random(0)
     scores = [world.gold_reward(PROMPT, world.completion("garden", rng)) for _ in range(500)]
@@ -93,6 +102,13 @@ def test_a_built_task_is_reused_and_rebuilt_when_its_parameters_or_length_limit_
     assert json.loads((root / "task.json").read_text())["params"]["seed"] == 1
     build_task(params.model_copy(update={"seed": 1}), tmp_path / "task", max_new_tokens=6)
     assert json.loads((root / "task.json").read_text())["params"]["max_new_tokens"] == 6
+    stamp = (root / "sft" / "model.safetensors").stat().st_mtime_ns
+    manifest = json.loads((root / "task.json").read_text())
+    manifest["params"]["world"] = "another world"  # built before the world's prompts or words changed
+    (root / "task.json").write_text(json.dumps(manifest))
+    build_task(params.model_copy(update={"seed": 1}), tmp_path / "task", max_new_tokens=6)
+    assert (root / "sft" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert json.loads((root / "task.json").read_text())["params"]["world"] == world.FINGERPRINT
 
 
 def test_preference_completions_are_cut_at_the_runs_length_limit(tiny_task: Path):

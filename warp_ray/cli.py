@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from warp_ray.errors import WarpRayError
+from warp_ray.errors import ConfigError, WarpRayError
 
 MERGE_HELP = """\
 Merge Hugging Face model folders (safetensors), streaming one tensor at a time, so that
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(reproduce)
     reproduce.add_argument("--report", type=Path, help="folder for results.md and its figures (default: <paths.output_dir>/reproduce)")
     reproduce.add_argument("--report-only", action="store_true", help="redraw the report from the results.json of an earlier run")
+    reproduce.add_argument("--seeds", type=int, metavar="N", help="measure the first N seeds of reproduce.seeds only "
+                           "(--seeds 1: a quick look, whose noise lacks the seeds' spread)")
     reproduce.add_argument("--regime-only", action="store_true",
                            help="measure only whether the built-in task is in the papers' regime (minutes), "
                            "logged with the configurations tried")
@@ -105,6 +107,9 @@ def _run(args: argparse.Namespace) -> None:
 
         last = run_warp(config, resume=args.resume)
         print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
+    elif args.command == "reproduce" and args.seeds is not None and (args.regime_only or args.report_only):
+        raise ConfigError("--seeds chooses the seeds to measure: --regime-only measures the first one, --report-only "
+                          "measures none (it redraws the report of the last results)")
     elif args.command == "reproduce" and args.regime_only:
         from warp_ray.reproduce import measure_regime
 
@@ -114,7 +119,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "reproduce":
         from warp_ray.reproduce import reproduce
 
-        report = reproduce(config, args.report, measure=not args.report_only)
+        report = reproduce(config, args.report, measure=not args.report_only, seeds=args.seeds)
         print(f"claims, figures and verdicts: {report}")
     else:
         from warp_ray.demo import run_demo

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from warp_ray.checkpoint import check_model_folder
 from warp_ray.data import preference_splits
@@ -244,6 +244,24 @@ class Evaluation(Section):
     """Bases of the LITI front: the iteration's init (the paper's Figure 4) and the SFT."""
 
 
+class Reproduce(Section):
+    """`warp-ray reproduce`: the papers' claims measured over seeds (docs/results.md)."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """The seeds of the reproduction, fixed before it runs: each one is a whole WARP run, every
+    REINFORCE baseline and the merges (warp.seed = that seed); the task and WARM are shared. A
+    check's noise is their spread (`--seeds N` takes the first N: a quick look)."""
+    bootstrap: int = Field(1000, ge=100)
+    """Resamples of the held-out prompts (the unit of an evaluation's noise) in each check's interval."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"the seeds repeat one: {seeds}")
+        return seeds
+
+
 class Paths(Section):
     """Inputs and outputs. Unset inputs mean the built-in tiny task, built on the fly."""
 
@@ -288,6 +306,7 @@ class WarpConfig(Section):
     resources: Resources = Resources()
     learners: LearnerCount = LearnerCount()
     evaluation: Evaluation = Evaluation()
+    reproduce: Reproduce = Reproduce()
     paths: Paths = Paths()
 
     def learner_bounds(self) -> tuple[int, int]:

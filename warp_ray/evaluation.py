@@ -63,14 +63,17 @@ class Evaluator:
             raise ValueError("evaluation needs held-out prompts, got none")
         self.config, self.reward_server, self.reference, self.control_server = config, reward_server, reference, control_server
 
-    def __call__(self, rollouts: list) -> dict[str, float]:
+    def __call__(self, rollouts: list) -> dict[str, float | list[float]]:
         """The means over the held-out samples (reward, kl_to_sft, truncated, control_reward), each
-        with its standard error (`<key>_se`)."""
+        with its standard error (`<key>_se`), and the per-prompt means of the measures a claim
+        compares (`<key>_by_prompt`, in prompt order: what a bootstrap over prompts resamples)."""
         rows = self.samples(rollouts)
         means = {}
         for key in ("reward", "kl_to_sft", "truncated", "control_reward"):
             if key in rows[0]:
                 means[key], means[f"{key}_se"] = mean_and_se(rows, key)
+                if key != "truncated":
+                    means[f"{key}_by_prompt"] = prompt_means(rows, key)
         return means
 
     def samples(self, rollouts: list) -> list[dict]:
@@ -95,12 +98,17 @@ class Evaluator:
         return rows
 
 
+def prompt_means(rows: Sequence[dict], key: str) -> list[float]:
+    """The mean of `key` over each prompt's samples, prompts in order of first appearance."""
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_prompt[row["prompt"]].append(row[key])
+    return [statistics.mean(values) for values in by_prompt.values()]
+
+
 def mean_and_se(rows: Sequence[dict], key: str) -> tuple[float, float]:
     """The mean of `key` over the rows and its standard error with prompts as the unit: samples of
     one prompt are not independent, so the SE is that of the per-prompt means (prompts with equal
     numbers of samples, as an evaluation draws them); NaN from a single prompt."""
-    by_prompt: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        by_prompt[row["prompt"]].append(row[key])
-    means = [statistics.mean(values) for values in by_prompt.values()]
+    means = prompt_means(rows, key)
     return statistics.mean(means), (statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan)

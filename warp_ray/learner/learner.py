@@ -215,7 +215,7 @@ class Learner:
         with open(log_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
-            if key != "step":
+            if key != "step" and not isinstance(value, list):  # per-prompt lists: in metrics.jsonl only
                 tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
                 writer.add_scalar(tag, value, metrics["step"])
 

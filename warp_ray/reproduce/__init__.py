@@ -13,19 +13,24 @@ from pathlib import Path
 from typing import Optional
 
 from warp_ray.config import WarpConfig
-from warp_ray.errors import WarpRayError
+from warp_ray.errors import ConfigError, WarpRayError
 
 
 REGIME_LOG = Path("results") / "regime_runs.jsonl"
 """Every regime measured, one JSON line each, under the report's folder: the configurations tried."""
 
 
-def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bool = True) -> Path:
+def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bool = True, seeds: Optional[int] = None) -> Path:
     """Measure (unless `measure` is False: read the last results.json), then write the report;
-    returns the path of results.md."""
+    returns the path of results.md. `seeds`: measure the first ones of reproduce.seeds only."""
     from warp_ray.reproduce.report import write_report
     from warp_ray.reproduce.runs import measure as run_all
 
+    if seeds is not None:
+        listed = config.reproduce.seeds
+        if not 1 <= seeds <= len(listed):
+            raise ConfigError(f"--seeds {seeds}: reproduce.seeds lists {len(listed)} ({listed}); take 1 to {len(listed)} of them")
+        config = config.model_copy(update={"reproduce": config.reproduce.model_copy(update={"seeds": listed[:seeds]})})
     results_file = config.paths.output_dir / "reproduce" / "results.json"
     folder = report_dir or results_file.parent
     if measure:
@@ -33,23 +38,29 @@ def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bo
         results = run_all(config)
         results["wall_seconds"], results["date"] = time.time() - started, time.strftime("%Y-%m-%d")
         results_file.parent.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps(results, indent=1))
-        _log_regime(folder, config, results["regime"])
+        partial = results_file.with_suffix(".json.tmp")  # the last good results stay until these are whole
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(results_file)
+        _log_regime(folder, config, results["by_seed"][0]["regime"])
     elif not results_file.is_file():
         raise WarpRayError(f"no results to report: {results_file} does not exist (run warp-ray reproduce without --report-only first)")
+    results = json.loads(results_file.read_text())
+    if "by_seed" not in results:
+        raise WarpRayError(f"{results_file} was measured before the reproduction ran over seeds (it has no by_seed): "
+                           "measure again (warp-ray reproduce without --report-only)")
     log = folder / REGIME_LOG
     tried = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    return write_report(json.loads(results_file.read_text()), folder, tried)
+    return write_report(results, folder, tried)
 
 
 def measure_regime(config: WarpConfig, report_dir: Optional[Path] = None) -> tuple[str, Path]:
-    """`warp-ray reproduce --regime-only`: the regime alone, appended to the log of configurations
+    """`warp-ray reproduce --regime-only`: the regime alone (on the first seed), appended to the log of configurations
     tried (in `report_dir`, default <output_dir>/reproduce); returns its table and the log's path."""
     from warp_ray.reproduce import regime
     from warp_ray.reproduce.runs import check_protocol, measure_regime as run_regime
 
     check_protocol(config)
-    measured = run_regime(config)
+    measured = run_regime(config.model_copy(update={"warp": config.warp.model_copy(update={"seed": config.reproduce.seeds[0]})}))
     folder = report_dir or config.paths.output_dir / "reproduce"
     _log_regime(folder, config, measured)
     return regime.markdown(measured), folder / REGIME_LOG

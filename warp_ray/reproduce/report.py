@@ -13,39 +13,50 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from warp_ray.reproduce import protocol  # noqa: E402
+from warp_ray.reproduce.claims import angle_summary, check_all, collapse_step, evaluation_se, sft_point, towards_sft, win_rate  # noqa: E402
 from warp_ray.reproduce.regime import markdown as regime_markdown  # noqa: E402
+from warp_ray.reproduce.regime import summary as regime_summary  # noqa: E402
 from warp_ray.reproduce.regime import tried_markdown as regime_tried_markdown  # noqa: E402
-from warp_ray.reproduce.claims import Claim, angle_summary, check_all, collapse_step, noise, sft_point, towards_sft, win_rate  # noqa: E402
+from warp_ray.reproduce.runs import seed_view  # noqa: E402
 from warp_ray.reward.warm import markdown as accuracy_markdown  # noqa: E402
 
 FIGURES = "results"  # beside results.md
+BOOTSTRAP_SEED = 0  # the prompt resamples: the report is a pure function of the results
 
 
 def write_report(results: dict, folder: Path, tried: Sequence[dict] = ()) -> Path:
-    """results.md in `folder`, its figures and the results they are drawn from in `folder`/results/,
-    with a table of the regime runs `tried` when given; returns the path of results.md."""
+    """results.md in `folder`, its figures (the first seed's runs) and the results they are drawn
+    from in `folder`/results/, with a table of the regime runs `tried` when given; returns the path
+    of results.md."""
     (folder / FIGURES).mkdir(parents=True, exist_ok=True)
     (folder / FIGURES / "results.json").write_text(json.dumps(results, indent=1))
-    claims = check_all(results)
-    sections = []
+    config = results["config"]
+    seeds = [seed_view(results, k) for k in range(len(results["by_seed"]))]
+    claims = protocol.judge(check_all, seeds, config["reproduce"]["bootstrap"], np.random.default_rng(BOOTSTRAP_SEED))
+    first, sections = seeds[0], []
     for claim, (draw, details) in zip(claims, SECTIONS):
-        fig = draw(results)
+        fig = draw(first)
         fig.tight_layout()
         fig.savefig(folder / FIGURES / f"claim_{claim.number}.png", dpi=110)
         plt.close(fig)
-        sections.append(_section(claim, details(results)))
-    (folder / "results.md").write_text(_header(results, claims, tried) + "\n" + "\n".join(sections))
+        sections.append(_section(claim, [s["seed"] for s in seeds], details(first)))
+    (folder / "results.md").write_text(_header(results, seeds, claims, tried) + "\n" + "\n".join(sections))
     return folder / "results.md"
 
 
-def _regime_section(results: dict) -> list[str]:
+def _regime_section(seeds: Sequence[dict]) -> list[str]:
+    rows = []
+    for s in seeds:
+        numbers = regime_summary(s["regime"])
+        rows.append((s["seed"], numbers["rise"], numbers["rise_in_se"], numbers["fall"], numbers["fall_in_se"], numbers["end_kl"]))
     return [
-        "The RL path these numbers come from had five defects fixed on 2026-11-30 (docs/defects.md measures each one "
-        "before and after); the regime below was measured on it.", "",
         "## The regime", "",
         "Whether the task behaves like RLHF as the papers ran it, against criteria fixed before any claim was "
-        "looked at (`warp_ray/reproduce/regime.py`):", "",
-        regime_markdown(results["regime"]), "",
+        f"looked at (`warp_ray/reproduce/regime.py`), on seed {seeds[0]['seed']}'s run:", "",
+        regime_markdown(seeds[0]["regime"]), "",
+        "The run of every seed (RL against the best single RM, SFT anchor, beta 0.01; gold reward, SE of a difference):", "",
+        _table(("seed", "rise", "rise (SE)", "fall", "fall (SE)", "KL at T"), rows), "",
     ]
 
 
@@ -57,24 +68,32 @@ def _tried_section(entries: list[dict]) -> list[str]:
     ]
 
 
-def _header(results: dict, claims: Sequence[Claim], tried: Sequence[dict]) -> str:
+def _header(results: dict, seeds: Sequence[dict], claims: Sequence[protocol.JudgedClaim], tried: Sequence[dict]) -> str:
     config, minutes = results["config"], results.get("wall_seconds", sum(results["seconds"].values())) / 60
-    warp = config["warp"]
+    warp, evaluation, n = config["warp"], config["evaluation"], len(seeds)
+    noise = (f"{n} seeds: the 95% interval of a check's mean margin combines the seeds' spread (Student's t, {n - 1} degrees "
+             f"of freedom) with the effect of the held-out prompts that all seeds share (a bootstrap over them, "
+             f"{config['reproduce']['bootstrap']} resamples)"
+             if n > 1 else
+             "ONE SEED, a quick look: the 95% intervals come from a bootstrap over the held-out prompts of that one seed's "
+             "evaluations, and miss the seed-to-seed spread of RL that a rerun would show")
     lines = [
         "# The papers' claims, measured on the built-in task", "",
-        "Produced by `make reproduce` (`warp-ray reproduce --config configs/reproduce.yaml --report docs`) "
-        f"on {results.get('date', 'an unrecorded date')}, in {minutes:.0f} minutes on 2 CPU cores, seeds fixed; "
-        f"every number and figure below is drawn from the run's results, [`{FIGURES}/results.json`]({FIGURES}/results.json) "
+        ("Produced by `make reproduce` (`warp-ray reproduce --config configs/reproduce.yaml --report docs`) " if n > 1 else
+         "Produced by `make reproduce-quick` (`warp-ray reproduce --config configs/reproduce.yaml --seeds 1`) ")
+        + f"on {results.get('date', 'an unrecorded date')}, in {minutes:.0f} minutes on 2 CPU cores; every number and figure "
+        f"below is drawn from the run's results, [`{FIGURES}/results.json`]({FIGURES}/results.json) "
         "(`warp-ray reproduce --config configs/reproduce.yaml --report-only` redraws them).", "",
         f"Setting: the built-in task (a 0.9M-parameter GPT-2, the gold reward as the control), WARM of {config['warm']['M']} reward "
         f"models as the proxy reward, REINFORCE runs of T = {warp['T']} steps of {warp['batch_size']} prompts x "
         f"{warp['samples_per_prompt']} samples (lr {warp['lr']:g}, mu {warp['mu']:g}), WARP with M = {warp['M']}, "
-        f"I = {warp['I']}, eta = {warp['eta']:g}. Every evaluation: {config['evaluation']['prompts']} held-out prompts x "
-        f"{config['evaluation']['samples_per_prompt']} samples at temperature 1, the same seed for every policy; KL is to the "
-        f"SFT. One standard error of an evaluation's mean reward: {noise(results):.3f} (median over the run's evaluations); "
-        "a check holds when its margin exceeds twice its noise (see `warp_ray/reproduce/claims.py`). Iterations are "
+        f"I = {warp['I']}, eta = {warp['eta']:g}. Seeds {', '.join(str(s['seed']) for s in seeds)}, fixed in the config "
+        f"before the run; each is a whole WARP run, the REINFORCE baselines and the merges; the task and WARM are shared. "
+        f"Every evaluation: {evaluation['prompts']} held-out prompts x {evaluation['samples_per_prompt']} samples at "
+        f"temperature 1; KL is to the SFT. Noise: {noise} (`warp_ray/reproduce/protocol.py`). A check holds when its interval "
+        "lies above zero, did not hold when below. Figures and tables beneath each claim show the first seed. Iterations are "
         "numbered from 1 here (the run's folders from 0).", "",
-        *(_regime_section(results) if "regime" in results else []),
+        *(_regime_section(seeds) if "regime" in seeds[0] else []),
         *(_tried_section(tried) if tried else []),
         "| claim | verdict |", "|---|---|",
         *(f"| {c.number}. {c.statement} | **{c.verdict}** |" for c in claims), "",
@@ -83,10 +102,17 @@ def _header(results: dict, claims: Sequence[Claim], tried: Sequence[dict]) -> st
     return "\n".join(lines)
 
 
-def _section(claim: Claim, details: str) -> str:
+def _section(claim: protocol.JudgedClaim, seeds: Sequence[int], details: str) -> str:
+    def number(value) -> str:
+        return "-" if value is None else f"{value:+.3f}"
+
     lines = [f"## Claim {claim.number}: {claim.verdict}", "", claim.statement, "",
-             "| check | margin | noise (1 SE) | status |", "|---|---|---|---|"]
-    lines += [f"| {c.what} | {'-' if c.margin is None else f'{c.margin:+.3f}'} | {c.noise:.3f} | {c.status} |" for c in claim.checks]
+             "| check | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% interval | status |",
+             "|---" * (len(seeds) + 4) + "|"]
+    lines += [f"| {c.what} | " + " | ".join(number(m) for m in c.margins) + f" | {number(c.mean)} | "
+              + ("-" if c.mean is None else f"[{c.low:+.3f}, {c.high:+.3f}]") + f" | {c.status}"
+              + (f" (not observed in {c.unobserved_share:.0%} of the prompt resamples)" if c.unobserved_share else "") + " |"
+              for c in claim.checks]
     lines += ["", f"![claim {claim.number}]({FIGURES}/claim_{claim.number}.png)", "", details, ""]
     return "\n".join(lines)
 
@@ -258,7 +284,7 @@ def _draw_7(results: dict):
 
 
 def _details_7(results: dict) -> str:
-    se = np.sqrt(2) * noise(results, "control_reward")
+    se = np.sqrt(2) * evaluation_se(results, "control_reward")
     rows = [(label, results["runs"][name][-1]["kl_to_sft"], max(p["control_reward"] for p in results["runs"][name]),
              max(results["runs"][name], key=lambda p: p["control_reward"])["step"], collapse_step(results["runs"][name], se) or "none")
             for label, name in WARM_RUNS.items()]

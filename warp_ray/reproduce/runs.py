@@ -1,15 +1,17 @@
 """The measurements behind the papers' claims, on the built-in task: everything one
 `warp-ray reproduce` runs, written to one JSON file that the claims and figures are read from.
 
-1. WARM (M reward models, weight averaged) and its accuracy table; the single RM with the best
-   validation accuracy is the baseline of claim 7. Then the regime (regime.py), whose RL run
-   against that RM is claim 7's baseline, "SFT anchor, beta 0.01, single RM".
-2. WARP, Algorithm 1, by the coordinator (`warp-ray warp` with paths.keep_policies): M = 4
+1. The task and WARM (M reward models, weight averaged) and its accuracy table, once: the seeds
+   share them. The single RM with the best validation accuracy is the baseline of claim 7.
+Then, for each seed of reproduce.seeds (warp.seed = that seed, a folder of its own):
+2. The regime (regime.py), whose RL run against that RM is claim 7's baseline, "SFT anchor,
+   beta 0.01, single RM".
+3. WARP, Algorithm 1, by the coordinator (`warp-ray warp` with paths.keep_policies): M = 4
    policies per iteration, I iterations, the LITI fronts. Its iteration-0 policy 0 is also the
    "EMA anchor, beta 0.1" REINFORCE run.
-3. REINFORCE baselines from the SFT, with the same seed (so the same prompts) and T steps each:
-   the anchors and betas of claim 1, and a run against the single RM (claim 7).
-4. Merges of the saved policies (SLERP against LERP, M = 2 against M = 4), a WARP policy
+4. REINFORCE baselines from the SFT, with the same seed (so the same prompts) and T steps each:
+   the anchors and betas of claim 1.
+5. Merges of the saved policies (SLERP against LERP, M = 2 against M = 4), a WARP policy
    matched in KL to the REINFORCE one (claim 8), evaluated on the baselines' engines; the task
    vectors' angles.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -31,8 +35,8 @@ from warp_ray.coordinator.checkpoints import iteration_dir
 from warp_ray.coordinator.coordinator import run_warp
 from warp_ray.coordinator.learners import RemoteLearner, run_seed
 from warp_ray.data import read_preferences, read_prompts
-from warp_ray.errors import ConfigError
-from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
+from warp_ray.errors import ConfigError, WarpRayError
+from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se, prompt_means
 from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
 from warp_ray.reproduce import regime
@@ -80,21 +84,86 @@ def check_protocol(config: WarpConfig) -> None:
 
 
 def measure(config: WarpConfig) -> dict:
-    """Run everything; returns the results, every number the claims and figures need."""
+    """Run everything: the task and WARM once, then each seed of reproduce.seeds (`measure_seed`,
+    read back where it was measured already); returns the results, every number the claims and
+    figures need."""
     check_protocol(config)
+    start = time.perf_counter()
+    _, _, preferences, accuracy = _task_and_warm(config)
+    seconds = {"task and WARM": time.perf_counter() - start}
+    by_seed = []
+    for seed in config.reproduce.seeds:
+        started = time.perf_counter()
+        by_seed.append(_seed_results(seed_config(config, seed)))
+        seconds[f"seed {seed}"] = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "config": config.model_dump(mode="json"),
+        "warm": {"accuracy": accuracy, "single_rm": by_seed[0]["regime"]["best_single_rm"]["name"], "pairs": _pair_counts(preferences)},
+        "by_seed": by_seed,
+    }
+
+
+SEED_INPUTS, SEED_RESULTS = "inputs.json", "results.json"
+"""In a seed's folder: what it is measured with (its config and the reward models' record), and its results."""
+
+
+def seed_config(config: WarpConfig, seed: int) -> WarpConfig:
+    """One seed's settings: warp.seed, and a folder of its own (<output_dir>/seeds/seed_<seed>) whose
+    task and reward models are links to the shared ones, so that they are built and trained once."""
+    folder = config.paths.output_dir / "seeds" / f"seed_{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for shared in ("task", "rm"):
+        link, target = folder / shared, Path("..", "..", shared)
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        if link.exists() or link.is_symlink():
+            raise WarpRayError(f"{link} should link to the shared {config.paths.output_dir / shared} (seeds share the task and "
+                               "WARM); move it away and run again")
+        link.symlink_to(target, target_is_directory=True)
+    return config.model_copy(update={"warp": config.warp.model_copy(update={"seed": seed}),
+                                     "paths": config.paths.model_copy(update={"output_dir": folder})})
+
+
+def _seed_results(config: WarpConfig) -> dict:
+    """A seed's results: read back when measured with the same settings against the same reward
+    models; otherwise measured, resuming WARP only from iterations made with both (a seed folder
+    made with anything else is emptied first)."""
+    folder = config.paths.output_dir
+    inputs = {"config": config.model_dump(mode="json"), "trained_on": json.loads((folder / "rm" / TRAINED_ON).read_text())}
+    record, saved = folder / SEED_INPUTS, folder / SEED_RESULTS
+    if record.is_file() and json.loads(record.read_text()) == inputs:
+        if saved.is_file():
+            return json.loads(saved.read_text())
+    else:
+        for entry in folder.iterdir():
+            if entry.is_symlink() or entry.is_file():
+                if entry.name not in ("task", "rm"):
+                    entry.unlink()
+            else:
+                shutil.rmtree(entry)
+        record.write_text(json.dumps(inputs))
+    results = measure_seed(config)
+    partial = saved.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(results))
+    partial.replace(saved)
+    return results
+
+
+def measure_seed(config: WarpConfig) -> dict:
+    """One seed's measurements: the regime's run (claim 7's single-RM baseline), WARP (resumed
+    where a run was cut short), the REINFORCE baselines and the merges."""
     out, seconds = config.paths.output_dir, {}
     start = time.perf_counter()
-    sft, prompts, preferences, accuracy, retrained = _task_and_warm(config)
-    seconds["task and WARM"] = time.perf_counter() - start
+    sft, prompts, _, _ = task_inputs(config)
     measured_regime = measure_regime(config)
-    seconds["regime"] = time.perf_counter() - start - sum(seconds.values())
+    seconds["regime"] = time.perf_counter() - start
 
-    # Continues a run cut short, and reads a finished one back, unless its reward models were just replaced.
-    run_warp(config, resume=not retrained)
+    run_warp(config, resume=True)
     seconds["WARP"] = time.perf_counter() - start - sum(seconds.values())
     warp = [_iteration(out, i) for i in range(config.warp.I)]
 
-    log.info("REINFORCE baselines: %d runs of %d steps from the SFT", len(BASELINES), config.warp.T)
+    log.info("seed %d: REINFORCE baselines, %d runs of %d steps from the SFT", config.warp.seed, len(BASELINES), config.warp.T)
     evaluator = _evaluator(config, sft, prompts, out / "rm" / "warm")
     runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"]}
     finals, learners, names = {}, {}, list(BASELINES)
@@ -113,15 +182,13 @@ def measure(config: WarpConfig) -> dict:
         finals.update(zip(learners, ray.get([learner.get_weights.remote() for learner in learners.values()])))
     seconds["REINFORCE baselines"] = time.perf_counter() - start - sum(seconds.values())
 
-    log.info("merges of the saved policies, evaluated")
+    log.info("seed %d: merges of the saved policies, evaluated", config.warp.seed)
     engines = list(learners.values())  # the last wave's
     sft_weights = load_model_weights(sft)
     policies = [load_model_weights(p) for p in sorted((iteration_dir(out, 0) / "policies").iterdir())]
     results = {
+        "seed": config.warp.seed,
         "seconds": seconds,
-        "config": config.model_dump(mode="json"),
-        "warm": {"accuracy": accuracy, "single_rm": measured_regime["best_single_rm"]["name"],
-                 "pairs": _pair_counts(preferences)},
         "regime": measured_regime,
         "runs": runs,
         "warp": warp,
@@ -136,15 +203,20 @@ def measure(config: WarpConfig) -> dict:
     return results
 
 
-def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
-    """The task's SFT, prompts and preferences folders, WARM's accuracy table, and whether WARM was
-    trained now: it is read back when trained on the same task with the same settings."""
+def seed_view(results: dict, k: int) -> dict:
+    """The k-th seed's results with the shared ones (config, WARM): what a claim is checked on."""
+    return {**{key: value for key, value in results.items() if key != "by_seed"}, **results["by_seed"][k]}
+
+
+def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict]:
+    """The task's SFT, prompts and preferences folders, and WARM's accuracy table: WARM is read back
+    when trained on the same task with the same settings, trained now otherwise."""
     sft, prompts, preferences, _ = task_inputs(config)
     rm = config.paths.output_dir / "rm"
     record = rm / TRAINED_ON
     if record.is_file() and json.loads(record.read_text()) == trained_on(config, sft, preferences):
-        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text()), False
-    return sft, prompts, preferences, run_warm(config), True
+        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text())
+    return sft, prompts, preferences, run_warm(config)
 
 
 def measure_regime(config: WarpConfig) -> dict:
@@ -152,7 +224,7 @@ def measure_regime(config: WarpConfig) -> dict:
     built), the label ceiling, the best single RM, and one RL run against it from the SFT (SFT
     anchor, beta 0.01) evaluated before its first step and every T / 10 steps."""
     warp, out = config.warp, config.paths.output_dir
-    sft, prompts, preferences, accuracy, _ = _task_and_warm(config)
+    sft, prompts, preferences, accuracy = _task_and_warm(config)
     init_ray()  # WARM read back started no cluster
     single, folder = best_single(accuracy, out / "rm")
     run_config = config.model_copy(update={
@@ -230,6 +302,7 @@ def _summary(rows: list[dict]) -> dict:
     summary = {}
     for key in ("reward", "kl_to_sft", "control_reward"):
         summary[key], summary[f"{key}_se"] = mean_and_se(rows, key)
+        summary[f"{key}_by_prompt"] = prompt_means(rows, key)
     summary["control_rewards"] = [r["control_reward"] for r in rows]
     return summary
 

@@ -142,7 +142,7 @@ def build_task(params: TaskParams, root: Path, max_new_tokens: int) -> Path:
     `warp.max_new_tokens`); returns root."""
     root = Path(root)
     manifest = root / "task.json"
-    built_with = {**params.model_dump(), "max_new_tokens": max_new_tokens}
+    built_with = {**params.model_dump(), "max_new_tokens": max_new_tokens, "world": world.FINGERPRINT}
     if manifest.is_file() and json.loads(manifest.read_text()).get("params") == built_with:
         return root
     torch.manual_seed(params.seed)
