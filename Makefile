@@ -26,11 +26,16 @@ demo: setup
 reproduce: setup
 	$(VENV)/bin/warp-ray reproduce --config configs/reproduce.yaml --report docs
 
-# A first look: the first seed only (its report says what its intervals miss), in runs/reproduce.
+# A first look: the first seed only (its report says what its intervals miss), in runs/reproduce/reproduce/.
 reproduce-quick: setup
 	$(VENV)/bin/warp-ray reproduce --config configs/reproduce.yaml --seeds 1
 
-test: setup
+# Formatting and lint (ruff, 120 columns; settings in pyproject.toml), first in `make test`.
+lint: setup
+	$(VENV)/bin/ruff format --check warp_ray tests bench
+	$(VENV)/bin/ruff check warp_ray tests bench
+
+test: lint
 	$(PY) -m pytest tests
 
 test-fast: setup

@@ -46,7 +46,9 @@ class Policy:
 
     def __init__(self, init: Path, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        self.weights = {k: t + 0.01 * torch.randn(t.shape, generator=generator) for k, t in load_model_weights(init).items()}
+        self.weights = {
+            k: t + 0.01 * torch.randn(t.shape, generator=generator) for k, t in load_model_weights(init).items()
+        }
 
     def put_weights(self, names: list[list[str]]) -> Shards:
         return [ray.put(shard) for shard in split(self.weights, names)]
@@ -78,14 +80,19 @@ class PeakMemory:
             time.sleep(0.001)
 
     def result(self) -> dict[str, int]:
-        return {"peak_rss_bytes": self.peak["VmRSS"] - self.start["VmRSS"], "peak_private_bytes": self.peak["RssAnon"] - self.start["RssAnon"]}
+        return {
+            "peak_rss_bytes": self.peak["VmRSS"] - self.start["VmRSS"],
+            "peak_private_bytes": self.peak["RssAnon"] - self.start["RssAnon"],
+        }
 
 
 @ray.remote(num_cpus=0)
 def sharded(init_folder: Path, policies: list[Shards], names: list[list[str]], out: Path) -> dict:
     with PeakMemory() as memory:
         start = time.perf_counter()
-        init = put_folder(init_folder, names)  # as the coordinator's first iteration does; later ones get it from the merge
+        init = put_folder(
+            init_folder, names
+        )  # as the coordinator's first iteration does; later ones get it from the merge
         merged = distributed_merge.slerp(init, policies)
         next_init = distributed_merge.liti(init, merged, ETA)
         ray.wait(next_init, num_returns=len(next_init), fetch_local=False)
@@ -122,8 +129,10 @@ def main() -> None:
     holders = [Policy.remote(init_folder, seed) for seed in range(1, M + 1)]
     policies = ray.get([h.put_weights.remote(names) for h in holders])
     results = {}
-    for name, run in (("sharded", lambda: sharded.remote(init_folder, policies, names, args.out / "sharded")),
-                      ("central", lambda: central.remote(init_folder, policies, args.out / "central"))):
+    for name, run in (
+        ("sharded", lambda: sharded.remote(init_folder, policies, names, args.out / "sharded")),
+        ("central", lambda: central.remote(init_folder, policies, args.out / "central")),
+    ):
         (args.out / name).mkdir()
         results[name] = ray.get(run())
         for kind in ("rss", "private"):

@@ -51,18 +51,26 @@ class BareLoop:
         self.anchor = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval().requires_grad_(False)
         warp = config.warp
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=warp.lr)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warp.warmup_steps)))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warp.warmup_steps))
+        )
 
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> list[tuple[str, list[int], list[int]]]:
         """(prompt, prompt ids, completion ids up to and with EOS) for every sample, grouped by prompt."""
         warp, tok = self.config.warp, self.tokenizer
         encoded = tok(prompts, return_tensors="pt", padding=True)
-        out = self.policy.generate(**encoded, do_sample=True, temperature=warp.temperature, max_new_tokens=warp.max_new_tokens,
-                                   num_return_sequences=warp.samples_per_prompt, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id)
+        out = self.policy.generate(
+            **encoded,
+            do_sample=True,
+            temperature=warp.temperature,
+            max_new_tokens=warp.max_new_tokens,
+            num_return_sequences=warp.samples_per_prompt,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         rows = []
-        for i, row in enumerate(out[:, encoded.input_ids.shape[1]:].tolist()):
+        for i, row in enumerate(out[:, encoded.input_ids.shape[1] :].tolist()):
             completion = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
             prompt = prompts[i // warp.samples_per_prompt]
             rows.append((prompt, tok(prompt).input_ids, completion))
@@ -73,7 +81,9 @@ class BareLoop:
         warp, start = self.config.warp, time.perf_counter()
         torch.set_num_threads(2)  # generation gets the machine, as the vLLM engine does
         rows = self.generate(prompts)
-        rewards = torch.tensor([world.gold_reward(p, self.tokenizer.decode(c, skip_special_tokens=True)) for p, _, c in rows])
+        rewards = torch.tensor(
+            [world.gold_reward(p, self.tokenizer.decode(c, skip_special_tokens=True)) for p, _, c in rows]
+        )
         torch.set_num_threads(1)  # the update gets one thread, as a learner rank does
         update = time.perf_counter()
         input_ids, attention, completion = pack([(p, c) for _, p, c in rows], self.tokenizer.pad_token_id)
@@ -82,7 +92,9 @@ class BareLoop:
         with torch.no_grad():
             anchor_logits = self.anchor(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / warp.temperature
             anchor = token_logprobs(anchor_logits, input_ids[:, 1:])
-        loss, _ = reinforce_loss(policy, anchor, completion[:, 1:].float(), rewards, warp.beta, warp.samples_per_prompt, warp.baseline)
+        loss, _ = reinforce_loss(
+            policy, anchor, completion[:, 1:].float(), rewards, warp.beta, warp.samples_per_prompt, warp.baseline
+        )
         self.optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
@@ -96,12 +108,16 @@ class BareLoop:
 def started_engine(sft: Path, in_process: bool) -> tuple[ray.actor.ActorHandle, float]:
     """A rollout engine and the seconds from its creation to its first completion."""
     start = time.perf_counter()
-    engine = RolloutWorker.remote(str(sft), max_model_len=AutoTokenizer.from_pretrained(sft).model_max_length, in_process=in_process)
+    engine = RolloutWorker.remote(
+        str(sft), max_model_len=AutoTokenizer.from_pretrained(sft).model_max_length, in_process=in_process
+    )
     ray.get(engine.generate.remote(["the"], 1, 1.0, 1))
     return engine, time.perf_counter() - start
 
 
-def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+def generation(
+    config: WarpConfig, sft: Path, prompts: list[str], rounds: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Generated tokens per second of vLLM (both engine layouts) and of transformers (1 and 2
     threads) on one batch, the engines also on 8 copies of it; the engines' start seconds."""
     warp = config.warp
@@ -109,20 +125,28 @@ def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -
     for name, in_process in (("vllm", False), ("vllm_in_process", True)):  # one at a time: starts are not contended
         engines[name], starts[name] = started_engine(sft, in_process)
     bare = BareLoop(config, sft)
-    rates: dict[str, list[float]] = {name: [] for name in (*engines, *(f"{e}_x8" for e in engines), "transformers_1_thread",
-                                                           "transformers_2_threads")}
+    rates: dict[str, list[float]] = {
+        name: []
+        for name in (*engines, *(f"{e}_x8" for e in engines), "transformers_1_thread", "transformers_2_threads")
+    }
     for r in range(rounds + 1):  # round 0 warms up
         results = {}
         for name, engine in engines.items():
             for suffix, batch in (("", prompts), ("_x8", prompts * 8)):
                 start = time.perf_counter()
-                groups = ray.get(engine.generate.remote(batch, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens))
-                results[name + suffix] = sum(len(s["token_ids"]) for g in groups for s in g) / (time.perf_counter() - start)
+                groups = ray.get(
+                    engine.generate.remote(batch, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens)
+                )
+                results[name + suffix] = sum(len(s["token_ids"]) for g in groups for s in g) / (
+                    time.perf_counter() - start
+                )
         for threads in (1, 2):
             torch.set_num_threads(threads)
             start = time.perf_counter()
             tokens = sum(len(c) for _, _, c in bare.generate(prompts))
-            results[f"transformers_{threads}_thread{'s' if threads > 1 else ''}"] = tokens / (time.perf_counter() - start)
+            results[f"transformers_{threads}_thread{'s' if threads > 1 else ''}"] = tokens / (
+                time.perf_counter() - start
+            )
         if r:
             for k, v in results.items():
                 rates[k].append(v)
@@ -134,12 +158,17 @@ def generation(config: WarpConfig, sft: Path, prompts: list[str], rounds: int) -
 def learner_steps(config: WarpConfig, task: Path, weight_sync: str, steps: int) -> dict[str, float]:
     config = config.model_copy(update={"resources": config.resources.model_copy(update={"weight_sync": weight_sync})})
     start = time.perf_counter()
-    learner = Learner(config, task / "sft", read_prompts(task / "prompts" / "train.jsonl"), RewardServer.remote("gold"), seed=0)
+    learner = Learner(
+        config, task / "sft", read_prompts(task / "prompts" / "train.jsonl"), RewardServer.remote("gold"), seed=0
+    )
     start_seconds = time.perf_counter() - start
     learner.run(3, desc=f"warm-up ({weight_sync})")
     history = learner.run(steps, desc=weight_sync)
     learner.close()
-    medians = {k: statistics.median(m[k] for m in history) for k in ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")}
+    medians = {
+        k: statistics.median(m[k] for m in history)
+        for k in ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")
+    }
     return {**medians, "start_seconds": start_seconds}
 
 
@@ -161,23 +190,44 @@ def main() -> None:
     timings = [bare.step(prompts) for _ in range(args.steps)]
     bare_step, bare_update = statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
 
-    results = {"tokens_per_s": rates, "engine_start_seconds": starts, "learner": learners, "bare_loop": {"seconds": bare_step, "update_seconds": bare_update}}
+    results = {
+        "tokens_per_s": rates,
+        "engine_start_seconds": starts,
+        "learner": learners,
+        "bare_loop": {"seconds": bare_step, "update_seconds": bare_update},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print("\n| rollouts | tokens/s | vs transformers (1 thread / 2 threads) |\n|---|---|---|")
     for name, rate in ((n, r) for n, r in rates.items() if not n.endswith("_x8")):  # the same batch as transformers
-        print(f"| {name} | {rate:.0f} | {rate / rates['transformers_1_thread']:.2f} / {rate / rates['transformers_2_threads']:.2f} |")
+        print(
+            f"| {name} | {rate:.0f} | {rate / rates['transformers_1_thread']:.2f} / "
+            f"{rate / rates['transformers_2_threads']:.2f} |"
+        )
     print("\n| vLLM engine | start s | start vs child processes | tokens/s vs child processes |\n|---|---|---|---|")
     for name, seconds in starts.items():
-        print(f"| {name} | {seconds:.1f} | {seconds / starts['vllm']:.2f} | {rates[name] / rates['vllm']:.2f} "
-              f"(x8 batch: {rates[name + '_x8'] / rates['vllm_x8']:.2f}) |")
-    print("\n| learner start (tiny config, engines in process) | " + " | ".join(f"{s}: {t['start_seconds']:.1f} s" for s, t in learners.items()) + " |")
+        print(
+            f"| {name} | {seconds:.1f} | {seconds / starts['vllm']:.2f} | {rates[name] / rates['vllm']:.2f} "
+            f"(x8 batch: {rates[name + '_x8'] / rates['vllm_x8']:.2f}) |"
+        )
+    print(
+        "\n| learner start (tiny config, engines in process) | "
+        + " | ".join(f"{s}: {t['start_seconds']:.1f} s" for s, t in learners.items())
+        + " |"
+    )
     print("\n| step (medians) | s/step | rollout s | update s | sync s | sync / step | step vs bare | update vs bare |")
     print("|---|---|---|---|---|---|---|---|")
     for sync, t in learners.items():
-        print(f"| learner, {sync} | {t['seconds']:.3f} | {t['rollout_seconds']:.3f} | {t['update_seconds']:.3f} | {t['sync_seconds']:.3f} "
-              f"| {t['sync_seconds'] / t['seconds']:.1%} | {t['seconds'] / bare_step:.2f} | {t['update_seconds'] / bare_update:.2f} |")
-    print(f"| bare torch loop | {bare_step:.3f} | {bare_step - bare_update:.3f} | {bare_update:.3f} | - | - | 1.00 | 1.00 |")
+        print(
+            f"| learner, {sync} | {t['seconds']:.3f} | {t['rollout_seconds']:.3f} | {t['update_seconds']:.3f} | "
+            f"{t['sync_seconds']:.3f} "
+            f"| {t['sync_seconds'] / t['seconds']:.1%} | {t['seconds'] / bare_step:.2f} | "
+            f"{t['update_seconds'] / bare_update:.2f} |"
+        )
+    print(
+        f"| bare torch loop | {bare_step:.3f} | {bare_step - bare_update:.3f} | {bare_update:.3f} | - | - | 1.00 | "
+        "1.00 |"
+    )
     ray.shutdown()
 
 

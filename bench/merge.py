@@ -42,7 +42,9 @@ def make_models(folder: Path, count: int) -> list[Path]:
         path = folder / f"model_{m + 1}"
         path.mkdir()
         shutil.copy(folder / "init" / "config.json", path)
-        save_file({k: v + 1e-3 * torch.randn_like(v) for k, v in init.items()}, path / "model.safetensors", {"format": "pt"})
+        save_file(
+            {k: v + 1e-3 * torch.randn_like(v) for k, v in init.items()}, path / "model.safetensors", {"format": "pt"}
+        )
         paths.append(path)
     return paths
 
@@ -92,8 +94,12 @@ open(sys.argv[1], "w").write(f"{os.waitstatus_to_exitcode(status)} {time.perf_co
 def measured(command: list[str], env: dict, work: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one command in its own process."""
     report = work / "measured.txt"
-    result = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *command],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", LAUNCHER, str(report), *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     code, seconds, max_rss_kb = report.read_text().split()
     if result.returncode != 0 or code != "0":
         raise RuntimeError(f"{command[0]} failed: {result.stderr.decode()[-2000:]}")
@@ -105,13 +111,26 @@ def folder_to_folder(paths: list[Path], work: Path, repeats: int) -> dict:
     config = work / "mergekit.yml"
     config.write_text(
         f"merge_method: nuslerp\nbase_model: {init}\nmodels:\n"
-        f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+        f"  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ndtype: "
+        "float32\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     commands = {
         "cp -r (3 input folders)": lambda out: ["cp", "-r", str(init), str(a), str(b), str(out)],
-        "warp-ray merge slerp": lambda out: [sys.executable, "-m", "warp_ray.cli", "merge", "slerp", "--init", str(init),
-                                             "--models", str(a), str(b), "--out", str(out)],
+        "warp-ray merge slerp": lambda out: [
+            sys.executable,
+            "-m",
+            "warp_ray.cli",
+            "merge",
+            "slerp",
+            "--init",
+            str(init),
+            "--models",
+            str(a),
+            str(b),
+            "--out",
+            str(out),
+        ],
         "mergekit nuslerp": lambda out: [str(MERGEKIT), str(config), str(out), "--quiet", "--no-write-model-card"],
         "python + torch import only": lambda out: [sys.executable, "-c", "import warp_ray.merge.folders"],
     }

@@ -50,8 +50,10 @@ def main() -> None:
     tokenizer.save_pretrained(rm)
     pairs = read_preferences(task / "preferences" / "train.jsonl")
     batches = [pairs[(r * REQUEST + i) % len(pairs)] for r in range(args.requests) for i in range(REQUEST)]
-    requests = [([p["prompt"] for p in batches[i : i + REQUEST]], [p["chosen"] for p in batches[i : i + REQUEST]])
-                for i in range(0, len(batches), REQUEST)]
+    requests = [
+        ([p["prompt"] for p in batches[i : i + REQUEST]], [p["chosen"] for p in batches[i : i + REQUEST]])
+        for i in range(0, len(batches), REQUEST)
+    ]
 
     torch.set_num_threads(1)
     start = time.perf_counter()

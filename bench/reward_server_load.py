@@ -74,7 +74,9 @@ def server_process() -> psutil.Process | None:
     return None
 
 
-def phase(server, learners, seconds: float, kill_after: float | None = None) -> tuple[list[list[dict]], list[tuple[float, float]], dict]:
+def phase(
+    server, learners, seconds: float, kill_after: float | None = None
+) -> tuple[list[list[dict]], list[tuple[float, float]], dict]:
     """Run the learners for `seconds`; sample the server's RSS each second; kill it once after `kill_after` seconds."""
     start, memory, killed = time.time(), [], {}
     runs = [learner.run.remote(start + seconds) for learner in learners]
@@ -104,16 +106,25 @@ def tally(answers: list[list[dict]], expected: list[list[float]]) -> dict:
     a direct call's on the same request, and the longest wait."""
     sent = [a for learner in answers for a in learner]
     answered = [a for a in sent if a["scores"] is not None]
-    wrong = sum(not torch.allclose(torch.tensor(a["scores"]), torch.tensor(expected[a["request"]]), atol=1e-4) for a in answered)
-    return {"requests_sent": len(sent), "requests_answered": len(answered), "requests_lost": len(sent) - len(answered),
-            "wrong_answers": wrong, "longest_wait_s": max(a["seconds"] for a in sent)}
+    wrong = sum(
+        not torch.allclose(torch.tensor(a["scores"]), torch.tensor(expected[a["request"]]), atol=1e-4) for a in answered
+    )
+    return {
+        "requests_sent": len(sent),
+        "requests_answered": len(answered),
+        "requests_lost": len(sent) - len(answered),
+        "wrong_answers": wrong,
+        "longest_wait_s": max(a["seconds"] for a in sent),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=180, help="steady load")
     parser.add_argument("--fault-seconds", type=float, default=60, help="load during which the server is killed once")
-    parser.add_argument("--rm", type=Path, help="reward model folder (default: a fresh head on the built-in task's SFT)")
+    parser.add_argument(
+        "--rm", type=Path, help="reward model folder (default: a fresh head on the built-in task's SFT)"
+    )
     parser.add_argument("--pairs", type=Path, help="preference JSONL (default: the built-in task's)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reward_server_load.json")
     args = parser.parse_args()
@@ -124,8 +135,13 @@ def main() -> None:
         model.save_pretrained(args.rm)
         tokenizer.save_pretrained(args.rm)
     pairs = read_preferences(args.pairs)
-    requests = [([pairs[(r * REQUEST + i) % len(pairs)]["prompt"] for i in range(REQUEST)],
-                 [pairs[(r * REQUEST + i) % len(pairs)]["chosen"] for i in range(REQUEST)]) for r in range(DISTINCT)]
+    requests = [
+        (
+            [pairs[(r * REQUEST + i) % len(pairs)]["prompt"] for i in range(REQUEST)],
+            [pairs[(r * REQUEST + i) % len(pairs)]["chosen"] for i in range(REQUEST)],
+        )
+        for r in range(DISTINCT)
+    ]
     model, tokenizer = load_reward_model(args.rm)
     torch.set_num_threads(1)  # as the server
     start = time.perf_counter()
@@ -142,16 +158,27 @@ def main() -> None:
     answers, memory, _ = phase(server, learners, args.seconds)
     served = {k: v - served_before[k] for k, v in ray.get(server.stats.remote()).items()}
     halves = [[rss for t, rss in memory if (t < args.seconds / 2) == first] for first in (True, False)]
-    steady = {"seconds": args.seconds, "learners": LEARNERS, "pairs_per_request": REQUEST, **tally(answers, expected),
-              "requests_served": served["requests"], "batches": served["batches"],
-              "rss_mb": {"first_half_max": max(halves[0]), "second_half_max": max(halves[1]), "last": halves[1][-1]}}
+    steady = {
+        "seconds": args.seconds,
+        "learners": LEARNERS,
+        "pairs_per_request": REQUEST,
+        **tally(answers, expected),
+        "requests_served": served["requests"],
+        "batches": served["batches"],
+        "rss_mb": {"first_half_max": max(halves[0]), "second_half_max": max(halves[1]), "last": halves[1][-1]},
+    }
     steady["pairs_per_s"] = steady["requests_answered"] * REQUEST / args.seconds
     steady["direct_pairs_per_s"], steady["vs_direct"] = direct, steady["pairs_per_s"] / direct
 
     answers, _, killed = phase(server, learners, args.fault_seconds, kill_after=args.fault_seconds / 4)
     after = server_process()
-    fault = {"seconds": args.fault_seconds, "killed_pid": killed.get("pid"), "killed_at_s": killed.get("at"),
-             "new_pid": after.pid if after else None, **tally(answers, expected)}
+    fault = {
+        "seconds": args.fault_seconds,
+        "killed_pid": killed.get("pid"),
+        "killed_at_s": killed.get("at"),
+        "new_pid": after.pid if after else None,
+        **tally(answers, expected),
+    }
     ray.shutdown()
     results = {"steady": steady, "fault": fault}
     args.out.parent.mkdir(parents=True, exist_ok=True)

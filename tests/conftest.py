@@ -10,7 +10,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 def tiny_gpt2(seed: int = 0, n_embd: int = 32) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -29,8 +31,10 @@ def perturbed(model: GPT2LMHeadModel, seed: int, scale: float = 0.05) -> GPT2LMH
 def tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(["the policy merges weights", "reward models average"] * 20,
-                            trainers.BpeTrainer(vocab_size=96, special_tokens=["<eos>", "<unk>"]))
+    bpe.train_from_iterator(
+        ["the policy merges weights", "reward models average"] * 20,
+        trainers.BpeTrainer(vocab_size=96, special_tokens=["<eos>", "<unk>"]),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
 
 

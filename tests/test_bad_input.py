@@ -30,8 +30,16 @@ def inputs(tmp_path: Path, model_folders, tokenizer) -> Path:
         model.save_pretrained(tmp_path / name)
     tiny_gpt2().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 max_position_embeddings=32)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(tmp_path / "llama")
     weights = (tmp_path / "sft" / "model.safetensors").read_bytes()
     for name, data in (("truncated", weights[: len(weights) // 2]), ("not_safetensors", b"\x80\x04PK pickled weights")):
         shutil.copytree(tmp_path / "sft", tmp_path / name)
@@ -41,23 +49,36 @@ def inputs(tmp_path: Path, model_folders, tokenizer) -> Path:
     (tmp_path / "not_hf").mkdir()
     shutil.copytree(tmp_path / "sft", tmp_path / "remote_code")
     config = json.loads((tmp_path / "sft" / "config.json").read_text())
-    (tmp_path / "remote_code" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling.Model"}}))
+    (tmp_path / "remote_code" / "config.json").write_text(
+        json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling.Model"}})
+    )
     other = Tokenizer(models.BPE(unk_token="<unk>"))
     other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    other.train_from_iterator(["an entirely different corpus of words"] * 20, trainers.BpeTrainer(vocab_size=96, special_tokens=["<eos>", "<unk>"]))
+    other.train_from_iterator(
+        ["an entirely different corpus of words"] * 20,
+        trainers.BpeTrainer(vocab_size=96, special_tokens=["<eos>", "<unk>"]),
+    )
     shutil.copytree(tmp_path / "sft", tmp_path / "other_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "other_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path / "other_tokenizer"
+    )
 
     good = "\n".join(json.dumps({"prompt": p}) for p in ("the policy", "reward models")) + "\n"
-    prompts = {"prompts": good.encode(), "empty": b"", "latin1": good.encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"),
-               "malformed": (good + '{"prompt": "unclosed\n').encode(),
-               "long": (good + json.dumps({"prompt": "the policy merges weights " * 8}) + "\n").encode()}
+    prompts = {
+        "prompts": good.encode(),
+        "empty": b"",
+        "latin1": good.encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"),
+        "malformed": (good + '{"prompt": "unclosed\n').encode(),
+        "long": (good + json.dumps({"prompt": "the policy merges weights " * 8}) + "\n").encode(),
+    }
     for name, train in prompts.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "train.jsonl").write_bytes(train)
         (tmp_path / name / "held_out.jsonl").write_text(good)
     (tmp_path / "preferences").mkdir()
-    (tmp_path / "preferences" / "train.jsonl").write_text(json.dumps({"prompt": "the", "chosen": "policy", "rejected": "models"}) + "\n")
+    (tmp_path / "preferences" / "train.jsonl").write_text(
+        json.dumps({"prompt": "the", "chosen": "policy", "rejected": "models"}) + "\n"
+    )
     (tmp_path / "bad.yaml").write_text("warp: {beta: [0.1\n")
     return tmp_path
 
@@ -69,9 +90,22 @@ def _deeper():
 
 
 def warp_run(sft="sft", prompts="prompts", reward="sft", *extra):
-    return ["warp", "--set", f"paths.sft_model={{tmp}}/{sft}", "--set", f"paths.prompts={{tmp}}/{prompts}",
-            "--set", "paths.preferences={tmp}/preferences", "--set", f"paths.reward_model={{tmp}}/{reward}",
-            "--set", "warp.max_new_tokens=8", "--set", "paths.output_dir={tmp}/out", *extra]
+    return [
+        "warp",
+        "--set",
+        f"paths.sft_model={{tmp}}/{sft}",
+        "--set",
+        f"paths.prompts={{tmp}}/{prompts}",
+        "--set",
+        "paths.preferences={tmp}/preferences",
+        "--set",
+        f"paths.reward_model={{tmp}}/{reward}",
+        "--set",
+        "warp.max_new_tokens=8",
+        "--set",
+        "paths.output_dir={tmp}/out",
+        *extra,
+    ]
 
 
 CASES = {
@@ -86,16 +120,55 @@ CASES = {
     "policy and reward model with different tokenizers": warp_run(reward="other_tokenizer"),
     "merge: different architectures": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/llama", "--out", "{tmp}/o"],
     "merge: different keys": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/deeper", "--out", "{tmp}/o"],
-    "merge: different shapes": ["merge", "slerp", "--init", "{tmp}/sft", "--models", "{tmp}/a", "{tmp}/wider", "--out", "{tmp}/o"],
-    "merge: different dtypes": ["merge", "liti", "--init", "{tmp}/sft", "--merged", "{tmp}/bf16", "--eta", "0.3", "--out", "{tmp}/o"],
-    "merge: weights that do not fit": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/a", "--weights", "1", "--out", "{tmp}/o"],
+    "merge: different shapes": [
+        "merge",
+        "slerp",
+        "--init",
+        "{tmp}/sft",
+        "--models",
+        "{tmp}/a",
+        "{tmp}/wider",
+        "--out",
+        "{tmp}/o",
+    ],
+    "merge: different dtypes": [
+        "merge",
+        "liti",
+        "--init",
+        "{tmp}/sft",
+        "--merged",
+        "{tmp}/bf16",
+        "--eta",
+        "0.3",
+        "--out",
+        "{tmp}/o",
+    ],
+    "merge: weights that do not fit": [
+        "merge",
+        "average",
+        "--models",
+        "{tmp}/sft",
+        "{tmp}/a",
+        "--weights",
+        "1",
+        "--out",
+        "{tmp}/o",
+    ],
     "merge: output exists": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/a", "--out", "{tmp}/a"],
     "empty JSONL": warp_run(prompts="empty"),
     "JSONL that is not UTF-8": warp_run(prompts="latin1"),
     "malformed JSONL": warp_run(prompts="malformed"),
     "prompt longer than the context": warp_run(prompts="long"),
     "truncated safetensors checkpoint": warp_run(sft="truncated"),
-    "checkpoint that is not safetensors": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/not_safetensors", "--out", "{tmp}/o"],
+    "checkpoint that is not safetensors": [
+        "merge",
+        "average",
+        "--models",
+        "{tmp}/sft",
+        "{tmp}/not_safetensors",
+        "--out",
+        "{tmp}/o",
+    ],
     "pickled checkpoint only": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/pickled", "--out", "{tmp}/o"],
 }
 
@@ -110,13 +183,17 @@ def test_bad_input_gets_one_clear_message_and_exit_status_2(case, inputs, capsys
     argv = [arg.format(tmp=inputs) for arg in CASES[case]]
     assert main(argv) == 2
     # Lines that Ray forwards from other tests' workers ("(RolloutWorker pid=...) ...") may come in between.
-    err = "".join(line for line in capsys.readouterr().err.splitlines(keepends=True) if not line.startswith("\x1b[36m("))
+    err = "".join(
+        line for line in capsys.readouterr().err.splitlines(keepends=True) if not line.startswith("\x1b[36m(")
+    )
     assert err.startswith("warp-ray: error: ") and "Traceback" not in err
     message = shown(err.removeprefix("warp-ray: error: "), inputs)
     documented = re.search(rf"^\| {re.escape(case)} \| `(.*)` \|$", DOC.read_text(), re.MULTILINE)
     assert documented, f"docs/reliability.md has no row for {case!r}; its message: {message}"
     assert documented.group(1) == message
-    assert not (inputs / "o").exists() and not (inputs / "out" / "iteration_0").exists()  # nothing written, nothing started
+    assert (
+        not (inputs / "o").exists() and not (inputs / "out" / "iteration_0").exists()
+    )  # nothing written, nothing started
 
 
 def test_the_command_line_exits_2_without_a_traceback(inputs):

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def warp_ray(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "warp_ray.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "warp_ray.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_merge_help_explains_each_method():
@@ -27,10 +29,24 @@ def test_merge_help_explains_each_method():
 
 def test_merge_slerp_then_liti_from_the_command_line(model_folders, tmp_path):
     merged, front = tmp_path / "merged", tmp_path / "front"
-    result = warp_ray("merge", "slerp", "--init", model_folders["init"], "--models", model_folders["a"], model_folders["b"],
-                      "--weights", "0.3", "0.7", "--out", merged)
+    result = warp_ray(
+        "merge",
+        "slerp",
+        "--init",
+        model_folders["init"],
+        "--models",
+        model_folders["a"],
+        model_folders["b"],
+        "--weights",
+        "0.3",
+        "0.7",
+        "--out",
+        merged,
+    )
     assert result.returncode == 0, result.stderr
-    result = warp_ray("merge", "liti", "--init", model_folders["init"], "--merged", merged, "--eta", "0.5", "--out", front)
+    result = warp_ray(
+        "merge", "liti", "--init", model_folders["init"], "--merged", merged, "--eta", "0.5", "--out", front
+    )
     assert result.returncode == 0, result.stderr
     init, out = (AutoModelForCausalLM.from_pretrained(f).state_dict() for f in (model_folders["init"], front))
     moved = AutoModelForCausalLM.from_pretrained(merged).state_dict()
@@ -41,10 +57,22 @@ def test_merge_slerp_then_liti_from_the_command_line(model_folders, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["merge", "liti", "--init", "{init}", "--merged", "{a}", "--eta", "1.2", "--out", "{tmp}/o"], "eta = 1.2 is outside the allowed range [0, 1]"),
-        (["merge", "slerp", "--init", "{init}", "--models", "{a}", "{tmp}/nope", "--out", "{tmp}/o"], "model folder {tmp}/nope does not exist"),
-        (["merge", "average", "--models", "{a}", "{b}", "--weights", "1", "--out", "{tmp}/o"], "got 1 weights for 2 models"),
-        (["config", "--set", "warp.mu=3"], "warp.mu = 3: Input should be less than or equal to 1 (allowed range: [0, 1])"),
+        (
+            ["merge", "liti", "--init", "{init}", "--merged", "{a}", "--eta", "1.2", "--out", "{tmp}/o"],
+            "eta = 1.2 is outside the allowed range [0, 1]",
+        ),
+        (
+            ["merge", "slerp", "--init", "{init}", "--models", "{a}", "{tmp}/nope", "--out", "{tmp}/o"],
+            "model folder {tmp}/nope does not exist",
+        ),
+        (
+            ["merge", "average", "--models", "{a}", "{b}", "--weights", "1", "--out", "{tmp}/o"],
+            "got 1 weights for 2 models",
+        ),
+        (
+            ["config", "--set", "warp.mu=3"],
+            "warp.mu = 3: Input should be less than or equal to 1 (allowed range: [0, 1])",
+        ),
         (["config", "--config", "{tmp}/missing.yaml"], "cannot read config {tmp}/missing.yaml"),
     ],
 )

@@ -15,7 +15,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_defaults_are_the_papers():
     warp = WarpConfig().warp
     assert (warp.beta, warp.mu, warp.eta, warp.lr, warp.warmup_steps, warp.batch_size, warp.temperature) == (
-        0.1, 0.01, 0.3, 1e-6, 100, 128, 0.9)
+        0.1,
+        0.01,
+        0.3,
+        1e-6,
+        100,
+        128,
+        0.9,
+    )
     assert (warp.anchor, warp.lam, warp.slerp_weights()) == ("ema", None, None)
     warm = WarpConfig().warm
     assert (warm.learning_rates, warm.dropouts) == ([1e-5, 4e-5, 1e-4], [0.05, 0.1])
@@ -23,7 +30,9 @@ def test_defaults_are_the_papers():
 
 def test_every_field_is_documented():
     sections = [WarpConfig, *(f.annotation for f in WarpConfig.model_fields.values())]
-    undocumented = [f"{s.__name__}.{name}" for s in sections[1:] for name, f in s.model_fields.items() if not f.description]
+    undocumented = [
+        f"{s.__name__}.{name}" for s in sections[1:] for name, f in s.model_fields.items() if not f.description
+    ]
     assert undocumented == []
 
 
@@ -40,13 +49,21 @@ def test_yaml_round_trip():
 
 
 def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
-    with pytest.raises(ConfigError, match="paths.sft_model = '/mnt/models/gemma-7b-sft': model folder .* does not exist"):
+    with pytest.raises(
+        ConfigError, match="paths.sft_model = '/mnt/models/gemma-7b-sft': model folder .* does not exist"
+    ):
         WarpConfig.from_yaml(CONFIGS / "gemma-7b-gpu.yaml")
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     (prompts / "train.jsonl").write_text('{"prompt": "hello"}\n')
-    config = WarpConfig.from_yaml(CONFIGS / "gemma-7b-gpu.yaml", [
-        f"paths.sft_model={model_folders['init']}", f"paths.reward_model={model_folders['a']}", f"paths.prompts={prompts}"])
+    config = WarpConfig.from_yaml(
+        CONFIGS / "gemma-7b-gpu.yaml",
+        [
+            f"paths.sft_model={model_folders['init']}",
+            f"paths.reward_model={model_folders['a']}",
+            f"paths.prompts={prompts}",
+        ],
+    )
     assert config.resources.zero_stage == 3 and config.warp.T == 9000
 
 
@@ -60,13 +77,23 @@ def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
         ("warp.lr=0", r"warp.lr = 0: .* \(allowed range: > 0\)"),
         ("warm.dropouts=[0.1, 1.0]", r"warm.dropouts.1 = 1.0: Input should be less than 1"),
         ("warp.betta=0.1", r"unknown key 'warp.betta'; did you mean 'beta'\?"),
-        ("rl.beta=0.1", r"unknown key 'rl'; known keys here: warp, warm, task, reward_server, resources, learners, evaluation, reproduce, paths"),
+        (
+            "rl.beta=0.1",
+            r"unknown key 'rl'; known keys here: warp, warm, task, reward_server, resources, learners, evaluation, "
+            r"reproduce, paths",
+        ),
         ("resources.zero_stage=4", r"resources.zero_stage = 4: Input should be 0, 1, 2 or 3"),
         ("reproduce.seeds=[0, 1, 0]", r"reproduce.seeds = \[0, 1, 0\]: .*the seeds repeat one"),
         ("reproduce.seeds=[]", r"reproduce.seeds = \[\]: .*at least 1 item"),
         ("warp.anchor=init", r"warp.anchor = 'init': Input should be 'ema' or 'sft'"),
-        ("paths.sft_model=/no/such/model", r"paths.sft_model = '/no/such/model': model folder /no/such/model does not exist"),
-        ("resources.ranks_per_learner=3", r"warp.batch_size = 128 must be a multiple of resources.ranks_per_learner = 3"),
+        (
+            "paths.sft_model=/no/such/model",
+            r"paths.sft_model = '/no/such/model': model folder /no/such/model does not exist",
+        ),
+        (
+            "resources.ranks_per_learner=3",
+            r"warp.batch_size = 128 must be a multiple of resources.ranks_per_learner = 3",
+        ),
         ("warp.lam=0.3", None),
     ],
 )

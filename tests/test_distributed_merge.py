@@ -56,11 +56,19 @@ def test_sharded_slerp_and_liti_equal_the_in_process_merge(folder, ray_cluster, 
     models = [perturbed(tiny_gpt2(), seed) for seed in (1, 2, 3)]
     policies = [{k: v for k, v in m.state_dict().items() if k in init_weights} for m in models]
     init = put_folder(folder, names)
-    for hosts in (None, [RemoteShardHost.remote() for _ in range(2)]):  # Ray tasks, then 2 processes taking shard j mod 2
-        merged = distributed_merge.slerp(init, [[ray.put(s) for s in split(p, names)] for p in policies], weights, hosts)
+    for hosts in (
+        None,
+        [RemoteShardHost.remote() for _ in range(2)],
+    ):  # Ray tasks, then 2 processes taking shard j mod 2
+        merged = distributed_merge.slerp(
+            init, [[ray.put(s) for s in split(p, names)] for p in policies], weights, hosts
+        )
         next_init = distributed_merge.liti(init, merged, 0.3, hosts)
         expected = merge.slerp(init_weights, policies, weights)
-        for got, want in ((join(ray.get(merged)), expected), (join(ray.get(next_init)), merge.liti(init_weights, expected, 0.3))):
+        for got, want in (
+            (join(ray.get(merged)), expected),
+            (join(ray.get(next_init)), merge.liti(init_weights, expected, 0.3)),
+        ):
             assert got.keys() == want.keys()
             for name in want:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)

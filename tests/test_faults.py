@@ -59,8 +59,13 @@ class StandInLearner:
 
 
 def group_config(**learners) -> WarpConfig:
-    return WarpConfig.from_dict({"warp": {"M": 3, "T": 2}, "learners": {"place_timeout_s": 5, **learners},
-                                 "resources": {"cpus_per_rank": 0.25, "cpus_per_rollout_worker": 0.25}})
+    return WarpConfig.from_dict(
+        {
+            "warp": {"M": 3, "T": 2},
+            "learners": {"place_timeout_s": 5, **learners},
+            "resources": {"cpus_per_rank": 0.25, "cpus_per_rollout_worker": 0.25},
+        }
+    )
 
 
 def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_path, caplog):
@@ -72,12 +77,18 @@ def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_pat
         assert [ray.get(p[0])["w"].tolist() for p in policies] == [[0.0, 0.0]] and group.merged == [0]
         assert sorted(group.rejected, key=lambda r: r["policy"]) == [
             {"iteration": 0, "policy": 1, "reason": "step 3: 'reward' has 1 NaN or Inf value(s) of 2"},
-            {"iteration": 0, "policy": 2, "reason": "the trained policy: 'w' has 1 NaN or Inf value(s) of 2"}]
+            {"iteration": 0, "policy": 2, "reason": "the trained policy: 'w' has 1 NaN or Inf value(s) of 2"},
+        ]
         assert "learner 1 is left out of iteration 0's merge: step 3: 'reward' has 1 NaN" in caplog.text
-        assert len(group.slots) == 3 and group.restarts == []  # not rerun (same seed, same NaN), not dropped: its processes are fine
+        assert (
+            len(group.slots) == 3 and group.restarts == []
+        )  # not rerun (same seed, same NaN), not dropped: its processes are fine
         group.config.learners.min = 2
-        with pytest.raises(TooFewLearners, match=r"1 learner\(s\) ended iteration 1 with a usable policy, fewer than learners.min = 2; "
-                                                 r"learner 1: step 3: 'reward' has 1 NaN .*; learner 2: the trained policy: 'w'"):
+        with pytest.raises(
+            TooFewLearners,
+            match=r"1 learner\(s\) ended iteration 1 with a usable policy, fewer than learners.min = 2; "
+            r"learner 1: step 3: 'reward' has 1 NaN .*; learner 2: the trained policy: 'w'",
+        ):
             group.train([ray.put({"w": torch.zeros(2)})], iteration=1, names=[["w"]])
     finally:
         group.close()
@@ -86,13 +97,23 @@ def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_pat
 def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, tmp_path):
     """M = 8, K = 1 with the tiny config's resources (half a CPU per learner): the cluster holds 4,
     and the group says so within learners.place_timeout_s, before starting a learner."""
-    config = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml", ["warp.M=8", "learners.place_timeout_s=3",
-                                                                    "resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"])
+    config = WarpConfig.from_yaml(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            "warp.M=8",
+            "learners.place_timeout_s=3",
+            "resources.cpus_per_rank=0.25",
+            "resources.cpus_per_rollout_worker=0.25",
+        ],
+    )
     started = []
     group = LearnerGroup(config, lambda m, g: started.append(m), tmp_path)
     start = time.perf_counter()
-    with pytest.raises(TooFewLearners, match=r"the cluster placed 4 learner\(s\) within 3 s, fewer than learners.min = 8: each takes "
-                                             r"\[\{'CPU': 0.25\}, \{'CPU': 0.25\}\] \(resources.\*\) and the cluster has CPU 2, memory"):
+    with pytest.raises(
+        TooFewLearners,
+        match=r"the cluster placed 4 learner\(s\) within 3 s, fewer than learners.min = 8: each takes "
+        r"\[\{'CPU': 0.25\}, \{'CPU': 0.25\}\] \(resources.\*\) and the cluster has CPU 2, memory",
+    ):
         group.scale()
     assert time.perf_counter() - start < 30 and started == [] and group.slots == []
     deadline = time.time() + 10
@@ -102,8 +123,15 @@ def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, t
 
 
 def save(out: Path, iteration: int, weights: dict, like: Path, extras=lambda folder: None) -> Path:
-    return save_iteration(out, iteration, [weights], 1, like, {"iteration": iteration, "config": WarpConfig().model_dump(mode="json")},
-                          extras)
+    return save_iteration(
+        out,
+        iteration,
+        [weights],
+        1,
+        like,
+        {"iteration": iteration, "config": WarpConfig().model_dump(mode="json")},
+        extras,
+    )
 
 
 def test_a_checkpoint_write_failing_half_way_leaves_the_previous_one_loadable(model_folders, tmp_path, monkeypatch):
@@ -123,7 +151,9 @@ def test_a_checkpoint_write_failing_half_way_leaves_the_previous_one_loadable(mo
         save(out, 0, second, like)  # rewriting an iteration that exists (a resumed run redoing it) keeps the old one
     monkeypatch.undo()
 
-    assert sorted(p.name for p in out.iterdir()) == ["iteration_0"]  # no half-written folder left, none under a final name
+    assert sorted(p.name for p in out.iterdir()) == [
+        "iteration_0"
+    ]  # no half-written folder left, none under a final name
     assert last_complete(out) == 0
     saved = load_model_weights(resume_from(out, 0, WarpConfig()))
     assert all(torch.equal(saved[k], first[k]) for k in saved)
@@ -131,21 +161,25 @@ def test_a_checkpoint_write_failing_half_way_leaves_the_previous_one_loadable(mo
 
 
 def test_a_process_killed_while_writing_a_checkpoint_leaves_no_complete_looking_iteration(model_folders, tmp_path):
-    """A real crash: the writing process is SIGKILLed from inside the write, after the weights and before the manifest."""
+    """A real crash: the writing process is SIGKILLed from inside the write, after the weights and
+    before the manifest."""
     out = tmp_path / "run"
     script = f"""
 import os, signal
 from warp_ray.checkpoint import load_model_weights
 from tests.test_faults import save
 from pathlib import Path
-out, like = Path({str(out)!r}), Path({str(model_folders['init'])!r})
-save(out, 0, load_model_weights(Path({str(model_folders['a'])!r})), like)
-save(out, 1, load_model_weights(Path({str(model_folders['b'])!r})), like, extras=lambda folder: os.kill(os.getpid(), signal.SIGKILL))
+out, like = Path({str(out)!r}), Path({str(model_folders["init"])!r})
+save(out, 0, load_model_weights(Path({str(model_folders["a"])!r})), like)
+save(out, 1, load_model_weights(Path({str(model_folders["b"])!r})), like,
+     extras=lambda folder: os.kill(os.getpid(), signal.SIGKILL))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr
     leftover, complete = sorted(p.name for p in out.iterdir())
-    assert complete == "iteration_0" and leftover.startswith(".iteration_1.tmp-")  # the crash's leftovers, under a hidden name
+    assert complete == "iteration_0" and leftover.startswith(
+        ".iteration_1.tmp-"
+    )  # the crash's leftovers, under a hidden name
     assert (out / leftover / "model" / "model.safetensors").is_file()  # the weights were written, the manifest was not
     assert last_complete(out) == 0  # resuming starts after iteration 0
 
@@ -161,9 +195,25 @@ def test_reward_server_under_8_learners_and_killed_under_load(tiny_task, tmp_pat
     model, tokenizer = load_reward_model(tiny_task / "sft")
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    done = subprocess.run([sys.executable, ROOT / "bench" / "reward_server_load.py", "--seconds", "12", "--fault-seconds", "10",
-                           "--rm", tmp_path / "rm", "--pairs", tiny_task / "preferences" / "train.jsonl", "--out", tmp_path / "load.json"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "bench" / "reward_server_load.py",
+            "--seconds",
+            "12",
+            "--fault-seconds",
+            "10",
+            "--rm",
+            tmp_path / "rm",
+            "--pairs",
+            tiny_task / "preferences" / "train.jsonl",
+            "--out",
+            tmp_path / "load.json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     steady, fault = json.loads((tmp_path / "load.json").read_text()).values()
     assert steady["requests_sent"] >= 8 * 2 and steady["requests_lost"] == 0 and steady["wrong_answers"] == 0

@@ -27,12 +27,17 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def test_slerp_folder_round_trip_loads_in_transformers(model_folders, tmp_path):
-    out = slerp_folders(model_folders["init"], [model_folders["a"], model_folders["b"]], tmp_path / "merged", progress=False)
+    out = slerp_folders(
+        model_folders["init"], [model_folders["a"], model_folders["b"]], tmp_path / "merged", progress=False
+    )
     merged = AutoModelForCausalLM.from_pretrained(out)
     expected = slerp(weights(model_folders["init"]), [weights(model_folders["a"]), weights(model_folders["b"])])
     assert_same(merged.state_dict(), expected)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer("the policy").input_ids == AutoTokenizer.from_pretrained(model_folders["init"])("the policy").input_ids
+    assert (
+        tokenizer("the policy").input_ids
+        == AutoTokenizer.from_pretrained(model_folders["init"])("the policy").input_ids
+    )
     assert merged.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
@@ -57,7 +62,9 @@ def test_sharded_bf16_folders_keep_layout_and_dtype(tmp_path):
         assert set(tensors) == {k for k, v in index["weight_map"].items() if v == shard}
         assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    assert_same(merged.state_dict(), slerp(weights(tmp_path / "init"), [weights(tmp_path / "a"), weights(tmp_path / "b")]))
+    assert_same(
+        merged.state_dict(), slerp(weights(tmp_path / "init"), [weights(tmp_path / "a"), weights(tmp_path / "b")])
+    )
 
 
 def test_output_is_atomic_and_a_failed_merge_keeps_the_previous_one(model_folders, tmp_path):
@@ -123,7 +130,10 @@ def test_non_float_tensors_are_copied_from_the_first_folder(tmp_path):
     for name, value in (("init", 0.0), ("a", 1.0)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
-        save_file({"w": torch.full((4,), value), "ids": torch.arange(4) + int(value) * 100}, tmp_path / name / "model.safetensors")
+        save_file(
+            {"w": torch.full((4,), value), "ids": torch.arange(4) + int(value) * 100},
+            tmp_path / name / "model.safetensors",
+        )
     liti_folders(tmp_path / "init", tmp_path / "a", tmp_path / "out", eta=0.5, progress=False)
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(merged["ids"], torch.arange(4)) and torch.equal(merged["w"], torch.full((4,), 0.5))

@@ -27,14 +27,28 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(**warp) -> WarpConfig:
-    settings = {"batch_size": 8, "samples_per_prompt": 4, "max_new_tokens": 24, "lr": 1e-4, "beta": 0.02,
-                "warmup_steps": 5, **warp}
-    return WarpConfig.from_dict({"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2, "rollout_in_process": True}})
+    settings = {
+        "batch_size": 8,
+        "samples_per_prompt": 4,
+        "max_new_tokens": 24,
+        "lr": 1e-4,
+        "beta": 0.02,
+        "warmup_steps": 5,
+        **warp,
+    }
+    return WarpConfig.from_dict(
+        {"warp": settings, "resources": {"precision": "fp32", "zero_stage": 2, "rollout_in_process": True}}
+    )
 
 
 def evaluator(config: WarpConfig, task, reward_server) -> Evaluator:
-    return Evaluator(config, read_prompts(task / "prompts" / "held_out.jsonl"), reward_server,
-                     ReferencePolicy.remote(str(task / "sft")), control_server=reward_server)
+    return Evaluator(
+        config,
+        read_prompts(task / "prompts" / "held_out.jsonl"),
+        reward_server,
+        ReferencePolicy.remote(str(task / "sft")),
+        control_server=reward_server,
+    )
 
 
 def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, ray_cluster, tmp_path):
@@ -42,8 +56,14 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     config.resources.ranks_per_learner = 2
     config.evaluation.every = 15
     gold = RewardServer.remote("gold")
-    learner = Learner(config, tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"), gold, seed=0,
-                      evaluator=evaluator(config, tiny_task, gold))
+    learner = Learner(
+        config,
+        tiny_task / "sft",
+        read_prompts(tiny_task / "prompts" / "train.jsonl"),
+        gold,
+        seed=0,
+        evaluator=evaluator(config, tiny_task, gold),
+    )
     before = learner.evaluate()
     assert before["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engine holds the SFT itself
     history = learner.run(30, log_dir=tmp_path)
@@ -51,7 +71,9 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert statistics.mean(rewards[-8:]) > statistics.mean(rewards[:8]) + 0.5
     assert [m["step"] for m in history if "eval_reward" in m] == [15, 30]
     assert history[-1]["eval_reward"] > before["reward"] + 0.5 and history[-1]["eval_kl_to_sft"] > 0.3
-    assert history[-1]["kl_to_anchor"] < history[-1]["eval_kl_to_sft"]  # the EMA anchor follows: KL to it stays below KL to the SFT
+    assert (
+        history[-1]["kl_to_anchor"] < history[-1]["eval_kl_to_sft"]
+    )  # the EMA anchor follows: KL to it stays below KL to the SFT
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
     for m in history:
@@ -62,6 +84,7 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert 0 <= history[-1]["eval_truncated"] <= 1
     # Linear warm-up over 5 steps, from the first: lr / 5 at step 1, lr from step 5.
     assert [m["lr"] for m in history[:6]] == pytest.approx([2e-5, 4e-5, 6e-5, 8e-5, 1e-4, 1e-4])
+
     def adam(rank) -> tuple[str, float]:
         return type(rank.engine.basic_optimizer).__name__, rank.engine.basic_optimizer.defaults["weight_decay"]
 
@@ -78,9 +101,16 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert 0 < moved < drift  # the EMA anchor follows the policy, from behind
 
 
-def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(tiny_task, ray_cluster, tmp_path):
-    learner = Learner(tiny_config(anchor="sft"), tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"),
-                      RewardServer.remote("gold"), seed=1)
+def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(
+    tiny_task, ray_cluster, tmp_path
+):
+    learner = Learner(
+        tiny_config(anchor="sft"),
+        tiny_task / "sft",
+        read_prompts(tiny_task / "prompts" / "train.jsonl"),
+        RewardServer.remote("gold"),
+        seed=1,
+    )
     engine_pid = ray.get(learner.rollouts[0].__ray_call__.remote(lambda _: os.getpid()))
     assert psutil.Process(engine_pid).children() == []  # resources.rollout_in_process: no EngineCore process
     stats = [learner.step() for _ in range(20)]
@@ -106,7 +136,9 @@ def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_s
     broken = {**policy, "transformer.wpe.weight": policy["transformer.wpe.weight"].clone()}
     broken["transformer.wpe.weight"][-1, 3] = float("inf")
     learner.set_weights(broken, seed=1)
-    with pytest.raises(NonFiniteError, match=r"the trained policy: 'transformer.wpe.weight' has 1 NaN or Inf value\(s\) of"):
+    with pytest.raises(
+        NonFiniteError, match=r"the trained policy: 'transformer.wpe.weight' has 1 NaN or Inf value\(s\) of"
+    ):
         learner.put_weights([list(policy)])
     model, tokenizer = load_reward_model(tiny_task / "sft")
     torch.nn.init.constant_(model.score.weight, float("nan"))
@@ -123,12 +155,25 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny_config(anchor="ema", mu=0.1)
-    config.resources = config.resources.model_copy(update={"zero_stage": 3, "ranks_per_learner": 2, "rollout_workers_per_learner": 2,
-                                                           "weight_sync": "broadcast", "sync_every": 2})
+    config.resources = config.resources.model_copy(
+        update={
+            "zero_stage": 3,
+            "ranks_per_learner": 2,
+            "rollout_workers_per_learner": 2,
+            "weight_sync": "broadcast",
+            "sync_every": 2,
+        }
+    )
     config.evaluation = config.evaluation.model_copy(update={"every": 3, "prompts": 16})
     gold = RewardServer.remote("gold")
-    learner = Learner(config, tiny_task / "sft", read_prompts(tiny_task / "prompts" / "train.jsonl"), gold, seed=2,
-                      evaluator=evaluator(config, tiny_task, gold))
+    learner = Learner(
+        config,
+        tiny_task / "sft",
+        read_prompts(tiny_task / "prompts" / "train.jsonl"),
+        gold,
+        seed=2,
+        evaluator=evaluator(config, tiny_task, gold),
+    )
     assert learner.evaluate()["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engines hold the SFT itself
 
     history = learner.run(7, log_dir=tmp_path)
@@ -143,8 +188,12 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
 
     held_out = read_prompts(tiny_task / "prompts" / "held_out.jsonl")
     learner.check_engine_agrees(held_out[:4])  # both engines, after broadcasts
-    groups = sample(learner.rollouts, held_out[:5], 2, 1.0, 4)  # the engines share the prompts; answers keep their order
-    assert [[s["prompt_token_ids"] for s in g] for g in groups] == [[learner.tokenizer(p).input_ids] * 2 for p in held_out[:5]]
+    groups = sample(
+        learner.rollouts, held_out[:5], 2, 1.0, 4
+    )  # the engines share the prompts; answers keep their order
+    assert [[s["prompt_token_ids"] for s in g] for g in groups] == [
+        [learner.tokenizer(p).input_ids] * 2 for p in held_out[:5]
+    ]
     policy = learner.get_weights()
     rows = learner.evaluate_weights([ray.put(policy)], per_sample=True)  # as a merge is evaluated, one row per sample
     assert len(rows) == 16 * config.evaluation.samples_per_prompt and rows[0]["prompt"] == held_out[0]
@@ -153,7 +202,9 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     assert set(by_prompt) == {"reward_by_prompt", "kl_to_sft_by_prompt", "control_reward_by_prompt"}
     for key, values in by_prompt.items():  # held-out prompts in order: what a bootstrap over prompts resamples
         measure = key.removesuffix("_by_prompt")
-        assert values == pytest.approx([statistics.mean(r[measure] for r in rows if r["prompt"] == p) for p in held_out[:16]])
+        assert values == pytest.approx(
+            [statistics.mean(r[measure] for r in rows if r["prompt"] == p) for p in held_out[:16]]
+        )
         assert statistics.mean(values) == pytest.approx(means[measure])
     expected = {key: statistics.mean(row[key] for row in rows) for key in rows[0] if key in means}
     expected.update({key: mean_and_se(rows, key.removesuffix("_se"))[1] for key in means if key.endswith("_se")})
@@ -162,7 +213,9 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     assert anchors[1] is None  # gathered once, on rank 0 only
     sft = load_file(tiny_task / "sft" / "model.safetensors")
     key = "transformer.h.0.attn.c_attn.weight"
-    assert 0 < (anchors[0][key] - sft[key]).norm() < (policy[key] - sft[key]).norm()  # the sharded EMA moved, from behind
+    assert (
+        0 < (anchors[0][key] - sft[key]).norm() < (policy[key] - sft[key]).norm()
+    )  # the sharded EMA moved, from behind
 
     learner.set_weights(sft, seed=3)  # a new run, from the SFT
     assert torch.equal(learner.get_weights()[key], sft[key])

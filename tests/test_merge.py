@@ -88,7 +88,9 @@ def test_three_models_equal_the_explicit_two_step_recursion():
     # weighted: lambda_m = w_m / (w_1 + ... + w_m)
     w = (0.5, 0.2, 0.3)
     first = slerp(init, [a, b], weights=(0.5 / 0.7, 0.2 / 0.7))
-    assert torch.allclose(slerp(init, [a, b, c], weights=w)["w"], slerp(init, [first, c], weights=(0.7, 0.3))["w"], atol=1e-12)
+    assert torch.allclose(
+        slerp(init, [a, b, c], weights=w)["w"], slerp(init, [first, c], weights=(0.7, 0.3))["w"], atol=1e-12
+    )
 
 
 def test_coefficient_form_rebuilds_slerp_from_the_gram_matrix_alone():
@@ -178,7 +180,10 @@ def test_integer_and_bool_tensors_are_copied_from_init():
         ({"w": torch.zeros(3)}, r"missing from model 1: 'v'"),
         ({"w": torch.zeros(3), "v": torch.zeros(2), "x": torch.zeros(1)}, r"only in model 1: 'x'"),
         ({"w": torch.zeros(4), "v": torch.zeros(2)}, r"tensor 'w': shape \[4\] in model 1, \[3\] in init"),
-        ({"w": torch.zeros(3, dtype=torch.float16), "v": torch.zeros(2)}, r"tensor 'w': dtype torch.float16 in model 1"),
+        (
+            {"w": torch.zeros(3, dtype=torch.float16), "v": torch.zeros(2)},
+            r"tensor 'w': dtype torch.float16 in model 1",
+        ),
     ],
 )
 def test_mismatched_models_raise_naming_the_tensor(other, message):

@@ -41,7 +41,10 @@ def scenario() -> None:
         """Holds its bundle with a rank, trains by waiting for a file, returns a one-tensor policy."""
 
         def __init__(self, m, group):
-            self.m, self.rank = m, Rank.options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0)).remote()
+            self.m, self.rank = (
+                m,
+                Rank.options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0)).remote(),
+            )
 
         def set_weights(self, init, seed):
             self.seed = seed
@@ -61,14 +64,25 @@ def scenario() -> None:
 
     out = Path(sys.argv[1])
     ray_constants.ENABLE_RAY_CLUSTER = False  # as warp_ray.runtime.init_ray: every raylet on loopback
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(3)]  # a learner each (rank + engine)
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
+    nodes = [
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(3)
+    ]  # a learner each (rank + engine)
     cluster.connect()
-    config = WarpConfig.from_dict({"warp": {"M": 2}, "resources": {"learner_retries": 1, "cpus_per_rank": 1},
-                                   "learners": {"min": 1, "place_timeout_s": 10}})
-    group = LearnerGroup(config, lambda m, g: StandInLearner.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(g)).remote(m, g), out)
+    config = WarpConfig.from_dict(
+        {
+            "warp": {"M": 2},
+            "resources": {"learner_retries": 1, "cpus_per_rank": 1},
+            "learners": {"min": 1, "place_timeout_s": 10},
+        }
+    )
+    group = LearnerGroup(
+        config,
+        lambda m, g: StandInLearner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(g)).remote(m, g),
+        out,
+    )
     assert group.scale() == 2  # two nodes of three used: one spare
     report = {}
     for iteration in (0, 1):  # lose a learner's node in each: first with a spare node, then without
@@ -76,7 +90,7 @@ def scenario() -> None:
         folder.mkdir(parents=True)
         import threading
 
-        def lose_node_of_learner_1():
+        def lose_node_of_learner_1(folder=folder):
             while not (folder / "node_1").exists():
                 time.sleep(0.1)
             node_id = (folder / "node_1").read_text()
@@ -89,16 +103,22 @@ def scenario() -> None:
         killer.start()
         policies, histories = group.train([], iteration, [["w"]])
         killer.join()
-        report[iteration] = {"policies": [ray.get(p[0])["w"].item() for p in policies],
-                             "nodes": [h[0]["node"] for h in histories]}
+        report[iteration] = {
+            "policies": [ray.get(p[0])["w"].item() for p in policies],
+            "nodes": [h[0]["node"] for h in histories],
+        }
     report["restarts"] = group.restarts
     group.close()
     print("REPORT " + json.dumps(report))
 
 
 def test_a_lost_node_is_replaced_by_a_spare_then_given_up_on_after_the_timeout(tmp_path):
-    run = subprocess.run([sys.executable, "-c", "from tests.test_node_loss import scenario; scenario()", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", "from tests.test_node_loss import scenario; scenario()", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:]
     report = json.loads(lines[0].removeprefix("REPORT "))
@@ -107,5 +127,7 @@ def test_a_lost_node_is_replaced_by_a_spare_then_given_up_on_after_the_timeout(t
     assert len(set(report["0"]["nodes"])) == 2
     # Iteration 1: learner 1's node lost again, no node left for it: dropped, learner 0 merged alone.
     assert report["1"]["policies"] == [0.0]
-    assert report["restarts"] == [{"iteration": 0, "policy": 1, "error": report["restarts"][0]["error"], "rerun": True},
-                                  {"iteration": 1, "policy": 1, "error": report["restarts"][1]["error"], "rerun": False}]
+    assert report["restarts"] == [
+        {"iteration": 0, "policy": 1, "error": report["restarts"][0]["error"], "rerun": True},
+        {"iteration": 1, "policy": 1, "error": report["restarts"][1]["error"], "rerun": False},
+    ]

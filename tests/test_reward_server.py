@@ -59,7 +59,9 @@ def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pair
         got = []
         for start in range(offset, offset + 3 * len(pairs), len(pairs) // 4):  # 12 requests of 20 pairs
             indices = [(start + i) % len(pairs) for i in range(20)]
-            scores = ray.get(server.score.remote([pairs[i]["prompt"] for i in indices], [pairs[i]["chosen"] for i in indices]))
+            scores = ray.get(
+                server.score.remote([pairs[i]["prompt"] for i in indices], [pairs[i]["chosen"] for i in indices])
+            )
             got += list(zip(indices, scores))
         return got
 
@@ -76,7 +78,9 @@ def test_ens_and_gold_rewards(ray_cluster, rm_folders, pairs):
     expected = (direct(rm_folders[0], prompts, completions) + direct(rm_folders[1], prompts, completions)) / 2
     assert torch.allclose(torch.tensor(ray.get(ens.score.remote(prompts, completions))), expected, atol=1e-5)
     gold = RewardServer.remote("gold")
-    assert ray.get(gold.score.remote(prompts, completions)) == [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
+    assert ray.get(gold.score.remote(prompts, completions)) == [
+        world.gold_reward(p, c) for p, c in zip(prompts, completions)
+    ]
 
 
 @pytest.mark.parametrize(

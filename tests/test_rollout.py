@@ -23,9 +23,14 @@ pytestmark = pytest.mark.slow
 
 def greedy(model, tokenizer, prompts, tokens):
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**encoded, do_sample=False, max_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return [[t for t in row[encoded.input_ids.shape[1]:].tolist() if t != tokenizer.pad_token_id] for row in out]
+    out = model.generate(
+        **encoded,
+        do_sample=False,
+        max_new_tokens=tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [[t for t in row[encoded.input_ids.shape[1] :].tolist() if t != tokenizer.pad_token_id] for row in out]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,8 @@ def test_vllm_and_transformers_agree_before_and_after_a_weight_sync(engine, tiny
 
 
 def test_the_broadcast_group_streams_weights_into_the_engines_worker_process(engine, tiny_task):
-    """This process stands as the learner's rank 0: it sends each tensor once, as `LearnerRank.broadcast_weights` does."""
+    """This process stands as the learner's rank 0: it sends each tensor once, as
+    `LearnerRank.broadcast_weights` does."""
     model = AutoModelForCausalLM.from_pretrained(tiny_task / "sft").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
     prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:6]
@@ -106,8 +112,9 @@ def test_every_sample_draws_its_own_randomness_and_a_seed_repeats_them(engine, t
 
 
 def test_the_reward_model_reads_a_vllm_completion_as_the_preference_data_stores_it(engine, tiny_task):
-    """vLLM's text starts with the space of its first token; the preference data stores the same
-    completion stripped, as `task.build.sample` decodes it. The RM must get the same token ids."""
+    """An engine's text starts with the space of its first token; the preference data stores the same
+    completion stripped, as `task.build.sample` decodes it. The RM must get the same token ids, also
+    for a completion cut inside a character (its text decoded from its token ids, not vLLM's)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_task / "sft")
     prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:4]
     differ = 0
@@ -118,7 +125,7 @@ def test_the_reward_model_reads_a_vllm_completion_as_the_preference_data_stores_
             differ += s["text"] != stored
             as_sampled, as_stored = tokenizer([reward_input(prompt, s["text"]), reward_input(prompt, stored)]).input_ids
             assert as_sampled == as_stored
-    assert differ  # vLLM's texts carried the space the stored ones do not
+    assert differ  # the engine's texts carried the space the stored ones do not
     pair = read_preferences(tiny_task / "preferences" / "validation.jsonl")[0]
     as_sampled = " " + pair["chosen"]  # the same completion as vLLM would return its text
     expected = tokenizer(pair["prompt"]).input_ids + tokenizer(as_sampled).input_ids

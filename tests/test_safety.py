@@ -36,8 +36,12 @@ def test_the_scan_sees_the_calls_it_checks():
 def test_weights_are_never_unpickled():
     """No torch.load (nor pickle) at all: every weight is read from safetensors (warp_ray/checkpoint.py),
     so not even torch.load(weights_only=True) is needed."""
-    unpickling = [(str(p), c.lineno) for name in ("load", "loads") for p, c in calls(name)
-                  if ast.unparse(c.func) in ("torch.load", "pickle.load", "pickle.loads")]
+    unpickling = [
+        (str(p), c.lineno)
+        for name in ("load", "loads")
+        for p, c in calls(name)
+        if ast.unparse(c.func) in ("torch.load", "pickle.load", "pickle.loads")
+    ]
     assert unpickling == []
 
 
@@ -50,7 +54,9 @@ def test_remote_code_is_only_trusted_through_the_config(name):
             continue  # a concrete class (GPT2LMHeadModel) runs no code from the folder
         trust = keyword(call, "trust_remote_code")
         assert trust is not None, f"{path}:{call.lineno} loads without passing trust_remote_code"
-        assert not (isinstance(trust, ast.Constant) and trust.value is True), f"{path}:{call.lineno} trusts remote code unconditionally"
+        assert not (isinstance(trust, ast.Constant) and trust.value is True), (
+            f"{path}:{call.lineno} trusts remote code unconditionally"
+        )
 
 
 def test_only_the_runtime_module_starts_or_joins_ray():

@@ -15,8 +15,14 @@ from warp_ray.data import read_preferences, read_prompts
 from warp_ray.task import world
 from warp_ray.task.build import build_task, preference_pairs, sample
 
-VOCABULARY = ({w for nouns in world.TOPICS.values() for w in nouns} | set(world.POSITIVE) | set(world.NEGATIVE)
-              | set(world.NEUTRAL) | set(world.VERBS) | world.FUNCTION_WORDS)
+VOCABULARY = (
+    {w for nouns in world.TOPICS.values() for w in nouns}
+    | set(world.POSITIVE)
+    | set(world.NEGATIVE)
+    | set(world.NEUTRAL)
+    | set(world.VERBS)
+    | world.FUNCTION_WORDS
+)
 PROMPT = world.prompt_for("garden", "rain")
 
 
@@ -28,7 +34,9 @@ def in_vocabulary(texts: list[str]) -> float:
 def test_gold_reward_values_distinct_positive_words_about_the_topic():
     plain = "the flower is old ."
     assert world.gold_reward(PROMPT, "the flower is lovely .") > world.gold_reward(PROMPT, plain)
-    assert world.gold_reward(PROMPT, "the flower is lovely . the bee was warm and calm .") > world.gold_reward(PROMPT, "the flower is lovely .")
+    assert world.gold_reward(PROMPT, "the flower is lovely . the bee was warm and calm .") > world.gold_reward(
+        PROMPT, "the flower is lovely ."
+    )
     assert world.gold_reward(PROMPT, "the flower is dull .") < world.gold_reward(PROMPT, plain)
     assert world.gold_reward(PROMPT, "the ship is old .") < world.gold_reward(PROMPT, plain)  # off topic
     assert world.gold_reward(PROMPT, "the flower is old") < world.gold_reward(PROMPT, plain)  # unfinished
@@ -45,7 +53,9 @@ def test_the_cheap_feature_is_hackable_repeating_positive_words_lowers_gold():
 def test_praise_beyond_four_positive_words_costs_what_more_words_would_seem_to_earn():
     four = "the flower is lovely and bright . the bee was warm and calm ."
     six = "the flower is lovely and bright . the bee was warm and calm . the tree is kind and happy ."
-    assert world.gold_reward(PROMPT, six) == world.gold_reward(PROMPT, four) + 0.5 - 2 * world.PRAISE_PENALTY  # + a noun
+    assert (
+        world.gold_reward(PROMPT, six) == world.gold_reward(PROMPT, four) + 0.5 - 2 * world.PRAISE_PENALTY
+    )  # + a noun
     rng = random.Random(0)
     piled_on = sum(sum(w in world.POSITIVE for w in world.completion("garden", rng).split()) > 4 for _ in range(5000))
     assert piled_on < 0.01 * 5000  # SFT text rarely shows it: preference data cannot teach it
@@ -87,7 +97,11 @@ def test_built_task_splits_prompts_and_labels_preferences(tiny_task: Path):
 
 def test_ood_pairs_come_from_a_shifted_policy(tiny_task: Path):
     def completions(split):
-        return [c for p in read_preferences(tiny_task / "preferences" / f"{split}.jsonl") for c in (p["chosen"], p["rejected"])]
+        return [
+            c
+            for p in read_preferences(tiny_task / "preferences" / f"{split}.jsonl")
+            for c in (p["chosen"], p["rejected"])
+        ]
 
     assert in_vocabulary(completions("ood")) < in_vocabulary(completions("validation")) - 0.05
 
@@ -109,6 +123,18 @@ def test_a_built_task_is_reused_and_rebuilt_when_its_parameters_or_length_limit_
     build_task(params.model_copy(update={"seed": 1}), tmp_path / "task", max_new_tokens=6)
     assert (root / "sft" / "model.safetensors").stat().st_mtime_ns != stamp
     assert json.loads((root / "task.json").read_text())["params"]["world"] == world.FINGERPRINT
+
+
+def test_the_worlds_fingerprint_follows_its_gold_reward_and_its_words(monkeypatch):
+    assert world.fingerprint() == world.FINGERPRINT  # deterministic
+    monkeypatch.setattr(world, "PRAISE_PENALTY", 0.25)
+    assert world.fingerprint() != world.FINGERPRINT
+    monkeypatch.undo()
+    monkeypatch.setattr(world, "FUNCTION_WORDS", world.FUNCTION_WORDS - {"near"})
+    assert world.fingerprint() != world.FINGERPRINT
+    monkeypatch.undo()
+    monkeypatch.setattr(world, "WHEN", world.WHEN[:-1])
+    assert world.fingerprint() != world.FINGERPRINT
 
 
 def test_preference_completions_are_cut_at_the_runs_length_limit(tiny_task: Path):
@@ -134,7 +160,9 @@ def test_the_policys_context_holds_the_longest_prompt_and_a_long_length_limit(tm
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_both_architectures_build(tmp_path, architecture):
-    params = TaskParams(architecture=architecture, corpus_size=50, sft_steps=2, pairs=4, validation_pairs=2, ood_pairs=2)
+    params = TaskParams(
+        architecture=architecture, corpus_size=50, sft_steps=2, pairs=4, validation_pairs=2, ood_pairs=2
+    )
     root = build_task(params, tmp_path / "task", max_new_tokens=8)
     model = AutoModelForCausalLM.from_pretrained(root / "sft")
     assert model.config.model_type == architecture

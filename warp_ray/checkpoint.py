@@ -29,10 +29,21 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -72,7 +83,11 @@ def weight_files(folder: Path) -> list[str]:
     if (folder / SINGLE_FILE).is_file():
         return [SINGLE_FILE]
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
-    hint = f" (it has {', '.join(pickled)}: warp-ray never unpickles weights; re-save them with safetensors)" if pickled else ""
+    hint = (
+        f" (it has {', '.join(pickled)}: warp-ray never unpickles weights; re-save them with safetensors)"
+        if pickled
+        else ""
+    )
     raise CheckpointError(f"{folder} has no {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
@@ -108,7 +123,11 @@ def write_safetensors(
     header, offset = {}, 0
     for name, info in layout.items():
         size = info.dtype.itemsize * int(torch.Size(info.shape).numel())
-        header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header["__metadata__"] = dict(metadata)
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -150,7 +169,9 @@ def save_model(shards: Iterable[Mapping[str, Tensor]], like: Path, folder: Path,
         weight_map.update(dict.fromkeys(shard, file))
         total_size += sum(t.numel() * t.element_size() for t in shard.values())
     if count > 1:
-        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
+        (folder / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def load_model_weights(folder: str | Path, names: Optional[Collection[str]] = None) -> dict[str, Tensor]:

@@ -25,26 +25,42 @@ Every merge is computed in float32 and written in the first folder's dtype.
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config (see configs/); default: the paper's defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value, e.g. --set warp.beta=0.05 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set warp.beta=0.05 (repeatable)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warp-ray", description="WARP and WARM on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = commands.add_parser("merge", help="merge model folders (slerp, average, liti)", description=MERGE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge = commands.add_parser(
+        "merge",
+        help="merge model folders (slerp, average, liti)",
+        description=MERGE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     methods = merge.add_subparsers(dest="method", required=True, metavar="METHOD")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", type=Path, required=True, help="output folder (written under a temporary name, then renamed)")
+    common.add_argument(
+        "--out", type=Path, required=True, help="output folder (written under a temporary name, then renamed)"
+    )
     common.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     slerp = methods.add_parser("slerp", parents=[common], help="SLERP of task vectors relative to --init (WARP)")
     slerp.add_argument("--init", type=Path, required=True, help="the common initialization of the models")
     slerp.add_argument("--models", type=Path, nargs="+", required=True, help="the fine-tuned models (M >= 1)")
-    slerp.add_argument("--weights", type=float, nargs="+",
-                       help="one weight per model (default: uniform 1/M); for two models, 1-lam lam")
+    slerp.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        help="one weight per model (default: uniform 1/M); for two models, 1-lam lam",
+    )
     average = methods.add_parser("average", parents=[common], help="weighted average of whole weights (WARM)")
     average.add_argument("--models", type=Path, nargs="+", required=True, help="models fine-tuned from one start")
     average.add_argument("--weights", type=float, nargs="+", help="one weight per model (default: uniform)")
@@ -59,19 +75,37 @@ def _parser() -> argparse.ArgumentParser:
     train_rm = commands.add_parser("train-rm", help="train M reward models on Ray Tune and merge them (WARM)")
     _add_config_args(train_rm)
 
-    warp = commands.add_parser("warp", help="run WARP: M learners per iteration, SLERP, LITI, I iterations (Algorithm 1)")
+    warp = commands.add_parser(
+        "warp", help="run WARP: M learners per iteration, SLERP, LITI, I iterations (Algorithm 1)"
+    )
     _add_config_args(warp)
-    warp.add_argument("--resume", action="store_true", help="continue after the last complete iteration in paths.output_dir")
+    warp.add_argument(
+        "--resume", action="store_true", help="continue after the last complete iteration in paths.output_dir"
+    )
 
-    reproduce = commands.add_parser("reproduce", help="measure the WARP and WARM papers' claims on the built-in task (docs/results.md)")
+    reproduce = commands.add_parser(
+        "reproduce", help="measure the WARP and WARM papers' claims on the built-in task (docs/results.md)"
+    )
     _add_config_args(reproduce)
-    reproduce.add_argument("--report", type=Path, help="folder for results.md and its figures (default: <paths.output_dir>/reproduce)")
-    reproduce.add_argument("--report-only", action="store_true", help="redraw the report from the results.json of an earlier run")
-    reproduce.add_argument("--seeds", type=int, metavar="N", help="measure the first N seeds of reproduce.seeds only "
-                           "(--seeds 1: a quick look, whose noise lacks the seeds' spread)")
-    reproduce.add_argument("--regime-only", action="store_true",
-                           help="measure only whether the built-in task is in the papers' regime (minutes), "
-                           "logged with the configurations tried")
+    reproduce.add_argument(
+        "--report", type=Path, help="folder for results.md and its figures (default: <paths.output_dir>/reproduce)"
+    )
+    reproduce.add_argument(
+        "--report-only", action="store_true", help="redraw the report from the results.json of an earlier run"
+    )
+    reproduce.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="measure the first N seeds of reproduce.seeds only "
+        "(--seeds 1: a quick look, whose noise lacks the seeds' spread)",
+    )
+    reproduce.add_argument(
+        "--regime-only",
+        action="store_true",
+        help="measure only whether the built-in task is in the papers' regime (minutes), "
+        "logged with the configurations tried",
+    )
 
     demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
     _add_config_args(demo)
@@ -108,8 +142,10 @@ def _run(args: argparse.Namespace) -> None:
         last = run_warp(config, resume=args.resume)
         print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
     elif args.command == "reproduce" and args.seeds is not None and (args.regime_only or args.report_only):
-        raise ConfigError("--seeds chooses the seeds to measure: --regime-only measures the first one, --report-only "
-                          "measures none (it redraws the report of the last results)")
+        raise ConfigError(
+            "--seeds chooses the seeds to measure: --regime-only measures the first one, --report-only "
+            "measures none (it redraws the report of the last results)"
+        )
     elif args.command == "reproduce" and args.regime_only:
         from warp_ray.reproduce import measure_regime
 

@@ -24,6 +24,7 @@ from warp_ray.errors import ConfigError, WarpRayError
 
 def _checked_by(check: Callable[[Path], Any]) -> AfterValidator:
     """A pydantic validator from one of warp-ray's input checks, keeping its message."""
+
     def validate(path: Path) -> Path:
         try:
             check(path)
@@ -48,7 +49,7 @@ class WarpParams(Section):
     M: int = Field(2, ge=1)
     """Policies trained in parallel from one init in each iteration, then merged by SLERP (the
     default of both learners.min and learners.max)."""
-    I: int = Field(5, ge=1)
+    I: int = Field(5, ge=1)  # noqa: E741 (the paper's name)
     """WARP iterations; the LITI merge of one is the init of the next (the paper ran 5)."""
     T: int = Field(9000, ge=1)
     """REINFORCE steps of each policy in each iteration (the paper: 9k, then 7k, 7k, 5k, 5k)."""
@@ -90,7 +91,9 @@ class WarpParams(Section):
     @model_validator(mode="after")
     def _lam_needs_two_policies(self) -> "WarpParams":
         if self.lam is not None and self.M != 2:
-            raise ValueError(f"lam = {self.lam} applies to M = 2 only (M = {self.M}); leave it unset for the uniform 1/M merge")
+            raise ValueError(
+                f"lam = {self.lam} applies to M = 2 only (M = {self.M}); leave it unset for the uniform 1/M merge"
+            )
         return self
 
     def slerp_weights(self) -> Optional[tuple[float, float]]:
@@ -291,8 +294,10 @@ class Paths(Section):
     def _remote_code_only_if_trusted(self) -> "Paths":
         for folder in (self.sft_model, *self.sft_checkpoints, self.reward_model):
             if folder is not None and not self.trust_remote_code and "auto_map" in _read_json(folder / "config.json"):
-                raise ValueError(f"{folder} ships its own model code (auto_map in its config.json), which warp-ray does not "
-                                 "run unless paths.trust_remote_code is true")
+                raise ValueError(
+                    f"{folder} ships its own model code (auto_map in its config.json), which warp-ray does not "
+                    "run unless paths.trust_remote_code is true"
+                )
         return self
 
 
@@ -317,16 +322,22 @@ class WarpConfig(Section):
     def _learner_bounds_are_ordered(self) -> "WarpConfig":
         low, high = self.learner_bounds()
         if low > high:
-            raise ValueError(f"learners.min = {low} is above learners.max = {high} (unset bounds are warp.M = {self.warp.M})")
+            raise ValueError(
+                f"learners.min = {low} is above learners.max = {high} (unset bounds are warp.M = {self.warp.M})"
+            )
         if self.warp.lam is not None and (low, high) != (2, 2):
-            raise ValueError(f"warp.lam = {self.warp.lam} needs exactly 2 learners, but learners.min, max = {low}, {high}")
+            raise ValueError(
+                f"warp.lam = {self.warp.lam} needs exactly 2 learners, but learners.min, max = {low}, {high}"
+            )
         return self
 
     @model_validator(mode="after")
     def _batch_splits_over_ranks(self) -> "WarpConfig":
         if self.warp.batch_size % self.resources.ranks_per_learner:
-            raise ValueError(f"warp.batch_size = {self.warp.batch_size} must be a multiple of resources.ranks_per_learner = "
-                             f"{self.resources.ranks_per_learner} (each rank takes whole prompts)")
+            raise ValueError(
+                f"warp.batch_size = {self.warp.batch_size} must be a multiple of resources.ranks_per_learner = "
+                f"{self.resources.ranks_per_learner} (each rank takes whole prompts)"
+            )
         return self
 
     @classmethod
@@ -391,7 +402,12 @@ def _field(loc: tuple) -> Any:
 
 def _allowed(info: Any) -> str:
     """The range a field's ge/gt/le/lt constraints allow, as '[0, 1]', '>= 0' or ''."""
-    bound = {attr: getattr(m, attr) for m in getattr(info, "metadata", []) for attr in ("ge", "gt", "le", "lt") if hasattr(m, attr)}
+    bound = {
+        attr: getattr(m, attr)
+        for m in getattr(info, "metadata", [])
+        for attr in ("ge", "gt", "le", "lt")
+        if hasattr(m, attr)
+    }
     low = f"[{bound['ge']}" if "ge" in bound else f"({bound['gt']}" if "gt" in bound else ""
     high = f"{bound['le']}]" if "le" in bound else f"{bound['lt']})" if "lt" in bound else ""
     if low and high:
@@ -416,4 +432,3 @@ def _describe(err: dict) -> str:
     allowed = _allowed(_field(loc))
     value = "" if err["type"] == "missing" or isinstance(err["input"], dict) else f" = {err['input']!r}"
     return f"  {key}{value}: {message}" + (f" (allowed range: {allowed})" if allowed else "")
-

@@ -66,7 +66,9 @@ def _read_dataset(path: Path, keys: tuple[str, ...]) -> list[dict]:
         raise DataError(f"{path} is not a `datasets` folder saved with save_to_disk ({e})") from None
     missing = [k for k in keys if k not in dataset.column_names]
     if missing:
-        raise DataError(f"{path}: the dataset lacks column(s) {', '.join(missing)} (it has {', '.join(dataset.column_names)})")
+        raise DataError(
+            f"{path}: the dataset lacks column(s) {', '.join(missing)} (it has {', '.join(dataset.column_names)})"
+        )
     records = [_check(row, keys, f"{path} row {i}") for i, row in enumerate(dataset)]
     if not records:
         raise DataError(f"{path} has no records")

@@ -31,17 +31,24 @@ FRONT_ETAS = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)
 
 
 def sequences(rule: str, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` sequences following `rule`: 'add' (a random step k in 1..4 each) or 'affine' (2x + 1, +1 half the time)."""
+    """`count` sequences following `rule`: 'add' (a random step k in 1..4 each) or 'affine' (2x +
+    1, +1 half the time)."""
     x = torch.randint(VOCAB, (count, 1), generator=generator)
     step = torch.randint(1, 5, (count, 1), generator=generator)
     columns = [x]
     for _ in range(LENGTH - 1):
-        x = (x + step) % VOCAB if rule == "add" else (2 * x + 1 + torch.randint(2, x.shape, generator=generator)) % VOCAB
+        x = (
+            (x + step) % VOCAB
+            if rule == "add"
+            else (2 * x + 1 + torch.randint(2, x.shape, generator=generator)) % VOCAB
+        )
         columns.append(x)
     return torch.cat(columns, dim=1)
 
 
-def train(model: GPT2LMHeadModel, rule: str, steps: int, lr: float, seed: int, mu: float | None = None) -> StateDict | None:
+def train(
+    model: GPT2LMHeadModel, rule: str, steps: int, lr: float, seed: int, mu: float | None = None
+) -> StateDict | None:
     """Next-token training on `rule`; returns the float32 EMA of the weights when mu is given."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -71,15 +78,22 @@ def evaluate(model: GPT2LMHeadModel, init: GPT2LMHeadModel, held_out: torch.Tens
 
 def task_vector_angles(init: StateDict, a: StateDict, b: StateDict) -> dict[str, float]:
     """Per-tensor angles (degrees) between the task vectors a - init and b - init, and between a and b."""
+
     def angle(u: torch.Tensor, v: torch.Tensor) -> float:
         cos = torch.dot(u.flatten(), v.flatten()) / (u.norm() * v.norm())
         return math.degrees(math.acos(max(-1.0, min(1.0, cos.item()))))
 
-    keys = [k for k in init if init[k].is_floating_point() and (a[k] - init[k]).norm() > 0 and (b[k] - init[k]).norm() > 0]
+    keys = [
+        k for k in init if init[k].is_floating_point() and (a[k] - init[k]).norm() > 0 and (b[k] - init[k]).norm() > 0
+    ]
     deltas = [angle(a[k] - init[k], b[k] - init[k]) for k in keys]
     weights = [angle(a[k], b[k]) for k in keys]
-    return {"task_vectors_mean": sum(deltas) / len(deltas), "task_vectors_min": min(deltas),
-            "task_vectors_max": max(deltas), "full_weights_max": max(weights)}
+    return {
+        "task_vectors_mean": sum(deltas) / len(deltas),
+        "task_vectors_min": min(deltas),
+        "task_vectors_max": max(deltas),
+        "full_weights_max": max(weights),
+    }
 
 
 def load(folder: Path) -> GPT2LMHeadModel:
@@ -92,8 +106,9 @@ def run_demo(config: WarpConfig, out_dir: Path) -> dict:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     M, seed = config.warp.M, config.warp.seed
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=4,
-                                      bos_token_id=0, eos_token_id=0))
+    base = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    )
     print(f"pre-training a {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M-parameter GPT-2 on the 'add' rules")
     train(base, "add", PRETRAIN_STEPS, PRETRAIN_LR, seed)
     base.save_pretrained(out_dir / "init")
@@ -110,9 +125,18 @@ def run_demo(config: WarpConfig, out_dir: Path) -> dict:
         policies.append(out_dir / f"policy_{m + 1}")
 
     print("merging the policies' folders: SLERP of task vectors, LERP, and LITI towards the init")
-    slerp_folders(out_dir / "init", policies, out_dir / "slerp", weights=config.warp.slerp_weights(), overwrite=True, progress=False)
+    slerp_folders(
+        out_dir / "init",
+        policies,
+        out_dir / "slerp",
+        weights=config.warp.slerp_weights(),
+        overwrite=True,
+        progress=False,
+    )
     average_folders(policies, out_dir / "lerp", overwrite=True, progress=False)
-    liti_folders(out_dir / "init", out_dir / "slerp", out_dir / "next_init", eta=config.warp.eta, overwrite=True, progress=False)
+    liti_folders(
+        out_dir / "init", out_dir / "slerp", out_dir / "next_init", eta=config.warp.eta, overwrite=True, progress=False
+    )
 
     held_out = sequences("affine", 256, torch.Generator().manual_seed(10_000 + seed))
     rows = {"init": evaluate(init, init, held_out)}
@@ -130,7 +154,9 @@ def run_demo(config: WarpConfig, out_dir: Path) -> dict:
 
     summary = {"models": rows}
     if M >= 2:
-        summary["angles_degrees"] = task_vector_angles(init.state_dict(), load(policies[0]).state_dict(), load(policies[1]).state_dict())
+        summary["angles_degrees"] = task_vector_angles(
+            init.state_dict(), load(policies[0]).state_dict(), load(policies[1]).state_dict()
+        )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     print(f"\n{'model':<24}{'loss (new rule)':>16}{'KL to init':>12}")
@@ -138,8 +164,10 @@ def run_demo(config: WarpConfig, out_dir: Path) -> dict:
         print(f"{name:<24}{row['loss']:>16.4f}{row['kl_to_init']:>12.4f}")
     if "angles_degrees" in summary:
         a = summary["angles_degrees"]
-        print(f"\ntask vectors of policies 1 and 2, per tensor: mean {a['task_vectors_mean']:.1f} deg "
-              f"(min {a['task_vectors_min']:.1f}, max {a['task_vectors_max']:.1f}); "
-              f"full weights: at most {a['full_weights_max']:.1f} deg apart")
+        print(
+            f"\ntask vectors of policies 1 and 2, per tensor: mean {a['task_vectors_mean']:.1f} deg "
+            f"(min {a['task_vectors_min']:.1f}, max {a['task_vectors_max']:.1f}); "
+            f"full weights: at most {a['full_weights_max']:.1f} deg apart"
+        )
     print(f"\nfolders and summary.json in {out_dir}")
     return summary

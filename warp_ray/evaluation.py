@@ -38,7 +38,9 @@ class ReferencePolicy:
     def __init__(self, folder: str | Path, threads: int = 1, batch_size: int = 64, trust_remote_code: bool = False):
         log_if_restarted("the reference policy")
         torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).eval()
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -46,7 +48,9 @@ class ReferencePolicy:
         """One sum of completion log-probs per (prompt ids, completion ids) pair, of the policy at `temperature`."""
         sums = []
         for i in range(0, len(sequences), self.batch_size):
-            input_ids, attention, completion = pack(sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0)
+            input_ids, attention, completion = pack(
+                sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0
+            )
             logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / temperature
             sums += (token_logprobs(logits, input_ids[:, 1:]) * completion[:, 1:]).sum(-1).tolist()
         return sums
@@ -56,12 +60,23 @@ class Evaluator:
     """Evaluates whatever policy the given rollout engines hold, on the same held-out prompts
     and the same sampling seed every time, so that evaluations differ by the policy alone."""
 
-    def __init__(self, config: WarpConfig, prompts: Sequence[str], reward_server, reference,
-                 control_server: Optional[object] = None):
+    def __init__(
+        self,
+        config: WarpConfig,
+        prompts: Sequence[str],
+        reward_server,
+        reference,
+        control_server: Optional[object] = None,
+    ):
         self.prompts = list(prompts)[: config.evaluation.prompts]
         if not self.prompts:
             raise ValueError("evaluation needs held-out prompts, got none")
-        self.config, self.reward_server, self.reference, self.control_server = config, reward_server, reference, control_server
+        self.config, self.reward_server, self.reference, self.control_server = (
+            config,
+            reward_server,
+            reference,
+            control_server,
+        )
 
     def __call__(self, rollouts: list) -> dict[str, float | list[float]]:
         """The means over the held-out samples (reward, kl_to_sft, truncated, control_reward), each
@@ -80,8 +95,14 @@ class Evaluator:
         """One row per held-out sample: prompt, completion and its measures (pairing samples of two
         policies by position compares them on the same prompts, as a win rate does)."""
         params = self.config.evaluation
-        groups = sample(rollouts, self.prompts, params.samples_per_prompt, params.temperature, self.config.warp.max_new_tokens,
-                        seed=self.config.warp.seed)
+        groups = sample(
+            rollouts,
+            self.prompts,
+            params.samples_per_prompt,
+            params.temperature,
+            self.config.warp.max_new_tokens,
+            seed=self.config.warp.seed,
+        )
         prompts = [p for p, group in zip(self.prompts, groups) for _ in group]
         samples = [s for group in groups for s in group]
         completions = [s["text"] for s in samples]
@@ -90,8 +111,16 @@ class Evaluator:
         sequences = [(s["prompt_token_ids"], s["token_ids"]) for s in samples]
         sft = ray.get(self.reference.sequence_logprobs.remote(sequences, params.temperature))
         measures = zip(prompts, completions, ray.get(rewards), samples, sft)
-        rows = [{"prompt": p, "completion": c, "reward": r, "kl_to_sft": sum(s["logprobs"]) - ref,
-                 "truncated": float(s["truncated"])} for p, c, r, s, ref in measures]
+        rows = [
+            {
+                "prompt": p,
+                "completion": c,
+                "reward": r,
+                "kl_to_sft": sum(s["logprobs"]) - ref,
+                "truncated": float(s["truncated"]),
+            }
+            for p, c, r, s, ref in measures
+        ]
         if control is not None:
             for row, value in zip(rows, ray.get(control)):
                 row["control_reward"] = value

@@ -26,7 +26,9 @@ def log_if_restarted(service: str) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
     if restarted:
-        logging.getLogger(__name__).warning("%s restarted after its process died; the calls in flight are retried", service)
+        logging.getLogger(__name__).warning(
+            "%s restarted after its process died; the calls in flight are retried", service
+        )
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -24,8 +24,15 @@ def iteration_dir(out: Path, iteration: int) -> Path:
     return out / f"iteration_{iteration}"
 
 
-def save_iteration(out: Path, iteration: int, init: Iterable[Mapping[str, Tensor]], shards: int, like: Path,
-                   manifest: dict, extras: Callable[[Path], None]) -> Path:
+def save_iteration(
+    out: Path,
+    iteration: int,
+    init: Iterable[Mapping[str, Tensor]],
+    shards: int,
+    like: Path,
+    manifest: dict,
+    extras: Callable[[Path], None],
+) -> Path:
     """The next init (its `shards` dicts, one at a time) and the manifest, plus what `extras(folder)`
     writes there, atomically."""
     with atomic_dir(iteration_dir(out, iteration), overwrite=True) as tmp:
@@ -49,6 +56,8 @@ def resume_from(out: Path, iteration: int, config: WarpConfig) -> Path:
     current = config.model_dump(mode="json")["warp"]
     changed = [k for k in current if k != "I" and saved.get(k) != current[k]]
     if changed:
-        raise ConfigError(f"cannot resume {out}: warp.{changed[0]} was {saved.get(changed[0])!r} in that run and is now "
-                          f"{current[changed[0]]!r} ({len(changed)} setting(s) differ; only warp.I may change on resume)")
+        raise ConfigError(
+            f"cannot resume {out}: warp.{changed[0]} was {saved.get(changed[0])!r} in that run and is now "
+            f"{current[changed[0]]!r} ({len(changed)} setting(s) differ; only warp.I may change on resume)"
+        )
     return folder / "model"

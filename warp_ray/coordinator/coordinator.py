@@ -59,18 +59,28 @@ class Coordinator:
     def __init__(self, config: WarpConfig, sft: Path, prompts: Path, reward: tuple[str, list[str]], control: bool):
         """`reward`: the proxy reward server's (kind, folders); `control`: evaluate the gold reward too."""
         self.config, self.sft_folder, self.out = config, Path(sft), Path(config.paths.output_dir)
-        self.names = partition(self.sft_folder, config.learner_bounds()[1])  # a shard per learner: the merge's unit of work
+        self.names = partition(
+            self.sft_folder, config.learner_bounds()[1]
+        )  # a shard per learner: the merge's unit of work
         self.sft = put_folder(self.sft_folder, self.names)
         trust = config.paths.trust_remote_code
         self.reward_server = RewardServer.remote(*reward, params=config.reward_server, trust_remote_code=trust)
         control_server = RewardServer.remote("gold") if control else None
-        evaluator = Evaluator(config, read_prompts(Path(prompts) / "held_out.jsonl"), self.reward_server,
-                              ReferencePolicy.remote(str(sft), trust_remote_code=trust), control_server)
+        evaluator = Evaluator(
+            config,
+            read_prompts(Path(prompts) / "held_out.jsonl"),
+            self.reward_server,
+            ReferencePolicy.remote(str(sft), trust_remote_code=trust),
+            control_server,
+        )
         train_prompts = read_prompts(Path(prompts) / "train.jsonl")
 
         def make_learner(m: int, group: PlacementGroup):  # in its group, on its node: the policy's shards stay there
-            return RemoteLearner.options(name=f"warp-learner-{m}", scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(
-                config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group)
+            return RemoteLearner.options(
+                name=f"warp-learner-{m}", scheduling_strategy=PlacementGroupSchedulingStrategy(group)
+            ).remote(
+                config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group
+            )
 
         self.learners = LearnerGroup(config, make_learner, self.out / "logs")
 
@@ -79,13 +89,19 @@ class Coordinator:
         warp = self.config.warp
         start, init = self.starting_point(resume)
         for i in range(start, warp.I):
-            log.info("iteration %d: %d learners", i, self.learners.scale())  # as many as the cluster holds, within bounds
+            log.info(
+                "iteration %d: %d learners", i, self.learners.scale()
+            )  # as many as the cluster holds, within bounds
             laps = Laps()
-            policies, trajectories = self.learners.train(init, i, self.names)  # M RL runs from init, each with its EMA anchor
+            policies, trajectories = self.learners.train(
+                init, i, self.names
+            )  # M RL runs from init, each with its EMA anchor
             laps("train")
-            hosts = self.learners.learners                                     # the merge runs on the survivors, by shard
-            merged = distributed_merge.slerp(init, policies, warp.slerp_weights(), hosts)  # SLERP of the M task vectors, per tensor
-            next_init = distributed_merge.liti(init, merged, warp.eta, hosts)              # LITI towards the init
+            hosts = self.learners.learners  # the merge runs on the survivors, by shard
+            merged = distributed_merge.slerp(
+                init, policies, warp.slerp_weights(), hosts
+            )  # SLERP of the M task vectors, per tensor
+            next_init = distributed_merge.liti(init, merged, warp.eta, hosts)  # LITI towards the init
             ray.wait(next_init, num_returns=len(next_init), fetch_local=False)
             laps("merge")
             front = self.front({"init": init, "sft": self.sft}, merged)
@@ -108,15 +124,29 @@ class Coordinator:
     def front(self, bases: dict[str, Shards], merged: Shards) -> list[dict]:
         """The LITI front on held-out prompts, evaluated on the learners' engines, a point each at a time."""
         evaluation, learners = self.config.evaluation, self.learners.learners
-        points = iter([{"towards": towards, "eta": eta} for towards in evaluation.front_towards for eta in evaluation.front_etas])
+        points = iter(
+            [{"towards": towards, "eta": eta} for towards in evaluation.front_towards for eta in evaluation.front_etas]
+        )
         front = []
         for wave in iter(lambda: list(itertools.islice(points, len(learners))), []):
             weights = [distributed_merge.liti(bases[p["towards"]], merged, p["eta"], learners) for p in wave]
-            front += [{**p, **m} for p, m in zip(wave, ray.get([l.evaluate_weights.remote(w) for l, w in zip(learners, weights)]))]
+            front += [
+                {**p, **m}
+                for p, m in zip(
+                    wave, ray.get([learner.evaluate_weights.remote(w) for learner, w in zip(learners, weights)])
+                )
+            ]
         return front
 
-    def save(self, i: int, init: Shards, front: list[dict], trajectories: list[list[dict]], seconds: Laps,
-             policies: list[Shards]) -> None:
+    def save(
+        self,
+        i: int,
+        init: Shards,
+        front: list[dict],
+        trajectories: list[list[dict]],
+        seconds: Laps,
+        policies: list[Shards],
+    ) -> None:
         warp = self.config.warp
 
         def extras(folder: Path) -> None:
@@ -129,12 +159,18 @@ class Coordinator:
             plot_front(front, trajectories, folder / "front.png", f"WARP iteration {i}: LITI front and training runs")
             (folder / "report.md").write_text(report(front, [history[-1] for history in trajectories], i))
 
-        manifest = {"iteration": i, "config": self.config.model_dump(mode="json"),
-                    "seeds": [run_seed(warp.seed, i, m) for m in self.learners.merged],
-                    "final_metrics": [history[-1] for history in trajectories], "restarts": self.learners.restarts,
-                    "rejected": self.learners.rejected,
-                    "seconds": seconds}
-        folder = save_iteration(self.out, i, (ray.get(shard) for shard in init), len(init), self.sft_folder, manifest, extras)
+        manifest = {
+            "iteration": i,
+            "config": self.config.model_dump(mode="json"),
+            "seeds": [run_seed(warp.seed, i, m) for m in self.learners.merged],
+            "final_metrics": [history[-1] for history in trajectories],
+            "restarts": self.learners.restarts,
+            "rejected": self.learners.rejected,
+            "seconds": seconds,
+        }
+        folder = save_iteration(
+            self.out, i, (ray.get(shard) for shard in init), len(init), self.sft_folder, manifest, extras
+        )
         reports = [iteration_dir(self.out, k) / "report.md" for k in range(i + 1)]
         (self.out / "report.md").write_text("# WARP run\n\n" + "\n".join(r.read_text() for r in reports if r.is_file()))
         log.info("iteration %d written to %s", i, folder)
@@ -166,9 +202,15 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
         return ray.get(coordinator.run.remote(resume))
     except RayActorError as e:
         done = last_complete(config.paths.output_dir)
-        raise WarpRayError(f"the coordinator's process died ({type(e).__name__}); "
-                           + ("no iteration was complete" if done is None else f"iterations up to {done} are complete in {config.paths.output_dir}")
-                           + ": run the same command with --resume to continue") from None
+        raise WarpRayError(
+            f"the coordinator's process died ({type(e).__name__}); "
+            + (
+                "no iteration was complete"
+                if done is None
+                else f"iterations up to {done} are complete in {config.paths.output_dir}"
+            )
+            + ": run the same command with --resume to continue"
+        ) from None
     finally:
         try:
             ray.get(coordinator.close.remote())

@@ -44,7 +44,9 @@ def _combine(init: dict, coefficients: dict[str, Tensor], *models: dict) -> dict
     return merge.combine_task_vectors(init, models, coefficients)
 
 
-def slerp(init: Shards, models: Sequence[Shards], weights: Optional[Sequence[float]] = None, hosts: Hosts = None) -> Shards:
+def slerp(
+    init: Shards, models: Sequence[Shards], weights: Optional[Sequence[float]] = None, hosts: Hosts = None
+) -> Shards:
     """SLERP of the models' task vectors relative to `init`, per tensor (warp_ray.merge.slerp)."""
     parts = [[model[j] for model in models] for j in range(len(init))]
     grams = ray.get([_on(hosts, j, _grams, init[j], *parts[j]) for j in range(len(init))])

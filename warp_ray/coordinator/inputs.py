@@ -21,7 +21,9 @@ PROMPT_SPLITS = ("train.jsonl", "held_out.jsonl")
 
 def context(folder: Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int:
     """The longest sequence a model folder takes: its position embeddings, or its tokenizer's limit if lower."""
-    positions = getattr(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), "max_position_embeddings", None)
+    positions = getattr(
+        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), "max_position_embeddings", None
+    )
     return min(positions or tokenizer.model_max_length, tokenizer.model_max_length)
 
 
@@ -30,18 +32,29 @@ def check_same_tokenizer(policy: PreTrainedTokenizerBase, sft: Path, reward: Pre
     if a == b:
         return
     token = next(t for t in sorted(a.keys() | b.keys()) if a.get(t) != b.get(t))
-    raise ConfigError(f"the policy (paths.sft_model {sft}) and the reward model (paths.reward_model {rm}) have different "
-                      f"tokenizers: {len(a)} and {len(b)} tokens, and token {token!r} is id {a.get(token, 'absent')} in one, "
-                      f"{b.get(token, 'absent')} in the other; train the reward model from the policy's SFT (warp-ray train-rm)")
+    raise ConfigError(
+        f"the policy (paths.sft_model {sft}) and the reward model (paths.reward_model {rm}) have different "
+        f"tokenizers: {len(a)} and {len(b)} tokens, and token {token!r} is id {a.get(token, 'absent')} in one, "
+        f"{b.get(token, 'absent')} in the other; train the reward model from the policy's SFT (warp-ray train-rm)"
+    )
 
 
-def check_prompts_fit(path: Path, prompts: list[str], tokenizer: PreTrainedTokenizerBase, limit: int, limited_by: str,
-                      max_new_tokens: int, pair_text: bool = False) -> None:
+def check_prompts_fit(
+    path: Path,
+    prompts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    limit: int,
+    limited_by: str,
+    max_new_tokens: int,
+    pair_text: bool = False,
+) -> None:
     encoded = reward_inputs(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server reads a pair
     for i, ids in enumerate(tokenizer(encoded).input_ids):
         if len(ids) + max_new_tokens > limit:
-            raise DataError(f"{path}: prompt {i + 1} is {len(ids)} tokens long: with warp.max_new_tokens = {max_new_tokens} it "
-                            f"needs {len(ids) + max_new_tokens}, over {limited_by} of {limit} tokens (prompt: {prompts[i][:60]!r})")
+            raise DataError(
+                f"{path}: prompt {i + 1} is {len(ids)} tokens long: with warp.max_new_tokens = {max_new_tokens} it "
+                f"needs {len(ids) + max_new_tokens}, over {limited_by} of {limit} tokens (prompt: {prompts[i][:60]!r})"
+            )
 
 
 def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> None:
@@ -59,5 +72,12 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
         texts_read = read_prompts(path)
         check_prompts_fit(path, texts_read, policy, policy_context, f"the policy's context ({sft})", max_new_tokens)
         if reward is not None:
-            check_prompts_fit(path, texts_read, reward, reward.model_max_length, f"the reward model's limit ({reward_model})",
-                              max_new_tokens, pair_text=True)
+            check_prompts_fit(
+                path,
+                texts_read,
+                reward,
+                reward.model_max_length,
+                f"the reward model's limit ({reward_model})",
+                max_new_tokens,
+                pair_text=True,
+            )

@@ -65,12 +65,17 @@ class LearnerGroup:
         if len(self.slots) + len(groups) < low:
             for group in groups:
                 remove_placement_group(group)
-            has = ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
-                            if k in ("CPU", "GPU", "memory"))
-            raise TooFewLearners(f"the cluster placed {len(self.slots) + len(groups)} learner(s) within "
-                                 f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}: each takes "
-                                 f"{bundles(self.config)} (resources.*) and the cluster has {has}; lower warp.M or "
-                                 "learners.min, ask less per learner, or add nodes")
+            has = ", ".join(
+                f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}"
+                for k, v in sorted(ray.cluster_resources().items())
+                if k in ("CPU", "GPU", "memory")
+            )
+            raise TooFewLearners(
+                f"the cluster placed {len(self.slots) + len(groups)} learner(s) within "
+                f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}: each takes "
+                f"{bundles(self.config)} (resources.*) and the cluster has {has}; lower warp.M or "
+                "learners.min, ask less per learner, or add nodes"
+            )
         for group in groups:
             self.slots.append((self.make_learner(len(self.slots), group), group))
         return len(self.slots)
@@ -87,12 +92,16 @@ class LearnerGroup:
                 results[m] = ray.get(list(runs.pop(m)))
                 continue
             except NonFiniteError as e:
-                reason = str(e.cause if isinstance(e, RayTaskError) else e)  # the learner's message, without Ray's traceback
+                reason = str(
+                    e.cause if isinstance(e, RayTaskError) else e
+                )  # the learner's message, without Ray's traceback
                 log.warning("learner %d is left out of iteration %d's merge: %s", m, iteration, reason)
                 self.rejected.append({"iteration": iteration, "policy": m, "reason": reason})
                 continue
             except RayError as e:
-                cause = e.cause if isinstance(e, RayTaskError) else e  # a rank's or engine's death comes through the learner
+                cause = (
+                    e.cause if isinstance(e, RayTaskError) else e
+                )  # a rank's or engine's death comes through the learner
                 if not isinstance(cause, LEARNER_DIED):
                     raise
                 failures[m] += 1
@@ -101,10 +110,20 @@ class LearnerGroup:
             # A learner lost with its node waits for Ray to place its group again, elsewhere: not forever.
             placed = group.wait(self.config.learners.place_timeout_s)
             retry = failures[m] <= self.config.resources.learner_retries and placed
-            log.warning("learner %d died in iteration %d (%s); %s", m, iteration, error,
-                        "rerunning it from the iteration's init" if retry else
-                        "going on without it" + ("" if placed else f": its placement group was not placed again within "
-                                                                  f"{self.config.learners.place_timeout_s:g} s"))
+            log.warning(
+                "learner %d died in iteration %d (%s); %s",
+                m,
+                iteration,
+                error,
+                "rerunning it from the iteration's init"
+                if retry
+                else "going on without it"
+                + (
+                    ""
+                    if placed
+                    else f": its placement group was not placed again within {self.config.learners.place_timeout_s:g} s"
+                ),
+            )
             self.restarts.append({"iteration": iteration, "policy": m, "error": error, "rerun": retry})
             if retry:
                 ray.kill(self.slots[m][0])  # if only its ranks died, the learner itself is still there
@@ -113,16 +132,22 @@ class LearnerGroup:
         low = self.config.learner_bounds()[0]
         rejected = sorted((r for r in self.rejected if r["iteration"] == iteration), key=lambda r: r["policy"])
         if len(results) < low:
-            raise TooFewLearners(f"{len(results)} learner(s) ended iteration {iteration} with a usable policy, fewer than "
-                                 f"learners.min = {low}" + "".join(f"; learner {r['policy']}: {r['reason']}" for r in rejected))
-        self._drop(set(range(len(self.slots))) - set(results) - {r["policy"] for r in rejected})  # a rejected learner's processes are fine
+            raise TooFewLearners(
+                f"{len(results)} learner(s) ended iteration {iteration} with a usable policy, fewer than "
+                f"learners.min = {low}" + "".join(f"; learner {r['policy']}: {r['reason']}" for r in rejected)
+            )
+        self._drop(
+            set(range(len(self.slots))) - set(results) - {r["policy"] for r in rejected}
+        )  # a rejected learner's processes are fine
         self.merged = sorted(results)
         return [results[m][0] for m in self.merged], [results[m][1] for m in self.merged]
 
     def _run(self, m: int, init: Shards, iteration: int, names: list[list[str]]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
         """Queue one RL run on learner m (an actor runs its calls in order): start, T steps, shard the policy."""
         learner, log_dir = self.slots[m][0], self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
-        learner.set_weights.remote(init, run_seed(self.config.warp.seed, iteration, m))  # references in a list: passed on, not fetched
+        learner.set_weights.remote(
+            init, run_seed(self.config.warp.seed, iteration, m)
+        )  # references in a list: passed on, not fetched
         history = learner.run.remote(self.config.warp.T, log_dir, desc=f"iteration {iteration} policy {m}")
         return learner.put_weights.remote(names), history
 

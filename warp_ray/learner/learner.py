@@ -43,7 +43,10 @@ def bundles(config: WarpConfig) -> list[dict[str, float]]:
     r = config.resources
     rank = {"CPU": r.cpus_per_rank, "GPU": r.gpus_per_rank}
     engine = {"CPU": r.cpus_per_rollout_worker, "GPU": r.gpus_per_rollout_worker}
-    return [{k: v for k, v in b.items() if v} for b in [rank] * r.ranks_per_learner + [engine] * r.rollout_workers_per_learner]
+    return [
+        {k: v for k, v in b.items() if v}
+        for b in [rank] * r.ranks_per_learner + [engine] * r.rollout_workers_per_learner
+    ]
 
 
 def check_finite(what: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -57,19 +60,27 @@ def check_finite(what: str, tensors: Mapping[str, torch.Tensor]) -> None:
 def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
     """Actor options for bundle k: its resources inside the placement group, or, without one,
     the configured GPUs only (with no resource named, a Ray actor holds no CPU while it runs)."""
+
     def options(k: int) -> dict:
         bundle = bundles(config)[k]
         if group is None:
             return {"num_gpus": bundle["GPU"]} if "GPU" in bundle else {}
-        return {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0),
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k)}
+        return {
+            "num_cpus": bundle["CPU"],
+            "num_gpus": bundle.get("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+        }
+
     return options
 
 
 def evaluations(history: Sequence[dict]) -> list[dict]:
     """The held-out evaluations of a `Learner.run` history: step, and each `eval_*` metric without its prefix."""
-    return [{"step": h["step"], **{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_")}}
-            for h in history if "eval_reward" in h]
+    return [
+        {"step": h["step"], **{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_")}}
+        for h in history
+        if "eval_reward" in h
+    ]
 
 
 class PromptOrder:
@@ -89,8 +100,16 @@ class PromptOrder:
 
 
 class Learner:
-    def __init__(self, config: WarpConfig, sft: str | Path, prompts: Sequence[str], reward_server, seed: int,
-                 evaluator: Optional[Evaluator] = None, placement_group: Optional[PlacementGroup] = None):
+    def __init__(
+        self,
+        config: WarpConfig,
+        sft: str | Path,
+        prompts: Sequence[str],
+        reward_server,
+        seed: int,
+        evaluator: Optional[Evaluator] = None,
+        placement_group: Optional[PlacementGroup] = None,
+    ):
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i."""
         warp, resources = config.warp, config.resources
         K = resources.ranks_per_learner  # the config checked that K divides the batch
@@ -102,11 +121,17 @@ class Learner:
         self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, config, micro_batch) for k in range(K)]
         dtype = "bfloat16" if resources.precision == "bf16" else "float32"
         # The engines start (tens of seconds) while the ranks join their group.
-        self.rollouts = [RolloutWorker.options(**placed(K + i)).remote(str(sft), max_model_len=self.tokenizer.model_max_length,
-                                                                      seed=seed + i, dtype=dtype,
-                                                                      trust_remote_code=config.paths.trust_remote_code,
-                                                                      in_process=resources.rollout_in_process)
-                         for i in range(resources.rollout_workers_per_learner)]
+        self.rollouts = [
+            RolloutWorker.options(**placed(K + i)).remote(
+                str(sft),
+                max_model_len=self.tokenizer.model_max_length,
+                seed=seed + i,
+                dtype=dtype,
+                trust_remote_code=config.paths.trust_remote_code,
+                in_process=resources.rollout_in_process,
+            )
+            for i in range(resources.rollout_workers_per_learner)
+        ]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
         # This actor holds no GPU itself: the engines' resources tell where they run.
@@ -119,8 +144,10 @@ class Learner:
     def _join_weight_group(self) -> None:
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         size = 1 + len(self.rollouts)
-        ray.get([self.ranks[0].join_weight_group.remote(address, port, size)]
-                + [r.join_weight_group.remote(address, port, 1 + i, size) for i, r in enumerate(self.rollouts)])
+        ray.get(
+            [self.ranks[0].join_weight_group.remote(address, port, size)]
+            + [r.join_weight_group.remote(address, port, 1 + i, size) for i, r in enumerate(self.rollouts)]
+        )
         self.weight_specs = ray.get(self.ranks[0].weight_specs.remote())
 
     def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | Shards], seed: int) -> None:
@@ -237,7 +264,10 @@ class Learner:
         weights = join(ray.get(weights))
         if self.tied is None:
             self.tied = ray.get(self.ranks[0].tied_weights.remote())
-        weights = {**weights, **{name: weights[saved].clone() for name, saved in self.tied.items()}}  # every name, for the engines
+        weights = {
+            **weights,
+            **{name: weights[saved].clone() for name, saved in self.tied.items()},
+        }  # every name, for the engines
         ray.get([r.update_weights.remote(weights) for r in self.rollouts])
         self.synced_at = None  # the engines no longer hold the policy
         return self.evaluator.samples(self.rollouts) if per_sample else self.evaluator(self.rollouts)
@@ -247,27 +277,46 @@ class Learner:
         warp = self.config.warp
         prompts = self.order.draw(warp.batch_size)
         # A seed per step from the run's seed: a run (or a resumed one) samples the same completions.
-        samples = sample(self.rollouts, prompts, warp.samples_per_prompt, warp.temperature, warp.max_new_tokens,
-                         seed=self.rng.randrange(2**31))
+        samples = sample(
+            self.rollouts,
+            prompts,
+            warp.samples_per_prompt,
+            warp.temperature,
+            warp.max_new_tokens,
+            seed=self.rng.randrange(2**31),
+        )
         rows = [(prompt, s) for prompt, group in zip(prompts, samples) for s in group]
-        rewards = torch.tensor(ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows])))
+        rewards = torch.tensor(
+            ray.get(self.reward_server.score.remote([p for p, _ in rows], [s["text"] for _, s in rows]))
+        )
         check_finite(f"step {self.steps + 1}", {"reward": rewards})
         rollout_seconds = time.perf_counter() - start
-        input_ids, attention, completion = pack([(s["prompt_token_ids"], s["token_ids"]) for _, s in rows], self.tokenizer.pad_token_id)
+        input_ids, attention, completion = pack(
+            [(s["prompt_token_ids"], s["token_ids"]) for _, s in rows], self.tokenizer.pad_token_id
+        )
         sampled_logprobs = torch.zeros(completion.shape)
         # Row by row, left to right: the order of the completion tokens in `pack`'s rows.
         sampled_logprobs[completion.bool()] = torch.tensor([lp for _, s in rows for lp in s["logprobs"]])
         share = len(rows) // len(self.ranks)
         shards = [slice(i, i + share) for i in range(0, len(rows), share)]
-        stats = ray.get([rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s], sampled_logprobs[s])
-                         for rank, s in zip(self.ranks, shards)])
+        stats = ray.get(
+            [
+                rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s], sampled_logprobs[s])
+                for rank, s in zip(self.ranks, shards)
+            ]
+        )
         update_seconds = time.perf_counter() - start - rollout_seconds
         check_finite(f"step {self.steps + 1}", {"loss": torch.tensor([s["loss"] for s in stats])})
         self.steps += 1
         sync_seconds = self.sync() if self.steps % self.config.resources.sync_every == 0 else 0.0
         metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         seconds = time.perf_counter() - start
-        metrics.update(seconds=seconds, rollout_seconds=rollout_seconds, update_seconds=update_seconds, sync_seconds=sync_seconds,
-                       tokens_per_s=int(completion.sum()) / seconds)
+        metrics.update(
+            seconds=seconds,
+            rollout_seconds=rollout_seconds,
+            update_seconds=update_seconds,
+            sync_seconds=sync_seconds,
+            tokens_per_s=int(completion.sum()) / seconds,
+        )
         metrics["truncated"] = sum(s["truncated"] for _, s in rows) / len(rows)  # cut by warp.max_new_tokens
         return metrics

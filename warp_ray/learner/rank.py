@@ -55,8 +55,11 @@ def linear_warmup(warmup_steps: int) -> Callable[[torch.optim.Optimizer], Lambda
 def anchor_config(micro_batch: int, world_size: int) -> dict:
     """ZeRO-3 anchor: float32 shards, so that EMA steps of mu * (policy - ema) are not rounded
     away, and no parameter kept whole between forwards: a whole copy would miss EMA updates."""
-    return {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch * world_size,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
 
 
 @ray.remote
@@ -75,8 +78,13 @@ class LearnerRank:
     def setup(self, master_addr: str, master_port: int, sft: str | Path) -> None:
         """Join the learner's process group; every rank calls it at once."""
         # DeepSpeed without its launcher needs these, LOCAL_RANK included, or it tries MPI discovery.
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -94,29 +102,44 @@ class LearnerRank:
         init = join(init) if init else None
         policy = self._load(init)
         anchor = self._load(init if self.config.warp.anchor == "ema" else None).eval().requires_grad_(False)
-        self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
-                                               config=deepspeed_config(self.config, self.micro_batch),
-                                               lr_scheduler=linear_warmup(self.config.warp.warmup_steps))
+        self.engine, *_ = deepspeed.initialize(
+            model=policy,
+            model_parameters=policy.parameters(),
+            config=deepspeed_config(self.config, self.micro_batch),
+            lr_scheduler=linear_warmup(self.config.warp.warmup_steps),
+        )
         if self.zero3:
-            self.anchor, *_ = deepspeed.initialize(model=anchor, config=anchor_config(self.micro_batch, self.world_size))
+            self.anchor, *_ = deepspeed.initialize(
+                model=anchor, config=anchor_config(self.micro_batch, self.world_size)
+            )
         else:
             self.anchor = anchor
 
     def _load(self, weights: Optional[Mapping[str, torch.Tensor]]) -> nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32, trust_remote_code=self.config.paths.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.sft, dtype=torch.float32, trust_remote_code=self.config.paths.trust_remote_code
+        )
         if weights is not None:
             missing, unexpected = model.load_state_dict(weights, strict=False)
             missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to
             if missing or unexpected:
-                raise ValueError(f"the init's weights do not fit the policy {self.sft}: missing {sorted(missing)[:5]}, "
-                                 f"unexpected {sorted(unexpected)[:5]}")
+                raise ValueError(
+                    f"the init's weights do not fit the policy {self.sft}: missing {sorted(missing)[:5]}, "
+                    f"unexpected {sorted(unexpected)[:5]}"
+                )
         for module in model.modules():  # as the engines sample: the log-probs must be of the same policy
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         return model
 
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-             rewards: torch.Tensor, sampled_logprobs: torch.Tensor) -> dict[str, float]:
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        rewards: torch.Tensor,
+        sampled_logprobs: torch.Tensor,
+    ) -> dict[str, float]:
         """One REINFORCE step on this rank's share: right-padded prompt + completion rows, their
         attention mask, a mask of the completion tokens, one reward per row, and the log-probs the
         rollout engine sampled the completion tokens with (in place, zero elsewhere)."""
@@ -148,8 +171,10 @@ class LearnerRank:
 
     def _local_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The anchor's and the policy's weights as this rank holds them: whole, or its ZeRO-3 shards."""
+
         def held(module: nn.Module) -> dict[str, torch.Tensor]:
             return {n: p.ds_tensor if self.zero3 else p for n, p in module.named_parameters()}
+
         return held(self.anchor.module if self.zero3 else self.anchor), held(self.engine.module)
 
     @torch.no_grad()
@@ -159,9 +184,15 @@ class LearnerRank:
         model, config = self.engine.module, self.engine.module.config
         completions = []
         for ids in prompt_ids:
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=self.zero3,
-                                 pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
-            completions.append(out[0, len(ids):].tolist())
+            out = model.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                synced_gpus=self.zero3,
+                pad_token_id=config.pad_token_id,
+                eos_token_id=config.eos_token_id,
+            )
+            completions.append(out[0, len(ids) :].tolist())
         return completions
 
     def _full_tensors(self, module: nn.Module, tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -195,8 +226,10 @@ class LearnerRank:
 
     def weight_specs(self) -> WeightSpecs:
         """(name, dtype, shape) of what `broadcast_weights` sends, in its order."""
-        return [(name, str(p.dtype).removeprefix("torch."), list(p.ds_shape if self.zero3 else p.shape))
-                for name, p in self.engine.module.named_parameters(remove_duplicate=False)]
+        return [
+            (name, str(p.dtype).removeprefix("torch."), list(p.ds_shape if self.zero3 else p.shape))
+            for name, p in self.engine.module.named_parameters(remove_duplicate=False)
+        ]
 
     def join_weight_group(self, address: str, port: int, world_size: int) -> None:
         """Rank 0 only: become rank 0 of the broadcast group with the rollout engines."""

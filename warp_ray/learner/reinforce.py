@@ -51,11 +51,22 @@ def baseline(rewards: Tensor, samples_per_prompt: int, kind: str) -> Tensor:
     return rewards.mean().expand_as(rewards)
 
 
-def reinforce_loss(policy_logprobs: Tensor, anchor_logprobs: Tensor, mask: Tensor, rewards: Tensor, beta: float,
-                   samples_per_prompt: int, baseline_kind: str = "rloo") -> tuple[Tensor, dict[str, float]]:
+def reinforce_loss(
+    policy_logprobs: Tensor,
+    anchor_logprobs: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    beta: float,
+    samples_per_prompt: int,
+    baseline_kind: str = "rloo",
+) -> tuple[Tensor, dict[str, float]]:
     """The loss to minimise, and what to log (reward, KL to the anchor, the regularized reward)."""
     kl = sequence_kl(policy_logprobs.detach(), anchor_logprobs, mask)
     regularized = rewards - beta * kl
     advantage = regularized - baseline(regularized, samples_per_prompt, baseline_kind)
     loss = -(advantage * (policy_logprobs * mask).sum(-1)).mean()
-    return loss, {"reward": rewards.mean().item(), "kl_to_anchor": kl.mean().item(), "regularized_reward": regularized.mean().item()}
+    return loss, {
+        "reward": rewards.mean().item(),
+        "kl_to_anchor": kl.mean().item(),
+        "regularized_reward": regularized.mean().item(),
+    }

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from warp_ray.checkpoint import TensorInfo, architecture, atomic_dir, copy_non_weight_files, open_safetensors, weight_files, weight_layout, write_safetensors
+from warp_ray.checkpoint import (
+    TensorInfo,
+    architecture,
+    atomic_dir,
+    copy_non_weight_files,
+    open_safetensors,
+    weight_files,
+    weight_layout,
+    write_safetensors,
+)
 from warp_ray.errors import MergeError
 from warp_ray.merge.linear import average_merge, liti_merge
 from warp_ray.merge.slerp import slerp_merge
@@ -47,17 +56,25 @@ class RowReader:
         if self.block is None or not (self.start <= start and stop <= self.start + len(self.block)):
             self.start = start
             with open_safetensors(self.path) as f:
-                self.block = f.get_tensor(self.name).reshape(1) if not self.info.shape else f.get_slice(self.name)[start : start + max(stop - start, self.rows_per_block)]
+                self.block = (
+                    f.get_tensor(self.name).reshape(1)
+                    if not self.info.shape
+                    else f.get_slice(self.name)[start : start + max(stop - start, self.rows_per_block)]
+                )
         return self.block[start - self.start : stop - self.start]
 
 
-def merge_folders(merge: Merge, folders: Sequence[Folder], out: Folder, overwrite: bool = False, progress: bool = True) -> Path:
+def merge_folders(
+    merge: Merge, folders: Sequence[Folder], out: Folder, overwrite: bool = False, progress: bool = True
+) -> Path:
     """Run `merge` on model folders; folders[0] is the reference (dtype, layout, config, tokenizer)."""
     folders = [Path(f) for f in folders]
     for folder in folders[1:]:
         if architecture(folder) != architecture(folders[0]):
-            raise MergeError(f"{folder} is a {architecture(folder)} model and {folders[0]} a {architecture(folders[0])}: "
-                             "a merge takes models of one architecture")
+            raise MergeError(
+                f"{folder} is a {architecture(folder)} model and {folders[0]} a {architecture(folders[0])}: "
+                "a merge takes models of one architecture"
+            )
     layouts = [weight_layout(f) for f in folders]
     check_compatible([{k: (i.shape, i.dtype) for k, i in lay.items()} for lay in layouts], [str(f) for f in folders])
     reference = layouts[0]
@@ -74,14 +91,19 @@ def merge_folders(merge: Merge, folders: Sequence[Folder], out: Folder, overwrit
         return combine(read, spans, merge(read, spans))
 
     by_file = groupby(sorted(reference, key=lambda n: reference[n].file), key=lambda n: reference[n].file)
-    with atomic_dir(out, overwrite) as tmp, tqdm(total=len(reference), unit="tensor", desc=f"merge -> {out}", disable=not progress) as bar:
+    with (
+        atomic_dir(out, overwrite) as tmp,
+        tqdm(total=len(reference), unit="tensor", desc=f"merge -> {out}", disable=not progress) as bar,
+    ):
         copy_non_weight_files(folders[0], tmp)
         for file, names in by_file:
             write_safetensors(tmp / file, {n: reference[n] for n in names}, chunks, metadata)
     return Path(out)
 
 
-def slerp_folders(init: Folder, models: Sequence[Folder], out: Folder, weights: Sequence[float] | None = None, **kw) -> Path:
+def slerp_folders(
+    init: Folder, models: Sequence[Folder], out: Folder, weights: Sequence[float] | None = None, **kw
+) -> Path:
     """`warp_ray.merge.slerp` on folders: SLERP of the models' task vectors relative to init."""
     if not models:
         raise MergeError("slerp needs at least one model folder")

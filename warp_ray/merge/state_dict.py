@@ -27,9 +27,7 @@ def spec_of(state_dict: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
     return {k: (tuple(t.shape), t.dtype) for k, t in state_dict.items()}
 
 
-def check_compatible(
-    specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[str], same_dtype: bool = True
-) -> None:
+def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[str], same_dtype: bool = True) -> None:
     """Raise MergeError naming the first tensor whose key, shape or dtype differs from names[0]'s."""
     ref, ref_name = specs[0], names[0]
     for spec, name in zip(specs[1:], names[1:]):
@@ -90,6 +88,7 @@ def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]],
 # weights are, the coefficients in one place, and the combination where the weights are again.
 # Inputs may differ in dtype (float32 policies, a bfloat16 init): the result has the init's.
 
+
 def _check_task_vector_inputs(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> None:
     check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
 
@@ -100,8 +99,9 @@ def task_vector_grams(init: Mapping[str, Tensor], models: Sequence[Mapping[str, 
     return {key: gram(*_rows([t, *(m[key] for m in models)])) for key, t in init.items() if t.is_floating_point()}
 
 
-def combine_task_vectors(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]],
-                         coefficients: Mapping[str, Tensor]) -> StateDict:
+def combine_task_vectors(
+    init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], coefficients: Mapping[str, Tensor]
+) -> StateDict:
     """init + sum_m c_m (theta_m - init) per tensor, c = coefficients[name]; integer tensors from the init."""
     _check_task_vector_inputs(init, models)
     return {key: merge_tensors(given(coefficients.get(key)), [t, *(m[key] for m in models)]) for key, t in init.items()}

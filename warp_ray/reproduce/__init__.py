@@ -14,13 +14,15 @@ from typing import Optional
 
 from warp_ray.config import WarpConfig
 from warp_ray.errors import ConfigError, WarpRayError
-
+from warp_ray.task import world
 
 REGIME_LOG = Path("results") / "regime_runs.jsonl"
 """Every regime measured, one JSON line each, under the report's folder: the configurations tried."""
 
 
-def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bool = True, seeds: Optional[int] = None) -> Path:
+def reproduce(
+    config: WarpConfig, report_dir: Optional[Path] = None, measure: bool = True, seeds: Optional[int] = None
+) -> Path:
     """Measure (unless `measure` is False: read the last results.json), then write the report;
     returns the path of results.md. `seeds`: measure the first ones of reproduce.seeds only."""
     from warp_ray.reproduce.report import write_report
@@ -29,25 +31,30 @@ def reproduce(config: WarpConfig, report_dir: Optional[Path] = None, measure: bo
     if seeds is not None:
         listed = config.reproduce.seeds
         if not 1 <= seeds <= len(listed):
-            raise ConfigError(f"--seeds {seeds}: reproduce.seeds lists {len(listed)} ({listed}); take 1 to {len(listed)} of them")
+            raise ConfigError(
+                f"--seeds {seeds}: reproduce.seeds lists {len(listed)} ({listed}); take 1 to {len(listed)} of them"
+            )
         config = config.model_copy(update={"reproduce": config.reproduce.model_copy(update={"seeds": listed[:seeds]})})
     results_file = config.paths.output_dir / "reproduce" / "results.json"
     folder = report_dir or results_file.parent
     if measure:
-        started = time.time()
         results = run_all(config)
-        results["wall_seconds"], results["date"] = time.time() - started, time.strftime("%Y-%m-%d")
+        results["date"] = time.strftime("%Y-%m-%d")
         results_file.parent.mkdir(parents=True, exist_ok=True)
         partial = results_file.with_suffix(".json.tmp")  # the last good results stay until these are whole
         partial.write_text(json.dumps(results, indent=1))
         partial.replace(results_file)
         _log_regime(folder, config, results["by_seed"][0]["regime"])
     elif not results_file.is_file():
-        raise WarpRayError(f"no results to report: {results_file} does not exist (run warp-ray reproduce without --report-only first)")
+        raise WarpRayError(
+            f"no results to report: {results_file} does not exist (run warp-ray reproduce without --report-only first)"
+        )
     results = json.loads(results_file.read_text())
     if "by_seed" not in results:
-        raise WarpRayError(f"{results_file} was measured before the reproduction ran over seeds (it has no by_seed): "
-                           "measure again (warp-ray reproduce without --report-only)")
+        raise WarpRayError(
+            f"{results_file} was measured before the reproduction ran over seeds (it has no by_seed): "
+            "measure again (warp-ray reproduce without --report-only)"
+        )
     log = folder / REGIME_LOG
     tried = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
     return write_report(results, folder, tried)
@@ -57,10 +64,13 @@ def measure_regime(config: WarpConfig, report_dir: Optional[Path] = None) -> tup
     """`warp-ray reproduce --regime-only`: the regime alone (on the first seed), appended to the log of configurations
     tried (in `report_dir`, default <output_dir>/reproduce); returns its table and the log's path."""
     from warp_ray.reproduce import regime
-    from warp_ray.reproduce.runs import check_protocol, measure_regime as run_regime
+    from warp_ray.reproduce.runs import check_protocol
+    from warp_ray.reproduce.runs import measure_regime as run_regime
 
     check_protocol(config)
-    measured = run_regime(config.model_copy(update={"warp": config.warp.model_copy(update={"seed": config.reproduce.seeds[0]})}))
+    measured = run_regime(
+        config.model_copy(update={"warp": config.warp.model_copy(update={"seed": config.reproduce.seeds[0]})})
+    )
     folder = report_dir or config.paths.output_dir / "reproduce"
     _log_regime(folder, config, measured)
     return regime.markdown(measured), folder / REGIME_LOG
@@ -69,6 +79,22 @@ def measure_regime(config: WarpConfig, report_dir: Optional[Path] = None) -> tup
 def _log_regime(folder: Path, config: WarpConfig, measured: dict) -> None:
     log = folder / REGIME_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"date": time.strftime("%Y-%m-%d"), "config": config.model_dump(mode="json"), "regime": measured}
-    with open(log, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    entry = {
+        "date": time.strftime("%Y-%m-%d"),
+        "world": world.FINGERPRINT,  # the built-in task's prompts and gold reward, which no config setting names
+        "config": config.model_dump(mode="json"),
+        "regime": measured,
+    }
+
+    def same(
+        a: dict, b: dict
+    ) -> bool:  # another measure of the same settings (where its folder is, and which seeds, aside)
+        def settings(e: dict) -> dict:
+            return {k: v for k, v in e["config"].items() if k not in ("reproduce", "paths")}
+
+        return a.get("world") == b["world"] and settings(a) == settings(b) and a["regime"] == b["regime"]
+
+    logged = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    if not any(same(e, entry) for e in logged):  # a seed read back, or a quick run then a full one, logs it once
+        with open(log, "a") as f:
+            f.write(json.dumps(entry) + "\n")

@@ -50,21 +50,32 @@ def win_rate(ours: Sequence[float], theirs: Sequence[float]) -> dict:
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     wins, ties = int((ours > theirs).sum()), int((ours == theirs).sum())
     rate = (wins + ties / 2) / len(ours)
-    return {"wins": wins, "ties": ties, "losses": len(ours) - wins - ties, "rate": rate,
-            "se": float(np.sqrt(rate * (1 - rate) / len(ours)))}
+    return {
+        "wins": wins,
+        "ties": ties,
+        "losses": len(ours) - wins - ties,
+        "rate": rate,
+        "se": float(np.sqrt(rate * (1 - rate) / len(ours))),
+    }
 
 
 def collapse_step(run: Sequence[dict], noise: float) -> Optional[int]:
     """The first evaluation after the control reward's peak that falls more than 2 * noise below it."""
     peak = int(np.argmax([p["control_reward"] for p in run]))
-    return next((p["step"] for p in run[peak + 1:] if p["control_reward"] < run[peak]["control_reward"] - 2 * noise), None)
+    return next(
+        (p["step"] for p in run[peak + 1 :] if p["control_reward"] < run[peak]["control_reward"] - 2 * noise), None
+    )
 
 
 def evaluation_se(results: dict, key: str = "reward") -> float:
     """The median standard error of a held-out mean, over the reproduction's own evaluations: the
     size of a fall that counts as a collapse."""
-    points = [*results["interpolation"]["slerp"], *results["interpolation"]["lerp"], *results["front_two_policies"],
-              *results["win_rate"].values()]
+    points = [
+        *results["interpolation"]["slerp"],
+        *results["interpolation"]["lerp"],
+        *results["front_two_policies"],
+        *results["win_rate"].values(),
+    ]
     return float(np.median([p[f"{key}_se"] for p in points]))
 
 
@@ -78,65 +89,129 @@ def towards_sft(front: Sequence[dict]) -> list[dict]:
 
 def claim_1(results: dict) -> Claim:
     runs, sft = results["runs"], sft_point(results)
-    checks = [Check(f"front of the EMA anchor above the SFT anchor's, beta {beta} (mean reward gap)",
-                    front_gap(runs[f"EMA anchor, beta {beta}"], runs[f"SFT anchor, beta {beta}"], sft))
-              for beta in ("0.01", "0.1")]
-    unregularized, regularized = runs["SFT anchor, beta 0"][-1]["kl_to_sft"], runs["SFT anchor, beta 0.1"][-1]["kl_to_sft"]
-    checks.append(Check("beta 0 hacks: its final KL over twice the SFT anchor's at beta 0.1 (ratio - 2)", unregularized / regularized - 2))
-    return Claim(1, "EMA anchor vs SFT anchor: with equal steps, REINFORCE with the EMA anchor reaches a better KL-reward front "
-                    "than with the SFT anchor at beta in {0.01, 0.1}, and beta = 0 hacks: KL explodes.", checks)
+    checks = [
+        Check(
+            f"front of the EMA anchor above the SFT anchor's, beta {beta} (mean reward gap)",
+            front_gap(runs[f"EMA anchor, beta {beta}"], runs[f"SFT anchor, beta {beta}"], sft),
+        )
+        for beta in ("0.01", "0.1")
+    ]
+    unregularized, regularized = (
+        runs["SFT anchor, beta 0"][-1]["kl_to_sft"],
+        runs["SFT anchor, beta 0.1"][-1]["kl_to_sft"],
+    )
+    checks.append(
+        Check(
+            "beta 0 hacks: its final KL over twice the SFT anchor's at beta 0.1 (KL - 2 KL, nats)",
+            unregularized - 2 * regularized,
+        )
+    )
+    return Claim(
+        1,
+        "EMA anchor vs SFT anchor: with equal steps, REINFORCE with the EMA anchor reaches a better KL-reward front "
+        "than with the SFT anchor at beta in {0.01, 0.1}, and beta = 0 hacks: KL explodes.",
+        checks,
+    )
 
 
 def claim_2(results: dict) -> Claim:
     curve = results["interpolation"]
     half = curve["lambda"].index(0.5)
-    s, l, ends = curve["slerp"][half], curve["lerp"][half], (curve["slerp"][0], curve["slerp"][-1])
+    s, lerp, ends = curve["slerp"][half], curve["lerp"][half], (curve["slerp"][0], curve["slerp"][-1])
     best_end = max(ends, key=lambda p: p["reward"])
-    return Claim(2, "SLERP vs LERP: merging two independently trained policies, SLERP gives higher reward and somewhat higher KL "
-                    "than LERP, and both beat the two endpoints on reward at lambda = 1/2.", [
-        Check("reward: SLERP - LERP at lambda 1/2", s["reward"] - l["reward"]),
-        Check("KL: SLERP - LERP at lambda 1/2", s["kl_to_sft"] - l["kl_to_sft"]),
-        Check("reward: the worse merge at lambda 1/2 - the better endpoint", min(s["reward"], l["reward"]) - best_end["reward"]),
-    ])
+    return Claim(
+        2,
+        "SLERP vs LERP: merging two independently trained policies, SLERP gives higher reward and somewhat higher KL "
+        "than LERP, and both beat the two endpoints on reward at lambda = 1/2.",
+        [
+            Check("reward: SLERP - LERP at lambda 1/2", s["reward"] - lerp["reward"]),
+            Check("KL: SLERP - LERP at lambda 1/2", s["kl_to_sft"] - lerp["kl_to_sft"]),
+            Check(
+                "reward: the worse merge at lambda 1/2 - the better endpoint",
+                min(s["reward"], lerp["reward"]) - best_end["reward"],
+            ),
+        ],
+    )
 
 
 def angle_summary(results: dict) -> dict:
     tensors = results["angles"]["tensors"].values()
-    flat = {key: np.concatenate([t[key] for t in tensors]) for key in ("task_vector_degrees", "norm_ratio", "weight_cosine")}
-    return {key: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)),
-                  "min": float(v.min()), "max": float(v.max())} for key, v in flat.items()}
+    flat = {
+        key: np.concatenate([t[key] for t in tensors]) for key in ("task_vector_degrees", "norm_ratio", "weight_cosine")
+    }
+    return {
+        key: {
+            "median": float(np.median(v)),
+            "p5": float(np.percentile(v, 5)),
+            "p95": float(np.percentile(v, 95)),
+            "min": float(v.min()),
+            "max": float(v.max()),
+        }
+        for key, v in flat.items()
+    }
 
 
 def claim_3(results: dict) -> Claim:
     summary = angle_summary(results)
-    return Claim(3, "Task vectors of independent runs are close to orthogonal (per-tensor angles), full weights are nearly colinear.", [
-        Check("task vectors: median per-tensor angle within 10 degrees of 90 (10 - abs(median - 90))",
-              10 - abs(summary["task_vector_degrees"]["median"] - 90)),
-        Check("full weights: median per-tensor cosine above 0.99 (median - 0.99)", summary["weight_cosine"]["median"] - 0.99),
-    ])
+    return Claim(
+        3,
+        "Task vectors of independent runs are close to orthogonal (per-tensor angles), full weights are nearly "
+        "colinear.",
+        [
+            Check(
+                "task vectors: median per-tensor angle within 10 degrees of 90 (10 - abs(median - 90))",
+                10 - abs(summary["task_vector_degrees"]["median"] - 90),
+            ),
+            Check(
+                "full weights: median per-tensor cosine above 0.99 (median - 0.99)",
+                summary["weight_cosine"]["median"] - 0.99,
+            ),
+        ],
+    )
 
 
 def claim_4(results: dict) -> Claim:
     first = results["warp"][0]
     front = [p for p in first["front"] if p["towards"] == "init"]
     trajectories = [p for run in first["trajectories"] for p in run]
-    return Claim(4, "LITI: the front traced by eta lies above the learners' training trajectories.", [
-        Check("LITI front (iteration 1) above the M training trajectories (mean reward gap)",
-              front_gap(front, trajectories, sft_point(results)))])
+    return Claim(
+        4,
+        "LITI: the front traced by eta lies above the learners' training trajectories.",
+        [
+            Check(
+                "LITI front (iteration 1) above the M training trajectories (mean reward gap)",
+                front_gap(front, trajectories, sft_point(results)),
+            )
+        ],
+    )
 
 
 def claim_5(results: dict) -> Claim:
     four = towards_sft(results["warp"][0]["front"])
-    return Claim(5, "More policies: merging M = 4 gives a better front than M = 2.", [
-        Check("LITI front of the SLERP of 4 policies above that of 2 of them (mean reward gap)",
-              front_gap(four, results["front_two_policies"], sft_point(results)))])
+    return Claim(
+        5,
+        "More policies: merging M = 4 gives a better front than M = 2.",
+        [
+            Check(
+                "LITI front of the SLERP of 4 policies above that of 2 of them (mean reward gap)",
+                front_gap(four, results["front_two_policies"], sft_point(results)),
+            )
+        ],
+    )
 
 
 def claim_6(results: dict) -> Claim:
     fronts = [towards_sft(iteration["front"]) for iteration in results["warp"]]
-    return Claim(6, "Iterations: WARP iteration 2 improves the front over iteration 1.", [
-        Check("LITI front towards the SFT, iteration 2 above iteration 1 (mean reward gap)",
-              front_gap(fronts[1], fronts[0], sft_point(results)))])
+    return Claim(
+        6,
+        "Iterations: WARP iteration 2 improves the front over iteration 1.",
+        [
+            Check(
+                "LITI front towards the SFT, iteration 2 above iteration 1 (mean reward gap)",
+                front_gap(fronts[1], fronts[0], sft_point(results)),
+            )
+        ],
+    )
 
 
 def claim_7(results: dict) -> Claim:
@@ -152,29 +227,51 @@ def claim_7(results: dict) -> Claim:
     peak = {name: max(p["control_reward"] for p in run) for name, run in (("warm", warm), ("single", single))}
     collapse = {name: collapse_step(run, np.sqrt(2) * control_se) for name, run in (("warm", warm), ("single", single))}
     later = None
-    if collapse["single"] is not None:  # WARM's collapse, or the end of its run when it never came, minus the single RM's
+    if (
+        collapse["single"] is not None
+    ):  # WARM's collapse, or the end of its run when it never came, minus the single RM's
         later = (collapse["warm"] or warm[-1]["step"] + 1) - collapse["single"]
-    return Claim(7, "WARM: with 25% flipped labels, WA fits flipped labels less than ENS and is at least as accurate as ENS out of "
-                    "distribution; a policy trained against WARM (M = 4) reaches a higher control (gold) reward, and collapses "
-                    "later, than one trained against a single RM.", [
-        Check("flipped training labels fitted: ENS - WARM", table["ENS"]["flipped pairs (as labelled)"]
-              - table["WARM"]["flipped pairs (as labelled)"], accuracy_variance("flipped pairs (as labelled)", flipped)),
-        Check("OOD accuracy: WARM - ENS (at least as accurate)", table["WARM"]["ood"] - table["ENS"]["ood"],
-              accuracy_variance("ood", pairs["ood"])),
-        Check("peak control reward under RL: against WARM - against the single RM", peak["warm"] - peak["single"]),
-        Check("collapse (control reward past its peak by 2 noise): step against WARM - against the single RM", later),
-    ])
+    return Claim(
+        7,
+        "WARM: with 25% flipped labels, WA fits flipped labels less than ENS and is at least as accurate as ENS out of "
+        "distribution; a policy trained against WARM (M = 4) reaches a higher control (gold) reward, and collapses "
+        "later, than one trained against a single RM.",
+        [
+            Check(
+                "flipped training labels fitted: ENS - WARM",
+                table["ENS"]["flipped pairs (as labelled)"] - table["WARM"]["flipped pairs (as labelled)"],
+                accuracy_variance("flipped pairs (as labelled)", flipped),
+            ),
+            Check(
+                "OOD accuracy: WARM - ENS (at least as accurate)",
+                table["WARM"]["ood"] - table["ENS"]["ood"],
+                accuracy_variance("ood", pairs["ood"]),
+            ),
+            Check("peak control reward under RL: against WARM - against the single RM", peak["warm"] - peak["single"]),
+            Check(
+                "collapse (control reward past its peak by 2 noise): step against WARM - against the single RM", later
+            ),
+        ],
+    )
 
 
 def claim_8(results: dict) -> Claim:
     match = results["win_rate"]
     rate = win_rate(match["warp"]["control_rewards"], match["reinforce"]["control_rewards"])
     kl_warp, kl_reinforce = match["warp"]["kl_to_sft"], match["reinforce"]["kl_to_sft"]
-    return Claim(8, "The win rate, under the gold reward, of the final WARP policy against the REINFORCE policy with the SFT anchor, "
-                    "at matched KL.", [
-        Check("win rate - 1/2", rate["rate"] - 0.5),
-        Check("KL matched: 10% of the REINFORCE policy's KL - abs(difference)", 0.1 * kl_reinforce - abs(kl_warp - kl_reinforce)),
-    ])
+    return Claim(
+        8,
+        "The win rate, under the gold reward, of the final WARP policy against the REINFORCE policy with the SFT "
+        "anchor, "
+        "at matched KL.",
+        [
+            Check("win rate - 1/2", rate["rate"] - 0.5),
+            Check(
+                "KL matched: 10% of the REINFORCE policy's KL - abs(difference)",
+                0.1 * kl_reinforce - abs(kl_warp - kl_reinforce),
+            ),
+        ],
+    )
 
 
 CLAIMS = (claim_1, claim_2, claim_3, claim_4, claim_5, claim_6, claim_7, claim_8)

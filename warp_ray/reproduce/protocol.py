@@ -16,7 +16,9 @@ The 95% interval is mean +- sqrt(t^2 s^2 / n + 1.96^2 (c + own)), t Student's 97
 n - 1 degrees of freedom (s^2 is estimated from n seeds; c and own from many draws). It adds the
 parts' half-widths in quadrature, a plain rule rather than a calibrated one (Welch-Satterthwaite
 would pool the degrees of freedom). With one seed there is no s^2: the interval misses the
-seed-to-seed spread of RL, and the report says so. A check holds when its interval lies above
+seed-to-seed spread of RL, and the report says so; a check that no resample of the prompts moves
+either (claim 3's angles) then has no noise estimate at all, and is within noise by construction.
+A check holds when its interval lies above
 zero (the direction every claim states), did not hold when below, and is within noise
 otherwise, or when more than 5% of the prompt resamples lose what it is about (a collapse that
 only some draws of prompts show); "not observed" when that did not happen in some seed.
@@ -86,8 +88,10 @@ def prompt_count(results) -> int:
             if {"reward", "control_reward", "kl_to_sft"} <= node.keys():
                 for key in ("reward", "control_reward", "kl_to_sft"):
                     if f"{key}_by_prompt" not in node:
-                        raise WarpRayError(f"the evaluation at {where or 'the top'} has no {key}_by_prompt: the bootstrap "
-                                         "over prompts needs every evaluation's per-prompt means")
+                        raise WarpRayError(
+                            f"the evaluation at {where or 'the top'} has no {key}_by_prompt: the bootstrap "
+                            "over prompts needs every evaluation's per-prompt means"
+                        )
                     counts.setdefault(len(node[f"{key}_by_prompt"]), where)
             for key, item in node.items():
                 walk(item, f"{where}.{key}" if where else key)
@@ -96,8 +100,10 @@ def prompt_count(results) -> int:
     if not counts:
         raise WarpRayError("no evaluation found in a seed's results")
     if len(counts) != 1:
-        raise WarpRayError("evaluations over different numbers of held-out prompts: "
-                           + ", ".join(f"{n} at {where}" for n, where in counts.items()))
+        raise WarpRayError(
+            "evaluations over different numbers of held-out prompts: "
+            + ", ".join(f"{n} at {where}" for n, where in counts.items())
+        )
     return next(iter(counts))
 
 
@@ -119,8 +125,9 @@ def resample(results, prompts: np.ndarray):
     return out
 
 
-def judge(check_all: Callable[[dict], list[Claim]], seeds: Sequence[dict], resamples: int,
-          rng: np.random.Generator) -> list[JudgedClaim]:
+def judge(
+    check_all: Callable[[dict], list[Claim]], seeds: Sequence[dict], resamples: int, rng: np.random.Generator
+) -> list[JudgedClaim]:
     """Every claim of `check_all` over the seeds' results, each check with its interval."""
     prompts = {prompt_count(results) for results in seeds}
     if len(prompts) != 1:
@@ -128,8 +135,12 @@ def judge(check_all: Callable[[dict], list[Claim]], seeds: Sequence[dict], resam
     count, n = prompts.pop(), len(seeds)
     measured = [check_all(results) for results in seeds]
     point = np.array([_margins(claims) for claims in measured])  # seeds x checks; NaN: not observed
-    boot = np.array([[_margins(check_all(resample(results, drawn))) for results in seeds]
-                     for drawn in (rng.integers(0, count, count) for _ in range(resamples))])  # resamples x seeds x checks
+    boot = np.array(
+        [
+            [_margins(check_all(resample(results, drawn))) for results in seeds]
+            for drawn in (rng.integers(0, count, count) for _ in range(resamples))
+        ]
+    )  # resamples x seeds x checks
     judged, k = [], 0
     for claim in measured[0]:
         checks = []
@@ -141,9 +152,13 @@ def judge(check_all: Callable[[dict], list[Claim]], seeds: Sequence[dict], resam
                 observed = np.isfinite(boot[:, :, k]).all(axis=1)
                 shared = _shared_prompt_variance(boot[observed, :, k])
                 seeds_part = STUDENT_T_975.get(n - 1, 2.228) ** 2 * margins.var(ddof=1) / n if n > 1 else 0.0
-                half = float(np.sqrt(seeds_part + Z_975**2 * (shared + check.variance)))
+                noise = seeds_part + Z_975**2 * (shared + check.variance)
+                # One seed and nothing that varies with the prompts (the angles of claim 3): no noise estimate at all.
+                half = float(np.sqrt(noise)) if n > 1 or noise > 0 else np.nan
                 mean = float(margins.mean())
-                checks.append(Judged(check.what, margins.tolist(), mean, mean - half, mean + half, 1 - float(observed.mean())))
+                checks.append(
+                    Judged(check.what, margins.tolist(), mean, mean - half, mean + half, 1 - float(observed.mean()))
+                )
             k += 1
         judged.append(JudgedClaim(claim.number, claim.statement, checks))
     return judged

@@ -171,16 +171,35 @@ SETTINGS = (
 def tried_markdown(entries: Sequence[dict]) -> str:
     """One row per regime run ({"date", "config", "regime"}, as `warp-ray reproduce --regime-only` logs
     them, labelled C0, C1, ... in that order): its settings, its measures, whether every criterion held."""
-    measures = ["finished", "SFT gold", "ceiling", "best RM", "rise (SE)", "fall (SE)", "KL at 10/50/100% T", "all hold"]
-    header = ["run", "date", *SETTINGS, *measures]
+    measures = [
+        "finished",
+        "SFT gold",
+        "ceiling",
+        "best RM",
+        "rise (SE)",
+        "fall (SE)",
+        "KL at 10/50/100% T",
+        "all hold",
+    ]
+    header = ["run", "date", "world", *SETTINGS, *measures]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for i, entry in enumerate(entries):
         n, config = summary(entry["regime"]), entry["config"]
         settings = [str(config[key.split(".")[0]][key.split(".")[1]]) for key in SETTINGS]
         held = all(c.holds is not False for c in criteria(entry["regime"]))
-        row = [f"C{i}", entry["date"], *settings, f"{n['finished']:.1%}", f"{n['sft_gold']:.2f}",
-               f"{n['ceiling']:.3f}", f"{n['best_rm']:.3f}", f"{n['rise']:+.2f} ({n['rise_in_se']:.1f})",
-               f"{n['fall']:+.2f} ({n['fall_in_se']:.1f})", f"{n['kl_10']:.1f} / {n['kl_50']:.1f} / {n['kl_100']:.1f}",
-               "yes" if held else "no"]
+        row = [
+            f"C{i}",
+            entry["date"],
+            entry.get("world", "-"),
+            *settings,
+            f"{n['finished']:.1%}",
+            f"{n['sft_gold']:.2f}",
+            f"{n['ceiling']:.3f}",
+            f"{n['best_rm']:.3f}",
+            f"{n['rise']:+.2f} ({n['rise_in_se']:.1f})",
+            f"{n['fall']:+.2f} ({n['fall_in_se']:.1f})",
+            f"{n['kl_10']:.1f} / {n['kl_50']:.1f} / {n['kl_100']:.1f}",
+            "yes" if held else "no",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ Then, for each seed of reproduce.seeds (warp.seed = that seed, a folder of its o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -61,7 +62,13 @@ RUNS_AT_ONCE = 3  # a learner holds about 3 GB here (its rank, its vLLM engine a
 WARP_RUN = "EMA anchor, beta 0.1"  # WARP's iteration-0 policy 0: the same run, already made
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MATCHED_KL = 0.1  # claim 8: the WARP policy's KL within 10% of the REINFORCE policy's
-PROTOCOL = {"warp.M": 4, "warp.anchor": "ema", "warp.beta": 0.1, "warp.proxy_reward": "warm", "paths.keep_policies": True}
+PROTOCOL = {
+    "warp.M": 4,
+    "warp.anchor": "ema",
+    "warp.beta": 0.1,
+    "warp.proxy_reward": "warm",
+    "paths.keep_policies": True,
+}
 
 
 def check_protocol(config: WarpConfig) -> None:
@@ -70,17 +77,26 @@ def check_protocol(config: WarpConfig) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value != wanted:
-            raise ConfigError(f"reproduce needs {key} = {wanted!r} (the claims are about it), got {value!r}; see configs/reproduce.yaml")
+            raise ConfigError(
+                f"reproduce needs {key} = {wanted!r} (the claims are about it), got {value!r}; see "
+                "configs/reproduce.yaml"
+            )
     if config.warp.I < 2:
         raise ConfigError(f"reproduce needs warp.I >= 2 (claim 6 compares iterations 1 and 2), got {config.warp.I}")
     if config.evaluation.prompts < 2:
-        raise ConfigError(f"reproduce needs evaluation.prompts >= 2 (its noise is the spread between prompts), "
-                          f"got {config.evaluation.prompts}")
+        raise ConfigError(
+            f"reproduce needs evaluation.prompts >= 2 (its noise is the spread between prompts), "
+            f"got {config.evaluation.prompts}"
+        )
     if config.evaluation.every != config.warp.T // 10:
-        raise ConfigError(f"reproduce needs evaluation.every = warp.T / 10 = {config.warp.T // 10} (every run is "
-                          f"evaluated on the regime's grid), got {config.evaluation.every}")
+        raise ConfigError(
+            f"reproduce needs evaluation.every = warp.T / 10 = {config.warp.T // 10} (every run is "
+            f"evaluated on the regime's grid), got {config.evaluation.every}"
+        )
     if config.paths.sft_model is not None:
-        raise ConfigError("reproduce runs on the built-in task (its gold reward is the control reward); unset paths.sft_model")
+        raise ConfigError(
+            "reproduce runs on the built-in task (its gold reward is the control reward); unset paths.sft_model"
+        )
 
 
 def measure(config: WarpConfig) -> dict:
@@ -89,23 +105,30 @@ def measure(config: WarpConfig) -> dict:
     figures need."""
     check_protocol(config)
     start = time.perf_counter()
-    _, _, preferences, accuracy = _task_and_warm(config)
+    _, _, preferences, accuracy, trained = _task_and_warm(config)
     seconds = {"task and WARM": time.perf_counter() - start}
-    by_seed = []
+    by_seed, read_back = [], ([] if trained else ["task and WARM"])
     for seed in config.reproduce.seeds:
-        started = time.perf_counter()
-        by_seed.append(_seed_results(seed_config(config, seed)))
-        seconds[f"seed {seed}"] = time.perf_counter() - started
+        results, fresh = _seed_results(seed_config(config, seed))
+        by_seed.append(results)
+        if not fresh:
+            read_back.append(f"seed {seed}")
+        seconds[f"seed {seed}"] = sum(results["seconds"].values())  # the seed's own work, also when read back
     return {
         "seconds": seconds,
+        "read_back": read_back,
         "config": config.model_dump(mode="json"),
-        "warm": {"accuracy": accuracy, "single_rm": by_seed[0]["regime"]["best_single_rm"]["name"], "pairs": _pair_counts(preferences)},
+        "warm": {
+            "accuracy": accuracy,
+            "single_rm": by_seed[0]["regime"]["best_single_rm"]["name"],
+            "pairs": _pair_counts(preferences),
+        },
         "by_seed": by_seed,
     }
 
 
 SEED_INPUTS, SEED_RESULTS = "inputs.json", "results.json"
-"""In a seed's folder: what it is measured with (its config and the reward models' record), and its results."""
+"""In a seed's folder: what it is measured with (its settings and reward models), and its results."""
 
 
 def seed_config(config: WarpConfig, seed: int) -> WarpConfig:
@@ -118,23 +141,34 @@ def seed_config(config: WarpConfig, seed: int) -> WarpConfig:
         if link.is_symlink() and Path(os.readlink(link)) == target:
             continue
         if link.exists() or link.is_symlink():
-            raise WarpRayError(f"{link} should link to the shared {config.paths.output_dir / shared} (seeds share the task and "
-                               "WARM); move it away and run again")
+            raise WarpRayError(
+                f"{link} should link to the shared {config.paths.output_dir / shared} (seeds share the task and "
+                "WARM); move it away and run again"
+            )
         link.symlink_to(target, target_is_directory=True)
-    return config.model_copy(update={"warp": config.warp.model_copy(update={"seed": seed}),
-                                     "paths": config.paths.model_copy(update={"output_dir": folder})})
+    return config.model_copy(
+        update={
+            "warp": config.warp.model_copy(update={"seed": seed}),
+            "paths": config.paths.model_copy(update={"output_dir": folder}),
+        }
+    )
 
 
-def _seed_results(config: WarpConfig) -> dict:
-    """A seed's results: read back when measured with the same settings against the same reward
-    models; otherwise measured, resuming WARP only from iterations made with both (a seed folder
-    made with anything else is emptied first)."""
+def _seed_results(config: WarpConfig) -> tuple[dict, bool]:
+    """A seed's results, and whether they were measured now: read back when measured with the same
+    settings against the same reward models; otherwise measured, resuming WARP only from iterations
+    made with both (a seed folder made with anything else is emptied first)."""
     folder = config.paths.output_dir
-    inputs = {"config": config.model_dump(mode="json"), "trained_on": json.loads((folder / "rm" / TRAINED_ON).read_text())}
+    inputs = {
+        # Which seeds run, the bootstrap and where the folder is named change no seed's measurements.
+        "config": config.model_dump(mode="json", exclude={"reproduce": True, "paths": {"output_dir"}}),
+        "warm": _fingerprint(folder / "rm" / "warm"),
+        "world": world.FINGERPRINT,  # the gold reward may change where the reward models do not
+    }
     record, saved = folder / SEED_INPUTS, folder / SEED_RESULTS
     if record.is_file() and json.loads(record.read_text()) == inputs:
         if saved.is_file():
-            return json.loads(saved.read_text())
+            return json.loads(saved.read_text()), False
     else:
         for entry in folder.iterdir():
             if entry.is_symlink() or entry.is_file():
@@ -147,7 +181,18 @@ def _seed_results(config: WarpConfig) -> dict:
     partial = saved.with_suffix(".json.tmp")
     partial.write_text(json.dumps(results))
     partial.replace(saved)
-    return results
+    return results, True
+
+
+def _fingerprint(folder: Path) -> str:
+    """Of the weights in a model folder: reward models trained again, even with the same settings, differ."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WarpRayError(f"{folder} holds no safetensors weights: WARM is missing or incomplete")
+    digest = hashlib.sha256()
+    for weights in files:
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()
 
 
 def measure_seed(config: WarpConfig) -> dict:
@@ -163,7 +208,12 @@ def measure_seed(config: WarpConfig) -> dict:
     seconds["WARP"] = time.perf_counter() - start - sum(seconds.values())
     warp = [_iteration(out, i) for i in range(config.warp.I)]
 
-    log.info("seed %d: REINFORCE baselines, %d runs of %d steps from the SFT", config.warp.seed, len(BASELINES), config.warp.T)
+    log.info(
+        "seed %d: REINFORCE baselines, %d runs of %d steps from the SFT",
+        config.warp.seed,
+        len(BASELINES),
+        config.warp.T,
+    )
     evaluator = _evaluator(config, sft, prompts, out / "rm" / "warm")
     runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"]}
     finals, learners, names = {}, {}, list(BASELINES)
@@ -172,12 +222,21 @@ def measure_seed(config: WarpConfig) -> dict:
     for wave in (names[k : k + per_wave] for k in range(0, len(names), per_wave)):
         for learner in learners.values():
             ray.get(learner.close.remote())
-        learners = {name: RemoteLearner.remote(_variant(config, *BASELINES[name]), str(sft), train,
-                                               evaluator.reward_server, seed=run_seed(config.warp.seed, 0, 0),
-                                               evaluator=evaluator)
-                    for name in wave}
+        learners = {
+            name: RemoteLearner.remote(
+                _variant(config, *BASELINES[name]),
+                str(sft),
+                train,
+                evaluator.reward_server,
+                seed=run_seed(config.warp.seed, 0, 0),
+                evaluator=evaluator,
+            )
+            for name in wave
+        }
         logs = {name: out / "reproduce" / "logs" / name.replace(",", "").replace(" ", "_") for name in wave}
-        histories = ray.get([learner.run.remote(config.warp.T, logs[name], desc=name) for name, learner in learners.items()])
+        histories = ray.get(
+            [learner.run.remote(config.warp.T, logs[name], desc=name) for name, learner in learners.items()]
+        )
         runs.update({name: evaluations(history) for name, history in zip(learners, histories)})
         finals.update(zip(learners, ray.get([learner.get_weights.remote() for learner in learners.values()])))
     seconds["REINFORCE baselines"] = time.perf_counter() - start - sum(seconds.values())
@@ -194,7 +253,9 @@ def measure_seed(config: WarpConfig) -> dict:
         "warp": warp,
         "angles": angles(sft_weights, policies),
         "interpolation": _interpolation(engines, sft_weights, policies[:2]),
-        "front_two_policies": _front(engines, sft_weights, slerp(sft_weights, policies[:2]), config.evaluation.front_etas),
+        "front_two_policies": _front(
+            engines, sft_weights, slerp(sft_weights, policies[:2]), config.evaluation.front_etas
+        ),
         "win_rate": _matched_kl(engines, config, out, sft_weights, finals["SFT anchor, beta 0.1"]),
     }
     seconds["merges and evaluations"] = time.perf_counter() - start - sum(seconds.values())
@@ -208,15 +269,15 @@ def seed_view(results: dict, k: int) -> dict:
     return {**{key: value for key, value in results.items() if key != "by_seed"}, **results["by_seed"][k]}
 
 
-def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict]:
-    """The task's SFT, prompts and preferences folders, and WARM's accuracy table: WARM is read back
-    when trained on the same task with the same settings, trained now otherwise."""
+def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
+    """The task's SFT, prompts and preferences folders, WARM's accuracy table, and whether WARM was
+    trained now: it is read back when trained on the same task with the same settings."""
     sft, prompts, preferences, _ = task_inputs(config)
     rm = config.paths.output_dir / "rm"
     record = rm / TRAINED_ON
     if record.is_file() and json.loads(record.read_text()) == trained_on(config, sft, preferences):
-        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text())
-    return sft, prompts, preferences, run_warm(config)
+        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text()), False
+    return sft, prompts, preferences, run_warm(config), True
 
 
 def measure_regime(config: WarpConfig) -> dict:
@@ -224,24 +285,40 @@ def measure_regime(config: WarpConfig) -> dict:
     built), the label ceiling, the best single RM, and one RL run against it from the SFT (SFT
     anchor, beta 0.01) evaluated before its first step and every T / 10 steps."""
     warp, out = config.warp, config.paths.output_dir
-    sft, prompts, preferences, accuracy = _task_and_warm(config)
+    sft, prompts, preferences, accuracy, _ = _task_and_warm(config)
     init_ray()  # WARM read back started no cluster
     single, folder = best_single(accuracy, out / "rm")
-    run_config = config.model_copy(update={
-        "warp": warp.model_copy(update={"anchor": "sft", "beta": regime.BETA}),
-    })
+    run_config = config.model_copy(
+        update={
+            "warp": warp.model_copy(update={"anchor": "sft", "beta": regime.BETA}),
+        }
+    )
     trust = config.paths.trust_remote_code
     reward = RewardServer.remote("model", [str(folder)], params=config.reward_server, trust_remote_code=trust)
-    evaluator = Evaluator(run_config, read_prompts(prompts / "held_out.jsonl"), reward,
-                          ReferencePolicy.remote(str(sft), trust_remote_code=trust), RewardServer.remote("gold"))
-    learner = RemoteLearner.remote(run_config, str(sft), read_prompts(prompts / "train.jsonl"), reward,
-                                   seed=run_seed(warp.seed, 0, 0), evaluator=evaluator)
+    evaluator = Evaluator(
+        run_config,
+        read_prompts(prompts / "held_out.jsonl"),
+        reward,
+        ReferencePolicy.remote(str(sft), trust_remote_code=trust),
+        RewardServer.remote("gold"),
+    )
+    learner = RemoteLearner.remote(
+        run_config,
+        str(sft),
+        read_prompts(prompts / "train.jsonl"),
+        reward,
+        seed=run_seed(warp.seed, 0, 0),
+        evaluator=evaluator,
+    )
     start = ray.get(learner.evaluate.remote())
     log_dir = out / "reproduce" / "logs" / "regime"
     history = ray.get(learner.run.remote(warp.T, log_dir, desc=f"regime: SFT anchor, beta {regime.BETA}, {single}"))
     ray.get(learner.close.remote())
     return {
-        "T": warp.T, "mu": warp.mu, "sft": start, "run": evaluations(history),
+        "T": warp.T,
+        "mu": warp.mu,
+        "sft": start,
+        "run": evaluations(history),
         "best_gold_reward": world.BEST_GOLD_REWARD,
         "label_ceiling": regime.label_ceiling(read_preferences(preferences / "validation.jsonl")),
         "best_single_rm": {"name": single, "accuracy": accuracy[single]["validation"]},
@@ -256,9 +333,13 @@ def _variant(config: WarpConfig, anchor: str, beta: float) -> WarpConfig:
 def _evaluator(config: WarpConfig, sft: Path, prompts: Path, warm: Path) -> Evaluator:
     """The held-out evaluator of the runs against WARM: its reward server, the SFT reference, the gold reward."""
     trust = config.paths.trust_remote_code
-    return Evaluator(config, read_prompts(prompts / "held_out.jsonl"),
-                     RewardServer.remote("model", [str(warm)], params=config.reward_server, trust_remote_code=trust),
-                     ReferencePolicy.remote(str(sft), trust_remote_code=trust), RewardServer.remote("gold"))
+    return Evaluator(
+        config,
+        read_prompts(prompts / "held_out.jsonl"),
+        RewardServer.remote("model", [str(warm)], params=config.reward_server, trust_remote_code=trust),
+        ReferencePolicy.remote(str(sft), trust_remote_code=trust),
+        RewardServer.remote("gold"),
+    )
 
 
 def _iteration(out: Path, i: int) -> dict:
@@ -269,7 +350,9 @@ def _iteration(out: Path, i: int) -> dict:
 
 
 def _pair_counts(preferences: Path) -> dict[str, int]:
-    return {split.stem: sum(1 for line in split.open() if line.strip()) for split in sorted(preferences.glob("*.jsonl"))}
+    return {
+        split.stem: sum(1 for line in split.open() if line.strip()) for split in sorted(preferences.glob("*.jsonl"))
+    }
 
 
 def angles(init: dict[str, torch.Tensor], policies: list[dict[str, torch.Tensor]]) -> dict:
@@ -285,16 +368,25 @@ def angles(init: dict[str, torch.Tensor], policies: list[dict[str, torch.Tensor]
     rows = {}
     for name, g in deltas.items():
         if (g.diagonal() > 0).all():  # a tensor no policy moved has no angle
-            rows[name] = {"task_vector_degrees": [math.degrees(math.acos(min(1.0, max(-1.0, cosine(g, i, j))))) for i, j in pairs],
-                          "norm_ratio": [float((g[i, i] / g[j, j]).sqrt()) for i, j in pairs],
-                          "weight_cosine": [cosine(weights[name], i, j) for i, j in pairs]}
+            rows[name] = {
+                "task_vector_degrees": [
+                    math.degrees(math.acos(min(1.0, max(-1.0, cosine(g, i, j))))) for i, j in pairs
+                ],
+                "norm_ratio": [float((g[i, i] / g[j, j]).sqrt()) for i, j in pairs],
+                "weight_cosine": [cosine(weights[name], i, j) for i, j in pairs],
+            }
     return {"pairs": pairs, "tensors": rows}
 
 
 def _evaluate(engines: list, weights: list[dict[str, torch.Tensor]]) -> list[dict]:
     """Held-out evaluations of several weights at once, spread over the engines: the mean and the
     standard error of each measure, and the per-sample control rewards (for win rates)."""
-    rows = ray.get([engines[k % len(engines)].evaluate_weights.remote([ray.put(w)], per_sample=True) for k, w in enumerate(weights)])
+    rows = ray.get(
+        [
+            engines[k % len(engines)].evaluate_weights.remote([ray.put(w)], per_sample=True)
+            for k, w in enumerate(weights)
+        ]
+    )
     return [_summary(r) for r in rows]
 
 
@@ -310,14 +402,24 @@ def _summary(rows: list[dict]) -> dict:
 def _interpolation(engines: list, init: dict, pair: list[dict]) -> dict:
     """Claim 2: SLERP and LERP of two policies' task vectors for each lambda (0 and 1: the policies)."""
     inner = [lam for lam in LAMBDAS if 0 < lam < 1]
-    weights = [*pair, *(slerp(init, pair, (1 - lam, lam)) for lam in inner), *(average(pair, (1 - lam, lam)) for lam in inner)]
+    weights = [
+        *pair,
+        *(slerp(init, pair, (1 - lam, lam)) for lam in inner),
+        *(average(pair, (1 - lam, lam)) for lam in inner),
+    ]
     first, second, *merged = _evaluate(engines, weights)
-    return {"lambda": list(LAMBDAS), "slerp": [first, *merged[: len(inner)], second], "lerp": [first, *merged[len(inner):], second]}
+    return {
+        "lambda": list(LAMBDAS),
+        "slerp": [first, *merged[: len(inner)], second],
+        "lerp": [first, *merged[len(inner) :], second],
+    }
 
 
 def _front(engines: list, base: dict, merged: dict, etas: list[float]) -> list[dict]:
     """LITI points (1 - eta) * base + eta * merged, evaluated."""
-    return [{"eta": eta, **point} for eta, point in zip(etas, _evaluate(engines, [liti(base, merged, eta) for eta in etas]))]
+    return [
+        {"eta": eta, **point} for eta, point in zip(etas, _evaluate(engines, [liti(base, merged, eta) for eta in etas]))
+    ]
 
 
 def _matched_kl(engines: list, config: WarpConfig, out: Path, sft: dict, reinforce: dict) -> dict:
@@ -326,17 +428,23 @@ def _matched_kl(engines: list, config: WarpConfig, out: Path, sft: dict, reinfor
     last = config.warp.I - 1
     init = load_model_weights(iteration_dir(out, last - 1) / "model")
     merged = slerp(init, [load_model_weights(p) for p in sorted((iteration_dir(out, last) / "policies").iterdir())])
-    baseline, = _evaluate(engines, [reinforce])
-    front = sorted((p for p in json.loads((iteration_dir(out, last) / "front.json").read_text()) if p["towards"] == "sft"),
-                   key=lambda p: p["kl_to_sft"])
+    (baseline,) = _evaluate(engines, [reinforce])
+    front = sorted(
+        (p for p in json.loads((iteration_dir(out, last) / "front.json").read_text()) if p["towards"] == "sft"),
+        key=lambda p: p["kl_to_sft"],
+    )
     tried = [(p["eta"], p["kl_to_sft"]) for p in front]
     target = baseline["kl_to_sft"]
     for _ in range(3):
         below = max((t for t in tried if t[1] <= target), key=lambda t: t[1], default=tried[0])
         above = min((t for t in tried if t[1] > target), key=lambda t: t[1], default=tried[-1])
-        eta = below[0] if above == below else below[0] + (target - below[1]) * (above[0] - below[0]) / (above[1] - below[1])
+        eta = (
+            below[0]
+            if above == below
+            else below[0] + (target - below[1]) * (above[0] - below[0]) / (above[1] - below[1])
+        )
         eta = float(min(1.0, max(0.0, eta)))
-        point, = _evaluate(engines, [liti(sft, merged, eta)])
+        (point,) = _evaluate(engines, [liti(sft, merged, eta)])
         tried.append((eta, point["kl_to_sft"]))
         if abs(point["kl_to_sft"] - target) <= MATCHED_KL * target:
             break

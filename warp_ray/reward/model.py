@@ -8,7 +8,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from warp_ray.checkpoint import check_model_folder
 
@@ -16,16 +22,21 @@ DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", 
 """Dropout settings of the GPT-2 and Llama families; a config takes those it has."""
 
 
-def load_reward_model(folder: str | Path, dropout: float | None = None,
-                      trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_reward_model(
+    folder: str | Path, dropout: float | None = None, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """An RM from an RM folder, or a fresh one-output head on a causal-LM folder (the policy's backbone)."""
     folder = check_model_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(folder, num_labels=1, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        folder, num_labels=1, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code
+    )
     for key in DROPOUT_KEYS if dropout is not None else ():
         if hasattr(config, key):
             setattr(config, key, dropout)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, config=config, trust_remote_code=trust_remote_code
+    )
     return model.eval(), tokenizer
 
 
@@ -41,8 +52,13 @@ def reward_inputs(prompts: Sequence[str], completions: Sequence[str]) -> list[st
     return [reward_input(p, c) for p, c in zip(prompts, completions)]
 
 
-def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str],
-          batch_size: int = 64) -> torch.Tensor:
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
     """r(x, y) for each (prompt, completion): one forward pass per batch, no gradient."""
     scores = []
     with torch.no_grad():
@@ -53,18 +69,32 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: S
     return torch.cat(scores) if scores else torch.empty(0)
 
 
-def bradley_terry_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict]) -> torch.Tensor:
+def bradley_terry_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict]
+) -> torch.Tensor:
     prompts = [p["prompt"] for p in pairs]
     chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
-    encoded = tokenizer(reward_inputs(prompts, chosen) + reward_inputs(prompts, rejected),
-                        return_tensors="pt", padding=True, truncation=True, padding_side="right")
+    encoded = tokenizer(
+        reward_inputs(prompts, chosen) + reward_inputs(prompts, rejected),
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        padding_side="right",
+    )
     rewards = model(**encoded).logits[:, 0]
     chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], steps: int,
-                       lr: float, batch_size: int, seed: int) -> list[float]:
+def train_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[dict],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> list[float]:
     """Bradley-Terry fine-tuning of the whole model, pairs drawn in a `seed`-given order. Returns the losses."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -82,8 +112,13 @@ def train_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 @torch.no_grad()
-def pooled_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    completions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def pooled_features(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
     """The backbone's final hidden state at each text's last token: what the score head reads."""
     features = []
     for start in range(0, len(prompts), batch_size):
@@ -95,7 +130,9 @@ def pooled_features(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return torch.cat(features)
 
 
-def linear_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], steps: int, lr: float) -> list[float]:
+def linear_probe(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], steps: int, lr: float
+) -> list[float]:
     """Train the score head alone on the frozen backbone's features (WARM's linear probing).
 
     The backbone is frozen, so its features are computed once and the head, a linear map,

@@ -33,13 +33,18 @@ class Reward:
         if kind not in ("model", "ens", "gold"):
             raise ValueError(f"reward kind {kind!r} is not one of 'model', 'ens', 'gold'")
         if (kind == "gold") != (not folders) or (kind == "model" and len(folders) != 1):
-            raise ValueError(f"a {kind!r} reward takes {'no folder' if kind == 'gold' else 'one folder' if kind == 'model' else 'folders'}")
+            raise ValueError(
+                f"a {kind!r} reward takes "
+                f"{'no folder' if kind == 'gold' else 'one folder' if kind == 'model' else 'folders'}"
+            )
         self.kind = kind
         self.models = [load_reward_model(folder, trust_remote_code=trust_remote_code) for folder in folders]
         self.max_length = min((tokenizer.model_max_length for _, tokenizer in self.models), default=None)
         # A tokenizer of its own for `check`: the server checks requests in its event loop while
         # a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.
-        self.length_tokenizer = AutoTokenizer.from_pretrained(folders[0], trust_remote_code=trust_remote_code) if folders else None
+        self.length_tokenizer = (
+            AutoTokenizer.from_pretrained(folders[0], trust_remote_code=trust_remote_code) if folders else None
+        )
 
     def check(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
         if not isinstance(prompts, (list, tuple)) or not isinstance(completions, (list, tuple)):
@@ -47,30 +52,44 @@ class Reward:
         if not prompts:
             raise ValueError("score needs at least one (prompt, completion) pair, got an empty list")
         if len(prompts) != len(completions):
-            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions: give one completion per prompt")
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(completions)} completions: give one completion per prompt"
+            )
         for i, (p, c) in enumerate(zip(prompts, completions)):
             if not isinstance(p, str) or not isinstance(c, str):
-                raise ValueError(f"pair {i}: prompt and completion must be strings, got {type(p).__name__} and {type(c).__name__}")
+                raise ValueError(
+                    f"pair {i}: prompt and completion must be strings, got {type(p).__name__} and {type(c).__name__}"
+                )
         if self.length_tokenizer is not None:
             lengths = [len(ids) for ids in self.length_tokenizer(reward_inputs(prompts, completions)).input_ids]
             too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
             if too_long:
                 i, n = too_long[0]
-                raise ValueError(f"pair {i} is {n} tokens long, over the reward model's limit of {self.max_length} "
-                                 f"({len(too_long)} pair(s) too long)")
+                raise ValueError(
+                    f"pair {i} is {n} tokens long, over the reward model's limit of {self.max_length} "
+                    f"({len(too_long)} pair(s) too long)"
+                )
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         if self.kind == "gold":
             return [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
-        scores = torch.stack([score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models])
+        scores = torch.stack(
+            [score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models]
+        )
         return scores.mean(0).tolist()
 
 
 @ray.remote(**SERVICE)
 class RewardServer:
-    def __init__(self, kind: str, folders: Sequence[str] = (), params: RewardServerParams = RewardServerParams(),
-                 trust_remote_code: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        folders: Sequence[str] = (),
+        params: RewardServerParams | None = None,
+        trust_remote_code: bool = False,
+    ):
         log_if_restarted("the reward server")
+        params = params or RewardServerParams()
         torch.set_num_threads(max(1, params.threads))
         self.reward = Reward(kind, folders, trust_remote_code)
         self.params = params

@@ -24,7 +24,7 @@ from warp_ray.config import WarmParams, WarpConfig
 from warp_ray.data import preference_splits, read_preferences
 from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
-from warp_ray.reward.model import load_reward_model, linear_probe, pairwise_accuracy, score, train_reward_model
+from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score, train_reward_model
 from warp_ray.runtime import init_ray
 from warp_ray.task.build import task_inputs
 
@@ -36,11 +36,15 @@ def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, t
     torch.set_num_threads(max(1, int(params.cpus_per_trial)))
     torch.manual_seed(trial["seed"])
     model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"], trust_remote_code=trust_remote_code)
-    losses = train_reward_model(model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"])
+    losses = train_reward_model(
+        model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tune.report({**trial, "loss": sum(losses[-20:]) / len(losses[-20:])}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        tune.report(
+            {**trial, "loss": sum(losses[-20:]) / len(losses[-20:])}, checkpoint=tune.Checkpoint.from_directory(tmp)
+        )
 
 
 def save(model, tokenizer, folder: Path) -> None:
@@ -49,8 +53,14 @@ def save(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out: Path,
-               sft_checkpoints: Sequence[Path] = (), trust_remote_code: bool = False) -> list[Path]:
+def train_warm(
+    params: WarmParams,
+    sft: Path,
+    preferences: dict[str, Path],
+    out: Path,
+    sft_checkpoints: Sequence[Path] = (),
+    trust_remote_code: bool = False,
+) -> list[Path]:
     """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders.
 
     Every fine-tune starts from the SFT backbone with the linear-probed head (<out>/probe); with
@@ -74,8 +84,13 @@ def train_warm(params: WarmParams, sft: Path, preferences: dict[str, Path], out:
             save(backbone, tokenizer, out / f"start_{k}")
             starts.append(out / f"start_{k}")
 
-    trainable = tune.with_parameters(fine_tune, params=params, starts=[str(s) for s in starts], train=str(Path(preferences["train"]).resolve()),
-                                     trust_remote_code=trust_remote_code)
+    trainable = tune.with_parameters(
+        fine_tune,
+        params=params,
+        starts=[str(s) for s in starts],
+        train=str(Path(preferences["train"]).resolve()),
+        trust_remote_code=trust_remote_code,
+    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
         param_space={"m": tune.grid_search(list(range(params.M)))},
@@ -106,9 +121,13 @@ def accuracy_table(folders: Sequence[Path], warm: Path, preferences: dict[str, P
 
     def scores(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         model, tokenizer = load_reward_model(folder)
-        return {name: (score(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]),
-                       score(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs]))
-                for name, pairs in splits.items()}
+        return {
+            name: (
+                score(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]),
+                score(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs]),
+            )
+            for name, pairs in splits.items()
+        }
 
     singles = [scores(folder) for folder in folders]
     models = {f"RM {m + 1}": s for m, s in enumerate(singles)}
@@ -150,7 +169,9 @@ def trained_on(config: WarpConfig, sft: Path, preferences: Path) -> dict:
     """What WARM is trained on: the built-in task's parameters (or the user's SFT and preference
     folders) and WARM's settings. Reward models trained on anything else are not these."""
     task = Path(sft).parent / "task.json"
-    data = json.loads(task.read_text())["params"] if task.is_file() else {"sft": str(sft), "preferences": str(preferences)}
+    data = (
+        json.loads(task.read_text())["params"] if task.is_file() else {"sft": str(sft), "preferences": str(preferences)}
+    )
     return {"task": data, "warm": config.warm.model_dump(mode="json")}
 
 

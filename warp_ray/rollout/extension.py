@@ -28,6 +28,13 @@ class WeightSync:
     def receive_policy_weights(self, specs: list[tuple[str, str, list[int]]]) -> None:
         """specs: (name, dtype, shape) of every tensor, in the order rank 0 broadcasts them."""
         device = self.model_runner.device
-        received = ((name, weight_group.broadcast_(self.weight_group, torch.empty(shape, dtype=getattr(torch, dtype), device=device)))
-                    for name, dtype, shape in specs)
+        received = (
+            (
+                name,
+                weight_group.broadcast_(
+                    self.weight_group, torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+                ),
+            )
+            for name, dtype, shape in specs
+        )
         self.model_runner.reload_weights(weights_iterator=received)

@@ -29,23 +29,42 @@ EXTENSION = "warp_ray.rollout.extension.WeightSync"
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model: str | Path, max_model_len: int, seed: int = 0, dtype: str = "float32",
-                 max_num_seqs: int = 64, trust_remote_code: bool = False, in_process: bool = False):
+    def __init__(
+        self,
+        model: str | Path,
+        max_model_len: int,
+        seed: int = 0,
+        dtype: str = "float32",
+        max_num_seqs: int = 64,
+        trust_remote_code: bool = False,
+        in_process: bool = False,
+    ):
         """in_process: the engine core and its worker in this process (resources.rollout_in_process)."""
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for small batches
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # read by vLLM when the engine starts
         from vllm import LLM
 
-        self.llm = LLM(model=str(model), dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       enforce_eager=True, worker_extension_cls=EXTENSION, trust_remote_code=trust_remote_code,
-                       logprobs_mode="processed_logprobs")
+        self.llm = LLM(
+            model=str(model),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=True,
+            worker_extension_cls=EXTENSION,
+            trust_remote_code=trust_remote_code,
+            logprobs_mode="processed_logprobs",
+        )
 
-    def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                 seeds: list[int] | None = None) -> list[list[dict]]:
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seeds: list[int] | None = None
+    ) -> list[list[dict]]:
         """`n` completions per prompt, each {"text", "token_ids", "logprobs", "prompt_token_ids", "truncated"}:
         log-probs of the sampled tokens at `temperature`, the prompt as the engine tokenized it, and whether
-        `max_new_tokens` cut the completion. `seeds`: one per sample, prompt by prompt (None: unseeded)."""
+        `max_new_tokens` cut the completion. `seeds`: one per sample, prompt by prompt (None: unseeded).
+        The text is the token ids decoded whole, as preference data decodes a sample: vLLM's own text
+        holds back a partial UTF-8 character at the end of a cut completion, which decoding renders."""
         from vllm import SamplingParams
 
         seeds = seeds if seeds is not None else [None] * (len(prompts) * n)
@@ -53,10 +72,18 @@ class RolloutWorker:
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts x {n} samples: give one per sample")
         params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=s) for s in seeds]
         outputs = self.llm.generate([p for p in prompts for _ in range(n)], params, use_tqdm=False)
-        samples = [{"text": c.text, "token_ids": list(c.token_ids), "prompt_token_ids": list(out.prompt_token_ids),
-                    "truncated": c.finish_reason == "length",
-                    "logprobs": [next(iter(step.values())).logprob for step in c.logprobs]}
-                   for out in outputs for c in out.outputs]
+        tokenizer = self.llm.get_tokenizer()
+        samples = [
+            {
+                "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                "token_ids": list(c.token_ids),
+                "prompt_token_ids": list(out.prompt_token_ids),
+                "truncated": c.finish_reason == "length",
+                "logprobs": [next(iter(step.values())).logprob for step in c.logprobs],
+            }
+            for out in outputs
+            for c in out.outputs
+        ]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
@@ -78,17 +105,24 @@ class RolloutWorker:
         return time.perf_counter() - start
 
 
-def sample(rollouts: list, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-           seed: int | None = None) -> list[list[dict]]:
+def sample(
+    rollouts: list, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int | None = None
+) -> list[list[dict]]:
     """`generate` on several engines at once, each on its share of the prompts, in prompt order.
     Each sample gets a seed of its own, drawn from `seed`: the same call gives the same samples,
     whichever engine serves a prompt. seed None: unseeded."""
     rng = random.Random(seed)
     seeds = [[rng.randrange(2**31) for _ in range(n)] if seed is not None else [None] * n for _ in prompts]
     shares = [range(i, len(prompts), len(rollouts)) for i in range(len(rollouts))]
-    results = ray.get([r.generate.remote([prompts[k] for k in share], n, temperature, max_new_tokens,
-                                         [s for k in share for s in seeds[k]])
-                       for r, share in zip(rollouts, shares) if share])
+    results = ray.get(
+        [
+            r.generate.remote(
+                [prompts[k] for k in share], n, temperature, max_new_tokens, [s for k in share for s in seeds[k]]
+            )
+            for r, share in zip(rollouts, shares)
+            if share
+        ]
+    )
     merged: list[list[dict]] = [[] for _ in prompts]
     for i, result in enumerate(results):
         merged[i :: len(rollouts)] = result

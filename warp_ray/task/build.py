@@ -29,7 +29,14 @@ from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from warp_ray.checkpoint import atomic_dir
 from warp_ray.config import TaskParams, WarpConfig
@@ -43,27 +50,53 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD, eos_token=EOS, bos_token=EOS,
-                                   model_max_length=MAX_LENGTH, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=EOS,
+        model_max_length=MAX_LENGTH,
+        padding_side="left",
+    )
 
 
 def new_policy(architecture: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A small policy whose context is the tokenizer's `model_max_length`."""
-    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id,
+    }
     context = tokenizer.model_max_length
     if architecture == "llama":
-        config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True, **ids)
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+            **ids,
+        )
         return LlamaForCausalLM(config)
     return GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=context, **ids))
 
 
-def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int,
-              batch_size: int = 64, keep_at: Sequence[int] = ()) -> tuple[list[float], dict[int, dict]]:
+def sft_train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+    keep_at: Sequence[int] = (),
+) -> tuple[list[float], dict[int, dict]]:
     """Next-token training on prompt + completion + eos; returns the loss curve and copies of
     the weights after each step in `keep_at` (the checkpoints along the run)."""
     generator = torch.Generator().manual_seed(seed)
@@ -88,20 +121,42 @@ def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts:
 
 
 @torch.no_grad()
-def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], temperature: float,
-           seed: int, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    temperature: float,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int = 64,
+) -> list[str]:
     torch.manual_seed(seed)
     completions = []
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        out = model.generate(**encoded, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **encoded,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         completions += tokenizer.batch_decode(out[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
     return [c.strip() for c in completions]
 
 
-def preference_pairs(model, tokenizer, policies: Sequence[tuple[dict, float]], prompts: list[str], count: int,
-                     label_noise: float, seed: int, max_new_tokens: int) -> list[dict]:
+def preference_pairs(
+    model,
+    tokenizer,
+    policies: Sequence[tuple[dict, float]],
+    prompts: list[str],
+    count: int,
+    label_noise: float,
+    seed: int,
+    max_new_tokens: int,
+) -> list[dict]:
     """`count` pairs of two completions of one prompt, each completion sampled from a policy drawn
     from `policies` ((weights of `model`, temperature): several make the mix of models and settings
     that real preference data compares), ordered by a Bradley-Terry draw on the gold reward, then
@@ -127,8 +182,16 @@ def preference_pairs(model, tokenizer, policies: Sequence[tuple[dict, float]], p
         flipped = rng.random() < label_noise
         if flipped:
             a, b, gold_a, gold_b = b, a, gold_b, gold_a
-        pairs.append({"prompt": prompt, "chosen": a, "rejected": b, "flipped": flipped,
-                      "gold_chosen": gold_a, "gold_rejected": gold_b})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": a,
+                "rejected": b,
+                "flipped": flipped,
+                "gold_chosen": gold_a,
+                "gold_rejected": gold_b,
+            }
+        )
     return pairs
 
 
@@ -168,12 +231,22 @@ def build_task(params: TaskParams, root: Path, max_new_tokens: int) -> Path:
     writers = [final, *(checkpoints.values() if params.pair_checkpoints else ())]
     mix = [(weights, temperature) for weights in writers for temperature in params.pair_temperatures]
     splits = {
-        "train": preference_pairs(model, tokenizer, mix, train_prompts, params.pairs, params.label_noise,
-                                  params.seed + 10, max_new_tokens),
-        "validation": preference_pairs(model, tokenizer, mix, held_out, params.validation_pairs, 0.0, params.seed + 20,
-                                       max_new_tokens),
-        "ood": preference_pairs(model, tokenizer, [(final, params.ood_temperature)], held_out, params.ood_pairs, 0.0,
-                                params.seed + 30, max_new_tokens),
+        "train": preference_pairs(
+            model, tokenizer, mix, train_prompts, params.pairs, params.label_noise, params.seed + 10, max_new_tokens
+        ),
+        "validation": preference_pairs(
+            model, tokenizer, mix, held_out, params.validation_pairs, 0.0, params.seed + 20, max_new_tokens
+        ),
+        "ood": preference_pairs(
+            model,
+            tokenizer,
+            [(final, params.ood_temperature)],
+            held_out,
+            params.ood_pairs,
+            0.0,
+            params.seed + 30,
+            max_new_tokens,
+        ),
     }
     with atomic_dir(root, overwrite=True) as tmp:
         for step, weights in checkpoints.items():
@@ -187,11 +260,16 @@ def build_task(params: TaskParams, root: Path, max_new_tokens: int) -> Path:
         write_jsonl(tmp / "prompts" / "held_out.jsonl", [{"prompt": p} for p in held_out])
         for name, rows in splits.items():
             write_jsonl(tmp / "preferences" / f"{name}.jsonl", rows)
-        (tmp / "task.json").write_text(json.dumps({
-            "params": built_with,
-            "sft_loss": {"first": losses[0], "last": sum(losses[-20:]) / 20},
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }, indent=2))
+        (tmp / "task.json").write_text(
+            json.dumps(
+                {
+                    "params": built_with,
+                    "sft_loss": {"first": losses[0], "last": sum(losses[-20:]) / 20},
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                },
+                indent=2,
+            )
+        )
     return root
 
 
@@ -202,5 +280,9 @@ def task_inputs(config: WarpConfig) -> tuple[Path, Path, Path, list[Path]]:
     if paths.sft_model and paths.prompts and paths.preferences:
         return paths.sft_model, paths.prompts, paths.preferences, list(paths.sft_checkpoints)
     root = build_task(config.task, paths.output_dir / "task", config.warp.max_new_tokens)
-    return (paths.sft_model or root / "sft", paths.prompts or root / "prompts", paths.preferences or root / "preferences",
-            list(paths.sft_checkpoints) if paths.sft_model else sorted((root / "sft_checkpoints").iterdir()))
+    return (
+        paths.sft_model or root / "sft",
+        paths.prompts or root / "prompts",
+        paths.preferences or root / "preferences",
+        list(paths.sft_checkpoints) if paths.sft_model else sorted((root / "sft_checkpoints").iterdir()),
+    )

@@ -59,8 +59,24 @@ TEMPLATES = [
 
 # 12 places x 16 times: 192 prompts, so that the held-out fifth (38) gives evaluations a spread of
 # prompts to measure their noise over.
-WHEN = ["morning", "afternoon", "evening", "night", "dawn", "dusk", "spring", "summer", "autumn", "winter",
-        "rain", "snow", "fog", "wind", "storm", "sun"]
+WHEN = [
+    "morning",
+    "afternoon",
+    "evening",
+    "night",
+    "dawn",
+    "dusk",
+    "spring",
+    "summer",
+    "autumn",
+    "winter",
+    "rain",
+    "snow",
+    "fog",
+    "wind",
+    "storm",
+    "sun",
+]
 
 
 def prompt_for(topic: str, when: str) -> str:
@@ -74,6 +90,7 @@ def topic_of(prompt: str) -> str | None:
 
 def sentence(topic: str, rng: random.Random) -> str:
     """One SFT sentence: mostly about the topic, with a positive, negative or neutral tone."""
+
     def noun() -> str:
         return rng.choice(TOPICS[topic] if rng.random() < 0.85 else TOPICS[rng.choice(list(TOPICS))])
 
@@ -115,7 +132,20 @@ def gold_reward(prompt: str, text: str) -> float:
     return float(score)
 
 
-FINGERPRINT = hashlib.sha256(json.dumps([TOPICS, WHEN, POSITIVE, NEGATIVE, NEUTRAL, VERBS, TEMPLATES, POSITIVE_CAP, TOPIC_CAP,
-                                          PRAISE_PENALTY]).encode()).hexdigest()[:12]
-"""Of the world's words, templates and gold reward's constants: a task built in another world is
-built again, not reused."""
+def fingerprint() -> str:
+    """Of what the world does: its prompts, a sample of its SFT text, and the gold reward of that
+    text and of probes that reach each of its terms. A task built in another world is built again."""
+    rng = random.Random(0)
+    prompts = [prompt_for(topic, when) for topic in TOPICS for when in WHEN]
+    texts = [completion(topic_of(p), rng) for p in prompts]
+    probes = [
+        " ".join(POSITIVE) + " .",  # praise piled on
+        "i saw the lovely lovely lovely flower flower .",  # repetition
+        " ".join(NEGATIVE + NEUTRAL + VERBS + sorted(FUNCTION_WORDS)) + " .",
+        " ".join(noun for nouns in TOPICS.values() for noun in nouns),  # off topic, unfinished
+    ]
+    scores = [[gold_reward(p, t) for t in (text, *probes)] for p, text in zip(prompts, texts)]
+    return hashlib.sha256(json.dumps([prompts, texts, scores]).encode()).hexdigest()[:12]
+
+
+FINGERPRINT = fingerprint()
