@@ -178,21 +178,21 @@ class Coordinator:
 
 def run_warp(config: WarpConfig, resume: bool = False) -> Path:
     """`warp-ray warp`: the inputs (the built-in task unless the config names others; the WARM
-    reward model, trained first unless given or warp.proxy_reward is gold), then Algorithm 1 in
-    the coordinator actor."""
+    reward model, trained first unless given, already trained on these inputs with these settings,
+    or warp.proxy_reward is gold), then Algorithm 1 in the coordinator actor."""
     from warp_ray.coordinator.inputs import check_run_inputs
-    from warp_ray.reward.warm import run_warm
+    from warp_ray.reward.warm import is_trained_on, run_warm
     from warp_ray.runtime import init_ray
     from warp_ray.task.build import task_inputs
 
-    sft, prompts, _, _ = task_inputs(config)
+    sft, prompts, preferences, _ = task_inputs(config)
     builtin, warm = config.paths.sft_model is None, config.paths.output_dir / "rm" / "warm"
     if config.paths.reward_model is not None:
         reward = ("model", [str(config.paths.reward_model)])
     elif builtin and config.warp.proxy_reward == "gold":
         reward = ("gold", [])
     else:
-        if not (warm / "config.json").is_file():
+        if not is_trained_on(config, sft, preferences):  # none yet, or trained on another task or with other settings
             run_warm(config)
         reward = ("model", [str(warm)])
     check_run_inputs(config, sft, prompts, Path(reward[1][0]) if reward[1] else None)

@@ -42,7 +42,7 @@ from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
 from warp_ray.reproduce import regime
 from warp_ray.reward.server import RewardServer
-from warp_ray.reward.warm import TRAINED_ON, best_single, run_warm, trained_on
+from warp_ray.reward.warm import best_single, is_trained_on, run_warm
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
 from warp_ray.task.build import task_inputs
@@ -273,10 +273,14 @@ def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
     """The task's SFT, prompts and preferences folders, WARM's accuracy table, and whether WARM was
     trained now: it is read back when trained on the same task with the same settings."""
     sft, prompts, preferences, _ = task_inputs(config)
-    rm = config.paths.output_dir / "rm"
-    record = rm / TRAINED_ON
-    if record.is_file() and json.loads(record.read_text()) == trained_on(config, sft, preferences):
-        return sft, prompts, preferences, json.loads((rm / "accuracy.json").read_text()), False
+    if is_trained_on(config, sft, preferences):
+        return (
+            sft,
+            prompts,
+            preferences,
+            json.loads((config.paths.output_dir / "rm" / "accuracy.json").read_text()),
+            False,
+        )
     return sft, prompts, preferences, run_warm(config), True
 
 

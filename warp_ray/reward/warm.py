@@ -175,6 +175,12 @@ def trained_on(config: WarpConfig, sft: Path, preferences: Path) -> dict:
     return {"task": data, "warm": config.warm.model_dump(mode="json")}
 
 
+def is_trained_on(config: WarpConfig, sft: Path, preferences: Path) -> bool:
+    """Whether <output_dir>/rm holds reward models trained on these inputs with these settings."""
+    record = config.paths.output_dir / "rm" / TRAINED_ON
+    return record.is_file() and json.loads(record.read_text()) == trained_on(config, sft, preferences)
+
+
 def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
     """`warp-ray train-rm`: WARM on the configured data (the built-in task by default), evaluated."""
     sft, _, preferences, sft_checkpoints = task_inputs(config)
