@@ -21,8 +21,9 @@ from warp_ray.config import WarpConfig
 from warp_ray.errors import ConfigError, WarpRayError
 from warp_ray.reproduce import claims, protocol, regime
 from warp_ray.reproduce.claims import Check, Claim, collapse_step, front_gap, win_rate
+from warp_ray.reproduce.protocol import seed_view
 from warp_ray.reproduce.report import write_report
-from warp_ray.reproduce.runs import BASELINES, SINGLE_RM_RUN, WARP_RUN, angles, check_protocol, seed_view
+from warp_ray.reproduce.runs import BASELINES, SINGLE_RM_RUN, WARP_RUN, angles, check_protocol
 from warp_ray.task import world
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -82,14 +82,7 @@ class Evaluator:
         """The means over the held-out samples (reward, kl_to_sft, truncated, control_reward), each
         with its standard error (`<key>_se`), and the per-prompt means of the measures a claim
         compares (`<key>_by_prompt`, in prompt order: what a bootstrap over prompts resamples)."""
-        rows = self.samples(rollouts)
-        means = {}
-        for key in ("reward", "kl_to_sft", "truncated", "control_reward"):
-            if key in rows[0]:
-                means[key], means[f"{key}_se"] = mean_and_se(rows, key)
-                if key != "truncated":
-                    means[f"{key}_by_prompt"] = prompt_means(rows, key)
-        return means
+        return summarise(self.samples(rollouts))
 
     def samples(self, rollouts: list) -> list[dict]:
         """One row per held-out sample: prompt, completion and its measures (pairing samples of two
@@ -139,5 +132,24 @@ def mean_and_se(rows: Sequence[dict], key: str) -> tuple[float, float]:
     """The mean of `key` over the rows and its standard error with prompts as the unit: samples of
     one prompt are not independent, so the SE is that of the per-prompt means (prompts with equal
     numbers of samples, as an evaluation draws them); NaN from a single prompt."""
-    means = prompt_means(rows, key)
+    return _mean_and_se(prompt_means(rows, key))
+
+
+def summarise(
+    rows: Sequence[dict], keys: Sequence[str] = ("reward", "kl_to_sft", "truncated", "control_reward")
+) -> dict:
+    """For each of `keys` the rows have: its mean, standard error (`<key>_se`) and, but for
+    truncated, its per-prompt means (`<key>_by_prompt`, in prompt order: what a bootstrap over
+    prompts resamples)."""
+    summary = {}
+    for key in keys:
+        if key in rows[0]:
+            per_prompt = prompt_means(rows, key)
+            summary[key], summary[f"{key}_se"] = _mean_and_se(per_prompt)
+            if key != "truncated":
+                summary[f"{key}_by_prompt"] = per_prompt
+    return summary
+
+
+def _mean_and_se(means: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(means), (statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan)

@@ -75,6 +75,11 @@ class JudgedClaim:
         return next((s for s in (FAILED, UNOBSERVED, NOISE) if s in statuses), HELD)
 
 
+def seed_view(results: dict, k: int) -> dict:
+    """The k-th seed's results with the shared ones (config, WARM): what a claim is checked on."""
+    return {**{key: value for key, value in results.items() if key != "by_seed"}, **results["by_seed"][k]}
+
+
 def prompt_count(results) -> int:
     """The number of held-out prompts of a seed's evaluations; every evaluation (a dict with a
     reward, a control reward and a KL) must carry its per-prompt means, over that many prompts."""

@@ -26,7 +26,6 @@ from warp_ray.reproduce.claims import (
 from warp_ray.reproduce.regime import markdown as regime_markdown  # noqa: E402
 from warp_ray.reproduce.regime import summary as regime_summary  # noqa: E402
 from warp_ray.reproduce.regime import tried_markdown as regime_tried_markdown  # noqa: E402
-from warp_ray.reproduce.runs import seed_view  # noqa: E402
 from warp_ray.reward.warm import markdown as accuracy_markdown  # noqa: E402
 
 FIGURES = "results"  # beside results.md
@@ -40,7 +39,7 @@ def write_report(results: dict, folder: Path, tried: Sequence[dict] = ()) -> Pat
     (folder / FIGURES).mkdir(parents=True, exist_ok=True)
     (folder / FIGURES / "results.json").write_text(json.dumps(results, indent=1))
     config = results["config"]
-    seeds = [seed_view(results, k) for k in range(len(results["by_seed"]))]
+    seeds = [protocol.seed_view(results, k) for k in range(len(results["by_seed"]))]
     claims = protocol.judge(check_all, seeds, config["reproduce"]["bootstrap"], np.random.default_rng(BOOTSTRAP_SEED))
     first, sections = seeds[0], []
     for claim, (draw, details) in zip(claims, SECTIONS):

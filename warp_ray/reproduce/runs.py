@@ -37,7 +37,7 @@ from warp_ray.coordinator.coordinator import run_warp
 from warp_ray.coordinator.learners import RemoteLearner, run_seed
 from warp_ray.data import read_preferences, read_prompts
 from warp_ray.errors import ConfigError, WarpRayError
-from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se, prompt_means
+from warp_ray.evaluation import Evaluator, ReferencePolicy, summarise
 from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
 from warp_ray.reproduce import regime
@@ -264,11 +264,6 @@ def measure_seed(config: WarpConfig) -> dict:
     return results
 
 
-def seed_view(results: dict, k: int) -> dict:
-    """The k-th seed's results with the shared ones (config, WARM): what a claim is checked on."""
-    return {**{key: value for key, value in results.items() if key != "by_seed"}, **results["by_seed"][k]}
-
-
 def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
     """The task's SFT, prompts and preferences folders, WARM's accuracy table, and whether WARM was
     trained now: it is read back when trained on the same task with the same settings."""
@@ -395,12 +390,10 @@ def _evaluate(engines: list, weights: list[dict[str, torch.Tensor]]) -> list[dic
 
 
 def _summary(rows: list[dict]) -> dict:
-    summary = {}
-    for key in ("reward", "kl_to_sft", "control_reward"):
-        summary[key], summary[f"{key}_se"] = mean_and_se(rows, key)
-        summary[f"{key}_by_prompt"] = prompt_means(rows, key)
-    summary["control_rewards"] = [r["control_reward"] for r in rows]
-    return summary
+    return {
+        **summarise(rows, ("reward", "kl_to_sft", "control_reward")),
+        "control_rewards": [r["control_reward"] for r in rows],
+    }
 
 
 def _interpolation(engines: list, init: dict, pair: list[dict]) -> dict:
