@@ -32,8 +32,8 @@ reproduce-quick: setup
 
 # Formatting and lint (ruff, 120 columns; settings in pyproject.toml), first in `make test`.
 lint: setup
-	$(VENV)/bin/ruff format --check warp_ray tests bench
-	$(VENV)/bin/ruff check warp_ray tests bench
+	$(VENV)/bin/ruff format --check warp_ray tests bench jobs
+	$(VENV)/bin/ruff check warp_ray tests bench jobs
 
 test: lint
 	$(PY) -m pytest tests

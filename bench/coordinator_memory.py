@@ -34,7 +34,7 @@ from warp_ray import merge
 from warp_ray.checkpoint import load_model_weights, save_model
 from warp_ray.coordinator import distributed_merge
 from warp_ray.runtime import init_ray
-from warp_ray.shards import Shards, join, partition, put_folder, split
+from warp_ray.shards import Layout, Shards, join, partition, put_folder, split, wait_until_computed
 
 ROOT = Path(__file__).resolve().parents[1]
 M, ETA = 4, 0.5
@@ -50,8 +50,8 @@ class Policy:
             k: t + 0.01 * torch.randn(t.shape, generator=generator) for k, t in load_model_weights(init).items()
         }
 
-    def put_weights(self, names: list[list[str]]) -> Shards:
-        return [ray.put(shard) for shard in split(self.weights, names)]
+    def put_weights(self, layout: Layout) -> Shards:
+        return [ray.put(shard) for shard in split(self.weights, layout)]
 
 
 class PeakMemory:
@@ -87,15 +87,14 @@ class PeakMemory:
 
 
 @ray.remote(num_cpus=0)
-def sharded(init_folder: Path, policies: list[Shards], names: list[list[str]], out: Path) -> dict:
+def sharded(init_folder: Path, policies: list[Shards], layout: Layout, out: Path) -> dict:
     with PeakMemory() as memory:
         start = time.perf_counter()
-        init = put_folder(
-            init_folder, names
-        )  # as the coordinator's first iteration does; later ones get it from the merge
+        # as the coordinator's first iteration does; later ones get it from the merge
+        init = put_folder(init_folder, layout)
         merged = distributed_merge.slerp(init, policies)
         next_init = distributed_merge.liti(init, merged, ETA)
-        ray.wait(next_init, num_returns=len(next_init), fetch_local=False)
+        wait_until_computed(next_init)
         save_model((ray.get(shard) for shard in next_init), init_folder, out, len(next_init))
         seconds = time.perf_counter() - start
     return {"seconds": seconds, **memory.result()}
@@ -125,12 +124,12 @@ def main() -> None:
     model_bytes = sum(t.numel() * t.element_size() for t in load_model_weights(init_folder).values())
 
     init_ray(num_cpus=2)
-    names = partition(init_folder, M)  # as the coordinator cuts it: a shard per learner
+    layout = partition(init_folder, M)  # as the coordinator cuts it: a shard per learner
     holders = [Policy.remote(init_folder, seed) for seed in range(1, M + 1)]
-    policies = ray.get([h.put_weights.remote(names) for h in holders])
+    policies = ray.get([h.put_weights.remote(layout) for h in holders])
     results = {}
     for name, run in (
-        ("sharded", lambda: sharded.remote(init_folder, policies, names, args.out / "sharded")),
+        ("sharded", lambda: sharded.remote(init_folder, policies, layout, args.out / "sharded")),
         ("central", lambda: central.remote(init_folder, policies, args.out / "central")),
     ):
         (args.out / name).mkdir()

@@ -32,12 +32,13 @@ from deepspeed.runtime.lr_schedules import WarmupLR
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warp_ray.config import WarpConfig
+from warp_ray.config_io import load_config
 from warp_ray.data import read_preferences, read_prompts
+from warp_ray.driver import run_warm
 from warp_ray.learner.learner import PromptOrder
 from warp_ray.learner.rank import deepspeed_config, linear_warmup
-from warp_ray.learner.reinforce import token_logprobs
+from warp_ray.logprobs import token_logprobs
 from warp_ray.reward.model import load_reward_model, pairwise_accuracy, score
-from warp_ray.reward.warm import run_warm
 from warp_ray.rollout.worker import RolloutWorker, sample
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
@@ -164,9 +165,8 @@ def optimizer_settings(config: WarpConfig) -> dict[str, dict]:
     """(e) The first step's learning rate and the weight decay, before and now."""
     warp = config.warp
     params = [torch.nn.Parameter(torch.zeros(1))]
-    old_optimizer = torch.optim.AdamW(
-        params, lr=warp.lr
-    )  # what DeepSpeed built from {"type": "Adam", "torch_adam": true}
+    # what DeepSpeed built from {"type": "Adam", "torch_adam": true}
+    old_optimizer = torch.optim.AdamW(params, lr=warp.lr)
     WarmupLR(
         old_optimizer,
         warmup_min_lr=0.0,
@@ -188,9 +188,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="learner batches drawn each way for (c)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "defects.json")
     args = parser.parse_args()
-    config = WarpConfig.from_yaml(
-        ROOT / "configs" / "tiny.yaml", [f"paths.output_dir={ROOT / 'bench' / 'out' / 'defects'}"]
-    )
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"paths.output_dir={ROOT / 'bench' / 'out' / 'defects'}"])
     sft, prompt_folder, preferences, _ = task_inputs(config)
     init_ray(num_cpus=2)
     warm = config.paths.output_dir / "rm" / "warm"

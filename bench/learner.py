@@ -28,11 +28,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warp_ray.config import WarpConfig
+from warp_ray.config_io import load_config
 from warp_ray.data import read_prompts
 from warp_ray.learner.learner import Learner
-from warp_ray.learner.reinforce import pack, reinforce_loss, token_logprobs
+from warp_ray.learner.reinforce import reinforce_loss
+from warp_ray.logprobs import pack, token_logprobs
 from warp_ray.merge import ema_update_
-from warp_ray.reward.server import RewardServer
+from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.rollout.worker import RolloutWorker
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
@@ -159,7 +161,11 @@ def learner_steps(config: WarpConfig, task: Path, weight_sync: str, steps: int) 
     config = config.model_copy(update={"resources": config.resources.model_copy(update={"weight_sync": weight_sync})})
     start = time.perf_counter()
     learner = Learner(
-        config, task / "sft", read_prompts(task / "prompts" / "train.jsonl"), RewardServer.remote("gold"), seed=0
+        config,
+        task / "sft",
+        read_prompts(task / "prompts" / "train.jsonl"),
+        RewardServer.remote(RewardSource(function=world.gold_reward)),
+        seed=0,
     )
     start_seconds = time.perf_counter() - start
     learner.run(3, desc=f"warm-up ({weight_sync})")
@@ -177,7 +183,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each learner and of the bare loop")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner.json")
     args = parser.parse_args()
-    config = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+    config = load_config(ROOT / "configs" / "tiny.yaml")
     task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
     prompts = read_prompts(task / "prompts" / "train.jsonl")[: config.warp.batch_size]
     init_ray(num_cpus=2)

@@ -19,15 +19,16 @@ from pathlib import Path
 import ray
 import torch
 
-from warp_ray.config import RewardServerParams, WarpConfig
+from warp_ray.config import RewardServerParams
+from warp_ray.config_io import load_config
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.server import RewardServer
+from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.runtime import init_ray
 from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
+TINY = load_config(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
 REQUEST = 32
 
 
@@ -62,7 +63,7 @@ def main() -> None:
     direct = len(requests) * REQUEST / (time.perf_counter() - start)
 
     init_ray(num_cpus=2)
-    server = RewardServer.remote("model", [str(rm)], RewardServerParams(threads=1))
+    server = RewardServer.remote(RewardSource(folders=(str(rm),)), RewardServerParams(threads=1))
     ray.get(server.score.remote(*requests[0]))  # warm up
     results = {"direct_pairs_per_s": direct, "request_pairs": REQUEST, "server": {}}
     for callers in (1, 2, 4):

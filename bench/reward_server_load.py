@@ -29,15 +29,16 @@ import psutil
 import ray
 import torch
 
-from warp_ray.config import RewardServerParams, WarpConfig
+from warp_ray.config import RewardServerParams
+from warp_ray.config_io import load_config
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.server import RewardServer
+from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.runtime import init_ray
 from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
+TINY = load_config(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
 REQUEST, DISTINCT, LEARNERS = 32, 64, 8
 LOST_AFTER_S = 120
 
@@ -149,7 +150,7 @@ def main() -> None:
     direct = DISTINCT * REQUEST / (time.perf_counter() - start)  # the baseline: the same model called in one process
 
     init_ray(num_cpus=2)
-    server = RewardServer.remote("model", [str(args.rm)], RewardServerParams(threads=1))
+    server = RewardServer.remote(RewardSource(folders=(str(args.rm),)), RewardServerParams(threads=1))
     ray.get(server.score.remote(*requests[0]))  # loaded
     learners = [LoadLearner.remote(server, requests, offset=m * DISTINCT // LEARNERS) for m in range(LEARNERS)]
     ray.get([learner.__ray_ready__.remote() for learner in learners])  # their processes started: the clock starts now

@@ -15,13 +15,14 @@ import json
 import subprocess
 from pathlib import Path
 
-from warp_ray.config import WarpConfig
+from warp_ray.config_io import load_config
 from warp_ray.data import read_prompts
+from warp_ray.driver import run_warm
 from warp_ray.evaluation import Evaluator, ReferencePolicy
 from warp_ray.learner.learner import Learner
-from warp_ray.reward.server import RewardServer
-from warp_ray.reward.warm import run_warm
+from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.runtime import init_ray
+from warp_ray.task import world
 from warp_ray.task.build import task_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "short_run.json")
     args = parser.parse_args()
     output_dir = ROOT / "bench" / "out" / "short_run"
-    config = WarpConfig.from_yaml(
+    config = load_config(
         ROOT / "configs" / "tiny.yaml",
         [f"paths.output_dir={output_dir}", "evaluation.every=20", "evaluation.samples_per_prompt=16"],
     )
@@ -43,7 +44,10 @@ def main() -> None:
     warm = output_dir / "rm" / "warm"
     if not warm.is_dir():
         run_warm(config)
-    proxy, gold = RewardServer.remote("model", [str(warm)]), RewardServer.remote("gold")
+    proxy, gold = (
+        RewardServer.remote(RewardSource(folders=(str(warm),))),
+        RewardServer.remote(RewardSource(function=world.gold_reward)),
+    )
     evaluator = Evaluator(
         config, read_prompts(prompts / "held_out.jsonl"), proxy, ReferencePolicy.remote(str(sft)), control_server=gold
     )

@@ -3,28 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-
-def tiny_gpt2(seed: int = 0, n_embd: int = 32) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=96, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-def perturbed(model: GPT2LMHeadModel, seed: int, scale: float = 0.05) -> GPT2LMHeadModel:
-    """A copy of `model` moved by a random task vector, as a fine-tune would."""
-    generator = torch.Generator().manual_seed(seed)
-    copy = GPT2LMHeadModel(model.config).eval()
-    copy.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return copy
+from tests.helpers import perturbed, tiny_gpt2
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tests.conftest import tiny_gpt2
+from tests.helpers import tiny_gpt2
 from warp_ray.cli import main
 
 DOC = Path(__file__).parent.parent / "docs" / "reliability.md"
@@ -191,9 +191,20 @@ def test_bad_input_gets_one_clear_message_and_exit_status_2(case, inputs, capsys
     documented = re.search(rf"^\| {re.escape(case)} \| `(.*)` \|$", DOC.read_text(), re.MULTILINE)
     assert documented, f"docs/reliability.md has no row for {case!r}; its message: {message}"
     assert documented.group(1) == message
-    assert (
-        not (inputs / "o").exists() and not (inputs / "out" / "iteration_0").exists()
-    )  # nothing written, nothing started
+    # nothing written, nothing started
+    assert not (inputs / "o").exists() and not (inputs / "out" / "iteration_0").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["config"], ["train-rm"], ["warp"], ["reproduce"], ["reproduce", "--regime-only"]], ids=" ".join
+)
+def test_every_entry_point_checks_the_folders_the_config_names_first(command, tmp_path, capsys):
+    argv = [*command, "--set", f"paths.sft_model={tmp_path}/missing", "--set", f"paths.prompts={tmp_path}"]
+    assert main([*argv, "--set", f"paths.output_dir={tmp_path}/out"]) == 2
+    err = capsys.readouterr().err
+    assert f"paths.sft_model = '{tmp_path}/missing': model folder {tmp_path}/missing does not exist" in err
+    assert f"paths.prompts = '{tmp_path}': {tmp_path} has no train.jsonl" in err  # every problem, in one message
+    assert not (tmp_path / "out").exists()  # before anything starts
 
 
 def test_the_command_line_exits_2_without_a_traceback(inputs):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -89,20 +88,3 @@ def test_config_prints_the_resolved_config():
     result = warp_ray("config", "--config", "configs/tiny.yaml", "--set", "warp.beta=0.02")
     assert result.returncode == 0, result.stderr
     assert "beta: 0.02" in result.stdout and "mu: 0.01" in result.stdout
-
-
-@pytest.mark.slow
-def test_demo_fine_tunes_merges_and_reports(tmp_path):
-    result = warp_ray("demo", "--config", "configs/tiny.yaml", "--out", tmp_path / "demo")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    rows = summary["models"]
-    # fine-tuning learned the new rule, and the merges kept what was learned
-    assert rows["policy 1"]["loss"] < 0.5 * rows["init"]["loss"]
-    assert rows["SLERP"]["loss"] < 0.5 * rows["init"]["loss"]
-    # the LITI front runs from the init (no KL) to the SLERP merge
-    assert rows["LITI eta=0.0"]["kl_to_init"] == pytest.approx(0.0, abs=1e-6)
-    assert rows["LITI eta=0.3"]["kl_to_init"] < rows["LITI eta=1.0"]["kl_to_init"]
-    assert 0 < summary["angles_degrees"]["task_vectors_mean"] < 180
-    assert "SLERP" in result.stdout and "LITI eta=0.3" in result.stdout
-    assert (tmp_path / "demo" / "next_init" / "model.safetensors").is_file()

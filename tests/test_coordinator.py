@@ -1,7 +1,19 @@
 """The coordinator for real: WARP's Algorithm 1 with M = 2 learners (DeepSpeed ranks, vLLM
 engines) on a local Ray cluster, with faults injected by killing processes (SIGKILL): a
-learner's rank mid-step, the reward server, a rollout engine, and the coordinator itself
-mid-iteration, then resumed to the same result."""
+learner's rank mid-run, the reward server, a rollout engine, and the coordinator itself
+mid-iteration, then resumed to the same result.
+
+One faulted run serves the module (`faulted_run`); `killed_and_resumed` builds on it, killing the
+coordinator and resuming in the same folder. The tests read what the runs recorded (the
+iterations' files, their manifests, Ray's actor table), each fact kept by the fixture that saw it,
+so they may run in any order.
+
+The processes to kill are found through the actors, in Ray's actor table: which actor started
+which, and its process id. The table is read from Ray's GCS (`ray._private.state`, Ray is pinned):
+the public `ray.util.state` asks the dashboard, which the test cluster does not start (see
+warp_ray.runtime.init_ray). Asking the actors themselves (a `pid()` method) would not reach them:
+the ranks and engines are known only to their learner, which is busy in its run and answers calls
+one at a time."""
 
 from __future__ import annotations
 
@@ -11,11 +23,14 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
-import psutil
 import pytest
 import ray
 import torch
+from ray._private.state import actors as actor_table
 from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from transformers import AutoModelForCausalLM
@@ -24,11 +39,19 @@ from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import last_complete, resume_from
 from warp_ray.coordinator.coordinator import Coordinator
-from warp_ray.coordinator.learners import LearnerGroup
-from warp_ray.errors import ConfigError, TooFewLearners
+from warp_ray.errors import ConfigError
 from warp_ray.merge import liti, slerp
+from warp_ray.reward.server import RewardSource
+from warp_ray.task import world
 
 pytestmark = pytest.mark.slow
+
+SECRET = "hf_canary_secret_4242"  # in HF_TOKEN during the runs: what a user's environment holds must stay out
+COORDINATOR = "warp-test-coordinator"  # the coordinator actor's name, by which its killer finds it
+RUN_TIMEOUT_S = 1800  # a run (minutes on 2 busy CPUs) that takes longer is stuck
+VICTIM_WITHIN_S = 120  # from the log line that sets a killer off to its victim found in Ray's actor table
+ITERATION_FILES = {"model", "policies", "manifest.json", "front.json", "front.png", "trajectories.json", "report.md"}
+KEY = "transformer.h.0.attn.c_attn.weight"
 
 
 def warp_config(out, **warp) -> WarpConfig:
@@ -60,160 +83,265 @@ def warp_config(out, **warp) -> WarpConfig:
     )
 
 
-def kill_when_training(log, actor_class: str) -> threading.Thread:
-    """SIGKILL a process of this session's cluster running an `actor_class` actor as soon as `log`
-    has a line (a learner is mid-run)."""
-
-    def kill() -> None:
-        while not (log.is_file() and log.read_text().strip()):
-            time.sleep(0.1)
-        os.kill(
-            next(pid for pid, title in cluster_processes() if title.split(".")[0] == f"ray::{actor_class}"),
-            signal.SIGKILL,
-        )
-
-    thread = threading.Thread(target=kill, daemon=True)
-    thread.start()
-    return thread
-
-
-def cluster_processes() -> list[tuple[int, str]]:
-    """(pid, title) of this session's Ray processes: "ray::LearnerRank.step" is a rank in a step."""
-    found = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            found.append((process.pid, (process.cmdline() or [""])[0]))
-        except psutil.Error:  # ended since the listing
-            pass
-    return found
-
-
-@ray.remote(num_cpus=0)
-class Placed:
-    """A learner's stand-in: placement is what is tested here, not training."""
-
-
-def test_a_cluster_with_fewer_cpus_gets_fewer_learners_within_the_bounds(ray_cluster, tmp_path):
-    config = warp_config(tmp_path, M=3)
-    config.resources = config.resources.model_copy(
-        update={"cpus_per_rank": 1, "cpus_per_rollout_worker": 1}
-    )  # 2 CPUs a learner
-    config.learners = config.learners.model_copy(update={"min": 1, "place_timeout_s": 5})
-    group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
-    try:
-        assert group.scale() == 1  # the 2-CPU cluster holds one learner of the 3 allowed
-    finally:
-        group.close()
-    config.learners.min = 2
-    group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
-    with pytest.raises(TooFewLearners, match=r"placed 1 learner\(s\) within 5 s, fewer than learners.min = 2"):
-        group.scale()
-    group.close()
-
-
-def test_warp_survives_killed_processes_and_resumes_to_the_same_init(
-    tiny_task, ray_cluster, tmp_path, monkeypatch, capfd
-):
-    monkeypatch.setenv(
-        "HF_TOKEN", "hf_canary_secret_4242"
-    )  # what a user's environment holds must not reach the run's files
-    config, sft = warp_config(tmp_path), tiny_task / "sft"
-    coordinator = ray.remote(num_cpus=0)(Coordinator).remote(
-        config, sft, tiny_task / "prompts", ("gold", []), control=True
+def live_actor(cls: str, *, owner: Optional[str] = None, name: Optional[str] = None) -> Optional[dict]:
+    """The row of Ray's actor table of a live `cls` actor named `name`, or started by the live actor
+    named `owner` (a learner's ranks and engines by the learner, "warp-learner-<m>"); None if none."""
+    alive = actor_table(actor_state_name="ALIVE").values()
+    owners = [a["Address"] for a in alive if a["Name"] == owner]
+    return next(
+        (a for a in alive if a["ActorClassName"] == cls and (a["Name"] == name or a["OwnerAddress"] in owners)),
+        None,
     )
-    logs = tmp_path / "logs"
-    killers = [
-        kill_when_training(logs / "iteration_0" / "policy_1" / "metrics.jsonl", "LearnerRank"),  # mid-step
-        kill_when_training(logs / "iteration_0" / "policy_0" / "metrics.jsonl", "RewardServer"),
-        kill_when_training(logs / "iteration_1" / "policy_0" / "metrics.jsonl", "RolloutWorker"),
-    ]
-    try:
-        assert ray.get(coordinator.run.remote()) == tmp_path / "iteration_1"
-        assert not any(killer.is_alive() for killer in killers)
-        check_run(config, tmp_path, sft)
-        out, err = capfd.readouterr()
-        assert "the reward server restarted after its process died; the calls in flight are retried" in out + err
-        assert "died in iteration 0 (ActorDiedError); rerunning it from the iteration's init" in out + err
-        assert not any(
-            "hf_canary_secret_4242" in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
-        )
 
-        # The coordinator is killed mid-iteration 1: its learners die with it, iteration 0 stays whole, and
-        # resuming redoes iteration 1 from iteration 0's checkpoint, same seeds, same result as without the kill.
-        uninterrupted = load_model_weights(tmp_path / "iteration_1" / "model")
-        manifest = (tmp_path / "iteration_0" / "manifest.json").read_text()
-        shutil.rmtree(tmp_path / "iteration_1")
-        shutil.rmtree(logs / "iteration_1")
-        killer = kill_when_training(logs / "iteration_1" / "policy_0" / "metrics.jsonl", "Coordinator")
-        with pytest.raises(RayActorError):
-            ray.get(coordinator.run.remote(resume=True))
-        assert not killer.is_alive()
-    finally:
-        ray.kill(coordinator)
-    assert last_complete(tmp_path) == 0 and (tmp_path / "iteration_0" / "manifest.json").read_text() == manifest
-    for (
-        group_id,
-        group,
-    ) in ray.util.placement_group_table().items():  # they live as long as their job: end the dead coordinator's
+
+class Killer(threading.Thread):
+    """SIGKILLs the process of the actor `find` picks in Ray's actor table as soon as `log` has a
+    line (its learner is mid-run). `result()`, once the run aimed at has ended, gives the victim's row
+    of the table, or fails saying why there was none: `log` had no line before the run ended (or
+    within RUN_TIMEOUT_S), or no victim was found within VICTIM_WITHIN_S of it."""
+
+    def __init__(self, log: Path, victim: str, find: Callable[[], Optional[dict]]):
+        super().__init__(daemon=True)
+        self.log, self.victim, self.find = log, victim, find
+        self.ended = threading.Event()
+        self.killed: Optional[dict] = None
+        self.failure = ""
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.hunt()
+        except Exception as e:  # a failed read of the actor table, say: said by result(), not lost with the thread
+            self.failure = f"the killer of {self.victim} failed: {e!r}"
+
+    def hunt(self) -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (self.log.is_file() and self.log.read_text().strip()):
+            if self.ended.wait(0.1) or time.monotonic() > deadline:
+                self.failure = f"{self.log} had no line before the run ended: no {self.victim} was killed"
+                return
+        deadline = time.monotonic() + VICTIM_WITHIN_S
+        while (actor := self.find()) is None:
+            if time.monotonic() > deadline:
+                self.failure = f"no live {self.victim} in Ray's actor table within {VICTIM_WITHIN_S} s of {self.log}"
+                return
+            time.sleep(0.1)
+        os.kill(actor["Pid"], signal.SIGKILL)
+        self.killed = actor
+
+    def stop(self) -> None:
+        """The run aimed at has ended: a killer still waiting for its log line gives up."""
+        self.ended.set()
+        self.join()
+
+    def result(self) -> dict:
+        self.stop()
+        if self.killed is None:
+            pytest.fail(self.failure)
+        return self.killed
+
+
+def metrics(out: Path, iteration: int, m: int) -> Path:
+    """Where learner m writes its metrics in an iteration, a line per step."""
+    return out / "logs" / f"iteration_{iteration}" / f"policy_{m}" / "metrics.jsonl"
+
+
+def kill_when_training(log: Path, cls: str, **where: str) -> Killer:
+    """A Killer of the live `cls` actor `where` says (see live_actor) once `log` has a line."""
+    return Killer(log, f"{cls} ({', '.join(f'{k} {v}' for k, v in where.items())})", lambda: live_actor(cls, **where))
+
+
+def free_placement_groups() -> None:
+    """Remove the placement groups left: they live as long as their job (this test session), even
+    after the coordinator that made them is gone."""
+    for group_id, group in ray.util.placement_group_table().items():
         if group["state"] != "REMOVED":
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
-    resumed = Coordinator(config, sft, tiny_task / "prompts", ("gold", []), control=True)
+
+
+def worker_stderr(pid: int) -> str:
+    """What Ray worker process `pid` wrote to stderr, from this cluster's session logs."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    return "".join(p.read_text(errors="replace") for p in logs.glob(f"worker-*-{pid}.err"))
+
+
+def files_holding(folder: Path, text: str) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and text in p.read_text(errors="replace")]
+
+
+def coordinator_args(config: WarpConfig, task: Path) -> tuple:
+    """The coordinator of the built-in task's gold reward, evaluated beside itself as the control."""
+    return config, task / "sft", task / "prompts", RewardSource(function=world.gold_reward), world.gold_reward
+
+
+@pytest.fixture(scope="module")
+def secret_in_the_environment():
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_TOKEN", SECRET)
+        yield
+
+
+@dataclass
+class FaultedRun:
+    config: WarpConfig
+    task: Path
+    out: Path  # the run's folder, which `killed_and_resumed` goes on in
+    coordinator: ray.actor.ActorHandle
+    kept: Path  # a copy of `out` as the run ended: what the run's tests read
+    killed: dict[str, dict]  # the killers' victims: their rows of Ray's actor table when killed
+    reward_server: dict  # the killed reward server's row of the actor table once the run ended
+    reward_server_stderr: str  # what its new process wrote to stderr
+
+    def manifest(self, i: int) -> dict:
+        return json.loads((self.kept / f"iteration_{i}" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environment) -> FaultedRun:
+    """Two WARP iterations in the coordinator actor, during which a rank of learner 1 (iteration 0),
+    a reward server (iteration 0: the proxy or the control, both serve the learners) and learner 0's
+    rollout engine (iteration 1) are killed. The run's tests read `kept`, a copy of its folder as it
+    ended: `killed_and_resumed` changes the folder itself."""
+    out = tmp_path_factory.mktemp("warp")
+    config = warp_config(out)
+    coordinator = (
+        ray.remote(num_cpus=0)(Coordinator).options(name=COORDINATOR).remote(*coordinator_args(config, tiny_task))
+    )
+    killers = {
+        "rank": kill_when_training(metrics(out, 0, 1), "LearnerRank", owner="warp-learner-1"),
+        "reward server": kill_when_training(metrics(out, 0, 0), "RewardServer", owner=COORDINATOR),
+        "engine": kill_when_training(metrics(out, 1, 0), "RolloutWorker", owner="warp-learner-0"),
+    }
+    try:
+        try:
+            assert ray.get(coordinator.run.remote(), timeout=RUN_TIMEOUT_S) == out / "iteration_1"
+        finally:
+            for killer in killers.values():
+                killer.stop()
+        killed = {what: killer.result() for what, killer in killers.items()}
+        kept = shutil.copytree(out, tmp_path_factory.mktemp("warp_as_it_ended"), dirs_exist_ok=True)
+        reward_server = actor_table(actor_id=killed["reward server"]["ActorID"])
+        yield FaultedRun(
+            config, tiny_task, out, coordinator, kept, killed, reward_server, worker_stderr(reward_server["Pid"])
+        )
+    finally:
+        ray.kill(coordinator)
+        free_placement_groups()
+
+
+@dataclass
+class KilledAndResumed:
+    out: Path
+    error: Optional[Exception]  # what the coordinator's run(resume=True) raised when its process was killed
+    killed: dict  # the coordinator's row of Ray's actor table when killed
+    complete_after_the_kill: Optional[int]  # the last complete iteration, then
+    manifest_after_the_kill: str  # iteration 0's manifest, then
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(faulted_run) -> KilledAndResumed:
+    """The faulted run's iteration 1 deleted and redone on resume by its coordinator actor, killed
+    mid-iteration (what the tests need of that moment is kept before the folder changes again);
+    then resumed again, in this process, to the end."""
+    out = faulted_run.out
+    shutil.rmtree(out / "iteration_1")  # what the faulted run's tests read is in faulted_run.kept
+    shutil.rmtree(out / "logs" / "iteration_1")
+    killer = kill_when_training(metrics(out, 1, 0), "Coordinator", name=COORDINATOR)
+    error = None
+    try:
+        ray.get(faulted_run.coordinator.run.remote(resume=True), timeout=RUN_TIMEOUT_S)
+    except RayActorError as e:  # its learners die with it
+        error = e
+    finally:
+        killer.stop()
+    killed = killer.result()
+    complete, manifest = last_complete(out), (out / "iteration_0" / "manifest.json").read_text()
+    free_placement_groups()
+    resumed = Coordinator(*coordinator_args(faulted_run.config, faulted_run.task))
     try:
         resumed.run(resume=True)
     finally:
         resumed.close()
-    for name, tensor in load_model_weights(tmp_path / "iteration_1" / "model").items():
-        torch.testing.assert_close(tensor, uninterrupted[name], rtol=0, atol=1e-6, msg=name)
-
-    with pytest.raises(ConfigError, match="warp.beta was 0.02 in that run and is now 0.5"):
-        resume_from(tmp_path, 1, warp_config(tmp_path, beta=0.5))
+    return KilledAndResumed(out, error, killed, complete, manifest)
 
 
-def check_run(config: WarpConfig, out, sft) -> None:
-    """Every iteration whole despite the faults, its kept policies the ones merged into its next init."""
+def test_every_iteration_is_whole_despite_the_kills(faulted_run):
     for i in (0, 1):
-        folder = out / f"iteration_{i}"
-        assert {p.name for p in folder.iterdir()} == {
-            "model",
-            "policies",
-            "manifest.json",
-            "front.json",
-            "front.png",
-            "trajectories.json",
-            "report.md",
-        }
+        folder = faulted_run.kept / f"iteration_{i}"
+        assert {p.name for p in folder.iterdir()} == ITERATION_FILES
         assert AutoModelForCausalLM.from_pretrained(folder / "model") is not None  # a Hugging Face folder
-        assert (
-            len(json.loads((folder / "model" / "model.safetensors.index.json").read_text())["weight_map"]) > 0
-        )  # in 2 shards
+        index = json.loads((folder / "model" / "model.safetensors.index.json").read_text())
+        assert len(index["weight_map"]) > 0  # in 2 shards
         trajectories = json.loads((folder / "trajectories.json").read_text())
-        assert [[h["step"] for h in t] for t in trajectories] == [
-            [1, 2, 3, 4]
-        ] * 2  # the rerun learner's history, whole
-    assert (out / "report.md").read_text().count("## Iteration") == 2
-    manifests = [json.loads((out / f"iteration_{i}" / "manifest.json").read_text()) for i in (0, 1)]
-    rerun = [(r["iteration"], r["error"], r["rerun"]) for r in manifests[1]["restarts"]]
-    assert rerun == [(0, "ActorDiedError", True), (1, "ActorDiedError", True)]  # the rank's death, then the engine's
-    assert len(manifests[0]["restarts"]) == 1 and manifests[1]["rejected"] == []
-    assert manifests[0]["seeds"][0] != manifests[0]["seeds"][1] and len(manifests[0]["final_metrics"]) == 2
+        assert [[h["step"] for h in t] for t in trajectories] == [[1, 2, 3, 4]] * 2  # a rerun learner's history, whole
+        manifest = faulted_run.manifest(i)
+        assert len(set(manifest["seeds"])) == 2 and len(manifest["final_metrics"]) == 2
+        assert manifest["rejected"] == []
+    assert (faulted_run.kept / "report.md").read_text().count("## Iteration") == 2
 
-    front = json.loads((out / "iteration_0" / "front.json").read_text())
+
+def test_the_learners_killed_are_rerun_and_the_manifests_record_it(faulted_run):
+    """Learner 1 lost a rank in iteration 0, learner 0 its engine in iteration 1: each was rerun from
+    its iteration's init, and each iteration's manifest lists the restarts up to it."""
+    restarts = [(r["iteration"], r["policy"], r["error"], r["rerun"]) for r in faulted_run.manifest(1)["restarts"]]
+    assert restarts == [(0, 1, "ActorDiedError", True), (1, 0, "ActorDiedError", True)]
+    assert len(faulted_run.manifest(0)["restarts"]) == 1
+
+
+def test_a_killed_reward_server_is_restarted_in_place_and_says_so(faulted_run):
+    """Ray starts it again (warp_ray.runtime.SERVICE) and retries the calls in flight: no learner
+    is rerun for it (the manifests list only the rank's and the engine's deaths), and the new process
+    logs that it replaced a dead one."""
+    before, after = faulted_run.killed["reward server"], faulted_run.reward_server
+    assert after["State"] == "ALIVE" and after["NumRestarts"] == 1 and after["Pid"] != before["Pid"]
+    assert [r["iteration"] for r in faulted_run.manifest(1)["restarts"]] == [0, 1]
+    assert "the reward server restarted after its process died" in faulted_run.reward_server_stderr
+
+
+def test_the_liti_front_has_a_point_per_base_and_eta(faulted_run):
+    """From the init and from the SFT (the same model in iteration 0) towards the merge."""
+    front = json.loads((faulted_run.kept / "iteration_0" / "front.json").read_text())
     assert [(p["towards"], p["eta"]) for p in front] == [(t, e) for t in ("init", "sft") for e in (0.0, 0.5, 1.0)]
     at_sft = [p for p in front if p["eta"] == 0.0]  # iteration 0's init is the SFT: both bases give the SFT itself
     assert at_sft[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-3) and at_sft[0] == {**at_sft[1], "towards": "init"}
     assert front[2]["kl_to_sft"] > 0 and "control_reward" in front[2]
 
-    sft_weights = load_model_weights(sft)
-    first = load_model_weights(out / "iteration_0" / "model")
-    key = "transformer.h.0.attn.c_attn.weight"
-    assert not torch.equal(first[key], sft_weights[key])
-    # The kept policies are the ones merged: SLERP and LITI of them, in one process, give each iteration's next init.
-    for i, init in enumerate((sft_weights, first)):
-        policies = [load_model_weights(out / f"iteration_{i}" / "policies" / f"policy_{m}") for m in (0, 1)]
-        assert not torch.equal(policies[0][key], policies[1][key])
-        merged, saved = (
-            liti(init, slerp(init, policies), config.warp.eta),
-            load_model_weights(out / f"iteration_{i}" / "model"),
-        )
-        for name in saved:
-            torch.testing.assert_close(merged[name], saved[name], rtol=0, atol=1e-6, msg=name)
+
+def test_each_next_init_is_the_slerp_and_liti_of_the_kept_policies(faulted_run):
+    """SLERP and LITI of an iteration's kept policies, in one process, give the init it saved."""
+    sft = load_model_weights(faulted_run.task / "sft")
+    first = load_model_weights(faulted_run.kept / "iteration_0" / "model")
+    assert not torch.equal(first[KEY], sft[KEY])
+    for i, init in enumerate((sft, first)):
+        folder = faulted_run.kept / f"iteration_{i}"
+        policies = [load_model_weights(folder / "policies" / f"policy_{m}") for m in (0, 1)]
+        assert not torch.equal(policies[0][KEY], policies[1][KEY])
+        merged = liti(init, slerp(init, policies), faulted_run.config.warp.eta)
+        for name, saved in load_model_weights(folder / "model").items():
+            torch.testing.assert_close(merged[name], saved, rtol=0, atol=1e-6, msg=name)
+
+
+def test_no_secret_from_the_environment_reaches_the_runs_files(faulted_run, killed_and_resumed):
+    assert files_holding(faulted_run.kept, SECRET) == []
+    assert files_holding(killed_and_resumed.out, SECRET) == []
+
+
+def test_a_coordinator_killed_mid_iteration_leaves_the_last_complete_iteration_intact(faulted_run, killed_and_resumed):
+    assert isinstance(killed_and_resumed.error, RayActorError), killed_and_resumed.error
+    assert killed_and_resumed.killed["ActorClassName"] == "Coordinator"
+    assert killed_and_resumed.complete_after_the_kill == 0
+    assert (
+        killed_and_resumed.manifest_after_the_kill == (faulted_run.kept / "iteration_0" / "manifest.json").read_text()
+    )
+
+
+def test_resuming_gives_the_same_init_as_the_uninterrupted_run(faulted_run, killed_and_resumed):
+    """Iteration 1 redone from iteration 0's checkpoint, with the same seeds."""
+    uninterrupted = load_model_weights(faulted_run.kept / "iteration_1" / "model")
+    for name, tensor in load_model_weights(killed_and_resumed.out / "iteration_1" / "model").items():
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resuming_refuses_a_changed_config(killed_and_resumed):
+    with pytest.raises(ConfigError, match="warp.beta was 0.02 in that run and is now 0.5"):
+        resume_from(killed_and_resumed.out, 1, warp_config(killed_and_resumed.out, beta=0.5))

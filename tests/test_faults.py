@@ -20,9 +20,11 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.helpers import save
 from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
-from warp_ray.coordinator.checkpoints import last_complete, resume_from, save_iteration
+from warp_ray.config_io import load_config
+from warp_ray.coordinator.checkpoints import last_complete, resume_from
 from warp_ray.coordinator.learners import LearnerGroup
 from warp_ray.errors import NonFiniteError, TooFewLearners
 from warp_ray.learner.learner import check_finite
@@ -53,7 +55,7 @@ class StandInLearner:
             self.weights["w"][1] = float("inf")
         return [{"step": steps}]
 
-    def put_weights(self, names):
+    def put_weights(self, layout):
         check_finite("the trained policy", self.weights)  # as Learner.put_weights does
         return [ray.put(self.weights)]
 
@@ -68,28 +70,47 @@ def group_config(**learners) -> WarpConfig:
     )
 
 
+@ray.remote(num_cpus=0)
+class Placed:
+    """A learner's stand-in: placement is what is tested here, not training."""
+
+
+def test_a_cluster_with_fewer_cpus_gets_fewer_learners_within_the_bounds(ray_cluster, tmp_path):
+    config = group_config(min=1)  # M = 3
+    config.resources = config.resources.model_copy(update={"cpus_per_rank": 1, "cpus_per_rollout_worker": 1})
+    group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
+    try:
+        assert group.scale() == 1  # the 2-CPU cluster holds one learner of the 3 allowed
+    finally:
+        group.close()
+    config.learners.min = 2
+    group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
+    with pytest.raises(TooFewLearners, match=r"placed 1 learner\(s\) within 5 s, fewer than learners.min = 2"):
+        group.scale()
+    group.close()
+
+
 def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_path, caplog):
     group = LearnerGroup(group_config(min=1), lambda m, _: StandInLearner.remote(m), tmp_path)
     try:
         assert group.scale() == 3
         with caplog.at_level(logging.WARNING, logger="warp_ray.coordinator.learners"):
-            policies, histories = group.train([ray.put({"w": torch.zeros(2)})], iteration=0, names=[["w"]])
+            policies, histories = group.train([ray.put({"w": torch.zeros(2)})], iteration=0, layout=[["w"]])
         assert [ray.get(p[0])["w"].tolist() for p in policies] == [[0.0, 0.0]] and group.merged == [0]
         assert sorted(group.rejected, key=lambda r: r["policy"]) == [
             {"iteration": 0, "policy": 1, "reason": "step 3: 'reward' has 1 NaN or Inf value(s) of 2"},
             {"iteration": 0, "policy": 2, "reason": "the trained policy: 'w' has 1 NaN or Inf value(s) of 2"},
         ]
         assert "learner 1 is left out of iteration 0's merge: step 3: 'reward' has 1 NaN" in caplog.text
-        assert (
-            len(group.slots) == 3 and group.restarts == []
-        )  # not rerun (same seed, same NaN), not dropped: its processes are fine
+        # not rerun (same seed, same NaN), not dropped: its processes are fine
+        assert len(group.slots) == 3 and group.restarts == []
         group.config.learners.min = 2
         with pytest.raises(
             TooFewLearners,
             match=r"1 learner\(s\) ended iteration 1 with a usable policy, fewer than learners.min = 2; "
             r"learner 1: step 3: 'reward' has 1 NaN .*; learner 2: the trained policy: 'w'",
         ):
-            group.train([ray.put({"w": torch.zeros(2)})], iteration=1, names=[["w"]])
+            group.train([ray.put({"w": torch.zeros(2)})], iteration=1, layout=[["w"]])
     finally:
         group.close()
 
@@ -97,7 +118,7 @@ def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_pat
 def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, tmp_path):
     """M = 8, K = 1 with the tiny config's resources (half a CPU per learner): the cluster holds 4,
     and the group says so within learners.place_timeout_s, before starting a learner."""
-    config = WarpConfig.from_yaml(
+    config = load_config(
         ROOT / "configs" / "tiny.yaml",
         [
             "warp.M=8",
@@ -120,18 +141,6 @@ def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, t
     while ray.available_resources().get("CPU") != 2 and time.time() < deadline:
         time.sleep(0.1)
     assert ray.available_resources().get("CPU") == 2  # the 4 placement groups were given back
-
-
-def save(out: Path, iteration: int, weights: dict, like: Path, extras=lambda folder: None) -> Path:
-    return save_iteration(
-        out,
-        iteration,
-        [weights],
-        1,
-        like,
-        {"iteration": iteration, "config": WarpConfig().model_dump(mode="json")},
-        extras,
-    )
 
 
 def test_a_checkpoint_write_failing_half_way_leaves_the_previous_one_loadable(model_folders, tmp_path, monkeypatch):
@@ -167,7 +176,7 @@ def test_a_process_killed_while_writing_a_checkpoint_leaves_no_complete_looking_
     script = f"""
 import os, signal
 from warp_ray.checkpoint import load_model_weights
-from tests.test_faults import save
+from tests.helpers import save
 from pathlib import Path
 out, like = Path({str(out)!r}), Path({str(model_folders["init"])!r})
 save(out, 0, load_model_weights(Path({str(model_folders["a"])!r})), like)
@@ -177,9 +186,8 @@ save(out, 1, load_model_weights(Path({str(model_folders["b"])!r})), like,
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr
     leftover, complete = sorted(p.name for p in out.iterdir())
-    assert complete == "iteration_0" and leftover.startswith(
-        ".iteration_1.tmp-"
-    )  # the crash's leftovers, under a hidden name
+    # the crash's leftovers, under a hidden name
+    assert complete == "iteration_0" and leftover.startswith(".iteration_1.tmp-")
     assert (out / leftover / "model" / "model.safetensors").is_file()  # the weights were written, the manifest was not
     assert last_complete(out) == 0  # resuming starts after iteration 0
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import perturbed, tiny_gpt2
+from tests.helpers import perturbed, tiny_gpt2
 from warp_ray.errors import CheckpointError, MergeError
 from warp_ray.merge import average, liti, slerp
 from warp_ray.merge.folders import average_folders, liti_folders, merge_folders, slerp_folders

@@ -20,8 +20,9 @@ from warp_ray.errors import NonFiniteError
 from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.model import load_reward_model
-from warp_ray.reward.server import RewardServer
+from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.rollout.worker import sample
+from warp_ray.task import world
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     config = tiny_config(anchor="ema", mu=0.1)
     config.resources.ranks_per_learner = 2
     config.evaluation.every = 15
-    gold = RewardServer.remote("gold")
+    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
     learner = Learner(
         config,
         tiny_task / "sft",
@@ -71,9 +72,8 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert statistics.mean(rewards[-8:]) > statistics.mean(rewards[:8]) + 0.5
     assert [m["step"] for m in history if "eval_reward" in m] == [15, 30]
     assert history[-1]["eval_reward"] > before["reward"] + 0.5 and history[-1]["eval_kl_to_sft"] > 0.3
-    assert (
-        history[-1]["kl_to_anchor"] < history[-1]["eval_kl_to_sft"]
-    )  # the EMA anchor follows: KL to it stays below KL to the SFT
+    # the EMA anchor follows: KL to it stays below KL to the SFT
+    assert history[-1]["kl_to_anchor"] < history[-1]["eval_kl_to_sft"]
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 31)) and logged[-1]["reward"] == rewards[-1]
     for m in history:
@@ -108,7 +108,7 @@ def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_s
         tiny_config(anchor="sft"),
         tiny_task / "sft",
         read_prompts(tiny_task / "prompts" / "train.jsonl"),
-        RewardServer.remote("gold"),
+        RewardServer.remote(RewardSource(function=world.gold_reward)),
         seed=1,
     )
     engine_pid = ray.get(learner.rollouts[0].__ray_call__.remote(lambda _: os.getpid()))
@@ -144,7 +144,7 @@ def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_s
     torch.nn.init.constant_(model.score.weight, float("nan"))
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    learner.reward_server = RewardServer.remote("model", [str(tmp_path / "rm")])
+    learner.reward_server = RewardServer.remote(RewardSource(folders=(str(tmp_path / "rm"),)))
     with pytest.raises(NonFiniteError, match=r"step 1: 'reward' has 32 NaN or Inf value\(s\) of 32"):
         learner.step()
 
@@ -165,7 +165,7 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
         }
     )
     config.evaluation = config.evaluation.model_copy(update={"every": 3, "prompts": 16})
-    gold = RewardServer.remote("gold")
+    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
     learner = Learner(
         config,
         tiny_task / "sft",
@@ -188,9 +188,8 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
 
     held_out = read_prompts(tiny_task / "prompts" / "held_out.jsonl")
     learner.check_engine_agrees(held_out[:4])  # both engines, after broadcasts
-    groups = sample(
-        learner.rollouts, held_out[:5], 2, 1.0, 4
-    )  # the engines share the prompts; answers keep their order
+    # the engines share the prompts; answers keep their order
+    groups = sample(learner.rollouts, held_out[:5], 2, 1.0, 4)
     assert [[s["prompt_token_ids"] for s in g] for g in groups] == [
         [learner.tokenizer(p).input_ids] * 2 for p in held_out[:5]
     ]
@@ -213,9 +212,8 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     assert anchors[1] is None  # gathered once, on rank 0 only
     sft = load_file(tiny_task / "sft" / "model.safetensors")
     key = "transformer.h.0.attn.c_attn.weight"
-    assert (
-        0 < (anchors[0][key] - sft[key]).norm() < (policy[key] - sft[key]).norm()
-    )  # the sharded EMA moved, from behind
+    # the sharded EMA moved, from behind
+    assert 0 < (anchors[0][key] - sft[key]).norm() < (policy[key] - sft[key]).norm()
 
     learner.set_weights(sft, seed=3)  # a new run, from the SFT
     assert torch.equal(learner.get_weights()[key], sft[key])

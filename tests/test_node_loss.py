@@ -57,7 +57,7 @@ def scenario() -> None:
                 time.sleep(0.1)
             return [{"step": steps, "node": node}]
 
-        def put_weights(self, names):
+        def put_weights(self, layout):
             return [ray.put({"w": torch.full((1,), float(self.m))})]
 
     from pathlib import Path

@@ -34,7 +34,7 @@ def test_dockerfiles_install_an_extra_that_pyproject_defines(dockerfile):
         assert (ROOT / copied).exists(), f"{dockerfile.name} copies {copied}, which does not exist"
 
 
-@pytest.mark.parametrize("job, command", [("merge_demo.py", "demo"), ("train_rm.py", "train-rm")])
+@pytest.mark.parametrize("job, command", [("warp.py", "warp"), ("train_rm.py", "train-rm")])
 def test_job_entry_points_run_their_command(job, command):
     result = subprocess.run([sys.executable, f"jobs/{job}", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and f"warp-ray {command}" in result.stdout and "--config" in result.stdout
@@ -71,9 +71,8 @@ def test_kuberay_manifests_fit_the_gpu_config_and_require_a_token():
         + resources.rollout_workers_per_learner * resources.gpus_per_rollout_worker
     )
     worker = cluster["spec"]["workerGroupSpecs"][0]
-    assert (
-        int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == gpus
-    )  # one learner a node
+    # one learner a node
+    assert int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == gpus
 
     pods = [cluster["spec"]["headGroupSpec"]["template"], worker["template"], job["spec"]["submitterPodTemplate"]]
     for container in (c for pod in pods for c in pod["spec"]["containers"]):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from warp_ray.learner.reinforce import baseline, reinforce_loss, sequence_kl, token_logprobs
+from warp_ray.learner.reinforce import baseline, reinforce_loss, sequence_kl
+from warp_ray.logprobs import token_logprobs
 
 
 def test_token_logprobs_are_the_log_softmax_at_the_tokens():

@@ -18,6 +18,7 @@ import torch
 
 from warp_ray.cli import main
 from warp_ray.config import WarpConfig
+from warp_ray.config_io import load_config
 from warp_ray.errors import ConfigError, WarpRayError
 from warp_ray.reproduce import claims, protocol, regime
 from warp_ray.reproduce.claims import Check, Claim, collapse_step, front_gap, win_rate
@@ -49,12 +50,10 @@ def test_front_gap_compares_the_best_reward_within_each_kl_budget_both_fronts_re
     # budgets 0.02 .. 2.0: under 1 only the SFT is within reach (no gap), from 1 on a gap of 0.5, for 51 of 100 budgets
     assert front_gap(high, low, origin) == pytest.approx(0.255)
     assert front_gap(low, high, origin) == pytest.approx(-0.255)
-    assert front_gap(high + [point(9.0, 99.0)], low, origin) == pytest.approx(
-        0.255
-    )  # beyond the other front's reach: ignored
-    assert front_gap(high + [point(1.5, -9.0)], low, origin) == pytest.approx(
-        0.255
-    )  # a worse point further in KL: dominated
+    # beyond the other front's reach: ignored
+    assert front_gap(high + [point(9.0, 99.0)], low, origin) == pytest.approx(0.255)
+    # a worse point further in KL: dominated
+    assert front_gap(high + [point(1.5, -9.0)], low, origin) == pytest.approx(0.255)
 
 
 def test_win_rate_counts_ties_as_half_and_gives_its_standard_error():
@@ -174,13 +173,13 @@ def test_angles_of_task_vectors_and_cosines_of_weights_per_tensor():
 
 
 def test_protocol_refuses_settings_the_claims_are_not_about():
-    check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml"))
+    check_protocol(load_config(ROOT / "configs" / "reproduce.yaml"))
     with pytest.raises(ConfigError, match=r"warp.M = 4 .* got 2"):
-        check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "tiny.yaml"))
+        check_protocol(load_config(ROOT / "configs" / "tiny.yaml"))
     with pytest.raises(ConfigError, match="warp.I >= 2"):
-        check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["warp.I=1"]))
+        check_protocol(load_config(ROOT / "configs" / "reproduce.yaml", ["warp.I=1"]))
     with pytest.raises(ConfigError, match=r"evaluation.every = warp.T / 10 = 20 .* got 10"):
-        check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["warp.T=200", "evaluation.every=10"]))
+        check_protocol(load_config(ROOT / "configs" / "reproduce.yaml", ["warp.T=200", "evaluation.every=10"]))
 
 
 def evaluation(kl: float, reward: float, control: list[float] | None = None, **extra) -> dict:
@@ -205,9 +204,7 @@ def evaluation(kl: float, reward: float, control: list[float] | None = None, **e
 def made_up_results(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Results in which every claim holds except claim 5 (the M = 2 front is the higher one), the
     same for every seed."""
-    config = WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["reproduce.bootstrap=100"]).model_dump(
-        mode="json"
-    )
+    config = load_config(ROOT / "configs" / "reproduce.yaml", ["reproduce.bootstrap=100"]).model_dump(mode="json")
     etas = config["evaluation"]["front_etas"]
 
     def run(scale: float, kl_rate: float = 1.0) -> list[dict]:
@@ -354,6 +351,7 @@ def test_report_only_redraws_from_the_saved_results(tmp_path, capsys):
     (out / "reproduce" / "results.json").write_text(json.dumps(made_up_results()))
     assert main(args + ["--report", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "results.md").is_file() and (tmp_path / "docs" / "results" / "claim_8.png").is_file()
+    # before anything runs
     assert (
         main(
             [
@@ -367,13 +365,12 @@ def test_report_only_redraws_from_the_saved_results(tmp_path, capsys):
             ]
         )
         == 2
-    )  # before anything runs
+    )
     assert "--seeds 4: reproduce.seeds lists 3 ([0, 1, 2]); take 1 to 3 of them" in capsys.readouterr().err
     assert main(args + ["--seeds", "1"]) == 2
     assert "--report-only measures none" in capsys.readouterr().err
-    assert (
-        json.loads((tmp_path / "docs" / "results" / "results.json").read_text()) == made_up_results()
-    )  # the data, beside
+    # the data, beside
+    assert json.loads((tmp_path / "docs" / "results" / "results.json").read_text()) == made_up_results()
 
 
 def made_up_regime(rise: float = 1.0, fall: float = 0.6, T: int = 100, mu: float = 0.1) -> dict:
@@ -438,7 +435,7 @@ def test_regime_only_runs_are_logged_and_the_report_tables_every_configuration_t
 
     from warp_ray.reproduce import REGIME_LOG, _log_regime, reproduce
 
-    config = WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}/run"])
+    config = load_config(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}/run"])
     slow = config.model_copy(update={"warp": config.warp.model_copy(update={"lr": config.warp.lr / 10})})
     _log_regime(tmp_path / "docs", config, made_up_regime())
     _log_regime(tmp_path / "docs", slow, made_up_regime(fall=0.0))
@@ -458,8 +455,8 @@ def test_regime_only_runs_are_logged_and_the_report_tables_every_configuration_t
 def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path, monkeypatch):
     import json
 
+    from warp_ray import driver
     from warp_ray.reproduce import runs
-    from warp_ray.reward import warm
 
     (tmp_path / "task" / "sft").mkdir(parents=True)
     trained = []
@@ -475,15 +472,17 @@ def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path
         return []
 
     monkeypatch.setattr(runs, "task_inputs", task_inputs)
-    monkeypatch.setattr(warm, "task_inputs", task_inputs)
-    monkeypatch.setattr(warm, "preference_splits", lambda folder: {})
-    monkeypatch.setattr(warm, "init_ray", lambda: None)
-    monkeypatch.setattr(warm, "train_warm", train_warm)
-    monkeypatch.setattr(warm, "accuracy_table", lambda folders, merged, splits: {"WARM": {"validation": len(trained)}})
+    monkeypatch.setattr(driver, "task_inputs", task_inputs)
+    monkeypatch.setattr(driver, "preference_splits", lambda folder: {})
+    monkeypatch.setattr(driver, "init_ray", lambda: None)
+    monkeypatch.setattr(driver, "train_warm", train_warm)
+    monkeypatch.setattr(
+        driver, "accuracy_table", lambda folders, merged, splits: {"WARM": {"validation": len(trained)}}
+    )
 
     def config(*overrides: str) -> WarpConfig:
         overrides = [f"paths.output_dir={tmp_path}/out", *overrides]
-        return WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", overrides)
+        return load_config(ROOT / "configs" / "reproduce.yaml", overrides)
 
     assert runs._task_and_warm(config())[3] == {"WARM": {"validation": 1}}
     assert runs._task_and_warm(config())[3:] == ({"WARM": {"validation": 1}}, False) and len(trained) == 1  # read back
@@ -501,21 +500,20 @@ def test_an_undefined_standard_error_judges_nothing():
     rise = next(c for c in regime.criteria(single_prompt) if "the rise" in c.name)
     assert rise.holds is False
     with pytest.raises(ConfigError, match="evaluation.prompts >= 2"):
-        check_protocol(WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", ["evaluation.prompts=1"]))
+        check_protocol(load_config(ROOT / "configs" / "reproduce.yaml", ["evaluation.prompts=1"]))
 
 
 def test_seeds_share_the_task_and_the_reward_models_through_links(tmp_path):
     from warp_ray.reproduce.runs import seed_config
 
-    config = WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}"])
+    config = load_config(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}"])
     (tmp_path / "task").mkdir()
     (tmp_path / "task" / "task.json").write_text("{}")
     first, again = seed_config(config, 3), seed_config(config, 3)  # a resumed reproduction finds its links in place
     assert first == again and first.warp.seed == 3 and first.paths.output_dir == tmp_path / "seeds" / "seed_3"
     assert (first.paths.output_dir / "task" / "task.json").read_text() == "{}"
-    assert (first.paths.output_dir / "rm").resolve() == (
-        tmp_path / "rm"
-    ).resolve()  # WARM, trained later, is found there
+    # WARM, trained later, is found there
+    assert (first.paths.output_dir / "rm").resolve() == (tmp_path / "rm").resolve()
     assert config.paths.output_dir == tmp_path and config.warp.seed == 0  # the shared config is untouched
     (tmp_path / "seeds" / "seed_4" / "task").mkdir(parents=True)  # a copy, not a link: it would go its own way
     with pytest.raises(WarpRayError, match=r"seed_4/task should link to the shared .*/task"):
@@ -536,7 +534,7 @@ def test_a_seed_is_read_back_only_when_measured_with_the_same_settings_and_rewar
     monkeypatch.setattr(runs, "measure_seed", measure_seed)
     (tmp_path / "rm" / "warm").mkdir(parents=True)
     (tmp_path / "rm" / "warm" / "model.safetensors").write_bytes(b"the reward models of the time")
-    config = WarpConfig.from_yaml(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}"])
+    config = load_config(ROOT / "configs" / "reproduce.yaml", [f"paths.output_dir={tmp_path}"])
     seeded = runs.seed_config(config, 2)
     assert runs._seed_results(seeded) == ({"seed": 2, "n": 1, "seconds": {"WARP": 60.0}}, True)
     assert runs._seed_results(runs.seed_config(config, 2))[1] is False and measured == [2]  # read back

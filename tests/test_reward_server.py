@@ -11,7 +11,7 @@ import torch
 from warp_ray.config import RewardServerParams
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.server import RewardServer
+from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.task import world
 
 
@@ -39,7 +39,9 @@ def direct(folder, prompts, completions):
 
 
 def test_concurrent_callers_get_the_scores_of_a_direct_call(ray_cluster, rm_folders, pairs):
-    server = RewardServer.remote("model", [str(rm_folders[0])], RewardServerParams(max_batch_size=64, max_wait_ms=50))
+    server = RewardServer.remote(
+        RewardSource(folders=(str(rm_folders[0]),)), RewardServerParams(max_batch_size=64, max_wait_ms=50)
+    )
     requests = [pairs[i * 10 : (i + 1) * 10] for i in range(8)]  # 8 learners at once
     refs = [server.score.remote([p["prompt"] for p in r], [p["chosen"] for p in r]) for r in requests]
     answers = ray.get(refs)
@@ -52,7 +54,9 @@ def test_concurrent_callers_get_the_scores_of_a_direct_call(ray_cluster, rm_fold
 
 def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pairs):
     """Learners that keep calling: requests are checked while earlier ones are being scored."""
-    server = RewardServer.remote("model", [str(rm_folders[0])], RewardServerParams(max_batch_size=64, max_wait_ms=1))
+    server = RewardServer.remote(
+        RewardSource(folders=(str(rm_folders[0]),)), RewardServerParams(max_batch_size=64, max_wait_ms=1)
+    )
     expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
 
     def learner(offset: int) -> list[tuple[int, float]]:
@@ -74,10 +78,10 @@ def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pair
 
 def test_ens_and_gold_rewards(ray_cluster, rm_folders, pairs):
     prompts, completions = [p["prompt"] for p in pairs], [p["rejected"] for p in pairs]
-    ens = RewardServer.remote("ens", [str(f) for f in rm_folders])
+    ens = RewardServer.remote(RewardSource(folders=tuple(str(f) for f in rm_folders)))
     expected = (direct(rm_folders[0], prompts, completions) + direct(rm_folders[1], prompts, completions)) / 2
     assert torch.allclose(torch.tensor(ray.get(ens.score.remote(prompts, completions))), expected, atol=1e-5)
-    gold = RewardServer.remote("gold")
+    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
     assert ray.get(gold.score.remote(prompts, completions)) == [
         world.gold_reward(p, c) for p, c in zip(prompts, completions)
     ]
@@ -93,7 +97,7 @@ def test_ens_and_gold_rewards(ray_cluster, rm_folders, pairs):
     ],
 )
 def test_bad_requests_get_a_clear_error_and_the_server_goes_on(ray_cluster, rm_folders, prompts, completions, message):
-    server = RewardServer.remote("model", [str(rm_folders[0])])
+    server = RewardServer.remote(RewardSource(folders=(str(rm_folders[0]),)))
     with pytest.raises(ray.exceptions.RayTaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ray.get(server.score.remote(prompts, completions))
     assert len(ray.get(server.score.remote(["write about the garden :"], ["the bee is warm ."]))) == 1

@@ -12,7 +12,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import perturbed
+from tests.helpers import perturbed
 from warp_ray.data import read_preferences, read_prompts
 from warp_ray.reward.model import reward_input
 from warp_ray.rollout import weight_group

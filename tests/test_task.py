@@ -53,9 +53,8 @@ def test_the_cheap_feature_is_hackable_repeating_positive_words_lowers_gold():
 def test_praise_beyond_four_positive_words_costs_what_more_words_would_seem_to_earn():
     four = "the flower is lovely and bright . the bee was warm and calm ."
     six = "the flower is lovely and bright . the bee was warm and calm . the tree is kind and happy ."
-    assert (
-        world.gold_reward(PROMPT, six) == world.gold_reward(PROMPT, four) + 0.5 - 2 * world.PRAISE_PENALTY
-    )  # + a noun
+    # six adds a noun (+0.5) and two positive words past the fourth, each charged
+    assert world.gold_reward(PROMPT, six) == world.gold_reward(PROMPT, four) + 0.5 - 2 * world.PRAISE_PENALTY
     rng = random.Random(0)
     piled_on = sum(sum(w in world.POSITIVE for w in world.completion("garden", rng).split()) > 4 for _ in range(5000))
     assert piled_on < 0.01 * 5000  # SFT text rarely shows it: preference data cannot teach it

@@ -107,9 +107,6 @@ def _parser() -> argparse.ArgumentParser:
         "logged with the configurations tried",
     )
 
-    demo = commands.add_parser("demo", help="the built-in demo: fine-tune tiny GPT-2s and merge them the WARP way")
-    _add_config_args(demo)
-    demo.add_argument("--out", type=Path, help="output folder (default: <paths.output_dir>/demo)")
     return parser
 
 
@@ -126,18 +123,20 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
         return
 
-    from warp_ray.config import WarpConfig
+    from warp_ray.config_io import check_paths, load_config
 
-    config = WarpConfig.from_yaml(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
     if args.command == "config":
+        check_paths(config.paths)
         print(config.to_yaml(), end="")
     elif args.command == "train-rm":
-        from warp_ray.reward.warm import markdown, run_warm
+        from warp_ray.driver import run_warm
+        from warp_ray.reward.warm import markdown
 
         print(markdown(run_warm(config)), end="")
         print(f"reward models, WARM and accuracy.json in {config.paths.output_dir / 'rm'}")
     elif args.command == "warp":
-        from warp_ray.coordinator.coordinator import run_warp
+        from warp_ray.driver import run_warp
 
         last = run_warp(config, resume=args.resume)
         print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
@@ -152,15 +151,11 @@ def _run(args: argparse.Namespace) -> None:
         table, log = measure_regime(config, args.report)
         print(table)
         print(f"logged with the configurations tried in {log}")
-    elif args.command == "reproduce":
+    else:
         from warp_ray.reproduce import reproduce
 
         report = reproduce(config, args.report, measure=not args.report_only, seeds=args.seeds)
         print(f"claims, figures and verdicts: {report}")
-    else:
-        from warp_ray.demo import run_demo
-
-        run_demo(config, args.out or config.paths.output_dir / "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

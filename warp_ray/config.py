@@ -1,42 +1,23 @@
 """The one configuration of warp-ray: every hyperparameter, its paper default and its range.
 
-Loaded from YAML (`WarpConfig.from_yaml`), overridden from the command line with
-`--set section.key=value`. Names follow the papers (WARP: arXiv 2406.16768, WARM: arXiv
-2401.12187); defaults are those of the WARP paper's Gemma 7B runs unless a docstring says
-otherwise. Invalid values and unknown keys fail before anything starts, naming the key,
-the value and the allowed range.
+Parsed from YAML (`WarpConfig.from_yaml`; `warp_ray.config_io.load_config` reads the file),
+overridden from the command line with `--set section.key=value`. Names follow the papers
+(WARP: arXiv 2406.16768, WARM: arXiv 2401.12187); defaults are those of the WARP paper's Gemma
+7B runs unless a docstring says otherwise. Invalid values and unknown keys fail before anything
+starts, naming the key, the value and the allowed range. Values only, no I/O: the folders that
+paths.* names are checked by `warp_ray.config_io.check_paths`, which every entry point runs first.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from warp_ray.checkpoint import check_model_folder
-from warp_ray.data import preference_splits
-from warp_ray.errors import ConfigError, WarpRayError
-
-
-def _checked_by(check: Callable[[Path], Any]) -> AfterValidator:
-    """A pydantic validator from one of warp-ray's input checks, keeping its message."""
-
-    def validate(path: Path) -> Path:
-        try:
-            check(path)
-        except WarpRayError as e:
-            raise ValueError(str(e)) from None
-        return path
-
-    return AfterValidator(validate)
-
-
-ModelFolder = Annotated[Path, _checked_by(check_model_folder)]
-DataFolder = Annotated[Path, _checked_by(preference_splits)]  # a folder with a train split
+from warp_ray.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -199,10 +180,10 @@ class Resources(Section):
     """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
     rollout_in_process: bool = False
     """Run each vLLM engine's core and model worker inside its rollout actor (vLLM's
-    VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in two child processes: an engine starts in
-    0.41x the time (16 s instead of 39 s on 2 CPU cores: one process imports vLLM, not three)
-    but samples 5-11% more slowly, its scheduling no longer overlapping the model's forward
-    (docs/benchmarks.md). Worth it where learners start often relative to the steps they run."""
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in two child processes: an engine starts
+    faster (one process imports vLLM, not three) but samples more slowly, its scheduling no
+    longer overlapping the model's forward (numbers in docs/benchmarks.md#learner-benchlearnerpy).
+    Worth it where learners start often relative to the steps they run."""
     sync_every: int = Field(1, ge=1)
     """Optimizer steps between weight syncs to the rollout engines; above 1, rollouts lag the
     policy by up to sync_every - 1 steps (cheaper, slightly off-policy)."""
@@ -268,15 +249,15 @@ class Reproduce(Section):
 class Paths(Section):
     """Inputs and outputs. Unset inputs mean the built-in tiny task, built on the fly."""
 
-    sft_model: Optional[ModelFolder] = None
+    sft_model: Optional[Path] = None
     """SFT policy, a Hugging Face model folder (safetensors)."""
-    sft_checkpoints: list[ModelFolder] = []
+    sft_checkpoints: list[Path] = []
     """Earlier checkpoints of the same SFT run, for warm.baklava."""
-    reward_model: Optional[ModelFolder] = None
+    reward_model: Optional[Path] = None
     """Reward model folder (a sequence classifier with one output); unset: train WARM."""
-    prompts: Optional[DataFolder] = None
+    prompts: Optional[Path] = None
     """Prompts: a folder with train.jsonl and held_out.jsonl, JSONL lines {"prompt": ...}."""
-    preferences: Optional[DataFolder] = None
+    preferences: Optional[Path] = None
     """Preference pairs for the reward models: a folder with train.jsonl and, optionally,
     validation.jsonl and ood.jsonl (JSONL lines {"prompt", "chosen", "rejected"}, or `datasets`
     folders of those names without the suffix)."""
@@ -289,16 +270,6 @@ class Paths(Section):
     trust_remote_code: bool = False
     """Run the Python code that a model folder ships (its config.json's auto_map) when loading it.
     Off: a model folder is data; one that needs its own code is refused, naming the folder."""
-
-    @model_validator(mode="after")
-    def _remote_code_only_if_trusted(self) -> "Paths":
-        for folder in (self.sft_model, *self.sft_checkpoints, self.reward_model):
-            if folder is not None and not self.trust_remote_code and "auto_map" in _read_json(folder / "config.json"):
-                raise ValueError(
-                    f"{folder} ships its own model code (auto_map in its config.json), which warp-ray does not "
-                    "run unless paths.trust_remote_code is true"
-                )
-        return self
 
 
 class WarpConfig(Section):
@@ -341,21 +312,21 @@ class WarpConfig(Section):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "WarpConfig":
-        """Load YAML (or the defaults when path is None) and apply `section.key=value` overrides."""
-        raw: dict[str, Any] = {}
-        if path is not None:
-            try:
-                raw = yaml.safe_load(Path(path).read_text()) or {}
-            except OSError as e:
-                raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config {path} is not valid YAML: {e}") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    def from_yaml(cls, text: str = "", overrides: Sequence[str] = (), source: Optional[str] = None) -> "WarpConfig":
+        """Parse a YAML text (empty: the defaults) and apply `section.key=value` overrides; `source`
+        names where the text came from in errors. Reading a file is `warp_ray.config_io.load_config`'s."""
+        if not isinstance(text, str):
+            raise TypeError(f"from_yaml takes the YAML text, not {type(text).__name__}: load_config(path) reads a file")
+        where = f"config {source}" if source else "config"
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping of sections, got {type(raw).__name__}")
         for override in overrides:
             _apply_override(raw, override)
-        return cls.from_dict(raw, source=str(path) if path else "config")
+        return cls.from_dict(raw, source=source or "config")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "WarpConfig":
@@ -366,13 +337,6 @@ class WarpConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON ({e})") from None
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a policy served by rollout engines, as spec/ALGORITHMS.md measures it.
+"""Held-out evaluation of a policy served by rollout engines (docs/algorithms.md#evaluation-measures).
 
 Completions of held-out prompts, sampled from the policy at `evaluation.temperature` (T, 1 by
 default) within the run's length limit, give:
@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from warp_ray.config import WarpConfig
-from warp_ray.learner.reinforce import pack, token_logprobs
+from warp_ray.logprobs import pack, token_logprobs
 from warp_ray.rollout.worker import sample
 from warp_ray.runtime import SERVICE, log_if_restarted
 
@@ -71,12 +71,10 @@ class Evaluator:
         self.prompts = list(prompts)[: config.evaluation.prompts]
         if not self.prompts:
             raise ValueError("evaluation needs held-out prompts, got none")
-        self.config, self.reward_server, self.reference, self.control_server = (
-            config,
-            reward_server,
-            reference,
-            control_server,
-        )
+        self.config = config
+        self.reward_server = reward_server
+        self.reference = reference
+        self.control_server = control_server
 
     def __call__(self, rollouts: list) -> dict[str, float | list[float]]:
         """The means over the held-out samples (reward, kl_to_sft, truncated, control_reward), each

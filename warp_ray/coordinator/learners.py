@@ -15,8 +15,9 @@ run again): its policy is left out of the merge, under the same `learners.min` r
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, NamedTuple
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
@@ -25,12 +26,63 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError, TooFewLearners
 from warp_ray.learner.learner import Learner, bundles
-from warp_ray.shards import Shards
+from warp_ray.shards import Layout, Shards
 
 log = logging.getLogger(__name__)
 RemoteLearner = ray.remote(num_cpus=0)(Learner)  # the learner's ranks and engines hold the resources
 LEARNER_DIED = (ActorDiedError, ActorUnavailableError, RayActorError)
 MakeLearner = Callable[[int, PlacementGroup], ray.actor.ActorHandle]
+
+
+Run = tuple[ray.ObjectRef, ray.ObjectRef]
+"""One learner's RL run under way: its policy's shards and its metric history, when they come."""
+
+
+class Slot(NamedTuple):
+    """A placed learner: its actor and the placement group that holds its ranks and engines."""
+
+    learner: ray.actor.ActorHandle
+    group: PlacementGroup
+
+
+class Trained(NamedTuple):
+    """What a learner's run returns: its policy (shards in the object store) and its metrics."""
+
+    policy: Shards
+    history: list[dict]
+
+
+@dataclass
+class Outcome:
+    """How a learner's run ended: trained (with its result), rejected (non-finite: its seed would
+    give the same run again) or died (its process, a rank's or an engine's: rerun it)."""
+
+    kind: Literal["trained", "rejected", "died"]
+    result: Trained | None = None
+    reason: str = ""  # why rejected, or the error's name when died
+
+
+def outcome(run: Run) -> Outcome:
+    try:
+        return Outcome("trained", result=Trained(*ray.get(list(run))))
+    except NonFiniteError as e:
+        return Outcome("rejected", reason=str(remote_cause(e)))
+    except RayError as e:
+        cause = remote_cause(e)  # a rank's or engine's death comes through its learner
+        if not isinstance(cause, LEARNER_DIED):
+            raise
+        return Outcome("died", reason=type(cause).__name__)
+
+
+def remote_cause(error: BaseException) -> BaseException:
+    """The error raised in the actor, without Ray's wrapping and remote traceback."""
+    return error.cause if isinstance(error, RayTaskError) else error
+
+
+def first_to_end(runs: dict[int, Run]) -> int:
+    """The learner whose run ends first, trained or not (its policy ref resolves or fails)."""
+    done, _ = ray.wait([policy for policy, _ in runs.values()], num_returns=1)
+    return next(m for m, (policy, _) in runs.items() if policy == done[0])
 
 
 def run_seed(seed: int, iteration: int, m: int) -> int:
@@ -40,14 +92,17 @@ def run_seed(seed: int, iteration: int, m: int) -> int:
 
 class LearnerGroup:
     def __init__(self, config: WarpConfig, make_learner: MakeLearner, log_dir: Path):
-        self.config, self.make_learner, self.log_dir = config, make_learner, log_dir
-        self.slots: list[tuple[ray.actor.ActorHandle, PlacementGroup]] = []
+        self.config = config
+        self.make_learner = make_learner
+        self.log_dir = log_dir
+        self.slots: list[Slot] = []
         self.restarts: list[dict] = []  # what died, and what was done, for the manifests
         self.rejected: list[dict] = []  # policies left out of a merge, and why
         self.merged: list[int] = []  # the learners whose policies the last `train` returned, in order
 
     @property
-    def learners(self) -> list[ray.actor.ActorHandle]:
+    def handles(self) -> list[ray.actor.ActorHandle]:
+        """The placed learners' actors, in order."""
         return [learner for learner, _ in self.slots]
 
     def scale(self) -> int:
@@ -77,58 +132,56 @@ class LearnerGroup:
                 "learners.min, ask less per learner, or add nodes"
             )
         for group in groups:
-            self.slots.append((self.make_learner(len(self.slots), group), group))
+            self.slots.append(Slot(self.make_learner(len(self.slots), group), group))
         return len(self.slots)
 
-    def train(self, init: Shards, iteration: int, names: list[list[str]]) -> tuple[list[Shards], list[list[dict]]]:
+    def train(self, init: Shards, iteration: int, layout: Layout) -> tuple[list[Shards], list[list[dict]]]:
         """The policies trained for T steps from `init` by the placed learners, each left in the
-        object store on its learner's node cut along `names`, and their metric histories."""
-        runs = {m: self._run(m, init, iteration, names) for m in range(len(self.slots))}
-        results, failures = {}, dict.fromkeys(runs, 0)
+        object store on its learner's node cut along `layout`, and their metric histories."""
+        runs = {m: self._run(m, init, iteration, layout) for m in range(len(self.slots))}
+        results, deaths = {}, dict.fromkeys(runs, 0)
         while runs:
-            done, _ = ray.wait([policy for policy, _ in runs.values()], num_returns=1)  # the first to end, or die
-            m = next(m for m, (policy, _) in runs.items() if policy == done[0])
-            try:
-                results[m] = ray.get(list(runs.pop(m)))
-                continue
-            except NonFiniteError as e:
-                reason = str(
-                    e.cause if isinstance(e, RayTaskError) else e
-                )  # the learner's message, without Ray's traceback
-                log.warning("learner %d is left out of iteration %d's merge: %s", m, iteration, reason)
-                self.rejected.append({"iteration": iteration, "policy": m, "reason": reason})
-                continue
-            except RayError as e:
-                cause = (
-                    e.cause if isinstance(e, RayTaskError) else e
-                )  # a rank's or engine's death comes through the learner
-                if not isinstance(cause, LEARNER_DIED):
-                    raise
-                failures[m] += 1
-                error = type(cause).__name__
-            group = self.slots[m][1]
-            # A learner lost with its node waits for Ray to place its group again, elsewhere: not forever.
-            placed = group.wait(self.config.learners.place_timeout_s)
-            retry = failures[m] <= self.config.resources.learner_retries and placed
-            log.warning(
-                "learner %d died in iteration %d (%s); %s",
-                m,
-                iteration,
-                error,
-                "rerunning it from the iteration's init"
-                if retry
-                else "going on without it"
-                + (
-                    ""
-                    if placed
-                    else f": its placement group was not placed again within {self.config.learners.place_timeout_s:g} s"
-                ),
-            )
-            self.restarts.append({"iteration": iteration, "policy": m, "error": error, "rerun": retry})
-            if retry:
-                ray.kill(self.slots[m][0])  # if only its ranks died, the learner itself is still there
-                self.slots[m] = (self.make_learner(m, group), group)
-                runs[m] = self._run(m, init, iteration, names)
+            m = first_to_end(runs)
+            ended = outcome(runs.pop(m))
+            if ended.kind == "trained":
+                results[m] = ended.result
+            elif ended.kind == "rejected":
+                self._reject(iteration, m, ended.reason)
+            else:
+                deaths[m] += 1
+                if self._after_death(iteration, m, ended.reason, deaths[m]):
+                    runs[m] = self._run(m, init, iteration, layout)
+        return self._survivors(iteration, results)
+
+    def _reject(self, iteration: int, m: int, reason: str) -> None:
+        log.warning("learner %d is left out of iteration %d's merge: %s", m, iteration, reason)
+        self.rejected.append({"iteration": iteration, "policy": m, "reason": reason})
+
+    def _after_death(self, iteration: int, m: int, error: str, deaths: int) -> bool:
+        """The decision once learner m died: rerun it if it died at most `resources.learner_retries`
+        times and its placement group is placed (one lost with its node waits for Ray to place it
+        elsewhere, for at most `learners.place_timeout_s`), replaced by a fresh actor in its group;
+        else go on without it. Logs and records the decision; says whether to rerun."""
+        group, timeout = self.slots[m].group, self.config.learners.place_timeout_s
+        placed = group.wait(timeout)
+        rerun = placed and deaths <= self.config.resources.learner_retries
+        if rerun:
+            action = "rerunning it from the iteration's init"
+        elif placed:
+            retries = self.config.resources.learner_retries
+            action = f"going on without it: it died {deaths} time(s), past resources.learner_retries = {retries}"
+        else:
+            action = f"going on without it: its placement group was not placed again within {timeout:g} s"
+        log.warning("learner %d died in iteration %d (%s); %s", m, iteration, error, action)
+        self.restarts.append({"iteration": iteration, "policy": m, "error": error, "rerun": rerun})
+        if rerun:
+            ray.kill(self.slots[m].learner)  # if only its ranks died, the learner itself is still there
+            self.slots[m] = Slot(self.make_learner(m, group), group)
+        return rerun
+
+    def _survivors(self, iteration: int, results: dict[int, Trained]) -> tuple[list[Shards], list[list[dict]]]:
+        """The trained policies and histories, in learner order, once every run has ended; the
+        learners that died for good are dropped (a rejected one's processes are fine)."""
         low = self.config.learner_bounds()[0]
         rejected = sorted((r for r in self.rejected if r["iteration"] == iteration), key=lambda r: r["policy"])
         if len(results) < low:
@@ -136,25 +189,23 @@ class LearnerGroup:
                 f"{len(results)} learner(s) ended iteration {iteration} with a usable policy, fewer than "
                 f"learners.min = {low}" + "".join(f"; learner {r['policy']}: {r['reason']}" for r in rejected)
             )
-        self._drop(
-            set(range(len(self.slots))) - set(results) - {r["policy"] for r in rejected}
-        )  # a rejected learner's processes are fine
+        self._drop(set(range(len(self.slots))) - set(results) - {r["policy"] for r in rejected})
         self.merged = sorted(results)
-        return [results[m][0] for m in self.merged], [results[m][1] for m in self.merged]
+        return [results[m].policy for m in self.merged], [results[m].history for m in self.merged]
 
-    def _run(self, m: int, init: Shards, iteration: int, names: list[list[str]]) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+    def _run(self, m: int, init: Shards, iteration: int, layout: Layout) -> Run:
         """Queue one RL run on learner m (an actor runs its calls in order): start, T steps, shard the policy."""
-        learner, log_dir = self.slots[m][0], self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
-        learner.set_weights.remote(
-            init, run_seed(self.config.warp.seed, iteration, m)
-        )  # references in a list: passed on, not fetched
+        learner = self.slots[m].learner
+        log_dir = self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
+        # `init` is a list of references: passed on to the learner as such, not fetched here.
+        learner.set_weights.remote(init, run_seed(self.config.warp.seed, iteration, m))
         history = learner.run.remote(self.config.warp.T, log_dir, desc=f"iteration {iteration} policy {m}")
-        return learner.put_weights.remote(names), history
+        return learner.put_weights.remote(layout), history
 
     def _drop(self, dead: set[int]) -> None:
         for m in dead:
-            ray.kill(self.slots[m][0])
-            remove_placement_group(self.slots[m][1])
+            ray.kill(self.slots[m].learner)
+            remove_placement_group(self.slots[m].group)
         self.slots = [slot for m, slot in enumerate(self.slots) if m not in dead]
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ the rollout workers, score them on the reward server, update the policy on the K
 (each on whole prompts' groups of samples, so the leave-one-out baseline stays within a
 prompt), then, every `resources.sync_every` steps, push the new weights to the rollout
 workers. The coordinator starts each WARP iteration with `set_weights(init, seed)` and
-reads the result, sharded for its merge, with `put_weights(names)`; processes and engines
+reads the result, sharded for its merge, with `put_weights(layout)`; processes and engines
 live across iterations.
 """
 
@@ -31,9 +31,9 @@ from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError
 from warp_ray.evaluation import Evaluator
 from warp_ray.learner.rank import LearnerRank
-from warp_ray.learner.reinforce import pack
+from warp_ray.logprobs import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
-from warp_ray.shards import Shards, join, split
+from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ class PromptOrder:
     a batch repeats a prompt only where it straddles two epochs."""
 
     def __init__(self, prompts: Sequence[str], rng: random.Random):
-        self.prompts, self.rng, self.queue = list(prompts), rng, []
+        self.prompts = list(prompts)
+        self.rng = rng
+        self.queue = []
 
     def draw(self, count: int) -> list[str]:
         while len(self.queue) < count:
@@ -113,7 +115,10 @@ class Learner:
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i."""
         warp, resources = config.warp, config.resources
         K = resources.ranks_per_learner  # the config checked that K divides the batch
-        self.config, self.prompts, self.reward_server, self.evaluator = config, list(prompts), reward_server, evaluator
+        self.config = config
+        self.prompts = list(prompts)
+        self.reward_server = reward_server
+        self.evaluator = evaluator
         self.tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
         self.zero3 = resources.zero_stage == 3
         micro_batch = warp.batch_size // K * warp.samples_per_prompt
@@ -167,12 +172,12 @@ class Learner:
         """The policy, whole, in float32: a state dict that safetensors can save as it is."""
         return ray.get(self._gathered("policy_state_dict"))[0]
 
-    def put_weights(self, names: Sequence[Sequence[str]]) -> Shards:
+    def put_weights(self, layout: Layout) -> Shards:
         """The policy into the object store (on this node), cut along the run's partition, for the
         merge; NonFiniteError if it holds NaN or Inf."""
         weights = self.get_weights()
         check_finite("the trained policy", weights)
-        return [ray.put(shard) for shard in split(weights, names)]
+        return [ray.put(shard) for shard in split(weights, layout)]
 
     def apply(self, fn: Callable, *args):
         """fn(*args) in this process, beside this learner's weights: the coordinator's merge work on

@@ -23,7 +23,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
 from warp_ray.config import WarpConfig
-from warp_ray.learner.reinforce import reinforce_loss, token_logprobs
+from warp_ray.learner.reinforce import reinforce_loss
+from warp_ray.logprobs import token_logprobs
 from warp_ray.merge import ema_update_
 from warp_ray.rollout import weight_group
 from warp_ray.shards import join
@@ -65,7 +66,10 @@ def anchor_config(micro_batch: int, world_size: int) -> dict:
 @ray.remote
 class LearnerRank:
     def __init__(self, rank: int, world_size: int, config: WarpConfig, micro_batch: int):
-        self.rank, self.world_size, self.config, self.micro_batch = rank, world_size, config, micro_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.config = config
+        self.micro_batch = micro_batch
         self.zero3 = config.resources.zero_stage == 3
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
@@ -160,14 +164,19 @@ class LearnerRank:
         stats["lr"] = self.engine.get_lr()[0]  # the rate of this step, before the scheduler moves it
         self.engine.backward(loss)
         self.engine.step()
-        if warp.anchor == "ema":  # stage 1 of WARP: the anchor follows the policy
-            ema_update_(*self._local_weights(), warp.mu)
+        if warp.anchor == "ema":
+            self.update_ema_anchor()
         stats["loss"] = loss.item()
         stats["entropy"] = (entropy * mask).sum().item() / tokens  # per completion token
         # Engine against learner on the sampled tokens: ~0 on policy in float32; grows with sync_every or bf16.
         stats["logprob_gap"] = ((policy.detach() - sampled_logprobs[:, 1:]).abs() * mask).sum().item() / tokens
         stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         return stats
+
+    def update_ema_anchor(self) -> None:
+        """WARP's stage 1, after every optimizer step: the KL anchor follows the policy,
+        theta_ema <- (1 - mu) * theta_ema + mu * theta (docs/algorithms.md#stage-1-the-ema-anchor)."""
+        ema_update_(*self._local_weights(), self.config.warp.mu)
 
     def _local_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The anchor's and the policy's weights as this rank holds them: whole, or its ZeRO-3 shards."""

@@ -1,4 +1,4 @@
-"""The EMA anchor (WARP stage 1)."""
+"""The EMA anchor (WARP stage 1: docs/algorithms.md#stage-1-the-ema-anchor)."""
 
 from __future__ import annotations
 

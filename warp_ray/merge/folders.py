@@ -48,7 +48,9 @@ class RowReader:
     """
 
     def __init__(self, folder: Path, name: str, info: TensorInfo):
-        self.path, self.name, self.info = folder / info.file, name, info
+        self.path = folder / info.file
+        self.name = name
+        self.info = info
         self.rows_per_block = max(1, BLOCK_ELEMENTS // max(1, int(torch.Size(info.shape[1:]).numel())))
         self.start, self.block = 0, None
 

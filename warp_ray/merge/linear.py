@@ -1,4 +1,5 @@
-"""Linear merges: weighted averages of weights (WARM, model soups, LERP) and LITI."""
+"""Linear merges: weighted averages of weights (WARM, model soups, LERP) and LITI
+(docs/algorithms.md#stage-3-liti-and-the-kl-reward-front)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SLERP of task vectors, per tensor (WARP stage 2).
+"""SLERP of task vectors, per tensor (WARP stage 2: docs/algorithms.md#stage-2-slerp-of-task-vectors).
 
 For M = 2, with delta_m = theta_m - init and cos(Omega) = <delta_1, delta_2> / (|delta_1| |delta_2|):
 

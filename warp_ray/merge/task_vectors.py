@@ -1,4 +1,5 @@
-"""The two streaming kernels every merge is made of, on one tensor of several models.
+"""The two streaming kernels every merge is made of, on one tensor of several models
+(docs/algorithms.md#computing-a-merge-from-gram-matrices).
 
 Every merge of warp-ray is `ref + sum_m c_m (theta_m - ref)`: a combination of task
 vectors relative to a reference (the init for SLERP and LITI, the first model for an

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from warp_ray.config import WarpConfig
+from warp_ray.config_io import check_paths
 from warp_ray.errors import ConfigError, WarpRayError
 from warp_ray.task import world
 
@@ -28,6 +29,7 @@ def reproduce(
     from warp_ray.reproduce.report import write_report
     from warp_ray.reproduce.runs import measure as run_all
 
+    check_paths(config.paths)
     if seeds is not None:
         listed = config.reproduce.seeds
         if not 1 <= seeds <= len(listed):
@@ -67,6 +69,7 @@ def measure_regime(config: WarpConfig, report_dir: Optional[Path] = None) -> tup
     from warp_ray.reproduce.runs import check_protocol
     from warp_ray.reproduce.runs import measure_regime as run_regime
 
+    check_paths(config.paths)
     check_protocol(config)
     measured = run_regime(
         config.model_copy(update={"warp": config.warp.model_copy(update={"seed": config.reproduce.seeds[0]})})
@@ -86,15 +89,18 @@ def _log_regime(folder: Path, config: WarpConfig, measured: dict) -> None:
         "regime": measured,
     }
 
-    def same(
-        a: dict, b: dict
-    ) -> bool:  # another measure of the same settings (where its folder is, and which seeds, aside)
-        def settings(e: dict) -> dict:
-            return {k: v for k, v in e["config"].items() if k not in ("reproduce", "paths")}
-
-        return a.get("world") == b["world"] and settings(a) == settings(b) and a["regime"] == b["regime"]
-
     logged = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    if not any(same(e, entry) for e in logged):  # a seed read back, or a quick run then a full one, logs it once
+    # a seed read back, or a quick run then a full one, logs it once
+    if not any(_same_measure(e, entry) for e in logged):
         with open(log, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def _same_measure(a: dict, b: dict) -> bool:
+    """Two log entries of the same measure: the same world, settings and numbers (where the run's
+    folder was, and which seeds it listed, aside)."""
+
+    def settings(entry: dict) -> dict:
+        return {k: v for k, v in entry["config"].items() if k not in ("reproduce", "paths")}
+
+    return a.get("world") == b["world"] and settings(a) == settings(b) and a["regime"] == b["regime"]

@@ -117,7 +117,9 @@ def claim_1(results: dict) -> Claim:
 def claim_2(results: dict) -> Claim:
     curve = results["interpolation"]
     half = curve["lambda"].index(0.5)
-    s, lerp, ends = curve["slerp"][half], curve["lerp"][half], (curve["slerp"][0], curve["slerp"][-1])
+    s = curve["slerp"][half]
+    lerp = curve["lerp"][half]
+    ends = (curve["slerp"][0], curve["slerp"][-1])
     best_end = max(ends, key=lambda p: p["reward"])
     return Claim(
         2,
@@ -227,9 +229,8 @@ def claim_7(results: dict) -> Claim:
     peak = {name: max(p["control_reward"] for p in run) for name, run in (("warm", warm), ("single", single))}
     collapse = {name: collapse_step(run, np.sqrt(2) * control_se) for name, run in (("warm", warm), ("single", single))}
     later = None
-    if (
-        collapse["single"] is not None
-    ):  # WARM's collapse, or the end of its run when it never came, minus the single RM's
+    # WARM's collapse, or the end of its run when it never came, minus the single RM's
+    if collapse["single"] is not None:
         later = (collapse["warm"] or warm[-1]["step"] + 1) - collapse["single"]
     return Claim(
         7,

@@ -1,4 +1,5 @@
-"""The protocol: each claim's checks measured over seeds, with the noise a rerun would show.
+"""The protocol: each claim's checks measured over seeds, with the noise a rerun would show
+(docs/algorithms.md#noise-and-intervals-of-the-reproduction).
 
 A check's margin (claims.py) is measured once per seed, on the same held-out prompts for every
 seed. What rerunning with other seeds would change:
@@ -140,12 +141,13 @@ def judge(
     count, n = prompts.pop(), len(seeds)
     measured = [check_all(results) for results in seeds]
     point = np.array([_margins(claims) for claims in measured])  # seeds x checks; NaN: not observed
+    # resamples x seeds x checks
     boot = np.array(
         [
             [_margins(check_all(resample(results, drawn))) for results in seeds]
             for drawn in (rng.integers(0, count, count) for _ in range(resamples))
         ]
-    )  # resamples x seeds x checks
+    )
     judged, k = [], 0
     for claim in measured[0]:
         checks = []

@@ -56,7 +56,9 @@ def label_ceiling(pairs: Sequence[dict]) -> float:
 
 def summary(regime: dict) -> dict[str, float]:
     """The numbers the criteria judge, from `runs.measure_regime`'s measures."""
-    sft, run, T = regime["sft"], regime["run"], regime["T"]
+    sft = regime["sft"]
+    run = regime["run"]
+    T = regime["T"]
     peak = max(run, key=lambda p: p["control_reward"])
     end = run[-1]
     rise_se = math.hypot(peak["control_reward_se"], sft["control_reward_se"])

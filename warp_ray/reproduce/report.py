@@ -93,41 +93,12 @@ def _tried_section(entries: list[dict]) -> list[str]:
 
 
 def _header(results: dict, seeds: Sequence[dict], claims: Sequence[protocol.JudgedClaim], tried: Sequence[dict]) -> str:
-    config, minutes, read_back = results["config"], sum(results["seconds"].values()) / 60, results.get("read_back", [])
-    date, seed_list = results.get("date", "an unrecorded date"), ", ".join(str(s["seed"]) for s in seeds)
-    warp, evaluation, n = config["warp"], config["evaluation"], len(seeds)
-    noise = (
-        f"{n} seeds: the 95% interval of a check's mean margin combines the seeds' spread (Student's t, "
-        f"{n - 1} degrees of freedom) with the effect of the held-out prompts that all seeds share (a bootstrap "
-        f"over them, {config['reproduce']['bootstrap']} resamples)"
-        if n > 1
-        else "ONE SEED, a quick look: the 95% intervals come from a bootstrap over the held-out prompts of that one "
-        "seed's evaluations, and miss the seed-to-seed spread of RL that a rerun would show"
-    )
     lines = [
         "# The papers' claims, measured on the built-in task",
         "",
-        f"Produced by `warp-ray reproduce --config configs/reproduce.yaml` on {date}, seeds {seed_list}, in "
-        f"{minutes:.0f} minutes of measuring on 2 CPU cores"
-        + (
-            f" (read back from an earlier run: {', '.join(read_back)}; a seed read back counts the minutes it took "
-            "then, the task and WARM do not)"
-            if read_back
-            else ""
-        )
-        + f"; every number and figure below is drawn from the run's results, [`{FIGURES}/results.json`]"
-        f"({FIGURES}/results.json) (`--report-only` redraws them).",
+        _provenance(results, seeds),
         "",
-        f"Setting: the built-in task (a 0.9M-parameter GPT-2, the gold reward as the control), WARM of "
-        f"{config['warm']['M']} reward models as the proxy reward, REINFORCE runs of T = {warp['T']} steps of "
-        f"{warp['batch_size']} prompts x {warp['samples_per_prompt']} samples (lr {warp['lr']:g}, mu {warp['mu']:g}), "
-        f"WARP with M = {warp['M']}, I = {warp['I']}, eta = {warp['eta']:g}. The seeds are fixed in the config before "
-        "the run; each is a whole WARP run, the REINFORCE baselines and the merges; the task and WARM are shared. "
-        f"Every evaluation: {evaluation['prompts']} held-out prompts x {evaluation['samples_per_prompt']} samples at "
-        f"temperature {evaluation['temperature']:g}; KL is to the SFT. Noise: {noise} "
-        "(`warp_ray/reproduce/protocol.py`). A check holds when its interval lies above zero, did not hold when below. "
-        "Figures and tables beneath each claim show the first seed. Iterations are numbered from 1 here (the run's "
-        "folders from 0).",
+        _setting(results["config"], len(seeds)),
         "",
         *(_regime_section(seeds) if "regime" in seeds[0] else []),
         *(_tried_section(tried) if tried else []),
@@ -139,6 +110,54 @@ def _header(results: dict, seeds: Sequence[dict], claims: Sequence[protocol.Judg
         "",
     ]
     return "\n".join(lines)
+
+
+def _provenance(results: dict, seeds: Sequence[dict]) -> str:
+    """How the results were made: when, with which seeds, in how long, and where they are."""
+    date = results.get("date", "an unrecorded date")
+    seed_list = ", ".join(str(s["seed"]) for s in seeds)
+    minutes = sum(results["seconds"].values()) / 60
+    read_back = results.get("read_back", [])
+    earlier = (
+        f" (read back from an earlier run: {', '.join(read_back)}; a seed read back counts the minutes it took "
+        "then, the task and WARM do not)"
+    )
+    return (
+        f"Produced by `warp-ray reproduce --config configs/reproduce.yaml` on {date}, seeds {seed_list}, in "
+        f"{minutes:.0f} minutes of measuring on 2 CPU cores"
+        + (earlier if read_back else "")
+        + f"; every number and figure below is drawn from the run's results, [`{FIGURES}/results.json`]"
+        f"({FIGURES}/results.json) (`--report-only` redraws them)."
+    )
+
+
+def _setting(config: dict, n: int) -> str:
+    """The task, the runs, the evaluations and the noise, in words."""
+    warp = config["warp"]
+    evaluation = config["evaluation"]
+    if n > 1:
+        noise = (
+            f"{n} seeds: the 95% interval of a check's mean margin combines the seeds' spread (Student's t, "
+            f"{n - 1} degrees of freedom) with the effect of the held-out prompts that all seeds share (a "
+            f"bootstrap over them, {config['reproduce']['bootstrap']} resamples)"
+        )
+    else:
+        noise = (
+            "ONE SEED, a quick look: the 95% intervals come from a bootstrap over the held-out prompts of that one "
+            "seed's evaluations, and miss the seed-to-seed spread of RL that a rerun would show"
+        )
+    return (
+        f"Setting: the built-in task (a 0.9M-parameter GPT-2, the gold reward as the control), WARM of "
+        f"{config['warm']['M']} reward models as the proxy reward, REINFORCE runs of T = {warp['T']} steps of "
+        f"{warp['batch_size']} prompts x {warp['samples_per_prompt']} samples (lr {warp['lr']:g}, mu {warp['mu']:g}), "
+        f"WARP with M = {warp['M']}, I = {warp['I']}, eta = {warp['eta']:g}. The seeds are fixed in the config before "
+        "the run; each is a whole WARP run, the REINFORCE baselines and the merges; the task and WARM are shared. "
+        f"Every evaluation: {evaluation['prompts']} held-out prompts x {evaluation['samples_per_prompt']} samples at "
+        f"temperature {evaluation['temperature']:g}; KL is to the SFT. Noise: {noise} "
+        "(`warp_ray/reproduce/protocol.py`). A check holds when its interval lies above zero, did not hold when below. "
+        "Figures and tables beneath each claim show the first seed. Iterations are numbered from 1 here (the run's "
+        "folders from 0)."
+    )
 
 
 def _section(claim: protocol.JudgedClaim, seeds: Sequence[int], details: str) -> str:

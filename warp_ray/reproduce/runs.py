@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 import torch
@@ -33,29 +34,38 @@ import torch
 from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import iteration_dir
-from warp_ray.coordinator.coordinator import run_warp
 from warp_ray.coordinator.learners import RemoteLearner, run_seed
 from warp_ray.data import read_preferences, read_prompts
+from warp_ray.driver import run_warm, run_warp
 from warp_ray.errors import ConfigError, WarpRayError
 from warp_ray.evaluation import Evaluator, ReferencePolicy, summarise
 from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
 from warp_ray.reproduce import regime
-from warp_ray.reward.server import RewardServer
-from warp_ray.reward.warm import best_single, is_trained_on, run_warm
+from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.reward.warm import best_single, is_trained_on
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
 from warp_ray.task.build import task_inputs
+from warp_ray.timing import Laps
 
 log = logging.getLogger(__name__)
 
-# REINFORCE runs against WARM besides WARP's own: name -> (anchor, beta), run RUNS_AT_ONCE at a
-# time; the last wave's engines then evaluate the merges.
+
+class Variant(NamedTuple):
+    """A REINFORCE run's anchor and KL coefficient, the rest of the config as WARP's."""
+
+    anchor: str
+    beta: float
+
+
+# REINFORCE runs against WARM besides WARP's own, run RUNS_AT_ONCE at a time; the last wave's
+# engines then evaluate the merges.
 BASELINES = {
-    "EMA anchor, beta 0.01": ("ema", 0.01),
-    "SFT anchor, beta 0": ("sft", 0.0),
-    "SFT anchor, beta 0.01": ("sft", 0.01),
-    "SFT anchor, beta 0.1": ("sft", 0.1),
+    "EMA anchor, beta 0.01": Variant("ema", 0.01),
+    "SFT anchor, beta 0": Variant("sft", 0.0),
+    "SFT anchor, beta 0.01": Variant("sft", 0.01),
+    "SFT anchor, beta 0.1": Variant("sft", 0.1),
 }
 SINGLE_RM_RUN = "SFT anchor, beta 0.01, single RM"  # the regime's run
 RUNS_AT_ONCE = 3  # a learner holds about 3 GB here (its rank, its vLLM engine and KV cache): 5 at once ran out of 24 GB
@@ -198,33 +208,67 @@ def _fingerprint(folder: Path) -> str:
 def measure_seed(config: WarpConfig) -> dict:
     """One seed's measurements: the regime's run (claim 7's single-RM baseline), WARP (resumed
     where a run was cut short), the REINFORCE baselines and the merges."""
-    out, seconds = config.paths.output_dir, {}
-    start = time.perf_counter()
+    out = config.paths.output_dir
+    seconds = Laps()
     sft, prompts, _, _ = task_inputs(config)
     measured_regime = measure_regime(config)
-    seconds["regime"] = time.perf_counter() - start
-
+    seconds("regime")
     run_warp(config, resume=True)
-    seconds["WARP"] = time.perf_counter() - start - sum(seconds.values())
+    seconds("WARP")
     warp = [_iteration(out, i) for i in range(config.warp.I)]
-
-    log.info(
-        "seed %d: REINFORCE baselines, %d runs of %d steps from the SFT",
-        config.warp.seed,
-        len(BASELINES),
-        config.warp.T,
-    )
     evaluator = _evaluator(config, sft, prompts, out / "rm" / "warm")
-    runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"]}
-    finals, learners, names = {}, {}, list(BASELINES)
+    baselines, finals, learners = _reinforce_baselines(config, sft, prompts, evaluator)
+    runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"], **baselines}
+    seconds("REINFORCE baselines")
+
+    log.info("seed %d: merges of the saved policies, evaluated", config.warp.seed)
+    engines = list(learners.values())  # the last wave's
+    sft_weights = load_model_weights(sft)
+    # in learner order, as the coordinator merged them: policy_10 after policy_9
+    policy_folders = sorted(
+        (iteration_dir(out, 0) / "policies").glob("policy_*"), key=lambda p: int(p.name.removeprefix("policy_"))
+    )
+    policies = [load_model_weights(p) for p in policy_folders]
+    results = {
+        "seed": config.warp.seed,
+        "seconds": seconds,
+        "regime": measured_regime,
+        "runs": runs,
+        "warp": warp,
+        "angles": angles(sft_weights, policies),
+        "interpolation": _interpolation(engines, sft_weights, policies[:2]),
+        "front_two_policies": _front(
+            engines, sft_weights, slerp(sft_weights, policies[:2]), config.evaluation.front_etas
+        ),
+        "win_rate": _matched_kl(engines, config, out, sft_weights, finals["SFT anchor, beta 0.1"]),
+    }
+    seconds("merges and evaluations")
+    for learner in learners.values():
+        ray.get(learner.close.remote())
+    return results
+
+
+def _reinforce_baselines(
+    config: WarpConfig, sft: Path, prompts: Path, evaluator: Evaluator
+) -> tuple[dict[str, list[dict]], dict[str, dict], dict[str, ray.actor.ActorHandle]]:
+    """The REINFORCE baselines, in equal waves of at most RUNS_AT_ONCE: their evaluations, their
+    final weights, and the last wave's learners, left open (their engines evaluate the merges)."""
+    out = config.paths.output_dir
+    log.info(
+        "seed %d: %d REINFORCE baselines of %d steps from the SFT", config.warp.seed, len(BASELINES), config.warp.T
+    )
+    names = list(BASELINES)
+    per_wave = math.ceil(len(names) / math.ceil(len(names) / RUNS_AT_ONCE))
     train = read_prompts(prompts / "train.jsonl")
-    per_wave = math.ceil(len(names) / math.ceil(len(names) / RUNS_AT_ONCE))  # equal waves: the last evaluates merges
+    runs = {}
+    finals = {}
+    learners = {}
     for wave in (names[k : k + per_wave] for k in range(0, len(names), per_wave)):
         for learner in learners.values():
             ray.get(learner.close.remote())
         learners = {
             name: RemoteLearner.remote(
-                _variant(config, *BASELINES[name]),
+                _variant(config, BASELINES[name]),
                 str(sft),
                 train,
                 evaluator.reward_server,
@@ -239,29 +283,7 @@ def measure_seed(config: WarpConfig) -> dict:
         )
         runs.update({name: evaluations(history) for name, history in zip(learners, histories)})
         finals.update(zip(learners, ray.get([learner.get_weights.remote() for learner in learners.values()])))
-    seconds["REINFORCE baselines"] = time.perf_counter() - start - sum(seconds.values())
-
-    log.info("seed %d: merges of the saved policies, evaluated", config.warp.seed)
-    engines = list(learners.values())  # the last wave's
-    sft_weights = load_model_weights(sft)
-    policies = [load_model_weights(p) for p in sorted((iteration_dir(out, 0) / "policies").iterdir())]
-    results = {
-        "seed": config.warp.seed,
-        "seconds": seconds,
-        "regime": measured_regime,
-        "runs": runs,
-        "warp": warp,
-        "angles": angles(sft_weights, policies),
-        "interpolation": _interpolation(engines, sft_weights, policies[:2]),
-        "front_two_policies": _front(
-            engines, sft_weights, slerp(sft_weights, policies[:2]), config.evaluation.front_etas
-        ),
-        "win_rate": _matched_kl(engines, config, out, sft_weights, finals["SFT anchor, beta 0.1"]),
-    }
-    seconds["merges and evaluations"] = time.perf_counter() - start - sum(seconds.values())
-    for learner in learners.values():
-        ray.get(learner.close.remote())
-    return results
+    return runs, finals, learners
 
 
 def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
@@ -293,13 +315,15 @@ def measure_regime(config: WarpConfig) -> dict:
         }
     )
     trust = config.paths.trust_remote_code
-    reward = RewardServer.remote("model", [str(folder)], params=config.reward_server, trust_remote_code=trust)
+    reward = RewardServer.remote(
+        RewardSource(folders=(str(folder),)), params=config.reward_server, trust_remote_code=trust
+    )
     evaluator = Evaluator(
         run_config,
         read_prompts(prompts / "held_out.jsonl"),
         reward,
         ReferencePolicy.remote(str(sft), trust_remote_code=trust),
-        RewardServer.remote("gold"),
+        RewardServer.remote(RewardSource(function=world.gold_reward)),
     )
     learner = RemoteLearner.remote(
         run_config,
@@ -325,8 +349,8 @@ def measure_regime(config: WarpConfig) -> dict:
     }
 
 
-def _variant(config: WarpConfig, anchor: str, beta: float) -> WarpConfig:
-    return config.model_copy(update={"warp": config.warp.model_copy(update={"anchor": anchor, "beta": beta})})
+def _variant(config: WarpConfig, variant: Variant) -> WarpConfig:
+    return config.model_copy(update={"warp": config.warp.model_copy(update=variant._asdict())})
 
 
 def _evaluator(config: WarpConfig, sft: Path, prompts: Path, warm: Path) -> Evaluator:
@@ -335,9 +359,9 @@ def _evaluator(config: WarpConfig, sft: Path, prompts: Path, warm: Path) -> Eval
     return Evaluator(
         config,
         read_prompts(prompts / "held_out.jsonl"),
-        RewardServer.remote("model", [str(warm)], params=config.reward_server, trust_remote_code=trust),
+        RewardServer.remote(RewardSource(folders=(str(warm),)), params=config.reward_server, trust_remote_code=trust),
         ReferencePolicy.remote(str(sft), trust_remote_code=trust),
-        RewardServer.remote("gold"),
+        RewardServer.remote(RewardSource(function=world.gold_reward)),
     )
 
 

@@ -1,10 +1,11 @@
 """The reward-server actor: one reward hosted for every learner, with requests batched.
 
-`RewardServer` hosts a reward model folder (a single RM or the WARM merge), an ENS of
-several RM folders (M forward passes, for comparison), or the built-in task's gold reward
-(a control reward for evaluation). Many learners call `score` concurrently; the calls wait
-in a bounded queue and a batching loop serves them together, up to `max_batch_size` pairs,
-waiting at most `max_wait_ms` to fill a batch, so that M learners share one model. A bad
+`RewardServer` hosts a `RewardSource`: a reward model folder (a single RM or the WARM merge),
+an ENS of several RM folders (M forward passes, for comparison), or a function of one
+(prompt, completion) pair, such as a task's gold reward (a control reward for evaluation).
+Many learners call `score` concurrently; the calls wait in a bounded queue and a batching loop
+serves them together, up to `max_batch_size` pairs, waiting at most `max_wait_ms` to fill a
+batch, so that M learners share one model. A bad
 request is answered with an error naming the problem; the others, and the server, go on.
 If the server's process dies, Ray starts it again and retries the requests in flight
 (`warp_ray.runtime.SERVICE`).
@@ -13,8 +14,8 @@ If the server's process dies, Ray starts it again and retries the requests in fl
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import ray
 import torch
@@ -23,21 +24,27 @@ from transformers import AutoTokenizer
 from warp_ray.config import RewardServerParams
 from warp_ray.reward.model import load_reward_model, reward_inputs, score
 from warp_ray.runtime import SERVICE, log_if_restarted
-from warp_ray.task import world
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    """What a reward server hosts: reward model folders (one: a single RM or WARM's merge; several:
+    their ENS, the mean of their scores), or a function r(prompt, completion)."""
+
+    folders: tuple[str, ...] = ()
+    function: Optional[Callable[[str, str], float]] = None
+
+    def __post_init__(self) -> None:
+        if bool(self.folders) == (self.function is not None):
+            raise ValueError("a reward source is reward model folders or a function, one of the two")
 
 
 class Reward:
-    """r(x, y) for a batch, from a model folder, several folders (ENS), or the gold reward."""
+    """r(x, y) for a batch, from a `RewardSource`."""
 
-    def __init__(self, kind: str, folders: Sequence[str | Path] = (), trust_remote_code: bool = False):
-        if kind not in ("model", "ens", "gold"):
-            raise ValueError(f"reward kind {kind!r} is not one of 'model', 'ens', 'gold'")
-        if (kind == "gold") != (not folders) or (kind == "model" and len(folders) != 1):
-            raise ValueError(
-                f"a {kind!r} reward takes "
-                f"{'no folder' if kind == 'gold' else 'one folder' if kind == 'model' else 'folders'}"
-            )
-        self.kind = kind
+    def __init__(self, source: RewardSource, trust_remote_code: bool = False):
+        self.function = source.function
+        folders = source.folders
         self.models = [load_reward_model(folder, trust_remote_code=trust_remote_code) for folder in folders]
         self.max_length = min((tokenizer.model_max_length for _, tokenizer in self.models), default=None)
         # A tokenizer of its own for `check`: the server checks requests in its event loop while
@@ -71,8 +78,8 @@ class Reward:
                 )
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        if self.kind == "gold":
-            return [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
+        if self.function is not None:
+            return [self.function(p, c) for p, c in zip(prompts, completions)]
         scores = torch.stack(
             [score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models]
         )
@@ -83,15 +90,14 @@ class Reward:
 class RewardServer:
     def __init__(
         self,
-        kind: str,
-        folders: Sequence[str] = (),
+        source: RewardSource,
         params: RewardServerParams | None = None,
         trust_remote_code: bool = False,
     ):
         log_if_restarted("the reward server")
         params = params or RewardServerParams()
         torch.set_num_threads(max(1, params.threads))
-        self.reward = Reward(kind, folders, trust_remote_code)
+        self.reward = Reward(source, trust_remote_code)
         self.params = params
         self.queue: asyncio.Queue | None = None
         self.served = {"requests": 0, "pairs": 0, "batches": 0}

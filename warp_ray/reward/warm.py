@@ -1,5 +1,6 @@
 """WARM: M reward models fine-tuned from one linear-probed start, as Ray Tune trials, then
-averaged in weight space; and the accuracy table of each RM, their ENS and their WARM.
+averaged in weight space; and the accuracy table of each RM, their ENS and their WARM
+(docs/algorithms.md#warm-weight-averaged-reward-models).
 
     <out>/probe/       SFT backbone + linear-probed head: the shared start
     <out>/start_<k>/   with warm.baklava: SFT checkpoint k's backbone + the same probed head
@@ -21,12 +22,10 @@ from ray import tune
 
 from warp_ray.checkpoint import atomic_dir
 from warp_ray.config import WarmParams, WarpConfig
-from warp_ray.data import preference_splits, read_preferences
+from warp_ray.data import read_preferences
 from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
 from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score, train_reward_model
-from warp_ray.runtime import init_ray
-from warp_ray.task.build import task_inputs
 
 
 def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, trust_remote_code: bool) -> None:
@@ -179,19 +178,3 @@ def is_trained_on(config: WarpConfig, sft: Path, preferences: Path) -> bool:
     """Whether <output_dir>/rm holds reward models trained on these inputs with these settings."""
     record = config.paths.output_dir / "rm" / TRAINED_ON
     return record.is_file() and json.loads(record.read_text()) == trained_on(config, sft, preferences)
-
-
-def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
-    """`warp-ray train-rm`: WARM on the configured data (the built-in task by default), evaluated."""
-    sft, _, preferences, sft_checkpoints = task_inputs(config)
-    splits = preference_splits(preferences)
-    init_ray()
-    out = config.paths.output_dir / "rm"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TRAINED_ON).unlink(missing_ok=True)  # until every model is retrained, the folder holds none of a known run
-    folders = train_warm(config.warm, sft, splits, out, sft_checkpoints, config.paths.trust_remote_code)
-    table = accuracy_table(folders, out / "warm", splits)
-    (out / "accuracy.json").write_text(json.dumps(table, indent=2))
-    (out / "accuracy.md").write_text(markdown(table))
-    (out / TRAINED_ON).write_text(json.dumps(trained_on(config, sft, preferences)))
-    return table

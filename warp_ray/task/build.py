@@ -1,7 +1,7 @@
 """Build the built-in task on disk: tokenizer, SFT policy, prompts and preference data.
 
-Everything is made on the fly from `world.py`, with no download, in well under a minute on
-2 CPU cores, and cached: a folder built with the same parameters is reused.
+Everything is made on the fly from `world.py`, with no download (its time, which grows with
+`task.pairs`, is in docs/results.md), and cached: a folder built with the same parameters is reused.
 
     <root>/sft/                      the SFT policy (an HF folder, tokenizer included)
     <root>/sft_checkpoints/step_<n>/ earlier checkpoints of the same SFT run (for Baklava)

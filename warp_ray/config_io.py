@@ -1,0 +1,67 @@
+"""The config's I/O, which config.py leaves out: reading its YAML file (`load_config`), and
+checking the folders it names before anything starts (`check_paths`). Every entry point runs
+`check_paths` first: `warp-ray config`, and the drivers of `train-rm`, `warp` and `reproduce`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from warp_ray.checkpoint import check_model_folder
+from warp_ray.config import Paths, WarpConfig
+from warp_ray.data import preference_splits
+from warp_ray.errors import ConfigError, WarpRayError
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> WarpConfig:
+    """The config in a YAML file (the defaults when path is None), with `section.key=value` overrides."""
+    try:
+        text = Path(path).read_text() if path is not None else ""
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return WarpConfig.from_yaml(text, overrides, source=str(path) if path is not None else None)
+
+
+def check_paths(paths: Paths) -> None:
+    """The folders paths.* names: model folders are Hugging Face folders that ship no code of
+    their own unless paths.trust_remote_code; data folders have a train split. One error lists
+    every problem, each under its key."""
+    problems = [problem for key, folder, check in _checks(paths) if (problem := _problem(key, folder, check))]
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _checks(paths: Paths) -> Iterator[tuple[str, Path, Callable[[Path], None]]]:
+    def model(folder: Path) -> None:
+        check_model_folder(folder)
+        if "auto_map" in _read_json(folder / "config.json") and not paths.trust_remote_code:
+            raise ConfigError(
+                "it ships its own model code (auto_map in its config.json), which warp-ray does not run "
+                "unless paths.trust_remote_code is true"
+            )
+
+    if paths.sft_model is not None:
+        yield "paths.sft_model", paths.sft_model, model
+    for k, folder in enumerate(paths.sft_checkpoints):
+        yield f"paths.sft_checkpoints.{k}", folder, model
+    if paths.reward_model is not None:
+        yield "paths.reward_model", paths.reward_model, model
+    for key, folder in (("paths.prompts", paths.prompts), ("paths.preferences", paths.preferences)):
+        if folder is not None:
+            yield key, folder, preference_splits
+
+
+def _problem(key: str, folder: Path, check: Callable[[Path], None]) -> Optional[str]:
+    try:
+        check(folder)
+    except WarpRayError as e:
+        return f"{key} = {str(folder)!r}: {e}"
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e})") from None
