@@ -8,9 +8,10 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from warp_ray.config import WarpConfig
-from warp_ray.learner.learner import PromptOrder
+from warp_ray.learner.learner import PromptOrder, context_length
 from warp_ray.learner.rank import deepspeed_config, linear_warmup
 from warp_ray.reward.model import reward_input
 
@@ -62,3 +63,13 @@ def test_warm_up_is_linear_from_the_first_step(warmup_steps):
     expected = [min(1.0, (s + 1) / max(1, warmup_steps)) for s in range(7)]
     assert rates == pytest.approx(expected)
     assert rates[0] > 0  # the first step moves the policy
+
+
+def test_the_engines_context_is_the_models_when_the_tokenizer_sets_none(model_folders):
+    """Tokenizers that set no limit say model_max_length = 1e30, which vLLM refuses as max_model_len:
+    the learner gives its engines the model's positions (32 here), or the tokenizer's limit if lower."""
+    tokenizer = AutoTokenizer.from_pretrained(model_folders["init"])
+    assert tokenizer.model_max_length > 1e29  # the case: no limit set
+    assert context_length(model_folders["init"], tokenizer, trust_remote_code=False) == 32
+    tokenizer.model_max_length = 16
+    assert context_length(model_folders["init"], tokenizer, trust_remote_code=False) == 16

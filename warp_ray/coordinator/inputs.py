@@ -8,23 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from warp_ray.checkpoint import weight_layout
 from warp_ray.config import WarpConfig
 from warp_ray.data import DataError, read_prompts
 from warp_ray.errors import ConfigError
+from warp_ray.learner.learner import context_length
 from warp_ray.reward.model import reward_inputs
 
 PROMPT_SPLITS = ("train.jsonl", "held_out.jsonl")
-
-
-def context(folder: Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int:
-    """The longest sequence a model folder takes: its position embeddings, or its tokenizer's limit if lower."""
-    positions = getattr(
-        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), "max_position_embeddings", None
-    )
-    return min(positions or tokenizer.model_max_length, tokenizer.model_max_length)
 
 
 def check_same_tokenizer(policy: PreTrainedTokenizerBase, sft: Path, reward: PreTrainedTokenizerBase, rm: Path) -> None:
@@ -66,7 +59,7 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
     reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
     if reward is not None:
         check_same_tokenizer(policy, sft, reward, reward_model)
-    policy_context = context(sft, policy, trust)
+    policy_context = context_length(sft, policy, trust)
     for split in PROMPT_SPLITS:
         path = Path(prompts) / split
         texts_read = read_prompts(path)

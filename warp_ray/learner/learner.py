@@ -25,7 +25,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError
@@ -36,6 +36,14 @@ from warp_ray.rollout.worker import RolloutWorker, sample
 from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
+
+
+def context_length(folder: str | Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int:
+    """The longest sequence a model folder takes: its position embeddings, or its tokenizer's limit
+    if lower (a tokenizer that sets none says 1e30, which vLLM refuses as a max_model_len)."""
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    positions = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return int(min(positions, tokenizer.model_max_length))
 
 
 def bundles(config: WarpConfig) -> list[dict[str, float]]:
@@ -129,7 +137,7 @@ class Learner:
         self.rollouts = [
             RolloutWorker.options(**placed(K + i)).remote(
                 str(sft),
-                max_model_len=self.tokenizer.model_max_length,
+                max_model_len=context_length(sft, self.tokenizer, config.paths.trust_remote_code),
                 seed=seed + i,
                 dtype=dtype,
                 trust_remote_code=config.paths.trust_remote_code,
