@@ -52,19 +52,18 @@ def evaluator(config: WarpConfig, task, reward_server) -> Evaluator:
     )
 
 
+def evaluated_learner(config: WarpConfig, task, seed: int) -> Learner:
+    """A learner on the task's train prompts against the gold reward, evaluated on its held-out ones."""
+    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
+    prompts = read_prompts(task / "prompts" / "train.jsonl")
+    return Learner(config, task / "sft", prompts, gold, seed=seed, evaluator=evaluator(config, task, gold))
+
+
 def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, ray_cluster, tmp_path):
     config = tiny_config(anchor="ema", mu=0.1)
     config.resources.ranks_per_learner = 2
     config.evaluation.every = 15
-    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
-    learner = Learner(
-        config,
-        tiny_task / "sft",
-        read_prompts(tiny_task / "prompts" / "train.jsonl"),
-        gold,
-        seed=0,
-        evaluator=evaluator(config, tiny_task, gold),
-    )
+    learner = evaluated_learner(config, tiny_task, seed=0)
     before = learner.evaluate()
     assert before["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engine holds the SFT itself
     history = learner.run(30, log_dir=tmp_path)
@@ -165,15 +164,7 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
         }
     )
     config.evaluation = config.evaluation.model_copy(update={"every": 3, "prompts": 16})
-    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
-    learner = Learner(
-        config,
-        tiny_task / "sft",
-        read_prompts(tiny_task / "prompts" / "train.jsonl"),
-        gold,
-        seed=2,
-        evaluator=evaluator(config, tiny_task, gold),
-    )
+    learner = evaluated_learner(config, tiny_task, seed=2)
     assert learner.evaluate()["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engines hold the SFT itself
 
     history = learner.run(7, log_dir=tmp_path)

@@ -64,12 +64,17 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
-def architecture(folder: Path) -> str:
-    """What a model folder's config.json says it is: its model type and classes, e.g. "gpt2 (GPT2LMHeadModel)"."""
+def model_config(folder: Path) -> dict:
+    """A model folder's config.json, read."""
     try:
-        config = json.loads((check_model_folder(folder) / "config.json").read_text())
+        return json.loads((check_model_folder(folder) / "config.json").read_text())
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+
+
+def architecture(folder: Path) -> str:
+    """What a model folder's config.json says it is: its model type and classes, e.g. "gpt2 (GPT2LMHeadModel)"."""
+    config = model_config(folder)
     return f"{config.get('model_type')} ({', '.join(config.get('architectures') or ['no architectures listed'])})"
 
 

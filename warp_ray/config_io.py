@@ -4,11 +4,10 @@ checking the folders it names before anything starts (`check_paths`). Every entr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from warp_ray.checkpoint import check_model_folder
+from warp_ray.checkpoint import model_config
 from warp_ray.config import Paths, WarpConfig
 from warp_ray.data import preference_splits
 from warp_ray.errors import ConfigError, WarpRayError
@@ -34,8 +33,7 @@ def check_paths(paths: Paths) -> None:
 
 def _checks(paths: Paths) -> Iterator[tuple[str, Path, Callable[[Path], None]]]:
     def model(folder: Path) -> None:
-        check_model_folder(folder)
-        if "auto_map" in _read_json(folder / "config.json") and not paths.trust_remote_code:
+        if "auto_map" in model_config(folder) and not paths.trust_remote_code:
             raise ConfigError(
                 "it ships its own model code (auto_map in its config.json), which warp-ray does not run "
                 "unless paths.trust_remote_code is true"
@@ -58,10 +56,3 @@ def _problem(key: str, folder: Path, check: Callable[[Path], None]) -> Optional[
     except WarpRayError as e:
         return f"{key} = {str(folder)!r}: {e}"
     return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not readable JSON ({e})") from None

@@ -309,27 +309,13 @@ def measure_regime(config: WarpConfig) -> dict:
     sft, prompts, preferences, accuracy, _ = _task_and_warm(config)
     init_ray()  # WARM read back started no cluster
     single, folder = best_single(accuracy, out / "rm")
-    run_config = config.model_copy(
-        update={
-            "warp": warp.model_copy(update={"anchor": "sft", "beta": regime.BETA}),
-        }
-    )
-    trust = config.paths.trust_remote_code
-    reward = RewardServer.remote(
-        RewardSource(folders=(str(folder),)), params=config.reward_server, trust_remote_code=trust
-    )
-    evaluator = Evaluator(
-        run_config,
-        read_prompts(prompts / "held_out.jsonl"),
-        reward,
-        ReferencePolicy.remote(str(sft), trust_remote_code=trust),
-        RewardServer.remote(RewardSource(function=world.gold_reward)),
-    )
+    run_config = _variant(config, Variant("sft", regime.BETA))
+    evaluator = _evaluator(run_config, sft, prompts, folder)
     learner = RemoteLearner.remote(
         run_config,
         str(sft),
         read_prompts(prompts / "train.jsonl"),
-        reward,
+        evaluator.reward_server,
         seed=run_seed(warp.seed, 0, 0),
         evaluator=evaluator,
     )
@@ -353,13 +339,16 @@ def _variant(config: WarpConfig, variant: Variant) -> WarpConfig:
     return config.model_copy(update={"warp": config.warp.model_copy(update=variant._asdict())})
 
 
-def _evaluator(config: WarpConfig, sft: Path, prompts: Path, warm: Path) -> Evaluator:
-    """The held-out evaluator of the runs against WARM: its reward server, the SFT reference, the gold reward."""
+def _evaluator(config: WarpConfig, sft: Path, prompts: Path, reward_model: Path) -> Evaluator:
+    """The held-out evaluator of runs against a reward model folder (WARM, or the regime's single RM):
+    its reward server, the SFT reference, the gold reward."""
     trust = config.paths.trust_remote_code
     return Evaluator(
         config,
         read_prompts(prompts / "held_out.jsonl"),
-        RewardServer.remote(RewardSource(folders=(str(warm),)), params=config.reward_server, trust_remote_code=trust),
+        RewardServer.remote(
+            RewardSource(folders=(str(reward_model),)), params=config.reward_server, trust_remote_code=trust
+        ),
         ReferencePolicy.remote(str(sft), trust_remote_code=trust),
         RewardServer.remote(RewardSource(function=world.gold_reward)),
     )
