@@ -174,7 +174,7 @@ def optimizer_settings(config: WarpConfig) -> dict[str, dict]:
         warmup_num_steps=max(1, warp.warmup_steps),
         warmup_type="linear",
     )
-    new_params = deepspeed_config(config, micro_batch=1)["optimizer"]["params"]
+    new_params = deepspeed_config(config)["optimizer"]["params"]
     new_optimizer = torch.optim.AdamW(params, lr=warp.lr, weight_decay=new_params["weight_decay"])
     linear_warmup(warp.warmup_steps)(new_optimizer)
     return {

@@ -44,11 +44,11 @@ def test_a_batch_repeats_a_prompt_only_where_it_straddles_two_epochs():
 
 def test_the_optimizer_is_adam_with_the_configured_weight_decay():
     config = WarpConfig.from_dict({"warp": {"lr": 3e-4}})
-    optimizer = deepspeed_config(config, micro_batch=4)["optimizer"]
+    optimizer = deepspeed_config(config)["optimizer"]
     assert optimizer["params"]["weight_decay"] == 0.0  # torch's AdamW would decay by 0.01 if it were not named
-    assert "scheduler" not in deepspeed_config(config, micro_batch=4)  # warm-up is linear_warmup, not WarmupLR
+    assert "scheduler" not in deepspeed_config(config)  # warm-up is linear_warmup, not WarmupLR
     decayed = WarpConfig.from_dict({"warp": {"weight_decay": 0.1}})
-    assert deepspeed_config(decayed, micro_batch=4)["optimizer"]["params"]["weight_decay"] == 0.1
+    assert deepspeed_config(decayed)["optimizer"]["params"]["weight_decay"] == 0.1
 
 
 @pytest.mark.parametrize("warmup_steps", [0, 1, 5])

@@ -16,7 +16,7 @@ from tests.helpers import perturbed
 from warp_ray.data import read_preferences, read_prompts
 from warp_ray.reward.model import reward_input
 from warp_ray.rollout import weight_group
-from warp_ray.rollout.worker import RolloutWorker, sample
+from warp_ray.rollout.worker import BUCKET_BYTES, RolloutWorker, buckets, sample
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +53,12 @@ def test_vllm_and_transformers_agree_before_and_after_a_weight_sync(engine, tiny
     before = vllm_greedy()
     assert before == greedy(model, tokenizer, prompts, 16)
     model = perturbed(model, seed=0)
-    seconds = ray.get(engine.update_weights.remote(model.state_dict()))
+    # In 1 MiB buckets, one RPC each, as a model over vLLM's 4 GiB RPC limit must travel.
+    rpcs = ray.get(engine.update_weights.remote(model.state_dict(), bucket_bytes=2**20))
     after = vllm_greedy()
     assert after != before  # the engine runs the new weights...
     assert after == greedy(model, tokenizer, prompts, 16)  # ...exactly as transformers does
-    assert 0 < seconds < 10
+    assert rpcs > 2
 
 
 def test_the_broadcast_group_streams_weights_into_the_engines_worker_process(engine, tiny_task):
@@ -130,3 +131,16 @@ def test_the_reward_model_reads_a_vllm_completion_as_the_preference_data_stores_
     as_sampled = " " + pair["chosen"]  # the same completion as vLLM would return its text
     expected = tokenizer(pair["prompt"]).input_ids + tokenizer(as_sampled).input_ids
     assert tokenizer(reward_input(pair["prompt"], as_sampled)).input_ids == expected  # no extra token, no shift
+
+
+def test_object_store_sync_buckets_stay_under_the_rpc_limit_in_the_engines_dtype():
+    state = {f"w{i}": torch.randn(256) for i in range(10)}  # 1 KiB each in float32, 512 B in bfloat16
+    sent = list(buckets(state, limit=1500, dtype=torch.bfloat16))
+    assert [list(b) for b in sent] == [["w0", "w1"], ["w2", "w3"], ["w4", "w5"], ["w6", "w7"], ["w8", "w9"]]
+    assert all(t.dtype == torch.bfloat16 for b in sent for t in b.values())
+    torch.testing.assert_close(sent[0]["w1"], state["w1"].to(torch.bfloat16))
+    huge = {"embed": torch.empty(2**31, device="meta")}  # 8 GiB in float32, without the memory
+    with pytest.raises(ValueError, match=r"tensor 'embed' \(8.0 GiB in torch.float32\) is over the 4 GiB"):
+        next(buckets(huge, limit=BUCKET_BYTES, dtype=torch.float32))
+    over_a_bucket = {"embed": torch.empty(2**30, device="meta"), "bias": torch.zeros(1)}  # 2 GiB in float16
+    assert [list(b) for b in buckets(over_a_bucket, BUCKET_BYTES, torch.float16)] == [["embed"], ["bias"]]

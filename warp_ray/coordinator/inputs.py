@@ -1,20 +1,22 @@
 """A WARP run's inputs, checked in the driver before Ray starts, so that a bad one costs seconds
 and one clear message, not a run that fails in its first step: the weights are readable
 safetensors, the policy and the reward model share a tokenizer, and every prompt fits the
-policy's and the reward model's contexts with room for `warp.max_new_tokens`."""
+policy's and the reward model's contexts with room for `warp.max_new_tokens`, and a learner rank
+fits its GPU (warp_ray/memory.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from warp_ray.checkpoint import weight_layout
 from warp_ray.config import WarpConfig
 from warp_ray.data import DataError, read_prompts
 from warp_ray.errors import ConfigError
 from warp_ray.learner.learner import context_length
+from warp_ray.memory import RankMemory, check_fits
 from warp_ray.reward.model import reward_inputs
 
 PROMPT_SPLITS = ("train.jsonl", "held_out.jsonl")
@@ -40,17 +42,22 @@ def check_prompts_fit(
     limited_by: str,
     max_new_tokens: int,
     pair_text: bool = False,
-) -> None:
+) -> int:
+    """The longest prompt's tokens; DataError naming the first that does not fit."""
     encoded = reward_inputs(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server reads a pair
-    for i, ids in enumerate(tokenizer(encoded).input_ids):
-        if len(ids) + max_new_tokens > limit:
+    lengths = [len(ids) for ids in tokenizer(encoded).input_ids]
+    for i, length in enumerate(lengths):
+        if length + max_new_tokens > limit:
             raise DataError(
-                f"{path}: prompt {i + 1} is {len(ids)} tokens long: with warp.max_new_tokens = {max_new_tokens} it "
-                f"needs {len(ids) + max_new_tokens}, over {limited_by} of {limit} tokens (prompt: {prompts[i][:60]!r})"
+                f"{path}: prompt {i + 1} is {length} tokens long: with warp.max_new_tokens = {max_new_tokens} it "
+                f"needs {length + max_new_tokens}, over {limited_by} of {limit} tokens (prompt: {prompts[i][:60]!r})"
             )
+    return max(lengths, default=0)
 
 
-def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> None:
+def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> RankMemory:
+    """The checks above, then the memory estimate of a learner rank for the longest prompt (refused
+    if it would not fit its GPU); returns the estimate."""
     trust, max_new_tokens = config.paths.trust_remote_code, config.warp.max_new_tokens
     for folder in (sft, reward_model):
         if folder is not None:
@@ -60,10 +67,14 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
     if reward is not None:
         check_same_tokenizer(policy, sft, reward, reward_model)
     policy_context = context_length(sft, policy, trust)
+    longest = 0
     for split in PROMPT_SPLITS:
         path = Path(prompts) / split
         texts_read = read_prompts(path)
-        check_prompts_fit(path, texts_read, policy, policy_context, f"the policy's context ({sft})", max_new_tokens)
+        fits = check_prompts_fit(
+            path, texts_read, policy, policy_context, f"the policy's context ({sft})", max_new_tokens
+        )
+        longest = max(longest, fits)
         if reward is not None:
             check_prompts_fit(
                 path,
@@ -74,3 +85,4 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
                 max_new_tokens,
                 pair_text=True,
             )
+    return check_fits(config, AutoConfig.from_pretrained(sft, trust_remote_code=trust), longest)

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError
 from warp_ray.evaluation import Evaluator
+from warp_ray.learner.policy_update import Batch
 from warp_ray.learner.rank import LearnerRank
 from warp_ray.logprobs import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
@@ -121,7 +122,7 @@ class Learner:
         placement_group: Optional[PlacementGroup] = None,
     ):
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i."""
-        warp, resources = config.warp, config.resources
+        resources = config.resources
         K = resources.ranks_per_learner  # the config checked that K divides the batch
         self.config = config
         self.prompts = list(prompts)
@@ -129,9 +130,8 @@ class Learner:
         self.evaluator = evaluator
         self.tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
         self.zero3 = resources.zero_stage == 3
-        micro_batch = warp.batch_size // K * warp.samples_per_prompt
         placed = _placement(config, placement_group)
-        self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, config, micro_batch) for k in range(K)]
+        self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, config) for k in range(K)]
         dtype = "bfloat16" if resources.precision == "bf16" else "float32"
         # The engines start (tens of seconds) while the ranks join their group.
         self.rollouts = [
@@ -310,14 +310,9 @@ class Learner:
         sampled_logprobs = torch.zeros(completion.shape)
         # Row by row, left to right: the order of the completion tokens in `pack`'s rows.
         sampled_logprobs[completion.bool()] = torch.tensor([lp for _, s in rows for lp in s["logprobs"]])
-        share = len(rows) // len(self.ranks)
-        shards = [slice(i, i + share) for i in range(0, len(rows), share)]
-        stats = ray.get(
-            [
-                rank.step.remote(input_ids[s], attention[s], completion[s], rewards[s], sampled_logprobs[s])
-                for rank, s in zip(self.ranks, shards)
-            ]
-        )
+        batch = Batch(input_ids, attention, completion, rewards, sampled_logprobs)
+        share = self.config.rank_rows
+        stats = ray.get([rank.step.remote(batch.rows(k * share, (k + 1) * share)) for k, rank in enumerate(self.ranks)])
         update_seconds = time.perf_counter() - start - rollout_seconds
         check_finite(f"step {self.steps + 1}", {"loss": torch.tensor([s["loss"] for s in stats])})
         self.steps += 1

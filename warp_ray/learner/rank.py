@@ -7,10 +7,14 @@ own copy of the anchor the same way. Under ZeRO-3 the anchor is sharded like the
 (a DeepSpeed engine of its own, without optimizer) and each rank moves only its shard
 towards its shard of the policy; reading full weights is then a collective that every rank
 joins, one tensor at a time.
+
+The maths of a step runs on the rank's device in policy_update.py, which needs only torch and
+transformers; this actor adds the process group, DeepSpeed and the weights' ways out.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,11 +24,12 @@ import ray
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
-from warp_ray.learner.reinforce import reinforce_loss
-from warp_ray.logprobs import token_logprobs
+from warp_ray.learner import policy_update
+from warp_ray.learner.policy_update import Batch
 from warp_ray.merge import ema_update_
 from warp_ray.rollout import weight_group
 from warp_ray.shards import join
@@ -32,14 +37,14 @@ from warp_ray.shards import join
 WeightSpecs = list[tuple[str, str, list[int]]]
 
 
-def deepspeed_config(config: WarpConfig, micro_batch: int) -> dict:
-    warp, resources = config.warp, config.resources
+def deepspeed_config(config: WarpConfig) -> dict:
+    warp, resources, micro = config.warp, config.resources, config.micro_batch_size
     # Weight decay named explicitly: torch's AdamW, which DeepSpeed builds for "Adam", decays by 0.01 otherwise.
     adam = {"lr": warp.lr, "weight_decay": warp.weight_decay, "torch_adam": True, "adam_w_mode": True}
     return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * resources.ranks_per_learner,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": config.rank_rows // micro,
+        "train_batch_size": config.rank_rows * resources.ranks_per_learner,
         "optimizer": {"type": "Adam", "params": adam},
         "zero_optimization": {"stage": resources.zero_stage},
         "bf16": {"enabled": resources.precision == "bf16"},
@@ -65,13 +70,22 @@ def anchor_config(micro_batch: int, world_size: int) -> dict:
 
 @ray.remote
 class LearnerRank:
-    def __init__(self, rank: int, world_size: int, config: WarpConfig, micro_batch: int):
+    def __init__(self, rank: int, world_size: int, config: WarpConfig):
         self.rank = rank
         self.world_size = world_size
         self.config = config
-        self.micro_batch = micro_batch
         self.zero3 = config.resources.zero_stage == 3
-        if not torch.cuda.is_available():
+        self.engine = self.anchor = None
+        if config.resources.gpus_per_rank > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"learner rank {rank} was given a GPU (resources.gpus_per_rank = "
+                    f"{config.resources.gpus_per_rank}) but torch {torch.__version__} sees none: check that the "
+                    f"NVIDIA driver supports CUDA {torch.version.cuda}"
+                )
+            self.device = torch.device("cuda", torch.cuda.current_device())  # Ray sets CUDA_VISIBLE_DEVICES
+        else:
+            self.device = torch.device("cpu")
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(1)  # one thread per rank: more oversubscribes the cores
 
@@ -91,8 +105,8 @@ class LearnerRank:
         )
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.sft, self.engine = str(sft), None
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.sft = str(sft)
 
     def start(self, seed: int, *init: Mapping[str, torch.Tensor]) -> None:
         """A new RL run from the init, given as shards (none: the SFT policy): fresh optimizer
@@ -100,78 +114,120 @@ class LearnerRank:
         it at once."""
         import deepspeed
 
-        if self.engine is not None:
-            self.engine.destroy()
+        self._free()
         torch.manual_seed(seed)
         init = join(init) if init else None
-        policy = self._load(init)
-        anchor = self._load(init if self.config.warp.anchor == "ema" else None).eval().requires_grad_(False)
+        anchor_weights = init if self.config.warp.anchor == "ema" else None
+        policy_config = deepspeed_config(self.config)
+        anchor_zero3 = anchor_config(self.config.micro_batch_size, self.world_size)
+        policy = self._load(init, policy_config)
+        if self.config.resources.activation_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        anchor = self._load(anchor_weights, anchor_zero3)
+        del init, anchor_weights
         self.engine, *_ = deepspeed.initialize(
             model=policy,
             model_parameters=policy.parameters(),
-            config=deepspeed_config(self.config, self.micro_batch),
+            config=policy_config,
             lr_scheduler=linear_warmup(self.config.warp.warmup_steps),
         )
         if self.zero3:
-            self.anchor, *_ = deepspeed.initialize(
-                model=anchor, config=anchor_config(self.micro_batch, self.world_size)
-            )
+            anchor.eval().requires_grad_(False)
+            self.anchor, *_ = deepspeed.initialize(model=anchor, config=anchor_zero3)
         else:
-            self.anchor = anchor
+            self.anchor = policy_update.frozen(anchor, self.device)
 
-    def _load(self, weights: Optional[Mapping[str, torch.Tensor]]) -> nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(
-            self.sft, dtype=torch.float32, trust_remote_code=self.config.paths.trust_remote_code
-        )
-        if weights is not None:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to
-            if missing or unexpected:
-                raise ValueError(
-                    f"the init's weights do not fit the policy {self.sft}: missing {sorted(missing)[:5]}, "
-                    f"unexpected {sorted(unexpected)[:5]}"
+    def _free(self) -> None:
+        """Release the last run's engine, optimizer state and anchor before building the next: held
+        while the next is built, they would double the rank's memory at every run."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine.optimizer = self.engine.lr_scheduler = None
+        if self.zero3 and self.anchor is not None:
+            self.anchor.destroy()
+        self.engine = self.anchor = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load(self, weights: Optional[Mapping[str, torch.Tensor]], zero3_config: dict) -> nn.Module:
+        """The SFT's architecture with `weights` (None: the SFT's own), in float32 (under ZeRO-3, in the
+        dtype of `zero3_config`). Under ZeRO-3 it is
+        built already cut into this rank's shards (DeepSpeed would otherwise move it to the device
+        whole before partitioning it: a 7B float32 anchor alone fills a 40 GB GPU), and its weights
+        are loaded one tensor at a time."""
+        trust = self.config.paths.trust_remote_code
+        if self.zero3:
+            import deepspeed
+
+            # The dtype from the config (bf16 or float32); given as an argument, DeepSpeed 0.19 takes
+            # float16 or bfloat16 instead wherever the device supports it.
+            with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+                model = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(self.sft, trust_remote_code=trust),
+                    dtype=torch.float32,
+                    trust_remote_code=trust,
                 )
+            self._load_partitioned(model, weights if weights is not None else load_model_weights(self.sft))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32, trust_remote_code=trust)
+            if weights is not None:
+                missing, unexpected = model.load_state_dict(weights, strict=False)
+                missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to
+                self._check_fit(missing, unexpected)
         for module in model.modules():  # as the engines sample: the log-probs must be of the same policy
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         return model
 
-    def step(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        completion_mask: torch.Tensor,
-        rewards: torch.Tensor,
-        sampled_logprobs: torch.Tensor,
-    ) -> dict[str, float]:
-        """One REINFORCE step on this rank's share: right-padded prompt + completion rows, their
-        attention mask, a mask of the completion tokens, one reward per row, and the log-probs the
-        rollout engine sampled the completion tokens with (in place, zero elsewhere)."""
+    def _load_partitioned(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        """Each of the model's weights (tied ones once, under their saved name) gathered in turn, set
+        from rank 0's copy, and cut again."""
+        import deepspeed
+
+        names = dict(model.named_parameters())
+        self._check_fit(set(names) - set(weights), set())
+        for name, p in names.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if self.rank == 0:
+                    p.data.copy_(weights[name])
+
+    def _check_fit(self, missing: set[str], unexpected: set[str]) -> None:
+        if missing or unexpected:
+            raise ValueError(
+                f"the init's weights do not fit the policy {self.sft}: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One REINFORCE step on this rank's share of the batch, in micro-batches, then the EMA step."""
         warp = self.config.warp
-        # The policy and its anchor at the sampling temperature, as the engine sampled: the gradient
-        # is then the sampled policy's, and KL_seq is KL(pi_T || anchor_T).
-        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        logits = logits.float() / warp.temperature
-        policy = token_logprobs(logits, input_ids[:, 1:])
-        with torch.no_grad():
-            log_probs = logits.log_softmax(-1)
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-            anchor_logits = self.anchor(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-            anchor = token_logprobs(anchor_logits.float() / warp.temperature, input_ids[:, 1:])
-        mask = completion_mask[:, 1:].float()
-        tokens = max(1.0, mask.sum().item())
-        loss, stats = reinforce_loss(policy, anchor, mask, rewards, warp.beta, warp.samples_per_prompt, warp.baseline)
-        stats["lr"] = self.engine.get_lr()[0]  # the rate of this step, before the scheduler moves it
-        self.engine.backward(loss)
-        self.engine.step()
+        lr = self.engine.get_lr()[0]  # the rate of this step, before the scheduler moves it
+
+        def backward(loss: torch.Tensor) -> None:
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
+
+        stats = policy_update.reinforce_step(
+            self.engine,
+            self.anchor,
+            batch,
+            self.device,
+            backward,
+            beta=warp.beta,
+            temperature=warp.temperature,
+            samples_per_prompt=warp.samples_per_prompt,
+            baseline=warp.baseline,
+            micro_batch_size=self.config.micro_batch_size,
+            logprob_chunk=self.config.resources.logprob_chunk,
+        )
         if warp.anchor == "ema":
             self.update_ema_anchor()
-        stats["loss"] = loss.item()
-        stats["entropy"] = (entropy * mask).sum().item() / tokens  # per completion token
-        # Engine against learner on the sampled tokens: ~0 on policy in float32; grows with sync_every or bf16.
-        stats["logprob_gap"] = ((policy.detach() - sampled_logprobs[:, 1:]).abs() * mask).sum().item() / tokens
-        stats["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        return stats
+        return {
+            **{k: v.item() for k, v in stats.items()},
+            "lr": lr,
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+        }
 
     def update_ema_anchor(self) -> None:
         """WARP's stage 1, after every optimizer step: the KL anchor follows the policy,
@@ -186,23 +242,10 @@ class LearnerRank:
 
         return held(self.anchor.module if self.zero3 else self.anchor), held(self.engine.module)
 
-    @torch.no_grad()
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions (token ids) of the current policy, one prompt at a time (no padding).
-        Under ZeRO-3 every rank must run it with the same prompts (each forward gathers)."""
-        model, config = self.engine.module, self.engine.module.config
-        completions = []
-        for ids in prompt_ids:
-            out = model.generate(
-                torch.tensor([ids]),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                synced_gpus=self.zero3,
-                pad_token_id=config.pad_token_id,
-                eos_token_id=config.eos_token_id,
-            )
-            completions.append(out[0, len(ids) :].tolist())
-        return completions
+        """Greedy completions (token ids) of the current policy. Under ZeRO-3 every rank must run it
+        with the same prompts (each forward gathers)."""
+        return policy_update.greedy(self.engine.module, prompt_ids, max_new_tokens, synced_gpus=self.zero3)
 
     def _full_tensors(self, module: nn.Module, tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, whole tensor) of every weight; tied ones once, under the name a saved checkpoint
@@ -216,7 +259,7 @@ class LearnerRank:
                 yield name, p.data
 
     def _state_dict(self, module: nn.Module, tied: bool) -> Optional[dict[str, torch.Tensor]]:
-        state = {name: t.detach().float().clone() for name, t in self._full_tensors(module, tied)}
+        state = policy_update.host_copy(self._full_tensors(module, tied))
         return state if self.rank == 0 or not self.zero3 else None
 
     def policy_state_dict(self, tied: bool = False) -> Optional[dict[str, torch.Tensor]]:
@@ -250,3 +293,5 @@ class LearnerRank:
         for _, tensor in self._full_tensors(self.engine.module, tied=True):
             if self.rank == 0:
                 weight_group.broadcast_(self.weight_group, tensor.detach().contiguous())
+        if self.rank == 0 and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # NCCL's wait orders the stream, not this process

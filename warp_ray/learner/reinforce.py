@@ -42,13 +42,14 @@ def reinforce_loss(
     samples_per_prompt: int,
     baseline_kind: str = "rloo",
 ) -> tuple[Tensor, dict[str, float]]:
-    """The loss to minimise, and what to log (reward, KL to the anchor, the regularized reward)."""
+    """The loss to minimise, and what to log (reward, KL to the anchor, the regularized reward), as
+    tensors on the loss's device: reading them out is the caller's, once per step."""
     kl = sequence_kl(policy_logprobs.detach(), anchor_logprobs, mask)
     regularized = rewards - beta * kl
     advantage = regularized - baseline(regularized, samples_per_prompt, baseline_kind)
     loss = -(advantage * (policy_logprobs * mask).sum(-1)).mean()
     return loss, {
-        "reward": rewards.mean().item(),
-        "kl_to_anchor": kl.mean().item(),
-        "regularized_reward": regularized.mean().item(),
+        "reward": rewards.mean().detach(),
+        "kl_to_anchor": kl.mean().detach(),
+        "regularized_reward": regularized.mean().detach(),
     }

@@ -19,8 +19,8 @@ class WeightSync:
     """Mixed into vLLM's worker class, called through `collective_rpc`."""
 
     def load_policy_weights(self, payload: bytes) -> None:
-        weights = load(payload)
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        # Worker.reload_weights: the model runner's, inside vLLM's config context, which the reload reads.
+        self.reload_weights(weights_iterator=iter(load(payload).items()))
 
     def join_weight_group(self, address: str, port: int, rank: int, world_size: int) -> None:
         self.weight_group = weight_group.join(address, port, rank, world_size)
@@ -37,4 +37,4 @@ class WeightSync:
             )
             for name, dtype, shape in specs
         )
-        self.model_runner.reload_weights(weights_iterator=received)
+        self.reload_weights(weights_iterator=received)

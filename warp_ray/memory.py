@@ -1,0 +1,129 @@
+"""The memory a learner rank needs on its GPU, estimated from the config and the model's own config
+before anything starts (docs/gpu.md#the-memory-model), so that a run that cannot fit is refused in
+seconds, with its numbers, rather than failing at its first step on a cluster.
+
+For P parameters, K ranks and ZeRO stage Z, with b bytes per training value (2 in bf16, 4 in fp32):
+
+    weights       b P            / K if Z = 3
+    gradients     b P            / K if Z >= 2
+    optimizer     16 P in bf16 (float32 master weights, their gradients, Adam's two moments),
+                  8 P in fp32 (Adam's two moments)                                         / K if Z >= 1
+    anchor        4 P (float32, so that EMA steps are not rounded away)                    / K if Z = 3
+    activations   tokens x layers x b (h + ffn-sized terms): each layer's input kept and one layer
+                  recomputed with activation checkpointing; every layer's b (8 h + 4 ffn) without
+    logits        3 x tokens x V x b (the policy's, their gradient, the anchor's)
+                  + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
+    overhead      3 GB: CUDA context, NCCL buffers, allocator fragmentation (an allowance, not a measure)
+
+where tokens = micro-batch rows x (longest prompt + warp.max_new_tokens). It is an estimate, checked
+against a measured peak by bench/gpu_check.py where a GPU is lent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from warp_ray.errors import ConfigError
+
+if TYPE_CHECKING:  # the estimate itself needs no pydantic: bench/gpu_check.py runs it where there is none
+    from warp_ray.config import WarpConfig
+
+GB = 1e9
+OVERHEAD_BYTES = 3 * GB
+
+
+def parameter_count(model_config: PretrainedConfig) -> int:
+    """The model's parameters (tied ones once), counted on PyTorch's meta device: no memory, no weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes a learner rank needs, by part, for a model of `parameters`."""
+
+    parts: dict[str, float]
+    parameters: int
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def __str__(self) -> str:
+        return (
+            " + ".join(f"{name} {size / GB:.1f}" for name, size in self.parts.items()) + f" = {self.total / GB:.1f} GB"
+        )
+
+
+def rank_bytes(
+    model_config: PretrainedConfig,
+    parameters: int,
+    *,
+    ranks: int,
+    zero_stage: int,
+    bf16: bool,
+    rows: int,
+    sequence: int,
+    logprob_chunk: int,
+    activation_checkpointing: bool,
+) -> RankMemory:
+    """The estimate above: `rows` completions of up to `sequence` tokens per pass."""
+    P, K, Z, b = parameters, ranks, zero_stage, 2 if bf16 else 4
+    h = model_config.hidden_size
+    ffn = getattr(model_config, "intermediate_size", None) or 4 * h
+    layers, vocab = model_config.num_hidden_layers, model_config.vocab_size
+    tokens = rows * sequence
+    per_layer = b * (8 * h + 4 * ffn)
+    activations = tokens * (layers * b * h + per_layer if activation_checkpointing else layers * per_layer)
+    chunk = min(logprob_chunk or sequence, sequence)
+    return RankMemory(
+        {
+            "weights": b * P / (K if Z == 3 else 1),
+            "gradients": b * P / (K if Z >= 2 else 1),
+            "optimizer": (16 if bf16 else 8) * P / (K if Z >= 1 else 1),
+            "anchor": 4 * P / (K if Z == 3 else 1),
+            "activations": activations,
+            "logits": 3 * tokens * vocab * b + 3 * rows * chunk * vocab * 4,
+            "overhead": OVERHEAD_BYTES,
+        },
+        P,
+    )
+
+
+def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
+    """The estimate for a config's learner rank, prompts of up to `prompt_tokens` tokens."""
+    r = config.resources
+    return rank_bytes(
+        model_config,
+        parameter_count(model_config),
+        ranks=r.ranks_per_learner,
+        zero_stage=r.zero_stage,
+        bf16=r.precision == "bf16",
+        rows=config.micro_batch_size,
+        sequence=prompt_tokens + config.warp.max_new_tokens,
+        logprob_chunk=r.logprob_chunk,
+        activation_checkpointing=r.activation_checkpointing,
+    )
+
+
+def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
+    """The estimate; ConfigError naming its parts if a rank on a GPU would need more than the GPU has."""
+    estimate = rank_memory(config, model_config, prompt_tokens)
+    r = config.resources
+    if r.gpus_per_rank > 0:
+        available = r.gpus_per_rank * r.gpu_memory_gb * GB
+        if estimate.total > available:
+            raise ConfigError(
+                f"a learner rank would need about {estimate.total / GB:.1f} GB of GPU memory, over the "
+                f"{available / GB:.1f} GB of resources.gpus_per_rank = {r.gpus_per_rank} x resources.gpu_memory_gb "
+                f"= {r.gpu_memory_gb} ({estimate}; {estimate.parameters / 1e9:.2f}B parameters, "
+                f"{config.micro_batch_size} completions of up to {prompt_tokens} + {config.warp.max_new_tokens} "
+                "tokens per pass). Lower it with more resources.ranks_per_learner at zero_stage 3, a smaller "
+                "resources.micro_batch_size, resources.activation_checkpointing, resources.logprob_chunk"
+            )
+    return estimate
