@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def group_config(**learners) -> WarpConfig:
     )
 
 
+def pending_groups() -> list[str]:
+    return [pg for pg, row in ray.util.placement_group_table().items() if row["state"] == "PENDING"]
+
+
 @ray.remote(num_cpus=0)
 class Placed:
     """A learner's stand-in: placement is what is tested here, not training."""
@@ -81,8 +86,11 @@ def test_a_cluster_with_fewer_cpus_gets_fewer_learners_within_the_bounds(ray_clu
     group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
     try:
         assert group.scale() == 1  # the 2-CPU cluster holds one learner of the 3 allowed
+        # The request for a second stays pending, the demand an autoscaler would act on, and is used once met.
+        assert [g.id.hex() for g in group.pending] == pending_groups() and len(group.pending) == 1
     finally:
         group.close()
+    assert pending_groups() == []  # withdrawn with the group
     config.learners.min = 2
     group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
     with pytest.raises(TooFewLearners, match=r"placed 1 learner\(s\) within 5 s, fewer than learners.min = 2"):
@@ -229,3 +237,29 @@ def test_reward_server_under_8_learners_and_killed_under_load(tiny_task, tmp_pat
     assert fault["killed_pid"] is not None and fault["new_pid"] not in (None, fault["killed_pid"])
     assert fault["requests_sent"] >= 8 and fault["requests_lost"] == 0 and fault["wrong_answers"] == 0
     assert "the reward server restarted after its process died" in done.stderr + done.stdout
+
+
+@ray.remote(num_cpus=1)
+class Busy:
+    """Holds a CPU, as a node the autoscaler has yet to add is missing."""
+
+
+def test_the_first_learners_wait_for_the_cluster_to_grow_within_the_scale_up_timeout(ray_cluster, tmp_path):
+    """A learner takes the 2 CPUs; one is busy for 3 s, as a GPU node takes minutes to join."""
+    config = group_config(min=1, max=1, place_timeout_s=1, scale_up_timeout_s=30)
+    config.resources = config.resources.model_copy(update={"cpus_per_rank": 1, "cpus_per_rollout_worker": 1})
+    busy = Busy.remote()
+    ray.get(busy.__ray_ready__.remote())
+    threading.Timer(3, ray.kill, args=(busy,)).start()
+    group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
+    start = time.perf_counter()
+    try:
+        assert group.scale() == 1 and time.perf_counter() - start > 2.5
+    finally:
+        group.close()
+    busy = Busy.remote()
+    ray.get(busy.__ray_ready__.remote())
+    config.learners.scale_up_timeout_s = None  # place_timeout_s alone: 1 s
+    with pytest.raises(TooFewLearners, match=r"placed 0 learner\(s\) within 1 s"):
+        LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path).scale()
+    ray.kill(busy)

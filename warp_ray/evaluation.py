@@ -28,19 +28,31 @@ from transformers import AutoModelForCausalLM
 from warp_ray.config import WarpConfig
 from warp_ray.logprobs import pack, token_logprobs
 from warp_ray.rollout.worker import sample
-from warp_ray.runtime import SERVICE, log_if_restarted
+from warp_ray.runtime import SERVICE, actor_device, log_if_restarted
 
 
 @ray.remote(**SERVICE)
 class ReferencePolicy:
     """A fixed policy (the SFT), scoring completions: sum_t log pi_sft(y_t | x, y_<t)."""
 
-    def __init__(self, folder: str | Path, threads: int = 1, batch_size: int = 64, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int = 1,
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
+        gpus: float = 0,
+        logprob_chunk: int = 0,
+    ):
+        """gpus: what Ray gave this actor (`start_reference`); the model runs on the GPU, in bf16,
+        when above 0."""
         log_if_restarted("the reference policy")
         torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
-        ).eval()
+        device = actor_device(gpus, "the reference policy")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model = model.to(device).eval()
+        self.logprob_chunk = logprob_chunk
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -48,12 +60,24 @@ class ReferencePolicy:
         """One sum of completion log-probs per (prompt ids, completion ids) pair, of the policy at `temperature`."""
         sums = []
         for i in range(0, len(sequences), self.batch_size):
-            input_ids, attention, completion = pack(
-                sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0
-            )
+            batch = pack(sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0)
+            input_ids, attention, completion = (t.to(self.model.device) for t in batch)
             logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-            sums += (token_logprobs(logits, input_ids[:, 1:], temperature) * completion[:, 1:]).sum(-1).tolist()
+            logprobs = token_logprobs(logits, input_ids[:, 1:], temperature, self.logprob_chunk)
+            sums += (logprobs * completion[:, 1:]).sum(-1).tolist()
         return sums
+
+
+def start_reference(folder: str | Path, config: WarpConfig):
+    """The SFT's `ReferencePolicy`, on the GPUs `evaluation.reference_gpus` gives it."""
+    gpus = config.evaluation.reference_gpus
+    return ReferencePolicy.options(num_gpus=gpus).remote(
+        str(folder),
+        batch_size=config.micro_batch_size if gpus else 64,
+        trust_remote_code=config.paths.trust_remote_code,
+        gpus=gpus,
+        logprob_chunk=config.resources.logprob_chunk,
+    )
 
 
 class Evaluator:

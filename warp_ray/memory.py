@@ -112,16 +112,26 @@ def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_token
 
 
 def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
-    """The estimate; ConfigError naming its parts if a rank on a GPU would need more than the GPU has."""
+    """The estimate; ConfigError naming its parts if a rank on a GPU would need more than the GPU has,
+    or if an engine's share of a GPU cannot hold the policy's weights (vLLM needs room beyond them
+    for its KV cache, which it sizes itself and refuses to start without)."""
     estimate = rank_memory(config, model_config, prompt_tokens)
     r = config.resources
+    engine_share = r.gpus_per_rollout_worker * r.engine_memory_utilization * (r.gpu_memory_gb or 0) * GB
+    engine_weights = estimate.parameters * (2 if r.precision == "bf16" else 4)
+    if r.gpus_per_rollout_worker > 0 and engine_weights >= engine_share:
+        raise ConfigError(
+            f"a vLLM engine's share of a GPU, {engine_share / GB:.1f} GB (resources.gpus_per_rollout_worker = "
+            f"{r.gpus_per_rollout_worker} x engine_memory_utilization = {r.engine_memory_utilization} x gpu_memory_gb "
+            f"= {r.gpu_memory_gb}), cannot hold the policy's {engine_weights / GB:.1f} GB of weights and a KV cache"
+        )
     if r.gpus_per_rank > 0:
-        available = r.gpus_per_rank * r.gpu_memory_gb * GB
+        available = r.gpu_memory_gb * GB
         if estimate.total > available:
             raise ConfigError(
                 f"a learner rank would need about {estimate.total / GB:.1f} GB of GPU memory, over the "
-                f"{available / GB:.1f} GB of resources.gpus_per_rank = {r.gpus_per_rank} x resources.gpu_memory_gb "
-                f"= {r.gpu_memory_gb} ({estimate}; {estimate.parameters / 1e9:.2f}B parameters, "
+                f"{available / GB:.1f} GB of a GPU (resources.gpu_memory_gb = {r.gpu_memory_gb}) "
+                f"({estimate}; {estimate.parameters / 1e9:.2f}B parameters, "
                 f"{config.micro_batch_size} completions of up to {prompt_tokens} + {config.warp.max_new_tokens} "
                 "tokens per pass). Lower it with more resources.ranks_per_learner at zero_stage 3, a smaller "
                 "resources.micro_batch_size, resources.activation_checkpointing, resources.logprob_chunk"

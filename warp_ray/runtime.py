@@ -12,6 +12,7 @@ import os
 import warnings
 
 import ray
+import torch
 from ray._private import ray_constants
 
 SERVICE = {"max_restarts": 3, "max_task_retries": -1}
@@ -29,6 +30,20 @@ def log_if_restarted(service: str) -> None:
         logging.getLogger(__name__).warning(
             "%s restarted after its process died; the calls in flight are retried", service
         )
+
+
+def actor_device(gpus: float, what: str) -> torch.device:
+    """The device of an actor that Ray gave `gpus` GPUs: the first it sees (Ray sets
+    CUDA_VISIBLE_DEVICES), or the CPU when it was given none. A GPU given but invisible to torch
+    (a driver too old for torch's CUDA) fails here, loudly, instead of running on the CPU."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{what} was given {gpus} GPU(s) but torch {torch.__version__} sees none: check that the NVIDIA "
+            f"driver supports CUDA {torch.version.cuda} (docs/gpu.md#driver-and-cuda)"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def init_ray(num_cpus: int | None = None) -> None:

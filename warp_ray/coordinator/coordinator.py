@@ -33,8 +33,8 @@ from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resum
 from warp_ray.coordinator.front import plot_front, report
 from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
 from warp_ray.data import read_prompts
-from warp_ray.evaluation import Evaluator, ReferencePolicy
-from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.evaluation import Evaluator, start_reference
+from warp_ray.reward.server import RewardServer, RewardSource, start_reward_server
 from warp_ray.shards import Shards, partition, put_folder, wait_until_computed
 from warp_ray.timing import Laps
 
@@ -58,12 +58,12 @@ class Coordinator:
         self.layout = partition(self.sft_folder, config.learner_bounds()[1])  # a shard per learner: the merge's unit
         self.sft = put_folder(self.sft_folder, self.layout)
         trust = config.paths.trust_remote_code
-        self.reward_server = RewardServer.remote(reward, params=config.reward_server, trust_remote_code=trust)
+        self.reward_server = start_reward_server(reward, config.reward_server, trust)
         evaluator = Evaluator(
             config,
             read_prompts(Path(prompts) / "held_out.jsonl"),
             self.reward_server,
-            ReferencePolicy.remote(str(sft), trust_remote_code=trust),
+            start_reference(sft, config),
             RewardServer.remote(RewardSource(function=control)) if control else None,
         )
         train_prompts = read_prompts(Path(prompts) / "train.jsonl")

@@ -15,6 +15,7 @@ run again): its policy is left out of the merge, under the same `learners.min` r
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -99,6 +100,7 @@ class LearnerGroup:
         self.restarts: list[dict] = []  # what died, and what was done, for the manifests
         self.rejected: list[dict] = []  # policies left out of a merge, and why
         self.merged: list[int] = []  # the learners whose policies the last `train` returned, in order
+        self.pending: list[PlacementGroup] = []  # requests not yet met: the autoscaler's demand
 
     @property
     def handles(self) -> list[ray.actor.ActorHandle]:
@@ -106,20 +108,26 @@ class LearnerGroup:
         return [learner for learner, _ in self.slots]
 
     def scale(self) -> int:
-        """Place learners until `learners.max`, or until the cluster cannot hold one more within
-        `learners.place_timeout_s`; refuse, before starting any, if fewer than `learners.min` fit.
+        """Place learners until `learners.max`: the first `learners.min` within
+        `learners.scale_up_timeout_s`, each further one within `learners.place_timeout_s`. A request
+        not met stays pending, so that an autoscaler keeps adding the nodes it needs, and is used
+        by a later call once met. Refuses, before starting any, if fewer than `learners.min` fit.
         Returns how many."""
         low, high = self.config.learner_bounds()
+        waits = self.config.learners
+        deadline = time.monotonic() + (waits.scale_up_timeout_s or waits.place_timeout_s)
         groups = []
         while len(self.slots) + len(groups) < high:
-            group = placement_group(bundles(self.config), strategy="PACK")
-            if not group.wait(self.config.learners.place_timeout_s):
-                remove_placement_group(group)
+            group = self.pending.pop(0) if self.pending else placement_group(bundles(self.config), strategy="PACK")
+            needed = len(self.slots) + len(groups) < low
+            if not group.wait(max(0.0, deadline - time.monotonic()) if needed else waits.place_timeout_s):
+                self.pending.append(group)
                 break
             groups.append(group)
         if len(self.slots) + len(groups) < low:
-            for group in groups:
+            for group in groups + self.pending:
                 remove_placement_group(group)
+            self.pending = []
             has = ", ".join(
                 f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}"
                 for k, v in sorted(ray.cluster_resources().items())
@@ -127,7 +135,7 @@ class LearnerGroup:
             )
             raise TooFewLearners(
                 f"the cluster placed {len(self.slots) + len(groups)} learner(s) within "
-                f"{self.config.learners.place_timeout_s:g} s, fewer than learners.min = {low}: each takes "
+                f"{waits.scale_up_timeout_s or waits.place_timeout_s:g} s, fewer than learners.min = {low}: each takes "
                 f"{bundles(self.config)} (resources.*) and the cluster has {has}; lower warp.M or "
                 "learners.min, ask less per learner, or add nodes"
             )
@@ -209,5 +217,8 @@ class LearnerGroup:
         self.slots = [slot for m, slot in enumerate(self.slots) if m not in dead]
 
     def close(self) -> None:
-        """End every learner and free its placement group."""
+        """End every learner and free its placement group, and withdraw the requests still pending."""
         self._drop(set(range(len(self.slots))))
+        for group in self.pending:
+            remove_placement_group(group)
+        self.pending = []

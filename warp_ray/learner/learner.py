@@ -142,6 +142,8 @@ class Learner:
                 dtype=dtype,
                 trust_remote_code=config.paths.trust_remote_code,
                 in_process=resources.rollout_in_process,
+                gpu_memory_utilization=resources.engine_memory_utilization * (resources.gpus_per_rollout_worker or 1),
+                enforce_eager=resources.enforce_eager,
             )
             for i in range(resources.rollout_workers_per_learner)
         ]

@@ -32,6 +32,7 @@ from warp_ray.learner import policy_update
 from warp_ray.learner.policy_update import Batch
 from warp_ray.merge import ema_update_
 from warp_ray.rollout import weight_group
+from warp_ray.runtime import actor_device
 from warp_ray.shards import join
 
 WeightSpecs = list[tuple[str, str, list[int]]]
@@ -76,16 +77,8 @@ class LearnerRank:
         self.config = config
         self.zero3 = config.resources.zero_stage == 3
         self.engine = self.anchor = None
-        if config.resources.gpus_per_rank > 0:
-            if not torch.cuda.is_available():
-                raise RuntimeError(
-                    f"learner rank {rank} was given a GPU (resources.gpus_per_rank = "
-                    f"{config.resources.gpus_per_rank}) but torch {torch.__version__} sees none: check that the "
-                    f"NVIDIA driver supports CUDA {torch.version.cuda}"
-                )
-            self.device = torch.device("cuda", torch.cuda.current_device())  # Ray sets CUDA_VISIBLE_DEVICES
-        else:
-            self.device = torch.device("cpu")
+        self.device = actor_device(config.resources.gpus_per_rank, f"learner rank {rank}")
+        if self.device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(1)  # one thread per rank: more oversubscribes the cores
 

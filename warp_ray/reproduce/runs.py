@@ -38,11 +38,11 @@ from warp_ray.coordinator.learners import RemoteLearner, run_seed
 from warp_ray.data import read_preferences, read_prompts
 from warp_ray.driver import run_warm, run_warp
 from warp_ray.errors import ConfigError, WarpRayError
-from warp_ray.evaluation import Evaluator, ReferencePolicy, summarise
+from warp_ray.evaluation import Evaluator, start_reference, summarise
 from warp_ray.learner.learner import evaluations
 from warp_ray.merge import average, liti, slerp, task_vector_grams
 from warp_ray.reproduce import regime
-from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.reward.server import RewardServer, RewardSource, start_reward_server
 from warp_ray.reward.warm import best_single, is_trained_on
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
@@ -346,10 +346,8 @@ def _evaluator(config: WarpConfig, sft: Path, prompts: Path, reward_model: Path)
     return Evaluator(
         config,
         read_prompts(prompts / "held_out.jsonl"),
-        RewardServer.remote(
-            RewardSource(folders=(str(reward_model),)), params=config.reward_server, trust_remote_code=trust
-        ),
-        ReferencePolicy.remote(str(sft), trust_remote_code=trust),
+        start_reward_server(RewardSource(folders=(str(reward_model),)), config.reward_server, trust),
+        start_reference(sft, config),
         RewardServer.remote(RewardSource(function=world.gold_reward)),
     )
 

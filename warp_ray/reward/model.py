@@ -23,7 +23,10 @@ DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", 
 
 
 def load_reward_model(
-    folder: str | Path, dropout: float | None = None, trust_remote_code: bool = False
+    folder: str | Path,
+    dropout: float | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """An RM from an RM folder, or a fresh one-output head on a causal-LM folder (the policy's backbone)."""
     folder = check_model_folder(folder)
@@ -35,7 +38,7 @@ def load_reward_model(
         if hasattr(config, key):
             setattr(config, key, dropout)
     model = AutoModelForSequenceClassification.from_pretrained(
-        folder, config=config, trust_remote_code=trust_remote_code
+        folder, config=config, trust_remote_code=trust_remote_code, dtype=dtype
     )
     return model.eval(), tokenizer
 
@@ -65,7 +68,7 @@ def score(
         for start in range(0, len(prompts), batch_size):
             batch = reward_inputs(prompts[start : start + batch_size], completions[start : start + batch_size])
             encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
-            scores.append(model(**encoded).logits[:, 0].float())
+            scores.append(model(**encoded.to(model.device)).logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.empty(0)
 
 
@@ -80,7 +83,7 @@ def bradley_terry_loss(
         padding=True,
         truncation=True,
         padding_side="right",
-    )
+    ).to(model.device)
     rewards = model(**encoded).logits[:, 0]
     chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
@@ -124,9 +127,10 @@ def pooled_features(
     for start in range(0, len(prompts), batch_size):
         batch = reward_inputs(prompts[start : start + batch_size], completions[start : start + batch_size])
         encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
+        encoded = encoded.to(model.device)
         hidden = model(**encoded, output_hidden_states=True).hidden_states[-1]
         last = encoded.attention_mask.sum(-1) - 1
-        features.append(hidden[torch.arange(len(batch)), last].float())
+        features.append(hidden[torch.arange(len(batch), device=hidden.device), last].float())
     return torch.cat(features)
 
 

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from warp_ray.config import RewardServerParams
 from warp_ray.reward.model import load_reward_model, reward_inputs, score
-from warp_ray.runtime import SERVICE, log_if_restarted
+from warp_ray.runtime import SERVICE, actor_device, log_if_restarted
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,14 @@ class RewardSource:
 class Reward:
     """r(x, y) for a batch, from a `RewardSource`."""
 
-    def __init__(self, source: RewardSource, trust_remote_code: bool = False):
+    def __init__(self, source: RewardSource, trust_remote_code: bool, device: torch.device):
         self.function = source.function
         folders = source.folders
-        self.models = [load_reward_model(folder, trust_remote_code=trust_remote_code) for folder in folders]
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # a 7B RM in float32 fills a 40 GB GPU
+        self.models = [
+            load_reward_model(folder, trust_remote_code=trust_remote_code, dtype=dtype) for folder in folders
+        ]
+        self.models = [(model.to(device), tokenizer) for model, tokenizer in self.models]
         self.max_length = min((tokenizer.model_max_length for _, tokenizer in self.models), default=None)
         # A tokenizer of its own for `check`: the server checks requests in its event loop while
         # a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.
@@ -86,6 +90,13 @@ class Reward:
         return scores.mean(0).tolist()
 
 
+def start_reward_server(source: RewardSource, params: RewardServerParams, trust_remote_code: bool = False):
+    """A reward server on the resources its params give (a GPU for reward models when asked; a
+    function's server never takes one)."""
+    gpus = params.gpus if source.folders else 0
+    return RewardServer.options(num_gpus=gpus).remote(source, params, trust_remote_code)
+
+
 @ray.remote(**SERVICE)
 class RewardServer:
     def __init__(
@@ -97,7 +108,8 @@ class RewardServer:
         log_if_restarted("the reward server")
         params = params or RewardServerParams()
         torch.set_num_threads(max(1, params.threads))
-        self.reward = Reward(source, trust_remote_code)
+        device = actor_device(params.gpus if source.folders else 0, "the reward server")
+        self.reward = Reward(source, trust_remote_code, device)
         self.params = params
         self.queue: asyncio.Queue | None = None
         self.served = {"requests": 0, "pairs": 0, "batches": 0}

@@ -26,6 +26,7 @@ from warp_ray.data import read_preferences
 from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
 from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score, train_reward_model
+from warp_ray.runtime import actor_device
 
 
 def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, trust_remote_code: bool) -> None:
@@ -35,6 +36,7 @@ def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, t
     torch.set_num_threads(max(1, int(params.cpus_per_trial)))
     torch.manual_seed(trial["seed"])
     model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"], trust_remote_code=trust_remote_code)
+    model.to(actor_device(params.gpus_per_trial, f"WARM's fine-tune {config['m']}"))  # the GPUs Tune reserved
     losses = train_reward_model(
         model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"]
     )

@@ -63,8 +63,12 @@ class RolloutWorker:
         max_num_seqs: int = 64,
         trust_remote_code: bool = False,
         in_process: bool = False,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool | None = None,
     ):
-        """in_process: the engine core and its worker in this process (resources.rollout_in_process)."""
+        """in_process: the engine core and its worker in this process (resources.rollout_in_process);
+        gpu_memory_utilization: the share of its GPU this engine may take; enforce_eager None: on the
+        CPU only."""
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for small batches
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # read by vLLM when the engine starts
@@ -76,7 +80,8 @@ class RolloutWorker:
             seed=seed,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            enforce_eager=True,
+            enforce_eager=not torch.cuda.is_available() if enforce_eager is None else enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
             worker_extension_cls=EXTENSION,
             trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",
