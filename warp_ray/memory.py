@@ -11,8 +11,9 @@ For P parameters, K ranks and ZeRO stage Z, with b bytes per training value (2 i
     anchor        4 P (float32, so that EMA steps are not rounded away)                    / K if Z = 3
     activations   tokens x layers x b (h + ffn-sized terms): each layer's input kept and one layer
                   recomputed with activation checkpointing; every layer's b (8 h + 4 ffn) without
-    logits        3 x tokens x V x b (the policy's, their gradient, the anchor's)
-                  + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
+    logits        tokens x V x (3 b + 4) (the policy's, two buffers of their gradient, the float32
+                  anchor's) + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
+    gathered      under ZeRO-3, the largest weight whole, the policy's and the anchor's: W (b + 4)
     overhead      3 GB: CUDA context, NCCL buffers, allocator fragmentation (an allowance, not a measure)
 
 where tokens = micro-batch rows x (longest prompt + warp.max_new_tokens). It is an estimate, checked
@@ -36,11 +37,13 @@ GB = 1e9
 OVERHEAD_BYTES = 3 * GB
 
 
-def parameter_count(model_config: PretrainedConfig) -> int:
-    """The model's parameters (tied ones once), counted on PyTorch's meta device: no memory, no weights."""
+def model_size(model_config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int]:
+    """The model's parameters (tied ones once) and its largest weight's, counted on PyTorch's meta
+    device: no memory, no weights."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    sizes = [p.numel() for p in model.parameters()]
+    return sum(sizes), max(sizes)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class RankMemory:
 def rank_bytes(
     model_config: PretrainedConfig,
     parameters: int,
+    largest: int,
     *,
     ranks: int,
     zero_stage: int,
@@ -88,7 +92,8 @@ def rank_bytes(
             "optimizer": (16 if bf16 else 8) * P / (K if Z >= 1 else 1),
             "anchor": 4 * P / (K if Z == 3 else 1),
             "activations": activations,
-            "logits": 3 * tokens * vocab * b + 3 * rows * chunk * vocab * 4,
+            "logits": tokens * vocab * (3 * b + 4) + 3 * rows * chunk * vocab * 4,
+            "gathered": largest * (b + 4) if Z == 3 else 0,
             "overhead": OVERHEAD_BYTES,
         },
         P,
@@ -100,7 +105,7 @@ def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_token
     r = config.resources
     return rank_bytes(
         model_config,
-        parameter_count(model_config),
+        *model_size(model_config, config.paths.trust_remote_code),
         ranks=r.ranks_per_learner,
         zero_stage=r.zero_stage,
         bf16=r.precision == "bf16",

@@ -12,6 +12,7 @@ import os
 import warnings
 
 import ray
+import ray.exceptions
 import torch
 from ray._private import ray_constants
 
@@ -30,6 +31,11 @@ def log_if_restarted(service: str) -> None:
         logging.getLogger(__name__).warning(
             "%s restarted after its process died; the calls in flight are retried", service
         )
+
+
+def remote_cause(error: BaseException) -> BaseException:
+    """The error raised in an actor, without Ray's wrapping and remote traceback."""
+    return error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
 
 
 def actor_device(gpus: float, what: str) -> torch.device:

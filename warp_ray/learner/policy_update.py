@@ -131,27 +131,37 @@ def greedy(
 ) -> list[list[int]]:
     """Greedy completions (token ids), one prompt at a time (no padding). synced_gpus: under ZeRO-3,
     where every rank must run every forward."""
-    config, device = model.config, device_of(model)
+    config, device, training = model.config, device_of(model), model.training
+    model.eval()  # a model in training mode with activation checkpointing decodes without its KV cache
     completions = []
-    for ids in prompt_ids:
-        out = model.generate(
-            torch.tensor([ids], device=device),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            synced_gpus=synced_gpus,
-            pad_token_id=config.pad_token_id,
-            eos_token_id=config.eos_token_id,
-        )
-        completions.append(out[0, len(ids) :].tolist())
+    try:
+        for ids in prompt_ids:
+            out = model.generate(
+                torch.tensor([ids], device=device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                synced_gpus=synced_gpus,
+                pad_token_id=config.pad_token_id,
+                eos_token_id=config.eos_token_id,
+            )
+            completions.append(out[0, len(ids) :].tolist())
+    finally:
+        model.train(training)
     return completions
 
 
 def host_copy(tensors: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
     """float32 copies on the CPU, one tensor at a time (each may be a ZeRO-3 gather, valid only until
-    the next), through pinned memory from a GPU: what enters Ray's object store must deserialise in
-    a process without a GPU, and must not land on a GPU that a rank or an engine owns."""
-    copies = {}
+    the next), from a GPU through one pinned staging buffer, reused: what enters Ray's object store
+    must deserialise in a process without a GPU, and must not land on a GPU that a rank or an engine
+    owns; pinning every copy would hold the whole model in page-locked memory."""
+    copies, staging = {}, torch.empty(0, dtype=torch.uint8)
     for name, tensor in tensors:
-        host = torch.empty(tensor.shape, dtype=torch.float32, device="cpu", pin_memory=tensor.is_cuda)
-        copies[name] = host.copy_(tensor.detach())
+        tensor = tensor.detach()
+        if tensor.is_cuda:
+            nbytes = tensor.numel() * tensor.element_size()
+            if staging.numel() < nbytes:
+                staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            tensor = staging[:nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        copies[name] = torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)
     return copies

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
@@ -116,6 +117,7 @@ class LearnerRank:
         policy = self._load(init, policy_config)
         if self.config.resources.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()  # transformers checkpoints activations in training mode only; dropout is off
         anchor = self._load(anchor_weights, anchor_zero3)
         del init, anchor_weights
         self.engine, *_ = deepspeed.initialize(
@@ -155,7 +157,8 @@ class LearnerRank:
 
             # The dtype from the config (bf16 or float32); given as an argument, DeepSpeed 0.19 takes
             # float16 or bfloat16 instead wherever the device supports it.
-            with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+            # No random init: its writes (an embedding's padding row) would index the empty local shards.
+            with deepspeed.zero.Init(config_dict_or_path=zero3_config), no_init_weights():
                 model = AutoModelForCausalLM.from_config(
                     AutoConfig.from_pretrained(self.sft, trust_remote_code=trust),
                     dtype=torch.float32,
@@ -171,7 +174,7 @@ class LearnerRank:
         for module in model.modules():  # as the engines sample: the log-probs must be of the same policy
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-        return model
+        return model.eval()
 
     def _load_partitioned(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         """Each of the model's weights (tied ones once, under their saved name) gathered in turn, set
@@ -180,6 +183,14 @@ class LearnerRank:
 
         names = dict(model.named_parameters())
         self._check_fit(set(names) - set(weights), set())
+        # Every rank holds `weights`, so every rank finds a wrong shape and none waits in a gather.
+        wrong = [
+            f"{n} {tuple(weights[n].shape)} for {tuple(p.ds_shape)}"
+            for n, p in names.items()
+            if weights[n].shape != p.ds_shape
+        ]
+        if wrong:
+            raise ValueError(f"the init's weights do not fit the policy {self.sft}: shapes {wrong[:5]}")
         for name, p in names.items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if self.rank == 0:
@@ -252,8 +263,11 @@ class LearnerRank:
                 yield name, p.data
 
     def _state_dict(self, module: nn.Module, tied: bool) -> Optional[dict[str, torch.Tensor]]:
-        state = policy_update.host_copy(self._full_tensors(module, tied))
-        return state if self.rank == 0 or not self.zero3 else None
+        if self.rank == 0 or not self.zero3:
+            return policy_update.host_copy(self._full_tensors(module, tied))
+        for _ in self._full_tensors(module, tied):  # under ZeRO-3 the other ranks take part in each gather
+            pass
+        return None
 
     def policy_state_dict(self, tied: bool = False) -> Optional[dict[str, torch.Tensor]]:
         """The whole policy in float32 (`tied`: tied weights under each name, for the engines).

@@ -25,7 +25,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -273,11 +273,13 @@ def build_task(params: TaskParams, root: Path, max_new_tokens: int) -> Path:
     return root
 
 
-def task_inputs(config: WarpConfig) -> tuple[Path, Path, Path, list[Path]]:
+def task_inputs(config: WarpConfig, preferences: bool = True) -> tuple[Path, Path, Optional[Path], list[Path]]:
     """(SFT folder, prompts folder, preferences folder, earlier SFT checkpoints): the user's where
-    the config sets them, the built-in task's (built or reused under <output_dir>/task) otherwise."""
+    the config sets them, the built-in task's (built or reused under <output_dir>/task) otherwise.
+    preferences False: the run trains no reward model, so without paths.preferences nothing is
+    built for them (None)."""
     paths = config.paths
-    if paths.sft_model and paths.prompts and paths.preferences:
+    if paths.sft_model and paths.prompts and (paths.preferences or not preferences):
         return paths.sft_model, paths.prompts, paths.preferences, list(paths.sft_checkpoints)
     root = build_task(config.task, paths.output_dir / "task", config.warp.max_new_tokens)
     return (
