@@ -84,7 +84,6 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
     reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
     if reward is not None:
         check_same_tokenizer(policy, sft, reward, reward_model)
-    check_engine_supports(config, sft)
     policy_context = context_length(sft, policy, trust)
     longest = 0
     for split in PROMPT_SPLITS:
@@ -104,4 +103,5 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
                 max_new_tokens,
                 pair_text=True,
             )
+    check_engine_supports(config, sft)  # after the files' checks: it imports vLLM, seconds
     return check_fits(config, AutoConfig.from_pretrained(sft, trust_remote_code=trust), longest)
