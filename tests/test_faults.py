@@ -93,9 +93,17 @@ def test_a_cluster_with_fewer_cpus_gets_fewer_learners_within_the_bounds(ray_clu
     assert pending_groups() == []  # withdrawn with the group
     config.learners.min = 2
     group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
+    seen = []  # the placement groups while the group waits: both requests of learners.min, made together
+    threading.Timer(
+        2,
+        lambda: seen.append(
+            sorted(row["state"] for row in ray.util.placement_group_table().values() if row["state"] != "REMOVED")
+        ),
+    ).start()
     with pytest.raises(TooFewLearners, match=r"placed 1 learner\(s\) within 5 s, fewer than learners.min = 2"):
         group.scale()
     group.close()
+    assert seen == [["CREATED", "PENDING"]]
 
 
 def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_path, caplog):

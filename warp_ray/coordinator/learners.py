@@ -118,7 +118,8 @@ class LearnerGroup:
         while len(self.slots) + len(groups) < high:
             group = self.pending.pop(0) if self.pending else placement_group(bundles(self.config), strategy="PACK")
             needed = len(self.slots) + len(groups) < low
-            if not group.wait(max(0.0, deadline - time.monotonic()) if needed else waits.place_timeout_s):
+            # At least a second: Ray waits in whole seconds, and a group met a moment ago must read as met.
+            if not group.wait(max(1.0, deadline - time.monotonic()) if needed else waits.place_timeout_s):
                 self.pending.append(group)
                 break
             groups.append(group)

@@ -40,6 +40,8 @@ from warp_ray.runtime import remote_cause
 from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
+"""The line of a traceback that names the error raised: "ValueError: ..." or "pydantic_core....ValidationError: ..."."""
 
 
 def context_length(folder: str | Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int:
@@ -126,56 +128,71 @@ class Learner:
     ):
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i."""
         resources = config.resources
-        K = resources.ranks_per_learner  # the config checked that K divides the batch
         self.config = config
         self.prompts = list(prompts)
         self.reward_server = reward_server
         self.evaluator = evaluator
-        self.tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
         self.zero3 = resources.zero_stage == 3
-        placed = _placement(config, placement_group)
-        self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, config) for k in range(K)]
-        dtype = "bfloat16" if resources.precision == "bf16" else "float32"
+        # This actor holds no GPU itself: the engines' resources tell where they run.
+        gpu = resources.gpus_per_rollout_worker > 0
+        self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and gpu)
+        self.weight_specs = None  # of the broadcast group, joined at the first sync
+        self.tied = None  # tied weight names, read from rank 0 when first needed
+        self.ranks, self.rollouts = [], []
+        self.startup_error: Optional[StartupError] = None
+        try:
+            self._start(sft, seed, placement_group)
+        except Exception as error:
+            self.startup_error = self._failed_to_start(error)
+
+    def _start(self, sft: str | Path, seed: int, placement_group: Optional[PlacementGroup]) -> None:
+        resources, trust = self.config.resources, self.config.paths.trust_remote_code
+        K = resources.ranks_per_learner  # the config checked that K divides the batch
+        self.tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
+        placed = _placement(self.config, placement_group)
+        self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, self.config) for k in range(K)]
         # The engines start (tens of seconds) while the ranks join their group.
         self.rollouts = [
             RolloutWorker.options(**placed(K + i)).remote(
                 str(sft),
-                max_model_len=context_length(sft, self.tokenizer, config.paths.trust_remote_code),
+                max_model_len=context_length(sft, self.tokenizer, trust),
                 seed=seed + i,
-                dtype=dtype,
-                trust_remote_code=config.paths.trust_remote_code,
+                dtype="bfloat16" if resources.precision == "bf16" else "float32",
+                trust_remote_code=trust,
                 in_process=resources.rollout_in_process,
                 gpu_memory_utilization=resources.engine_memory_utilization * (resources.gpus_per_rollout_worker or 1),
                 enforce_eager=resources.enforce_eager,
             )
             for i in range(resources.rollout_workers_per_learner)
         ]
-        # This actor holds no GPU itself: the engines' resources tell where they run.
-        gpu = resources.gpus_per_rollout_worker > 0
-        self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and gpu)
-        self.weight_specs = None  # of the broadcast group, joined at the first sync
-        self.tied = None  # tied weight names, read from rank 0 when first needed
-        self.startup_error: Optional[StartupError] = None
-        try:
-            address, port = ray.get(self.ranks[0].rendezvous.remote())
-            ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
-            self.set_weights(None, seed)
-        except Exception as error:
-            self.startup_error = self._failed_to_start(error)
+        address, port = ray.get(self.ranks[0].rendezvous.remote())
+        ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
+        self.set_weights(None, seed)
 
     def _failed_to_start(self, error: Exception) -> StartupError:
         """What failed to start, as an error that every later call raises: a retry would fail the
-        same way. A process that died while starting is raised again instead: a death, which the
-        learner group answers by starting the learner again."""
+        same way. A death is raised again instead, which the learner group answers by starting the
+        learner again: a process that died while starting, or a rank or engine found dead (its
+        peers' errors, a broken process group, may arrive first)."""
         if isinstance(error, RayActorError) and not error.actor_init_failed:
             raise error
+        for handle in self.ranks + self.rollouts:
+            try:
+                ray.get(handle.__ray_ready__.remote(), timeout=60)
+            except RayActorError as death:
+                if not death.actor_init_failed:
+                    raise death from error
+            except ray.exceptions.GetTimeoutError:
+                pass  # still starting: not dead
         # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
         components = {rank._actor_id.hex(): f"learner rank {k} (DeepSpeed)" for k, rank in enumerate(self.ranks)}
         components |= {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
         cause = str(remote_cause(error)).strip()
-        if isinstance(error, RayActorError):  # the creation task's traceback: its last line is the error
-            cause = cause.splitlines()[-1]
+        if isinstance(error, RayActorError):  # a creation task's traceback: the error is its last exception line on
+            lines = cause.splitlines()
+            last = max((i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)), default=len(lines) - 1)
+            cause = " ".join(line.strip() for line in lines[last:] if not line.startswith("For further information"))
         where = f"; its log: `ray logs actor --id {actor}`" if actor in components else ""
         return StartupError(f"{components.get(actor, 'the learner')} failed to start: {cause}{where}")
 

@@ -32,6 +32,7 @@ from warp_ray.config import WarpConfig
 from warp_ray.learner import policy_update
 from warp_ray.learner.policy_update import Batch
 from warp_ray.merge import ema_update_
+from warp_ray.reward.model import DROPOUT_KEYS
 from warp_ray.rollout import weight_group
 from warp_ray.runtime import actor_device
 from warp_ray.shards import join
@@ -164,6 +165,7 @@ class LearnerRank:
                     dtype=torch.float32,
                     trust_remote_code=trust,
                 )
+            model.tie_weights()  # no_init_weights skipped it with the init: tied weights are one parameter
             self._load_partitioned(model, weights if weights is not None else load_model_weights(self.sft))
         else:
             model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32, trust_remote_code=trust)
@@ -171,9 +173,14 @@ class LearnerRank:
                 missing, unexpected = model.load_state_dict(weights, strict=False)
                 missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to
                 self._check_fit(missing, unexpected)
-        for module in model.modules():  # as the engines sample: the log-probs must be of the same policy
+        # As the engines sample: the log-probs must be of the same policy, in training mode too (some
+        # attention layers apply config.attention_dropout as a function, not through an nn.Dropout).
+        for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+        for key in DROPOUT_KEYS:
+            if hasattr(model.config, key):
+                setattr(model.config, key, 0.0)
         return model.eval()
 
     def _load_partitioned(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

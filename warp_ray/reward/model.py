@@ -19,7 +19,8 @@ from transformers import (
 from warp_ray.checkpoint import check_model_folder
 
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
-"""Dropout settings of the GPT-2 and Llama families; a config takes those it has."""
+"""Dropout settings of the GPT-2 and Llama families (Gemma's and Qwen's are Llama's); a config takes
+those it has."""
 
 
 def load_reward_model(
