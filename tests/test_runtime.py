@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import ray
 import torch
 
 from warp_ray.runtime import actor_device
@@ -40,3 +42,26 @@ def test_an_actor_given_a_gpu_that_torch_cannot_see_fails_loudly_instead_of_runn
         pytest.skip("this machine has a GPU: the failure needs one that torch cannot see")
     with pytest.raises(RuntimeError, match=r"the reward server was given 1 GPU\(s\) but torch .* sees none: check"):
         actor_device(1, "the reward server")
+
+
+def test_service_actors_without_a_gpu_hold_no_cpu_while_they_run(ray_cluster, tiny_task):
+    """An actor that names a resource, even num_gpus=0, holds a CPU for as long as it lives: two such
+    services would take both CPUs of the tests' cluster and leave no room for learners."""
+    from warp_ray.config import RewardServerParams, WarpConfig
+    from warp_ray.evaluation import start_reference
+    from warp_ray.reward.server import RewardSource, start_reward_server
+    from warp_ray.task import world
+
+    before = ray.available_resources().get("CPU", 0)
+    services = [
+        start_reward_server(RewardSource(function=world.gold_reward), RewardServerParams()),
+        start_reference(tiny_task / "sft", WarpConfig()),
+    ]
+    ray.get([s.__ray_ready__.remote() for s in services])
+    deadline = time.monotonic() + 10  # the cluster's view of its resources follows with a delay
+    while ray.available_resources().get("CPU", 0) < before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = ray.available_resources().get("CPU", 0)
+    for service in services:
+        ray.kill(service)
+    assert after >= before, f"{before} CPUs free before the services, {after} with them"

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from warp_ray.config import WarpConfig
 from warp_ray.logprobs import pack, token_logprobs
 from warp_ray.rollout.worker import sample
-from warp_ray.runtime import SERVICE, actor_device, log_if_restarted
+from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
 
 @ray.remote(**SERVICE)
@@ -71,7 +71,7 @@ class ReferencePolicy:
 def start_reference(folder: str | Path, config: WarpConfig):
     """The SFT's `ReferencePolicy`, on the GPUs `evaluation.reference_gpus` gives it."""
     gpus = config.evaluation.reference_gpus
-    return ReferencePolicy.options(num_gpus=gpus).remote(
+    return ReferencePolicy.options(**gpu_options(gpus)).remote(
         str(folder),
         batch_size=config.micro_batch_size if gpus else 64,
         trust_remote_code=config.paths.trust_remote_code,

@@ -33,6 +33,12 @@ def log_if_restarted(service: str) -> None:
         )
 
 
+def gpu_options(gpus: float) -> dict:
+    """Ray options of an actor given `gpus` GPUs. None named when it has none: an actor that names
+    any resource holds a CPU for as long as it lives, one that names none holds no CPU while it runs."""
+    return {"num_gpus": gpus} if gpus > 0 else {}
+
+
 def remote_cause(error: BaseException) -> BaseException:
     """The error raised in an actor, without Ray's wrapping and remote traceback."""
     return error.cause if isinstance(error, ray.exceptions.RayTaskError) else error

@@ -36,7 +36,7 @@ from warp_ray.learner.policy_update import Batch
 from warp_ray.learner.rank import LearnerRank
 from warp_ray.logprobs import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
-from warp_ray.runtime import remote_cause
+from warp_ray.runtime import gpu_options, remote_cause
 from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
     def options(k: int) -> dict:
         bundle = bundles(config)[k]
         if group is None:
-            return {"num_gpus": bundle["GPU"]} if "GPU" in bundle else {}
+            return gpu_options(bundle.get("GPU", 0))
         return {
             "num_cpus": bundle["CPU"],
             "num_gpus": bundle.get("GPU", 0),

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from warp_ray.config import RewardServerParams
 from warp_ray.reward.model import load_reward_model, reward_inputs, score
-from warp_ray.runtime import SERVICE, actor_device, log_if_restarted
+from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,9 @@ class Reward:
 def start_reward_server(source: RewardSource, params: RewardServerParams, trust_remote_code: bool = False):
     """A reward server on the resources its params give (a GPU for reward models when asked; a
     function's server never takes one)."""
-    gpus = params.gpus if source.folders else 0
-    return RewardServer.options(num_gpus=gpus).remote(source, params, trust_remote_code)
+    return RewardServer.options(**gpu_options(params.gpus if source.folders else 0)).remote(
+        source, params, trust_remote_code
+    )
 
 
 @ray.remote(**SERVICE)
