@@ -19,7 +19,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/warp-ray warp --config configs/tiny.yaml
+	$(VENV)/bin/warp-ray warp --config configs/tiny.yaml $(ARGS)
 
 # The built-in task's regime, then the papers' claims on it over 3 seeds: docs/results.md. Not yet
 # timed whole at the settings of configs/reproduce.yaml; see docs/results.md for the estimate.

@@ -70,6 +70,7 @@ def inputs(tmp_path: Path, model_folders, tokenizer) -> Path:
         "latin1": good.encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"),
         "malformed": (good + '{"prompt": "unclosed\n').encode(),
         "long": (good + json.dumps({"prompt": "the policy merges weights " * 8}) + "\n").encode(),
+        "chat": (good + json.dumps({"prompt": [{"role": "user", "content": "the policy"}]}) + "\n").encode(),
     }
     for name, train in prompts.items():
         (tmp_path / name).mkdir()
@@ -117,7 +118,16 @@ CASES = {
     "model path that does not exist": ["config", "--set", "paths.sft_model={tmp}/missing"],
     "model path that is not a Hugging Face folder": ["config", "--set", "paths.sft_model={tmp}/not_hf"],
     "model that ships its own code": ["config", "--set", "paths.sft_model={tmp}/remote_code"],
-    "policy and reward model with different tokenizers": warp_run(reward="other_tokenizer"),
+    "merge: different tokenizers": [
+        "merge",
+        "average",
+        "--models",
+        "{tmp}/sft",
+        "{tmp}/other_tokenizer",
+        "--out",
+        "{tmp}/o",
+    ],
+    "chat prompts for a tokenizer without a chat template": warp_run(prompts="chat"),
     "merge: different architectures": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/llama", "--out", "{tmp}/o"],
     "merge: different keys": ["merge", "average", "--models", "{tmp}/sft", "{tmp}/deeper", "--out", "{tmp}/o"],
     "merge: different shapes": [
@@ -222,4 +232,17 @@ def test_a_users_own_inputs_are_checked_without_building_anything_of_the_built_i
     given = argv.index(f"paths.preferences={inputs}/preferences")
     assert main(argv[: given - 1] + argv[given + 1 :]) == 2
     assert f"{inputs}/malformed/train.jsonl:3: not valid JSON" in capsys.readouterr().err
+    assert not (inputs / "out" / "task").exists()
+
+
+def test_a_users_own_sft_gets_none_of_the_built_in_tasks_data(inputs, capsys):
+    """The built-in task's prompts and pairs belong to its own SFT: with yours, the data a run needs
+    must be yours too, and is asked for at once, with nothing built."""
+    own_sft = ["--set", f"paths.sft_model={inputs}/sft", "--set", f"paths.output_dir={inputs}/out"]
+    assert main(["warp", *own_sft, "--set", f"paths.prompts={inputs}/prompts"]) == 2
+    assert "set paths.preferences (reward models are trained: no paths.reward_model)" in capsys.readouterr().err
+    assert main(["train-rm", *own_sft]) == 2
+    assert "set paths.preferences" in capsys.readouterr().err
+    assert main(["warp", *own_sft, "--set", f"paths.reward_model={inputs}/sft"]) == 2
+    assert "set paths.prompts (RL samples them)" in capsys.readouterr().err
     assert not (inputs / "out" / "task").exists()

@@ -56,7 +56,8 @@ def test_the_7b_example_needs_its_model_paths(tmp_path, model_folders):
         check_paths(load_config(CONFIGS / "gemma-7b-gpu.yaml").paths)
     prompts = tmp_path / "prompts"
     prompts.mkdir()
-    (prompts / "train.jsonl").write_text('{"prompt": "hello"}\n')
+    for split in ("train", "held_out"):
+        (prompts / f"{split}.jsonl").write_text('{"prompt": "hello"}\n')
     config = load_config(
         CONFIGS / "gemma-7b-gpu.yaml",
         [

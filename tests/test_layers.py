@@ -39,9 +39,9 @@ def role_graph() -> dict[str, set[str]]:
 
 LAYERS = [
     {"errors"},
-    {"config", "checkpoint", "data", "logprobs", "runtime", "timing"},
-    {"config_io", "memory", "merge", "shards", "task"},
-    {"reward", "rollout"},
+    {"config", "chat", "checkpoint", "logprobs", "progress", "runtime", "timing"},
+    {"data", "memory", "merge", "shards", "task"},
+    {"config_io", "reward", "rollout"},
     {"evaluation"},
     {"learner"},
     {"coordinator"},

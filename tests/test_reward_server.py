@@ -92,7 +92,12 @@ def test_ens_and_gold_rewards(ray_cluster, rm_folders, pairs):
     [
         ([], [], "at least one (prompt, completion) pair"),
         (["a", "b"], ["c"], "got 2 prompts but 1 completions"),
-        (["a"], [3], "pair 0: prompt and completion must be strings"),
+        (["a"], [3], "pair 0: the completion must be a string, got int"),
+        (
+            [[{"role": "user"}]],
+            ["c"],
+            "pair 0: the prompt: message 0 must be an object with string 'role' and 'content'",
+        ),
         (["write about the garden :"], ["the flower is old . " * 40], "pair 0 is"),
     ],
 )

@@ -10,17 +10,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from warp_ray.chat import reward_text
+from warp_ray.checkpoint import context_length
 from warp_ray.config import WarpConfig
-from warp_ray.learner.learner import PromptOrder, context_length
+from warp_ray.learner.learner import PromptOrder
 from warp_ray.learner.rank import deepspeed_config, linear_warmup
-from warp_ray.reward.model import reward_input
 
 
-def test_the_reward_model_reads_one_text_whatever_whitespace_the_completion_carries():
+def test_the_reward_model_reads_one_text_whatever_whitespace_the_completion_carries(tokenizer):
     prompt = "write about the garden in the rain :"
     stored = "the flower is lovely ."
-    assert reward_input(prompt, " " + stored) == reward_input(prompt, stored) == f"{prompt} {stored}"
-    assert reward_input(prompt + " ", stored + "\n") == f"{prompt} {stored}"
+    as_sampled = reward_text(tokenizer, prompt, " " + stored)
+    assert as_sampled == reward_text(tokenizer, prompt, stored) == f"{prompt} {stored}"
+    assert reward_text(tokenizer, prompt + " ", stored + "\n") == f"{prompt} {stored}"
 
 
 def test_prompts_are_drawn_without_replacement_within_an_epoch():

@@ -13,8 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import perturbed
+from warp_ray.chat import reward_text
 from warp_ray.data import read_preferences, read_prompts
-from warp_ray.reward.model import reward_input
+from warp_ray.reward.model import reward_texts
 from warp_ray.rollout import weight_group
 from warp_ray.rollout.worker import BUCKET_BYTES, RolloutWorker, buckets, sample
 
@@ -124,13 +125,15 @@ def test_the_reward_model_reads_a_vllm_completion_as_the_preference_data_stores_
             stored = tokenizer.decode(s["token_ids"], skip_special_tokens=True).strip()
             assert s["text"].strip() == stored
             differ += s["text"] != stored
-            as_sampled, as_stored = tokenizer([reward_input(prompt, s["text"]), reward_input(prompt, stored)]).input_ids
+            as_sampled, as_stored = tokenizer(reward_texts(tokenizer, [prompt] * 2, [s["text"], stored])).input_ids
             assert as_sampled == as_stored
     assert differ  # the engine's texts carried the space the stored ones do not
     pair = read_preferences(tiny_task / "preferences" / "validation.jsonl")[0]
     as_sampled = " " + pair["chosen"]  # the same completion as vLLM would return its text
     expected = tokenizer(pair["prompt"]).input_ids + tokenizer(as_sampled).input_ids
-    assert tokenizer(reward_input(pair["prompt"], as_sampled)).input_ids == expected  # no extra token, no shift
+    assert (
+        tokenizer(reward_text(tokenizer, pair["prompt"], as_sampled)).input_ids == expected
+    )  # no extra token, no shift
 
 
 def test_object_store_sync_buckets_stay_under_the_rpc_limit_in_the_engines_dtype():

@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,6 +23,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from warp_ray.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -210,3 +213,13 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def context_length(folder: str | Path, tokenizer: "PreTrainedTokenizerBase", trust_remote_code: bool) -> int:
+    """The longest sequence a model folder takes: its position embeddings, or its tokenizer's limit
+    if lower (a tokenizer that sets none says 1e30, which vLLM refuses as a max_model_len)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    positions = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return int(min(positions, tokenizer.model_max_length))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from rich.console import Console
 
 from warp_ray.errors import ConfigError, WarpRayError
 
@@ -32,6 +35,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set warp.beta=0.05 (repeatable)",
+    )
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every process's output (Ray, vLLM, DeepSpeed, the learners' progress bars); by default "
+        "they go to log files (<output_dir>/logs/ray) and the console shows the stages and the learners' steps",
     )
 
 
@@ -74,14 +86,45 @@ def _parser() -> argparse.ArgumentParser:
 
     train_rm = commands.add_parser("train-rm", help="train M reward models on Ray Tune and merge them (WARM)")
     _add_config_args(train_rm)
+    _add_verbose(train_rm)
 
     warp = commands.add_parser(
         "warp", help="run WARP: M learners per iteration, SLERP, LITI, I iterations (Algorithm 1)"
     )
     _add_config_args(warp)
+    _add_verbose(warp)
     warp.add_argument(
         "--resume", action="store_true", help="continue after the last complete iteration in paths.output_dir"
     )
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="a policy on the held-out prompts: proxy reward, control reward, KL to the SFT, share cut",
+        description="Sample the held-out prompts from a policy folder (any iteration's model/, a front point "
+        "made with `warp-ray merge`, your own checkpoint) as a run's evaluations do, and score the samples. "
+        "The config gives the SFT, the prompts and the reward, as for `warp-ray warp`.",
+    )
+    _add_config_args(evaluate)
+    _add_verbose(evaluate)
+    evaluate.add_argument("--model", type=Path, required=True, help="the policy: a Hugging Face model folder")
+    evaluate.add_argument("--out", type=Path, help="also write the measures to this JSON file")
+    compare = commands.add_parser(
+        "compare",
+        help="the win rate of policy A against policy B under a reward, with its 95%% interval",
+        description="Sample each held-out prompt from A and from B with the same seed and count how often A's "
+        "completion scores higher (ties: a half). The interval takes prompts as the unit.",
+    )
+    _add_config_args(compare)
+    _add_verbose(compare)
+    compare.add_argument("a", type=Path, help="policy A: a Hugging Face model folder")
+    compare.add_argument("b", type=Path, help="policy B: a Hugging Face model folder")
+    compare.add_argument(
+        "--reward",
+        choices=["proxy", "control"],
+        default="proxy",
+        help="the reward to compare under: the run's proxy reward, or the control reward (built-in task: gold)",
+    )
+    compare.add_argument("--out", type=Path, help="also write the result to this JSON file")
 
     reproduce = commands.add_parser(
         "reproduce", help="measure the WARP and WARM papers' claims on the built-in task (docs/results.md)"
@@ -126,6 +169,11 @@ def _run(args: argparse.Namespace) -> None:
     from warp_ray.config_io import check_paths, load_config
 
     config = load_config(args.config, args.overrides)
+    console = None if getattr(args, "verbose", True) else Console(highlight=False, soft_wrap=True)
+    if console is not None:
+        from warp_ray.progress import quiet_libraries
+
+        quiet_libraries()
     if args.command == "config":
         check_paths(config.paths)
         print(config.to_yaml(), end="")
@@ -133,13 +181,27 @@ def _run(args: argparse.Namespace) -> None:
         from warp_ray.driver import run_warm
         from warp_ray.reward.warm import markdown
 
-        print(markdown(run_warm(config)), end="")
+        print(markdown(run_warm(config, console)), end="")
         print(f"reward models, WARM and accuracy.json in {config.paths.output_dir / 'rm'}")
     elif args.command == "warp":
         from warp_ray.driver import run_warp
 
-        last = run_warp(config, resume=args.resume)
-        print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}")
+        last = run_warp(config, resume=args.resume, console=console)
+        print((last / "report.md").read_text())
+        logs = config.paths.output_dir / "logs"
+        print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}; logs: {logs}")
+    elif args.command in ("eval", "compare"):
+        from warp_ray import driver
+
+        if args.command == "eval":
+            result = driver.run_eval(config, args.model, console)
+        else:
+            reward = {"proxy": "reward", "control": "control_reward"}[args.reward]
+            result = driver.run_compare(config, args.a, args.b, reward, console)
+        for key, value in result.items():
+            print(f"{key:24} {value:.4f}" if isinstance(value, float) else f"{key:24} {value}")
+        if args.out is not None:
+            args.out.write_text(json.dumps(result, indent=2))
     elif args.command == "reproduce" and args.seeds is not None and (args.regime_only or args.report_only):
         raise ConfigError(
             "--seeds chooses the seeds to measure: --regime-only measures the first one, --report-only "

@@ -175,9 +175,10 @@ class Resources(Section):
     """CPUs each DeepSpeed rank takes in its learner's placement group."""
     cpus_per_rollout_worker: float = Field(1, gt=0)
     """CPUs each vLLM engine takes in its learner's placement group."""
-    gpus_per_rank: Literal[0, 1] = 0
-    """GPUs each DeepSpeed rank asks Ray for (1 on GPU clusters; 0 runs on CPUs with gloo). Never a
-    fraction: NCCL refuses two ranks of one group on one GPU, and a rank's memory estimate is a GPU's."""
+    gpus_per_rank: float = Field(0, ge=0, le=1)
+    """GPUs each DeepSpeed rank asks Ray for (1 on GPU clusters; 0 runs on CPUs with gloo). A fraction
+    shares a GPU between learners (one GPU for a small model), with ranks_per_learner 1 only: NCCL
+    refuses two ranks of one group on one GPU. A rank's memory estimate must fit its share."""
     gpu_memory_gb: Optional[float] = Field(None, gt=0)
     """Memory of one of the cluster's GPUs, in GB (40 for an A100-40GB): the memory estimate refuses
     a config whose rank would not fit, before anything starts. Required when gpus_per_rank > 0."""
@@ -217,7 +218,8 @@ class Resources(Section):
     weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
     """How new weights reach the engines: through Ray's object store as safetensors bytes, or
     a broadcast group between rank 0 and the engines' workers (NCCL on GPU, gloo on CPU), the
-    OpenRLHF / verl design. auto: broadcast when the engines have GPUs, else the object store."""
+    OpenRLHF / verl design. auto: broadcast when the ranks and engines have whole GPUs, else the
+    object store (NCCL refuses a group with two members on one GPU, as shared GPUs would give)."""
 
 
 class LearnerCount(Section):
@@ -280,6 +282,49 @@ class Reproduce(Section):
         return seeds
 
 
+class WandbParams(Section):
+    """A Weights & Biases run of the coordinator: the config, each learner step's metrics, and each
+    iteration's front (table and plot). Online, the API key comes from W&B's own login or the
+    WANDB_API_KEY environment variable of the cluster's processes, never from this config."""
+
+    project: str = Field(min_length=1)
+    """The W&B project."""
+    entity: Optional[str] = None
+    """The W&B team or user; None: the key's default entity."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: the run is written under <output_dir>/wandb/ only (`wandb sync` sends it later)."""
+    name: Optional[str] = None
+    """The run's name on W&B; None: W&B picks one."""
+
+
+class Logging(Section):
+    """Where a run's metrics go. metrics.jsonl and TensorBoard files are always written, under
+    <output_dir>/logs/, as each step ends."""
+
+    wandb: Optional[WandbParams] = None
+    """Also log to Weights & Biases (None: not)."""
+
+
+class DataColumns(Section):
+    """The column names of your own data files (JSONL keys, Parquet or `datasets` columns), as
+    OpenRLHF's and verl's data settings name them. The built-in task writes the default names."""
+
+    prompt_key: str = Field("prompt", min_length=1)
+    """The prompt of a prompt file and of a preference pair: text, or chat messages
+    [{"role": ..., "content": ...}] that each model renders with its own chat template."""
+    chosen_key: str = Field("chosen", min_length=1)
+    """The preferred completion of a pair: text, or the assistant's messages (with a message prompt)."""
+    rejected_key: str = Field("rejected", min_length=1)
+    """The other completion of a pair, in the same form as the chosen one."""
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> "DataColumns":
+        keys = [self.prompt_key, self.chosen_key, self.rejected_key]
+        if len(set(keys)) < 3:
+            raise ValueError(f"data.prompt_key, chosen_key and rejected_key must name 3 columns, got {keys}")
+        return self
+
+
 class Paths(Section):
     """Inputs and outputs. Unset inputs mean the built-in tiny task, built on the fly."""
 
@@ -290,11 +335,11 @@ class Paths(Section):
     reward_model: Optional[Path] = None
     """Reward model folder (a sequence classifier with one output); unset: train WARM."""
     prompts: Optional[Path] = None
-    """Prompts: a folder with train.jsonl and held_out.jsonl, JSONL lines {"prompt": ...}."""
+    """Prompts: a folder with the splits train and held_out, each a JSONL file (train.jsonl), a
+    Parquet file (train.parquet) or a `datasets` folder (train/), with a data.prompt_key column."""
     preferences: Optional[Path] = None
-    """Preference pairs for the reward models: a folder with train.jsonl and, optionally,
-    validation.jsonl and ood.jsonl (JSONL lines {"prompt", "chosen", "rejected"}, or `datasets`
-    folders of those names without the suffix)."""
+    """Preference pairs for the reward models: a folder with the split train and, optionally,
+    validation and ood, in the forms paths.prompts takes, with the data.*_key columns."""
     output_dir: Path = Path("runs/warp")
     """Where checkpoints, metrics and plots go."""
     keep_policies: bool = False
@@ -318,6 +363,8 @@ class WarpConfig(Section):
     evaluation: Evaluation = Evaluation()
     reproduce: Reproduce = Reproduce()
     paths: Paths = Paths()
+    data: DataColumns = DataColumns()
+    logging: Logging = Logging()
 
     def learner_bounds(self) -> tuple[int, int]:
         """(fewest, most) learners per iteration."""
@@ -362,6 +409,50 @@ class WarpConfig(Section):
             raise ValueError(
                 f"resources.micro_batch_size = {micro} must be a multiple of warp.samples_per_prompt = {n} "
                 f"(the leave-one-out baseline stays within a prompt) that divides a rank's {rows} completions"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _columns_name_your_own_data(self) -> "WarpConfig":
+        defaults, paths = DataColumns(), self.paths
+        for key, path in (("prompt_key", "prompts"), ("chosen_key", "preferences"), ("rejected_key", "preferences")):
+            if getattr(self.data, key) != getattr(defaults, key) and getattr(paths, path) is None:
+                raise ValueError(
+                    f"data.{key} = {getattr(self.data, key)!r} names a column of your own data: set paths.{path} "
+                    f"(the built-in task's files use {getattr(defaults, key)!r})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_share_a_gpu_only_alone(self) -> "WarpConfig":
+        r = self.resources
+        if 0 < r.gpus_per_rank < 1 and r.ranks_per_learner > 1:
+            raise ValueError(
+                f"resources.gpus_per_rank = {r.gpus_per_rank} shares GPUs, which a learner of "
+                f"resources.ranks_per_learner = {r.ranks_per_learner} cannot do: NCCL refuses two ranks of one "
+                "group on one GPU (give each rank a GPU, or run one rank a learner)"
+            )
+        return self
+
+    @property
+    def broadcasts_weights(self) -> bool:
+        """Whether the weights reach the engines by broadcast (resources.weight_sync)."""
+        r = self.resources
+        whole_gpus = r.gpus_per_rollout_worker == 1 and r.gpus_per_rank in (0, 1)
+        return r.weight_sync == "broadcast" or (r.weight_sync == "auto" and whole_gpus)
+
+    @model_validator(mode="after")
+    def _broadcast_has_whole_gpus(self) -> "WarpConfig":
+        r = self.resources
+        shared = [
+            f"{k} = {v}"
+            for k, v in (("gpus_per_rank", r.gpus_per_rank), ("gpus_per_rollout_worker", r.gpus_per_rollout_worker))
+            if 0 < v < 1
+        ]
+        if r.weight_sync == "broadcast" and shared:
+            raise ValueError(
+                f"resources.weight_sync = broadcast needs whole GPUs, but resources.{' and '.join(shared)} shares "
+                "them: NCCL refuses a group with two members on one GPU (use weight_sync object_store, or auto)"
             )
         return self
 

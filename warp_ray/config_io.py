@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from warp_ray.checkpoint import model_config
 from warp_ray.config import Paths, WarpConfig
-from warp_ray.data import preference_splits
+from warp_ray.data import preference_splits, prompt_splits
 from warp_ray.errors import ConfigError, WarpRayError
 
 
@@ -45,9 +45,10 @@ def _checks(paths: Paths) -> Iterator[tuple[str, Path, Callable[[Path], None]]]:
         yield f"paths.sft_checkpoints.{k}", folder, model
     if paths.reward_model is not None:
         yield "paths.reward_model", paths.reward_model, model
-    for key, folder in (("paths.prompts", paths.prompts), ("paths.preferences", paths.preferences)):
-        if folder is not None:
-            yield key, folder, preference_splits
+    if paths.prompts is not None:
+        yield "paths.prompts", paths.prompts, prompt_splits
+    if paths.preferences is not None:
+        yield "paths.preferences", paths.preferences, preference_splits
 
 
 def _problem(key: str, folder: Path, check: Callable[[Path], None]) -> Optional[str]:

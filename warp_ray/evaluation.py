@@ -25,6 +25,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from warp_ray.chat import Prompt, prompt_key
 from warp_ray.config import WarpConfig
 from warp_ray.logprobs import pack, token_logprobs
 from warp_ray.rollout.worker import sample
@@ -87,7 +88,7 @@ class Evaluator:
     def __init__(
         self,
         config: WarpConfig,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         reward_server,
         reference,
         control_server: Optional[object] = None,
@@ -146,7 +147,7 @@ def prompt_means(rows: Sequence[dict], key: str) -> list[float]:
     """The mean of `key` over each prompt's samples, prompts in order of first appearance."""
     by_prompt: dict[str, list[float]] = defaultdict(list)
     for row in rows:
-        by_prompt[row["prompt"]].append(row[key])
+        by_prompt[prompt_key(row["prompt"])].append(row[key])
     return [statistics.mean(values) for values in by_prompt.values()]
 
 

@@ -117,7 +117,8 @@ def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_token
 
 
 def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
-    """The estimate; ConfigError naming its parts if a rank on a GPU would need more than the GPU has,
+    """The estimate; ConfigError naming its parts if a rank on a GPU would need more than its share
+    of the GPU (resources.gpus_per_rank of it) has,
     or if an engine's share of a GPU cannot hold the policy's weights (vLLM needs room beyond them
     for its KV cache, which it sizes itself and refuses to start without)."""
     estimate = rank_memory(config, model_config, prompt_tokens)
@@ -131,11 +132,14 @@ def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens
             f"= {r.gpu_memory_gb}), cannot hold the policy's {engine_weights / GB:.1f} GB of weights and a KV cache"
         )
     if r.gpus_per_rank > 0:
-        available = r.gpu_memory_gb * GB
+        available = r.gpus_per_rank * r.gpu_memory_gb * GB
         if estimate.total > available:
+            share = (
+                "a GPU" if r.gpus_per_rank == 1 else f"its share of a GPU (resources.gpus_per_rank = {r.gpus_per_rank})"
+            )
             raise ConfigError(
                 f"a learner rank would need about {estimate.total / GB:.1f} GB of GPU memory, over the "
-                f"{available / GB:.1f} GB of a GPU (resources.gpu_memory_gb = {r.gpu_memory_gb}) "
+                f"{available / GB:.1f} GB of {share} (resources.gpu_memory_gb = {r.gpu_memory_gb}) "
                 f"({estimate}; {estimate.parameters / 1e9:.2f}B parameters, "
                 f"{config.micro_batch_size} completions of up to {prompt_tokens} + {config.warp.max_new_tokens} "
                 "tokens per pass). Lower it with more resources.ranks_per_learner at zero_stage 3, a smaller "

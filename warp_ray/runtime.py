@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
+from pathlib import Path
 
 import ray
 import ray.exceptions
@@ -44,6 +46,21 @@ def remote_cause(error: BaseException) -> BaseException:
     return error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
+"""The line of a traceback that names the error raised: "ValueError: ..." or "pydantic_core....ValidationError: ..."."""
+
+
+def remote_message(error: BaseException) -> str:
+    """What an actor raised, in one line: a method's error as raised; for an actor whose constructor
+    raised, Ray gives only a traceback's text, and the error is its last exception line on."""
+    cause = str(remote_cause(error)).strip()
+    if isinstance(error, ray.exceptions.RayActorError):
+        lines = cause.splitlines()
+        last = max((i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)), default=len(lines) - 1)
+        cause = " ".join(line.strip() for line in lines[last:] if not line.startswith("For further information"))
+    return cause
+
+
 def actor_device(gpus: float, what: str) -> torch.device:
     """The device of an actor that Ray gave `gpus` GPUs: the first it sees (Ray sets
     CUDA_VISIBLE_DEVICES), or the CPU when it was given none. A GPU given but invisible to torch
@@ -58,11 +75,14 @@ def actor_device(gpus: float, what: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Join the cluster of RAY_ADDRESS (or of the Ray job), or start a local one on loopback.
+    log_to_driver False: the workers' output stays in their log files, off this console."""
     if ray.is_initialized():
         return
+    console = {"log_to_driver": log_to_driver, "logging_level": logging.INFO if log_to_driver else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**console)
         return
     # Ray otherwise takes this machine's network address and binds its services to every
     # interface. This flag (what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets, read once at import)
@@ -70,4 +90,24 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     # "local" rather than the default: a stale ray_current_cluster file would make a plain
     # ray.init() try to join a cluster stopped earlier.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        **console,
+    )
+
+
+def link_worker_logs(link: Path) -> None:
+    """Make `link` point at this node's folder of the Ray session's logs: every worker's stdout and
+    stderr (vLLM's, DeepSpeed's, the learners'), one file pair per process. On a multi-node cluster
+    the other nodes keep theirs; `ray logs` reads them from anywhere."""
+    node = ray._private.worker._global_node  # no public API gives this folder
+    if node is None:  # a Ray Client driver: no node here
+        logging.getLogger(__name__).warning("no Ray node on this machine: read the workers' logs with `ray logs`")
+        return
+    logs = Path(node.get_logs_dir_path())
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(logs, target_is_directory=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import ray
+from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,7 +33,8 @@ from warp_ray.coordinator import distributed_merge
 from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resume_from, save_iteration
 from warp_ray.coordinator.front import plot_front, report
 from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
-from warp_ray.data import read_prompts
+from warp_ray.coordinator.wandb_run import WandbRun
+from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.evaluation import Evaluator, start_reference
 from warp_ray.reward.server import RewardServer, RewardSource, start_reward_server
 from warp_ray.shards import Shards, partition, put_folder, wait_until_computed
@@ -49,9 +51,11 @@ class Coordinator:
         prompts: Path,
         reward: RewardSource,
         control: Optional[Callable[[str, str], float]] = None,
+        progress: Optional[ActorHandle] = None,
     ):
         """`reward`: what the proxy reward server hosts; `control`: a reward evaluated beside it
-        (the built-in task's gold reward), or None."""
+        (the built-in task's gold reward), or None; `progress`: a `warp_ray.progress.ProgressBoard`
+        told each stage, to which the learners report their steps."""
         self.config = config
         self.sft_folder = Path(sft)
         self.out = Path(config.paths.output_dir)
@@ -59,14 +63,15 @@ class Coordinator:
         self.sft = put_folder(self.sft_folder, self.layout)
         trust = config.paths.trust_remote_code
         self.reward_server = start_reward_server(reward, config.reward_server, trust)
+        splits = prompt_splits(prompts)
         evaluator = Evaluator(
             config,
-            read_prompts(Path(prompts) / "held_out.jsonl"),
+            read_prompts(splits["held_out"], config.data),
             self.reward_server,
             start_reference(sft, config),
             RewardServer.remote(RewardSource(function=control)) if control else None,
         )
-        train_prompts = read_prompts(Path(prompts) / "train.jsonl")
+        train_prompts = read_prompts(splits["train"], config.data)
 
         def make_learner(m: int, group: PlacementGroup):  # in its group, on its node: the policy's shards stay there
             placed = RemoteLearner.options(
@@ -76,7 +81,9 @@ class Coordinator:
                 config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group
             )
 
-        self.learners = LearnerGroup(config, make_learner, self.out / "logs")
+        self.learners = LearnerGroup(config, make_learner, self.out / "logs", progress)
+        self.progress = progress
+        self.wandb = WandbRun(config) if config.logging.wandb else None
 
     def run(self, resume: bool = False) -> Path:
         """Algorithm 1; returns the folder of the last iteration (its model/ is the final policy)."""
@@ -84,7 +91,7 @@ class Coordinator:
         start, init = self.starting_point(resume)
         for i in range(start, warp.I):
             placed = self.learners.scale()  # as many as the cluster holds, within learners.min and max
-            log.info("iteration %d: %d learners", i, placed)
+            self.stage(f"WARP iteration {i}: {placed} learners, {warp.T} REINFORCE steps each")
             laps = Laps()
             # M RL runs from the init, each with its own EMA anchor
             policies, trajectories = self.learners.train(init, i, self.layout)
@@ -94,15 +101,25 @@ class Coordinator:
             next_init = distributed_merge.liti(init, merged, warp.eta, hosts)
             wait_until_computed(next_init)
             laps("merge")
+            self.stage(f"WARP iteration {i}: SLERP and LITI done; the LITI front on held-out prompts")
             front = self.front({"init": init, "sft": self.sft}, merged)
             laps("front")
             init = next_init
             self.save(i, init, front, trajectories, laps, policies)
         return iteration_dir(self.out, warp.I - 1)
 
-    def close(self) -> None:
-        """Free the learners' placement groups (the learners and their engines end with them)."""
+    def stage(self, stage: str) -> None:
+        log.info(stage)
+        if self.progress is not None:
+            self.progress.set_stage.remote(stage)
+
+    def close(self, failed: bool = False) -> None:
+        """Free the learners' placement groups (the learners and their engines end with them); end the
+        W&B run, as failed or not."""
         self.learners.close()
+        if self.wandb is not None:
+            self.wandb.finish(failed)
+            self.wandb = None
 
     def starting_point(self, resume: bool) -> tuple[int, Shards]:
         done = last_complete(self.out) if resume else None
@@ -159,4 +176,6 @@ class Coordinator:
         )
         reports = [iteration_dir(self.out, k) / "report.md" for k in range(i + 1)]
         (self.out / "report.md").write_text("# WARP run\n\n" + "\n".join(r.read_text() for r in reports if r.is_file()))
+        if self.wandb is not None:
+            self.wandb.log_iteration(i, self.learners.merged, trajectories, front, folder / "front.png")
         log.info("iteration %d written to %s", i, folder)

@@ -1,8 +1,8 @@
 """A WARP run's inputs, checked in the driver before Ray starts, so that a bad one costs seconds
 and one clear message, not a run that fails in its first step: the weights are readable
-safetensors, the policy and the reward model share a tokenizer, and every prompt fits the
-policy's and the reward model's contexts with room for `warp.max_new_tokens`, and a learner rank
-fits its GPU (warp_ray/memory.py)."""
+safetensors, every prompt renders as each model reads it (its own tokenizer and chat template)
+and fits the policy's and the reward model's contexts with room for `warp.max_new_tokens`, the
+installed vLLM takes the model, and a learner rank fits its GPU (warp_ray/memory.py)."""
 
 from __future__ import annotations
 
@@ -11,48 +11,68 @@ from typing import Optional
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from warp_ray.checkpoint import weight_layout
+from warp_ray.chat import ChatTemplateError, Prompt, policy_ids, reward_text
+from warp_ray.checkpoint import context_length, weight_layout
 from warp_ray.config import WarpConfig
-from warp_ray.data import DataError, read_prompts
+from warp_ray.data import DataError, prompt_splits, read_preferences, read_prompts
 from warp_ray.errors import ConfigError
-from warp_ray.learner.learner import context_length
 from warp_ray.memory import RankMemory, check_fits
-from warp_ray.reward.model import reward_inputs
-
-PROMPT_SPLITS = ("train.jsonl", "held_out.jsonl")
-
-
-def check_same_tokenizer(policy: PreTrainedTokenizerBase, sft: Path, reward: PreTrainedTokenizerBase, rm: Path) -> None:
-    a, b = policy.get_vocab(), reward.get_vocab()
-    if a == b:
-        return
-    token = next(t for t in sorted(a.keys() | b.keys()) if a.get(t) != b.get(t))
-    raise ConfigError(
-        f"the policy (paths.sft_model {sft}) and the reward model (paths.reward_model {rm}) have different "
-        f"tokenizers: {len(a)} and {len(b)} tokens, and token {token!r} is id {a.get(token, 'absent')} in one, "
-        f"{b.get(token, 'absent')} in the other; train the reward model from the policy's SFT (warp-ray train-rm)"
-    )
+from warp_ray.reward.model import reward_texts
 
 
 def check_prompts_fit(
     path: Path,
-    prompts: list[str],
-    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    lengths: list[int],
     limit: int,
     limited_by: str,
     max_new_tokens: int,
-    pair_text: bool = False,
 ) -> int:
     """The longest prompt's tokens; DataError naming the first that does not fit."""
-    encoded = reward_inputs(prompts, [""] * len(prompts)) if pair_text else prompts  # as the reward server reads a pair
-    lengths = [len(ids) for ids in tokenizer(encoded).input_ids]
     for i, length in enumerate(lengths):
         if length + max_new_tokens > limit:
             raise DataError(
                 f"{path}: prompt {i + 1} is {length} tokens long: with warp.max_new_tokens = {max_new_tokens} it "
-                f"needs {length + max_new_tokens}, over {limited_by} of {limit} tokens (prompt: {prompts[i][:60]!r})"
+                f"needs {length + max_new_tokens}, over {limited_by} of {limit} tokens "
+                f"(prompt: {str(prompts[i])[:60]!r})"
             )
     return max(lengths, default=0)
+
+
+def rendered_lengths(
+    path: Path, prompts: list[Prompt], tokenizer: PreTrainedTokenizerBase, model: str, pair: bool
+) -> list[int]:
+    """Each prompt's tokens as the policy reads it, or with `pair` as the reward model reads it
+    paired with an empty completion; ConfigError naming the record if its tokenizer cannot render it."""
+    lengths = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids = tokenizer(reward_text(tokenizer, prompt, "")).input_ids if pair else policy_ids(tokenizer, prompt)
+        except ChatTemplateError as error:
+            raise _unrendered(path, i, model, tokenizer, error) from None
+        lengths.append(len(ids))
+    return lengths
+
+
+def check_preferences(config: WarpConfig, sft: Path, splits: dict[str, Path]) -> None:
+    """Every preference pair read and rendered as the reward models will read it (they start from
+    the SFT's tokenizer), before any training starts."""
+    tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
+    for path in splits.values():
+        for i, pair in enumerate(read_preferences(path, config.data)):
+            try:
+                reward_texts(tokenizer, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]])
+            except ChatTemplateError as error:
+                raise _unrendered(path, i, f"paths.sft_model {sft}", tokenizer, error) from None
+
+
+def _unrendered(path: Path, i: int, model: str, tokenizer: PreTrainedTokenizerBase, error: Exception) -> ConfigError:
+    if tokenizer.chat_template is None:
+        return ConfigError(
+            f"{path} holds chat messages, but the tokenizer of {model} has no chat template to render them "
+            "(chat_template in its tokenizer_config.json); give it one, or give the data as plain text"
+        )
+    return ConfigError(f"{path}: record {i + 1}: {error} ({model})")
 
 
 def check_engine_supports(config: WarpConfig, sft: Path, architecture: PretrainedConfig) -> None:
@@ -78,35 +98,35 @@ def check_engine_supports(config: WarpConfig, sft: Path, architecture: Pretraine
 
 
 def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> RankMemory:
-    """The checks above, then the memory estimate of a learner rank for the longest prompt (refused
-    if it would not fit its GPU); returns the estimate."""
+    """`check_model_inputs`, then the memory estimate of a learner rank for the longest prompt
+    (refused if it would not fit its GPU); returns the estimate."""
+    return check_fits(config, *check_model_inputs(config, sft, prompts, reward_model))
+
+
+def check_model_inputs(
+    config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]
+) -> tuple[PretrainedConfig, int]:
+    """The checks above for a policy `sft` (what a WARP run trains, or a model to evaluate); returns
+    its config and the longest prompt's tokens."""
     trust, max_new_tokens = config.paths.trust_remote_code, config.warp.max_new_tokens
     for folder in (sft, reward_model):
         if folder is not None:
             weight_layout(folder)  # every weight file's header: a truncated or pickled file fails here
     policy = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
     reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
-    if reward is not None:
-        check_same_tokenizer(policy, sft, reward, reward_model)
-    policy_context = context_length(sft, policy, trust)
     longest = 0
-    for split in PROMPT_SPLITS:
-        path = Path(prompts) / split
-        texts_read = read_prompts(path)
-        fits = check_prompts_fit(
-            path, texts_read, policy, policy_context, f"the policy's context ({sft})", max_new_tokens
-        )
-        longest = max(longest, fits)
+    for path in prompt_splits(prompts).values():
+        read = read_prompts(path, config.data)
+        lengths = rendered_lengths(path, read, policy, f"paths.sft_model {sft}", pair=False)
+        limit, limited_by = context_length(sft, policy, trust), f"the policy's context ({sft})"
+        longest = max(longest, check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens))
         if reward is not None:
-            check_prompts_fit(
-                path,
-                texts_read,
-                reward,
-                reward.model_max_length,
-                f"the reward model's limit ({reward_model})",
-                max_new_tokens,
-                pair_text=True,
+            lengths = rendered_lengths(path, read, reward, f"paths.reward_model {reward_model}", pair=True)
+            limit, limited_by = (
+                context_length(reward_model, reward, trust),
+                f"the reward model's context ({reward_model})",
             )
+            check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens)
     architecture = AutoConfig.from_pretrained(sft, trust_remote_code=trust)
     check_engine_supports(config, sft, architecture)  # after the files' checks: it imports vLLM, seconds
-    return check_fits(config, architecture, longest)
+    return architecture, longest

@@ -18,9 +18,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, Optional
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
@@ -88,10 +89,13 @@ def run_seed(seed: int, iteration: int, m: int) -> int:
 
 
 class LearnerGroup:
-    def __init__(self, config: WarpConfig, make_learner: MakeLearner, log_dir: Path):
+    def __init__(
+        self, config: WarpConfig, make_learner: MakeLearner, log_dir: Path, progress: Optional[ActorHandle] = None
+    ):
         self.config = config
         self.make_learner = make_learner
         self.log_dir = log_dir
+        self.progress = progress  # a warp_ray.progress.ProgressBoard the learners report their steps to
         self.slots: list[Slot] = []
         self.restarts: list[dict] = []  # what died, and what was done, for the manifests
         self.rejected: list[dict] = []  # policies left out of a merge, and why
@@ -207,7 +211,7 @@ class LearnerGroup:
         log_dir = self.log_dir / f"iteration_{iteration}" / f"policy_{m}"
         # `init` is a list of references: passed on to the learner as such, not fetched here.
         learner.set_weights.remote(init, run_seed(self.config.warp.seed, iteration, m))
-        history = learner.run.remote(self.config.warp.T, log_dir, desc=f"iteration {iteration} policy {m}")
+        history = learner.run.remote(self.config.warp.T, log_dir, f"policy {m}", self.progress)
         return learner.put_weights.remote(layout), history
 
     def _drop(self, dead: set[int]) -> None:

@@ -22,13 +22,16 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import ray
 import torch
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from warp_ray.chat import Prompt, policy_ids, with_padding
+from warp_ray.checkpoint import context_length
 from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError, StartupError
 from warp_ray.evaluation import Evaluator
@@ -36,20 +39,23 @@ from warp_ray.learner.policy_update import Batch
 from warp_ray.learner.rank import LearnerRank
 from warp_ray.logprobs import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
-from warp_ray.runtime import gpu_options, remote_cause
+from warp_ray.runtime import gpu_options, remote_message
 from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
-EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
-"""The line of a traceback that names the error raised: "ValueError: ..." or "pydantic_core....ValidationError: ..."."""
 
 
-def context_length(folder: str | Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool) -> int:
-    """The longest sequence a model folder takes: its position embeddings, or its tokenizer's limit
-    if lower (a tokenizer that sets none says 1e30, which vLLM refuses as a max_model_len)."""
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    positions = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(positions, tokenizer.model_max_length))
+def engine_args(config: WarpConfig, folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A `RolloutWorker`'s arguments for the model in `folder` under the config, but for its seed."""
+    resources, trust = config.resources, config.paths.trust_remote_code
+    return dict(
+        max_model_len=context_length(folder, tokenizer, trust),
+        dtype="bfloat16" if resources.precision == "bf16" else "float32",
+        trust_remote_code=trust,
+        in_process=resources.rollout_in_process,
+        gpu_memory_utilization=resources.engine_memory_utilization * (resources.gpus_per_rollout_worker or 1),
+        enforce_eager=resources.enforce_eager,
+    )
 
 
 def bundles(config: WarpConfig) -> list[dict[str, float]]:
@@ -101,12 +107,12 @@ class PromptOrder:
     """Prompts in batches, without replacement within an epoch, each epoch shuffled anew by `rng`:
     a batch repeats a prompt only where it straddles two epochs."""
 
-    def __init__(self, prompts: Sequence[str], rng: random.Random):
+    def __init__(self, prompts: Sequence[Prompt], rng: random.Random):
         self.prompts = list(prompts)
         self.rng = rng
         self.queue = []
 
-    def draw(self, count: int) -> list[str]:
+    def draw(self, count: int) -> list[Prompt]:
         while len(self.queue) < count:
             epoch = list(self.prompts)
             self.rng.shuffle(epoch)
@@ -120,7 +126,7 @@ class Learner:
         self,
         config: WarpConfig,
         sft: str | Path,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         reward_server,
         seed: int,
         evaluator: Optional[Evaluator] = None,
@@ -134,8 +140,7 @@ class Learner:
         self.evaluator = evaluator
         self.zero3 = resources.zero_stage == 3
         # This actor holds no GPU itself: the engines' resources tell where they run.
-        gpu = resources.gpus_per_rollout_worker > 0
-        self.broadcast = resources.weight_sync == "broadcast" or (resources.weight_sync == "auto" and gpu)
+        self.broadcast = config.broadcasts_weights
         self.weight_specs = None  # of the broadcast group, joined at the first sync
         self.tied = None  # tied weight names, read from rank 0 when first needed
         self.ranks, self.rollouts = [], []
@@ -148,21 +153,13 @@ class Learner:
     def _start(self, sft: str | Path, seed: int, placement_group: Optional[PlacementGroup]) -> None:
         resources, trust = self.config.resources, self.config.paths.trust_remote_code
         K = resources.ranks_per_learner  # the config checked that K divides the batch
-        self.tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
+        self.tokenizer = with_padding(AutoTokenizer.from_pretrained(sft, trust_remote_code=trust))
         placed = _placement(self.config, placement_group)
         self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, self.config) for k in range(K)]
         # The engines start (tens of seconds) while the ranks join their group.
+        engine = engine_args(self.config, sft, self.tokenizer)
         self.rollouts = [
-            RolloutWorker.options(**placed(K + i)).remote(
-                str(sft),
-                max_model_len=context_length(sft, self.tokenizer, trust),
-                seed=seed + i,
-                dtype="bfloat16" if resources.precision == "bf16" else "float32",
-                trust_remote_code=trust,
-                in_process=resources.rollout_in_process,
-                gpu_memory_utilization=resources.engine_memory_utilization * (resources.gpus_per_rollout_worker or 1),
-                enforce_eager=resources.enforce_eager,
-            )
+            RolloutWorker.options(**placed(K + i)).remote(str(sft), seed=seed + i, **engine)
             for i in range(resources.rollout_workers_per_learner)
         ]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
@@ -188,11 +185,7 @@ class Learner:
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
         components = {rank._actor_id.hex(): f"learner rank {k} (DeepSpeed)" for k, rank in enumerate(self.ranks)}
         components |= {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
-        cause = str(remote_cause(error)).strip()
-        if isinstance(error, RayActorError):  # a creation task's traceback: the error is its last exception line on
-            lines = cause.splitlines()
-            last = max((i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)), default=len(lines) - 1)
-            cause = " ".join(line.strip() for line in lines[last:] if not line.startswith("For further information"))
+        cause = remote_message(error)
         where = f"; its log: `ray logs actor --id {actor}`" if actor in components else ""
         return StartupError(f"{components.get(actor, 'the learner')} failed to start: {cause}{where}")
 
@@ -264,11 +257,11 @@ class Learner:
         self.synced_at = self.steps
         return time.perf_counter() - start
 
-    def check_engine_agrees(self, prompts: list[str], tokens: int = 16) -> None:
+    def check_engine_agrees(self, prompts: list[Prompt], tokens: int = 16) -> None:
         """The rollout engines must sample from the policy being trained: their greedy completions
         match. Exact in float32; in bf16 the two sides' kernels may round differently, so a
         mismatch is only reported."""
-        ids = [self.tokenizer(p).input_ids for p in prompts]
+        ids = [policy_ids(self.tokenizer, p) for p in prompts]
         policy = ray.get(self._gathered("greedy", ids, tokens))[0]
         for i, rollout in enumerate(self.rollouts):
             engine = [c[0]["token_ids"] for c in ray.get(rollout.generate.remote(prompts, 1, 0.0, tokens))]
@@ -278,10 +271,13 @@ class Learner:
                     raise RuntimeError(message)
                 log.warning("%s (bf16: expected now and then)", message)
 
-    def run(self, steps: int, log_dir: Path | None = None, desc: str = "learner") -> list[dict[str, float]]:
+    def run(
+        self, steps: int, log_dir: Path | None = None, desc: str = "learner", progress: Optional[ActorHandle] = None
+    ) -> list[dict[str, float]]:
         """`steps` REINFORCE steps with a progress bar, and a held-out evaluation (when the learner
         has an evaluator) every `evaluation.every` steps and after the last, its metrics under
-        `eval_*`. With `log_dir`, each step's metrics go to metrics.jsonl and TensorBoard there."""
+        `eval_*`. With `log_dir`, each step's metrics go to metrics.jsonl and TensorBoard there;
+        with `progress` (a `warp_ray.progress.ProgressBoard`), its step, reward and KL under `desc`."""
         self._check_started()
         every, history = self.config.evaluation.every, []
         writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
@@ -293,6 +289,8 @@ class Learner:
                 history.append(metrics)
                 bar.update()
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl_to_anchor']:.3f}")
+                if progress is not None:
+                    progress.update.remote(desc, metrics["step"], steps, metrics["reward"], metrics["kl_to_anchor"])
                 if writer is not None:
                     self._write(log_dir, writer, metrics)
         if writer is not None:

@@ -9,6 +9,7 @@ loads with `AutoModelForCausalLM.from_pretrained`.
 
 from __future__ import annotations
 
+import json
 from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -77,6 +78,7 @@ def merge_folders(
                 f"{folder} is a {architecture(folder)} model and {folders[0]} a {architecture(folders[0])}: "
                 "a merge takes models of one architecture"
             )
+    check_same_tokenizer(folders)
     layouts = [weight_layout(f) for f in folders]
     check_compatible([{k: (i.shape, i.dtype) for k, i in lay.items()} for lay in layouts], [str(f) for f in folders])
     reference = layouts[0]
@@ -101,6 +103,31 @@ def merge_folders(
         for file, names in by_file:
             write_safetensors(tmp / file, {n: reference[n] for n in names}, chunks, metadata)
     return Path(out)
+
+
+def check_same_tokenizer(folders: Sequence[Path], why: str = "a merge takes models of one tokenizer") -> None:
+    """Token i must be the same token in every model merged: averaged over different vocabularies,
+    an embedding row is noise (and the KL of one model to another compares their ids too). Read from
+    each folder's tokenizer.json (no tokenizer code runs); folders without one are not compared."""
+    given = [f for f in folders if (f / "tokenizer.json").is_file()]
+    vocabularies = [_vocabulary(f / "tokenizer.json") for f in given]
+    for folder, vocabulary in zip(given[1:], vocabularies[1:]):
+        first = vocabularies[0]
+        if vocabulary != first:
+            token = next(t for t in sorted(first.keys() | vocabulary.keys()) if first.get(t) != vocabulary.get(t))
+            raise MergeError(
+                f"{folder} and {given[0]} have different tokenizers ({len(vocabulary)} and {len(first)} tokens; "
+                f"token {token!r} is id {vocabulary.get(token, 'absent')} in one, {first.get(token, 'absent')} in "
+                f"the other): {why}"
+            )
+
+
+def _vocabulary(path: Path) -> dict[str, int]:
+    """Token -> id of a tokenizer.json: its model's vocabulary (a mapping, or Unigram's list) and its added tokens."""
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"].get("vocab") or {}
+    tokens = dict(vocab) if isinstance(vocab, dict) else {entry[0]: i for i, entry in enumerate(vocab)}
+    return tokens | {added["content"]: added["id"] for added in tokenizer.get("added_tokens", [])}
 
 
 def slerp_folders(

@@ -1,5 +1,6 @@
 """Reward models: a sequence classifier with one output on the policy's backbone, trained
-with the Bradley-Terry loss -log sigmoid(r(x, y_chosen) - r(x, y_rejected))."""
+with the Bradley-Terry loss -log sigmoid(r(x, y_chosen) - r(x, y_rejected)). Each reads (x, y) as
+`warp_ray.chat.reward_text` renders it with the model's own tokenizer."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from warp_ray.checkpoint import check_model_folder
+from warp_ray.chat import Messages, Prompt, reward_text, with_padding
+from warp_ray.checkpoint import check_model_folder, context_length
 
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
 """Dropout settings of the GPT-2 and Llama families (Gemma's and Qwen's are Llama's); a config takes
@@ -42,6 +44,9 @@ def load_reward_model(
     """An RM from an RM folder, or a fresh one-output head on a causal-LM folder (the policy's backbone)."""
     folder = check_model_folder(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # The model's positions where the tokenizer sets no limit (1e30): what truncation and the
+    # reward server's length check hold pairs to.
+    tokenizer.model_max_length = context_length(folder, with_padding(tokenizer), trust_remote_code)
     config = AutoConfig.from_pretrained(
         folder, num_labels=1, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code
     )
@@ -53,30 +58,26 @@ def load_reward_model(
     return model.eval(), tokenizer
 
 
-def reward_input(prompt: str, completion: str) -> str:
-    """The text a reward model reads for (x, y), in training, in RL and in evaluation alike: the
-    prompt, one space, the completion without surrounding whitespace. A completion sampled by
-    vLLM starts with the space its first token carries, and the same completion in preference
-    data usually does not; both must reach the RM as the same tokens at the same positions."""
-    return f"{prompt.rstrip()} {completion.strip()}"
-
-
-def reward_inputs(prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
-    return [reward_input(p, c) for p, c in zip(prompts, completions)]
+def reward_texts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], completions: Sequence[str | Messages]
+) -> list[str]:
+    return [reward_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
 
 
 def score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence[Prompt],
+    completions: Sequence[str | Messages],
     batch_size: int = 64,
 ) -> torch.Tensor:
     """r(x, y) for each (prompt, completion): one forward pass per batch, no gradient."""
     scores = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            batch = reward_inputs(prompts[start : start + batch_size], completions[start : start + batch_size])
+            batch = reward_texts(
+                tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size]
+            )
             encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
             scores.append(model(**encoded.to(model.device)).logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.empty(0)
@@ -88,7 +89,7 @@ def bradley_terry_loss(
     prompts = [p["prompt"] for p in pairs]
     chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
     encoded = tokenizer(
-        reward_inputs(prompts, chosen) + reward_inputs(prompts, rejected),
+        reward_texts(tokenizer, prompts, chosen) + reward_texts(tokenizer, prompts, rejected),
         return_tensors="pt",
         padding=True,
         truncation=True,
@@ -128,14 +129,14 @@ def train_reward_model(
 def pooled_features(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence[Prompt],
+    completions: Sequence[str | Messages],
     batch_size: int = 64,
 ) -> torch.Tensor:
     """The backbone's final hidden state at each text's last token: what the score head reads."""
     features = []
     for start in range(0, len(prompts), batch_size):
-        batch = reward_inputs(prompts[start : start + batch_size], completions[start : start + batch_size])
+        batch = reward_texts(tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size])
         encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
         encoded = encoded.to(model.device)
         hidden = model(**encoded, output_hidden_states=True).hidden_states[-1]

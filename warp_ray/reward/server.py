@@ -21,8 +21,9 @@ import ray
 import torch
 from transformers import AutoTokenizer
 
+from warp_ray.chat import Prompt, messages_problem
 from warp_ray.config import RewardServerParams
-from warp_ray.reward.model import load_reward_model, reward_inputs, score
+from warp_ray.reward.model import load_reward_model, reward_texts, score
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
 
@@ -57,9 +58,9 @@ class Reward:
             AutoTokenizer.from_pretrained(folders[0], trust_remote_code=trust_remote_code) if folders else None
         )
 
-    def check(self, prompts: Sequence[str], completions: Sequence[str]) -> None:
+    def check(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> None:
         if not isinstance(prompts, (list, tuple)) or not isinstance(completions, (list, tuple)):
-            raise ValueError("score takes two lists of strings: prompts and completions")
+            raise ValueError("score takes two lists: prompts (text or chat messages) and completions (text)")
         if not prompts:
             raise ValueError("score needs at least one (prompt, completion) pair, got an empty list")
         if len(prompts) != len(completions):
@@ -67,12 +68,15 @@ class Reward:
                 f"got {len(prompts)} prompts but {len(completions)} completions: give one completion per prompt"
             )
         for i, (p, c) in enumerate(zip(prompts, completions)):
-            if not isinstance(p, str) or not isinstance(c, str):
-                raise ValueError(
-                    f"pair {i}: prompt and completion must be strings, got {type(p).__name__} and {type(c).__name__}"
-                )
+            if not isinstance(c, str):
+                raise ValueError(f"pair {i}: the completion must be a string, got {type(c).__name__}")
+            if not isinstance(p, str) and (problem := messages_problem(p)):
+                raise ValueError(f"pair {i}: the prompt: {problem}")
+            if not isinstance(p, str) and self.function is not None:
+                raise ValueError(f"pair {i}: a reward function takes text prompts, and this prompt is chat messages")
         if self.length_tokenizer is not None:
-            lengths = [len(ids) for ids in self.length_tokenizer(reward_inputs(prompts, completions)).input_ids]
+            texts = reward_texts(self.length_tokenizer, prompts, completions)
+            lengths = [len(ids) for ids in self.length_tokenizer(texts).input_ids]
             too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
             if too_long:
                 i, n = too_long[0]
@@ -81,7 +85,7 @@ class Reward:
                     f"({len(too_long)} pair(s) too long)"
                 )
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         if self.function is not None:
             return [self.function(p, c) for p, c in zip(prompts, completions)]
         scores = torch.stack(
@@ -115,8 +119,9 @@ class RewardServer:
         self.queue: asyncio.Queue | None = None
         self.served = {"requests": 0, "pairs": 0, "batches": 0}
 
-    async def score(self, prompts: list[str], completions: list[str]) -> list[float]:
-        """Rewards of the (prompt, completion) pairs, in order."""
+    async def score(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
+        """Rewards of the (prompt, completion) pairs, in order. A reward model reads each pair as
+        `warp_ray.chat.reward_text` renders it with its own tokenizer and chat template."""
         self.reward.check(prompts, completions)
         if self.queue is None:  # created here, in the actor's event loop
             self.queue = asyncio.Queue(maxsize=self.params.max_queue)

@@ -11,9 +11,11 @@ averaged in weight space; and the accuracy table of each RM, their ENS and their
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Sequence
 
@@ -21,15 +23,17 @@ import torch
 from ray import tune
 
 from warp_ray.checkpoint import atomic_dir
-from warp_ray.config import WarmParams, WarpConfig
-from warp_ray.data import read_preferences
+from warp_ray.config import DataColumns, WarmParams, WarpConfig
+from warp_ray.data import DEFAULT_COLUMNS, read_preferences
 from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
 from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score, train_reward_model
 from warp_ray.runtime import actor_device
 
 
-def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, trust_remote_code: bool) -> None:
+def fine_tune(
+    config: dict, params: WarmParams, starts: list[str], train: str, columns: DataColumns, trust_remote_code: bool
+) -> None:
     """One Ray Tune trial: fine-tune a start with trial m's lr, dropout and data order."""
     trial = params.trial(config["m"])
     trial["start"] = starts[config["m"] % len(starts)]
@@ -38,7 +42,7 @@ def fine_tune(config: dict, params: WarmParams, starts: list[str], train: str, t
     model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"], trust_remote_code=trust_remote_code)
     model.to(actor_device(params.gpus_per_trial, f"WARM's fine-tune {config['m']}"))  # the GPUs Tune reserved
     losses = train_reward_model(
-        model, tokenizer, read_preferences(train), params.steps, trial["lr"], params.batch_size, trial["seed"]
+        model, tokenizer, read_preferences(train, columns), params.steps, trial["lr"], params.batch_size, trial["seed"]
     )
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -61,16 +65,18 @@ def train_warm(
     out: Path,
     sft_checkpoints: Sequence[Path] = (),
     trust_remote_code: bool = False,
+    columns: DataColumns = DEFAULT_COLUMNS,
+    verbose: bool = True,
 ) -> list[Path]:
     """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders.
 
     Every fine-tune starts from the SFT backbone with the linear-probed head (<out>/probe); with
     params.baklava, fine-tune m takes its backbone from the m-th of (SFT, *sft_checkpoints)
-    instead, still with the probed head (<out>/start_<k>).
+    instead, still with the probed head (<out>/start_<k>). verbose: Ray Tune's trial table on the console.
     """
     out, sft = Path(out).resolve(), Path(sft).resolve()  # Ray Tune runs each trial in a folder of its own
     out.mkdir(parents=True, exist_ok=True)
-    train = read_preferences(preferences["train"])
+    train = read_preferences(preferences["train"], columns)
     model, tokenizer = load_reward_model(sft, trust_remote_code=trust_remote_code)
     linear_probe(model, tokenizer, train, params.linear_probe_steps, params.linear_probe_lr)
     save(model, tokenizer, out / "probe")
@@ -90,14 +96,16 @@ def train_warm(
         params=params,
         starts=[str(s) for s in starts],
         train=str(Path(preferences["train"]).resolve()),
+        columns=columns,
         trust_remote_code=trust_remote_code,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
         param_space={"m": tune.grid_search(list(range(params.M)))},
-        run_config=tune.RunConfig(name="warm", storage_path=str(out / "tune"), verbose=1),
+        run_config=tune.RunConfig(name="warm", storage_path=str(out / "tune"), verbose=int(verbose)),
     )
-    results = tuner.fit()
+    with nullcontext() if verbose else redirect_stdout(io.StringIO()):  # Tune prints its header even when silent
+        results = tuner.fit()
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} reward-model fine-tune(s) failed; the first: {errors[0]}")
@@ -111,14 +119,16 @@ def train_warm(
     return folders
 
 
-def accuracy_table(folders: Sequence[Path], warm: Path, preferences: dict[str, Path]) -> dict[str, dict[str, float]]:
+def accuracy_table(
+    folders: Sequence[Path], warm: Path, preferences: dict[str, Path], columns: DataColumns = DEFAULT_COLUMNS
+) -> dict[str, dict[str, float]]:
     """Pairwise accuracy of each RM, of their prediction ensemble ENS and of WARM, on every split.
 
     "train (as labelled)" counts agreement with the training labels, flipped ones included;
     "train (true labels)" with the labels before the flips, where the data records them, and
     "flipped pairs (as labelled)" with the flipped labels alone: memorisation of the noise.
     """
-    splits = {name: read_preferences(path) for name, path in preferences.items()}
+    splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
 
     def scores(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         model, tokenizer = load_reward_model(folder)
@@ -171,7 +181,9 @@ def trained_on(config: WarpConfig, sft: Path, preferences: Path) -> dict:
     folders) and WARM's settings. Reward models trained on anything else are not these."""
     task = Path(sft).parent / "task.json"
     data = (
-        json.loads(task.read_text())["params"] if task.is_file() else {"sft": str(sft), "preferences": str(preferences)}
+        json.loads(task.read_text())["params"]
+        if task.is_file()
+        else {"sft": str(sft), "preferences": str(preferences), "columns": config.data.model_dump()}
     )
     return {"task": data, "warm": config.warm.model_dump(mode="json")}
 

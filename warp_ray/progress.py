@@ -1,0 +1,90 @@
+"""What a run shows on its console: the stage it is in and one line per learner (step, reward, KL).
+
+The learners report each step to a `ProgressBoard` actor and the coordinator its stage; the
+driver reads the board twice a second and draws it (`show_until_done`), a finished stage staying
+on screen as one line per learner. Without --verbose, the processes of Ray, vLLM and DeepSpeed
+write only to their log files (Ray's `logs/` folder of the session, linked from the run's
+`<output_dir>/logs/ray`), so the console holds these lines and errors alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """The run's stages in order, each with its learners' last steps: the coordinator starts a
+    stage, the learners report to the latest."""
+
+    def __init__(self):
+        self.stages: list[tuple[str, dict[str, dict]]] = []
+
+    def set_stage(self, stage: str) -> None:
+        self.stages.append((stage, {}))
+
+    def update(self, learner: str, step: int, steps: int, reward: float, kl: float) -> None:
+        if not self.stages:
+            self.stages.append(("", {}))
+        self.stages[-1][1][learner] = {"step": step, "steps": steps, "reward": reward, "kl": kl}
+
+    def since(self, first: int) -> list[tuple[str, dict[str, dict]]]:
+        return self.stages[first:]
+
+
+def board_view(stage: str, learners: dict[str, dict]) -> Group:
+    """The stage, then a table with a row per learner."""
+    if not learners:
+        return Group(Text(stage, style="bold"))
+    table = Table(box=None, pad_edge=False)
+    for column in ("learner", "step", "reward", "KL to anchor"):
+        table.add_column(column, justify="left" if column == "learner" else "right")
+    for name, row in sorted(learners.items()):
+        table.add_row(name, f"{row['step']}/{row['steps']}", f"{row['reward']:.3f}", f"{row['kl']:.3f}")
+    return Group(Text(stage, style="bold"), table)
+
+
+def show_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Console) -> Any:
+    """ray.get(ref), drawing the board's latest stage meanwhile; each stage stays on screen once it ends."""
+    printed = 0
+    with Live(Group(), console=console, refresh_per_second=2, transient=True) as live:
+        while True:
+            done, _ = ray.wait([ref], timeout=0.5)
+            stages = ray.get(board.since.remote(printed))
+            for stage in stages[: -1 if not done else None]:  # ended: a later one began, or the run did
+                live.console.print(board_view(*stage))
+                printed += 1
+            live.update(board_view(*stages[-1]) if stages and not done else Group())
+            if done:
+                break
+    return ray.get(ref)
+
+
+def quiet_libraries() -> None:
+    """This process's libraries quiet on the console, as its workers' are: transformers' loading
+    bars, Ray's and Ray Tune's info lines, vLLM's import notices. Their warnings and errors still show.
+    vLLM reads its log level when imported, so it is imported here at ERROR, the environment then
+    restored for the workers Ray starts, whose log files keep vLLM's info lines."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    before = os.environ.get("VLLM_LOGGING_LEVEL")
+    os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+    try:
+        import vllm  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ["VLLM_LOGGING_LEVEL"]
+        else:
+            os.environ["VLLM_LOGGING_LEVEL"] = before
