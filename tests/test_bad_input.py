@@ -240,7 +240,7 @@ def test_a_users_own_sft_gets_none_of_the_built_in_tasks_data(inputs, capsys):
     must be yours too, and is asked for at once, with nothing built."""
     own_sft = ["--set", f"paths.sft_model={inputs}/sft", "--set", f"paths.output_dir={inputs}/out"]
     assert main(["warp", *own_sft, "--set", f"paths.prompts={inputs}/prompts"]) == 2
-    assert "set paths.preferences (reward models are trained: no paths.reward_model)" in capsys.readouterr().err
+    assert "set paths.preferences (reward models are trained on them)" in capsys.readouterr().err
     assert main(["train-rm", *own_sft]) == 2
     assert "set paths.preferences" in capsys.readouterr().err
     assert main(["warp", *own_sft, "--set", f"paths.reward_model={inputs}/sft"]) == 2

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from tests.helpers import chat_tokenizer
+from tests.helpers import chat_tokenizer, save_tiny_model
 from warp_ray.chat import ChatTemplateError, policy_ids, prompt_key, reward_text, with_padding
+from warp_ray.reward.model import load_reward_model, pooled_features, score
 
 CHAT = [{"role": "user", "content": "write a short poem about the sea"}]
 
@@ -77,3 +80,18 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_eos():
     assert with_padding(tokenizer).pad_token_id == tokenizer.eos_token_id
     batch = tokenizer(["the sea", "the wind is kind"], padding=True)
     assert batch.input_ids[0][-1] == tokenizer.eos_token_id and batch.attention_mask[0][-1] == 0
+
+
+def test_the_linear_probe_reads_the_token_the_reward_model_scores_with_eos_as_padding(tmp_path):
+    """A tokenizer without a pad token pads with EOS, and Llama 2's template ends a reply with EOS: the
+    features WARM's probe fits must be those at the token the score head reads, the last that is not
+    padding."""
+    tokenizer = chat_tokenizer("inst")
+    tokenizer.pad_token = None
+    save_tiny_model(tmp_path, AutoModelForSequenceClassification, LlamaConfig, tokenizer, num_labels=1)
+    model, loaded = load_reward_model(tmp_path)
+    prompts, replies = [CHAT, CHAT], ["the wind", "the wind is kind and calm"]
+    assert reward_text(loaded, CHAT, replies[0]).endswith(loaded.eos_token) and loaded.pad_token == loaded.eos_token
+    with torch.no_grad():
+        probed = model.score(pooled_features(model, loaded, prompts, replies))[:, 0]
+    torch.testing.assert_close(probed, score(model, loaded, prompts, replies))

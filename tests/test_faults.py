@@ -49,7 +49,7 @@ class StandInLearner:
     def set_weights(self, init, seed):
         self.weights = {"w": torch.full((2,), float(self.m))}
 
-    def run(self, steps, log_dir, desc):
+    def run(self, steps, log_dir, desc, progress=None):
         if self.m == 1:
             check_finite("step 3", {"reward": torch.tensor([0.5, float("nan")])})  # as Learner.step does
         if self.m == 2:

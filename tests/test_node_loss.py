@@ -49,7 +49,7 @@ def scenario() -> None:
         def set_weights(self, init, seed):
             self.seed = seed
 
-        def run(self, steps, log_dir, desc):
+        def run(self, steps, log_dir, desc, progress=None):
             node = ray.get(self.rank.node.remote())
             (log_dir.parent / f"node_{self.m}").parent.mkdir(parents=True, exist_ok=True)
             (log_dir.parent / f"node_{self.m}").write_text(node)

@@ -461,7 +461,7 @@ def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path
     (tmp_path / "task" / "sft").mkdir(parents=True)
     trained = []
 
-    def task_inputs(config):
+    def task_inputs(config, **needed):
         (tmp_path / "task" / "task.json").write_text(json.dumps({"params": {"pairs": config.task.pairs}}))
         return tmp_path / "task" / "sft", tmp_path / "task" / "prompts", tmp_path / "task" / "preferences", []
 
@@ -474,10 +474,11 @@ def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path
     monkeypatch.setattr(runs, "task_inputs", task_inputs)
     monkeypatch.setattr(driver, "task_inputs", task_inputs)
     monkeypatch.setattr(driver, "preference_splits", lambda folder: {})
-    monkeypatch.setattr(driver, "init_ray", lambda: None)
+    monkeypatch.setattr(driver, "check_preferences", lambda *args: None)
+    monkeypatch.setattr(driver, "init_ray", lambda **kwargs: None)
     monkeypatch.setattr(driver, "train_warm", train_warm)
     monkeypatch.setattr(
-        driver, "accuracy_table", lambda folders, merged, splits: {"WARM": {"validation": len(trained)}}
+        driver, "accuracy_table", lambda folders, merged, splits, columns: {"WARM": {"validation": len(trained)}}
     )
 
     def config(*overrides: str) -> WarpConfig:

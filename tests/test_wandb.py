@@ -27,7 +27,7 @@ def test_an_offline_run_writes_the_config_the_metrics_and_the_front_and_no_crede
         }
     )
     run = WandbRun(config)
-    plot_front(FRONT, [RUN, RUN], tmp_path / "front.png", "iteration 1")
+    plot_front(FRONT, [RUN, RUN], [0, 2], tmp_path / "front.png", "iteration 1")
     run.log_iteration(1, [0, 2], [RUN, RUN], FRONT, tmp_path / "front.png")  # learner 1 was dropped
     summary, logged_config = dict(run.run.summary), dict(run.run.config)
     run.finish()

@@ -109,8 +109,8 @@ def _inputs(
         reward = RewardSource(function=world.gold_reward)
     else:
         if not is_trained_on(config, sft, preferences):  # none yet, or trained on another task or with other settings
-            if train_warm:  # the policy and the prompts checked first: WARM takes minutes
-                check_model_inputs(config, sft, prompts, None)
+            if train_warm:  # the policy, its prompts and its memory checked first: WARM takes minutes
+                check_run_inputs(config, sft, prompts, None)
             else:
                 raise ConfigError(
                     f"no reward model trained on these inputs with these settings in {config.paths.output_dir / 'rm'}: "
@@ -164,7 +164,7 @@ def _evaluation(config: WarpConfig, console: Optional[Console]) -> Iterator[Call
 
     def sample_from(model: Path) -> list[dict]:
         check_same_tokenizer([Path(sft), Path(model)], "the KL to the SFT compares token ids of one tokenizer")
-        check_model_inputs(config, model, prompts, None)
+        check_model_inputs(config, model, prompts, None, key="--model")
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
         options = gpu_options(config.resources.gpus_per_rollout_worker)
         engine = RolloutWorker.options(**options).remote(

@@ -70,21 +70,22 @@ def show_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: C
 
 def quiet_libraries() -> None:
     """This process's libraries quiet on the console, as its workers' are: transformers' loading
-    bars, Ray's and Ray Tune's info lines, vLLM's import notices. Their warnings and errors still show.
-    vLLM reads its log level when imported, so it is imported here at ERROR, the environment then
-    restored for the workers Ray starts, whose log files keep vLLM's info lines."""
+    bars and warnings, Ray's and Ray Tune's info lines, vLLM's import notices; errors still show.
+    vLLM reads its log level when imported, so it is imported here at ERROR (where it is installed),
+    the environment then restored whole for the workers Ray starts, whose log files keep vLLM's
+    info lines."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    before = os.environ.get("VLLM_LOGGING_LEVEL")
+    environment = dict(os.environ)  # vLLM's import sets variables of its own too
     os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
     try:
         import vllm  # noqa: F401
+    except ImportError:
+        pass  # a driver without vLLM: its engines run on the cluster
     finally:
-        if before is None:
-            del os.environ["VLLM_LOGGING_LEVEL"]
-        else:
-            os.environ["VLLM_LOGGING_LEVEL"] = before
+        os.environ.clear()
+        os.environ.update(environment)

@@ -154,13 +154,15 @@ class Coordinator:
 
         def extras(folder: Path) -> None:
             if self.config.paths.keep_policies:
-                for m, policy in enumerate(policies):
+                for m, policy in zip(self.learners.merged, policies):
                     (kept := folder / "policies" / f"policy_{m}").mkdir(parents=True)
                     save_model((ray.get(shard) for shard in policy), self.sft_folder, kept, len(policy))
             (folder / "front.json").write_text(json.dumps(front, indent=2))
             (folder / "trajectories.json").write_text(json.dumps(trajectories))
-            plot_front(front, trajectories, folder / "front.png", f"WARP iteration {i}: LITI front and training runs")
-            (folder / "report.md").write_text(report(front, [history[-1] for history in trajectories], i))
+            title = f"WARP iteration {i}: LITI front and training runs"
+            plot_front(front, trajectories, self.learners.merged, folder / "front.png", title)
+            final = [history[-1] for history in trajectories]
+            (folder / "report.md").write_text(report(front, final, self.learners.merged, i))
 
         manifest = {
             "iteration": i,

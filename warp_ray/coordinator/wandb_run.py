@@ -49,4 +49,7 @@ class WandbRun:
         self.run.log({"front": table, "front_plot": image}, step=first + self.steps_per_iteration, commit=True)
 
     def finish(self, failed: bool = False) -> None:
+        """End the run and wait for W&B's service process to have written (or sent) everything: Ray
+        ends an actor's child processes with it, and a service still writing would lose the rest."""
         self.run.finish(exit_code=1 if failed else 0)
+        self.wandb.teardown()

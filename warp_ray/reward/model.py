@@ -140,7 +140,10 @@ def pooled_features(
         encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
         encoded = encoded.to(model.device)
         hidden = model(**encoded, output_hidden_states=True).hidden_states[-1]
-        last = encoded.attention_mask.sum(-1) - 1
+        # The last token that is not padding, as the score head's model reads it: with EOS as the pad
+        # token (a tokenizer that has none), a reply's closing EOS is not it.
+        positions = torch.arange(encoded.input_ids.shape[1], device=hidden.device)
+        last = ((encoded.input_ids != tokenizer.pad_token_id) * positions).argmax(-1)
         features.append(hidden[torch.arange(len(batch), device=hidden.device), last].float())
     return torch.cat(features)
 

@@ -284,15 +284,14 @@ def task_inputs(
     preference pairs belong to its own SFT, so each the run needs must be given."""
     paths = config.paths
     if paths.sft_model is not None:
-        needed = {"paths.prompts": prompts and paths.prompts is None}
-        needed["paths.preferences"] = preferences and paths.preferences is None
+        needed = {
+            "paths.prompts (RL samples them)": prompts and paths.prompts is None,
+            "paths.preferences (reward models are trained on them)": preferences and paths.preferences is None,
+        }
         if any(needed.values()):
-            why = (
-                "reward models are trained: no paths.reward_model" if needed["paths.preferences"] else "RL samples them"
-            )
             raise ConfigError(
-                f"paths.sft_model is your own model, so the built-in task's data does not fit it: set "
-                f"{' and '.join(k for k, v in needed.items() if v)} ({why})"
+                "paths.sft_model is your own model, so the built-in task's data does not fit it: set "
+                + " and ".join(k for k, v in needed.items() if v)
             )
         return paths.sft_model, paths.prompts, paths.preferences, list(paths.sft_checkpoints)
     root = build_task(config.task, paths.output_dir / "task", config.warp.max_new_tokens)
