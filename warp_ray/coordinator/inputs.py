@@ -116,19 +116,18 @@ def check_model_inputs(
             weight_layout(folder)  # every weight file's header: a truncated or pickled file fails here
     policy = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
     reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
+    policy_limit = context_length(sft, policy, trust)
+    reward_limit = context_length(reward_model, reward, trust) if reward is not None else None
     longest = 0
     for path in prompt_splits(prompts).values():
         read = read_prompts(path, config.data)
         lengths = rendered_lengths(path, read, policy, f"{key} {sft}", pair=False)
-        limit, limited_by = context_length(sft, policy, trust), f"the policy's context ({sft})"
-        longest = max(longest, check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens))
+        limited_by = f"the policy's context ({sft})"
+        longest = max(longest, check_prompts_fit(path, read, lengths, policy_limit, limited_by, max_new_tokens))
         if reward is not None:
             lengths = rendered_lengths(path, read, reward, f"paths.reward_model {reward_model}", pair=True)
-            limit, limited_by = (
-                context_length(reward_model, reward, trust),
-                f"the reward model's context ({reward_model})",
-            )
-            check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens)
+            limited_by = f"the reward model's context ({reward_model})"
+            check_prompts_fit(path, read, lengths, reward_limit, limited_by, max_new_tokens)
     architecture = AutoConfig.from_pretrained(sft, trust_remote_code=trust)
     check_engine_supports(config, sft, architecture, key)  # after the files' checks: it imports vLLM, seconds
     return architecture, longest
