@@ -1,9 +1,10 @@
-"""Benchmark of the reward-server actor: scoring throughput (pairs/s) under 1, 2 and 4
-concurrent callers, against direct calls of the same model in one process, in the same run.
+"""Benchmark of the reward server: scoring throughput (pairs/s) of 1 server and of 2 replicas
+behind `Replicas` (`reward_server.replicas`), under 1, 4 and 8 concurrent callers, against
+direct calls of the same model in one process, in the same run.
 
 Each caller (a thread of the driver, standing for a learner) sends requests of 32 pairs, one
-after the other; the server batches what arrives together. The model is the built-in task's reward model architecture
-(the SFT backbone with a score head).
+after the other; a server batches what arrives together. The model is the built-in task's reward model architecture
+(the SFT backbone with a score head); every server and the direct calls use one thread.
 
 Run: .venv/bin/python bench/reward_server.py   (builds the built-in task under bench/out/ once)
 """
@@ -23,7 +24,7 @@ from warp_ray.config import RewardServerParams
 from warp_ray.config_io import load_config
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.reward.server import RewardSource, start_reward_server
 from warp_ray.runtime import init_ray
 from warp_ray.task.build import build_task
 
@@ -63,25 +64,33 @@ def main() -> None:
     direct = len(requests) * REQUEST / (time.perf_counter() - start)
 
     init_ray(num_cpus=2)
-    server = RewardServer.remote(RewardSource(folders=(str(rm),)), RewardServerParams(threads=1))
-    ray.get(server.score.remote(*requests[0]))  # warm up
-    results = {"direct_pairs_per_s": direct, "request_pairs": REQUEST, "server": {}}
-    for callers in (1, 2, 4):
-        start = time.perf_counter()
-        with ThreadPoolExecutor(callers) as pool:
-            served = sum(pool.map(caller, [server] * callers, [requests] * callers))
-        rate = served / (time.perf_counter() - start)
-        results["server"][callers] = {"pairs_per_s": rate, "vs_direct": rate / direct}
-    results["batches"] = ray.get(server.stats.remote())
+    results = {"direct_pairs_per_s": direct, "request_pairs": REQUEST, "replicas": {}}
+    for replicas in (1, 2):
+        server = start_reward_server(RewardSource(folders=(str(rm),)), RewardServerParams(threads=1, replicas=replicas))
+        ray.get(server.score.remote(*requests[0]))  # warm up
+        results["replicas"][replicas] = {}
+        for callers in (1, 4, 8):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(callers) as pool:
+                served = sum(pool.map(caller, [server] * callers, [requests] * callers))
+            rate = served / (time.perf_counter() - start)
+            results["replicas"][replicas][callers] = {"pairs_per_s": rate, "vs_direct": rate / direct}
+        if replicas > 1:
+            results["requests_by_replica"] = ray.get(server.load.remote())["served"]
+        ray.kill(server)
     ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 
-    print(f"\n| scoring ({REQUEST} pairs a request, 1 thread) | pairs/s | vs direct |\n|---|---|---|")
-    print(f"| direct calls, one process | {direct:.0f} | 1.00 |")
-    for callers, row in results["server"].items():
-        print(f"| RewardServer, {callers} concurrent caller(s) | {row['pairs_per_s']:.0f} | {row['vs_direct']:.2f} |")
-    print(f"\nserver totals: {results['batches']}; results in {args.out}")
+    print(
+        f"\n| scoring ({REQUEST} pairs a request, 1 thread each) | callers | pairs/s | vs direct |\n|---|---|---|---|"
+    )
+    print(f"| direct calls, one process | 1 | {direct:.0f} | 1.00 |")
+    for replicas, by_callers in results["replicas"].items():
+        for callers, row in by_callers.items():
+            what = "1 RewardServer" if replicas == 1 else f"{replicas} replicas behind Replicas"
+            print(f"| {what} | {callers} | {row['pairs_per_s']:.0f} | {row['vs_direct']:.2f} |")
+    print(f"\nrequests answered by each replica: {results['requests_by_replica']}; results in {args.out}")
 
 
 if __name__ == "__main__":

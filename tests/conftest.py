@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,28 @@ def tiny_task(tmp_path_factory) -> Path:
 
     params = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
     return build_task(params, tmp_path_factory.mktemp("task") / "task", max_new_tokens=24)
+
+
+def remove_stale_current_cluster() -> None:
+    current = Path("/tmp/ray/ray_current_cluster")
+    if not current.is_file():
+        return
+    host, _, port = current.read_text().strip().rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except (OSError, ValueError):  # nothing listens there: the cluster it names is gone
+        current.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_stale_current_cluster():
+    """Tests that start clusters of their own (`ray start`, ray.cluster_utils) and kill them leave
+    /tmp/ray/ray_current_cluster naming a cluster that is gone, as a killed `ray start` does on a
+    user's machine; Ray's state API in a later cluster's workers then waits 10 s on it, once per
+    Ray Train run (its placement-group cleaner's stop). A file naming a live cluster stays."""
+    remove_stale_current_cluster()
+    yield
+    remove_stale_current_cluster()
 
 
 @pytest.fixture(scope="session")

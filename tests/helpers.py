@@ -114,7 +114,7 @@ def tiny_run_config(out: Path, paths: dict, **sections) -> WarpConfig:
     return WarpConfig.from_dict(
         {
             "warp": {"M": 2, "I": 1, "T": 2, "batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3},
-            "warm": {"M": 2, "steps": 4, "batch_size": 4, "linear_probe_steps": 4, "cpus_per_trial": 1},
+            "warm": {"M": 2, "steps": 4, "batch_size": 4, "linear_probe_steps": 4, "cpus_per_trial": 0.5},
             "evaluation": {"every": 0, "prompts": 4, "samples_per_prompt": 2, "front_etas": [0.0, 1.0]},
             "resources": {
                 "precision": "fp32",

@@ -39,7 +39,7 @@ def role_graph() -> dict[str, set[str]]:
 
 LAYERS = [
     {"errors"},
-    {"config", "chat", "checkpoint", "logprobs", "progress", "runtime", "timing"},
+    {"config", "chat", "checkpoint", "logprobs", "progress", "replicas", "runtime", "timing"},
     {"data", "memory", "merge", "shards", "task"},
     {"config_io", "reward", "rollout"},
     {"evaluation"},

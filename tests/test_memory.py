@@ -1,5 +1,5 @@
-"""The memory estimate of a learner rank (warp_ray/memory.py): a config that cannot fit its GPUs is
-refused before anything starts, naming the numbers; the 7B example fits."""
+"""The memory estimate of a learner rank and of a WARM worker (warp_ray/memory.py): a config that
+cannot fit its GPUs is refused before anything starts, naming the numbers; the 7B examples fit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from warp_ray.config import WarpConfig
 from warp_ray.config_io import load_config
 from warp_ray.coordinator.inputs import check_run_inputs
 from warp_ray.errors import ConfigError
-from warp_ray.memory import GB, check_fits, rank_memory
+from warp_ray.memory import GB, check_fits, check_warm_fits, rank_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GEMMA_7B = GemmaConfig(
@@ -65,9 +65,13 @@ def test_each_lever_lowers_the_estimate_where_the_model_says_it_should():
 
 
 def test_a_gpu_config_must_say_how_much_memory_a_gpu_has():
-    for resources in ({"gpus_per_rank": 1}, {"gpus_per_rollout_worker": 0.5}):
-        with pytest.raises(ConfigError, match="resources.gpu_memory_gb is required when resources.gpus_per_rank or"):
-            WarpConfig.from_dict({"resources": resources})
+    for sections in (
+        {"resources": {"gpus_per_rank": 1}},
+        {"resources": {"gpus_per_rollout_worker": 0.5}},
+        {"warm": {"gpus_per_trial": 1}},
+    ):
+        with pytest.raises(ConfigError, match="resources.gpu_memory_gb is required when resources.gpus_per_rank,"):
+            WarpConfig.from_dict(sections)
 
 
 def test_gpus_that_cannot_be_shared_are_refused_and_engines_sharing_one_must_hold_the_policy():
@@ -141,3 +145,20 @@ def test_a_gpu_is_shared_by_learners_of_one_rank_only():
         ConfigError, match=r"gpus_per_rank = 0.5 shares GPUs, which a learner of .*ranks_per_learner = 2"
     ):
         WarpConfig.from_dict({"resources": {"gpus_per_rank": 0.5, "ranks_per_learner": 2, "gpu_memory_gb": 80}})
+
+
+def test_the_7b_warm_example_fits_its_workers_and_two_workers_a_reward_model_are_refused():
+    example = load_config(CONFIGS / "warm-gemma-7b-gpu.yaml")
+    estimate = check_warm_fits(example, GEMMA_7B, 1024)  # 8 ZeRO-3 workers on A100-80GB
+    assert 40 * GB < estimate.total < 80 * GB
+    assert estimate.parts["anchor"] == estimate.parts["logits"] == 0  # a reward model: one score a sequence
+    assert estimate.parts["optimizer"] == 16 * estimate.parameters / 8
+    with pytest.raises(ConfigError) as refused:
+        check_warm_fits(
+            load_config(CONFIGS / "warm-gemma-7b-gpu.yaml", ["warm.workers_per_rm=2", "warm.gpus_per_trial=2"]),
+            GEMMA_7B,
+            1024,
+        )
+    message = str(refused.value)
+    assert "a worker of a WARM fine-tune would need about" in message and "over its 80.0 GB" in message
+    assert "8.54B parameters, 16 sequences of up to 1024 tokens per pass" in message

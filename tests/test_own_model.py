@@ -93,10 +93,13 @@ def test_the_engine_and_the_reward_server_each_read_a_chat_in_their_own_format(o
 
 @pytest.fixture(scope="module")
 def warp_run(own, ray_cluster, tmp_path_factory) -> tuple[WarpConfig, Path]:
-    """One WARP iteration with two learners on the user's inputs, W&B offline; its config and folder."""
+    """One WARP iteration with two learners on the user's inputs, W&B offline, the reward model and
+    the SFT reference served by two replicas each (so are eval's and compare's); its config and folder."""
     out = tmp_path_factory.mktemp("run")
     config = own_config(own, out, reward_model=str(own / "rm"))
     config.logging = {"wandb": {"project": "warp-ray-tests", "mode": "offline"}}
+    config.reward_server = {"replicas": 2}
+    config.evaluation = {**config.evaluation.model_dump(), "reference_replicas": 2}
     assert chat_tokenizer("chatml").model_max_length > 1e29  # no limit set: the model's 128 positions are used
     assert run_warp(config) == out / "iteration_0"
     return config, out

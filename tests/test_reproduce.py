@@ -478,7 +478,9 @@ def test_warm_is_reused_only_when_trained_on_the_same_task_and_settings(tmp_path
     monkeypatch.setattr(driver, "init_ray", lambda **kwargs: None)
     monkeypatch.setattr(driver, "train_warm", train_warm)
     monkeypatch.setattr(
-        driver, "accuracy_table", lambda folders, merged, splits, columns: {"WARM": {"validation": len(trained)}}
+        driver,
+        "accuracy_table",
+        lambda folders, merged, splits, params, columns, trust: {"WARM": {"validation": len(trained)}},
     )
 
     def config(*overrides: str) -> WarpConfig:
@@ -576,6 +578,7 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
         "warp.max_new_tokens=16",
         "warm.steps=5",
         "warm.linear_probe_steps=5",
+        "warm.cpus_per_trial=0.5",  # the 4 fine-tunes at once on the 2 CPUs
         "task.corpus_size=300",
         "task.sft_steps=20",
         "task.pairs=48",

@@ -1,7 +1,8 @@
-"""The reward-server actor on a real local Ray cluster: batching, concurrency, bad requests."""
+"""The reward-server actor on a real local Ray cluster: batching, concurrency, bad requests, replicas."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from warp_ray.config import RewardServerParams
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.reward.server import RewardServer, RewardSource, start_reward_server
 from warp_ray.task import world
 
 
@@ -106,3 +107,32 @@ def test_bad_requests_get_a_clear_error_and_the_server_goes_on(ray_cluster, rm_f
     with pytest.raises(ray.exceptions.RayTaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ray.get(server.score.remote(prompts, completions))
     assert len(ray.get(server.score.remote(["write about the garden :"], ["the bee is warm ."]))) == 1
+
+
+def test_replicas_answer_as_one_server_share_the_load_and_retry_a_killed_ones_requests(ray_cluster, rm_folders, pairs):
+    # Batches wait 2 s to fill, so that the kill below finds requests waiting in the replica.
+    params = RewardServerParams(max_wait_ms=2000, replicas=2)
+    replicas = start_reward_server(RewardSource(folders=(str(rm_folders[0]),)), params)
+    servers = ray.get(replicas.handles.remote())
+    expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    requests = [pairs[i * 10 : (i + 1) * 10] for i in range(8)]  # 8 learners at once
+
+    def score_all() -> list:
+        return [replicas.score.remote([p["prompt"] for p in r], [p["chosen"] for p in r]) for r in requests]
+
+    assert torch.allclose(torch.tensor([s for a in ray.get(score_all()) for s in a]), expected, atol=1e-5)
+    assert ray.get(replicas.load.remote())["served"] == [4, 4]  # each request to the one with fewer in flight
+
+    refs = score_all()
+    while ray.get(replicas.load.remote())["in_flight"] != [4, 4]:
+        time.sleep(0.05)
+    ray.kill(servers[0], no_restart=False)  # its process dies, 4 requests waiting in it; Ray starts it again
+    assert torch.allclose(torch.tensor([s for a in ray.get(refs) for s in a]), expected, atol=1e-5)
+    load = ray.get(replicas.load.remote())
+    assert load["served"] == [4, 12]  # the killed one's 4 answered by the other
+    deadline = time.time() + 60
+    while load["down"][0] and time.time() < deadline:  # until Ray has restarted it and it answers
+        time.sleep(0.5)
+        load = ray.get(replicas.load.remote())
+    assert load["down"] == [False, False]
+    ray.kill(replicas)  # and its replicas with it

@@ -1,9 +1,13 @@
-"""WARM on a real local Ray cluster: Ray Tune fine-tunes, weight averaging, accuracy table."""
+"""WARM on a real local Ray cluster: fine-tunes as Ray Train runs of two DeepSpeed workers in a
+Ray Tune sweep, a worker killed mid-run, weight averaging, the accuracy table on Ray tasks."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,39 +22,106 @@ from warp_ray.reward.warm import accuracy_table, markdown, train_warm
 pytestmark = pytest.mark.slow
 
 
+def kill_a_worker_after_its_first_checkpoint(out: Path, stop: threading.Event) -> list[int]:
+    """SIGKILL rank 0 of the first fine-tune that Tune has a report of: its checkpoint is then
+    registered. Returns [its index] once killed."""
+    while not stop.is_set():
+        for result in (out / "tune" / "warm").glob("*/result.json"):
+            if reports := result.read_text().splitlines():
+                report = json.loads(reports[-1])
+                os.kill(report["pid"], signal.SIGKILL)
+                return [report["index"]]
+        time.sleep(0.2)
+    return []
+
+
 @pytest.fixture(scope="module")
 def warm_run(tiny_task, ray_cluster, tmp_path_factory):
+    checkpoints = sorted((tiny_task / "sft_checkpoints").iterdir())
+    assert len(checkpoints) == 2  # task.sft_checkpoints, evenly spaced along the SFT run
     params = WarmParams(
-        M=2, learning_rates=[1e-4, 3e-4], dropouts=[0.1], steps=150, batch_size=16, linear_probe_steps=200
+        M=2,
+        learning_rates=[1e-4, 3e-4],
+        dropouts=[0.1],
+        steps=150,
+        batch_size=16,
+        linear_probe_steps=200,
+        workers_per_rm=2,
+        zero_stage=2,  # Adam's state sharded: each worker writes and resumes its own part
+        cpus_per_trial=1,  # both fine-tunes at once on the 2 CPUs
+        checkpoint_every=50,
+        baklava=True,
     )
     out = tmp_path_factory.mktemp("warm")
+    stop = threading.Event()
+    killed = []
+    killer = threading.Thread(target=lambda: killed.extend(kill_a_worker_after_its_first_checkpoint(out, stop)))
+    killer.start()
     # Relative paths, as a config's `runs/...` gives them: Ray Tune runs trials in folders of its own.
     cwd = os.getcwd()
     os.chdir(out.parent)
     try:
         task = Path(os.path.relpath(tiny_task, out.parent))
-        folders = train_warm(params, task / "sft", preference_splits(task / "preferences"), Path(out.name))
+        folders = train_warm(params, task / "sft", preference_splits(task / "preferences"), Path(out.name), checkpoints)
     finally:
         os.chdir(cwd)
-    return params, preference_splits(tiny_task / "preferences"), out, [out / f.name for f in folders]
+        stop.set()
+        killer.join()
+    trials = {}
+    for result in (out / "tune" / "warm").glob("*/result.json"):
+        reports = [json.loads(line) for line in result.read_text().splitlines()]
+        trials[reports[-1]["index"]] = reports
+    return params, preference_splits(tiny_task / "preferences"), out, [out / f.name for f in folders], trials, killed
 
 
 def test_tune_trials_fine_tune_diverse_rms_from_one_probed_start(warm_run):
-    params, _, out, folders = warm_run
+    params, _, out, folders, trials, _ = warm_run
     assert [f.name for f in folders] == ["rm_0", "rm_1"]
-    trials = [
-        json.loads(line)
-        for r in sorted((out / "tune" / "warm").glob("*/result.json"))
-        for line in r.read_text().splitlines()
+    assert sorted((m, t[-1]["lr"], t[-1]["seed"], t[-1]["step"]) for m, t in trials.items()) == [
+        (0, 1e-4, 1000, 150),
+        (1, 3e-4, 1001, 150),
     ]
-    assert sorted((t["index"], t["lr"], t["seed"]) for t in trials) == [(0, 1e-4, 1000), (1, 3e-4, 1001)]
     probe, first, second = (load_file(f / "model.safetensors") for f in (out / "probe", *folders))
     head = "score.weight"
     assert not torch.equal(first[head], probe[head]) and not torch.equal(first[head], second[head])
 
 
+def test_the_two_workers_of_a_fine_tune_end_with_the_same_weights(warm_run):
+    params, _, out, folders, trials, _ = warm_run
+    assert params.workers_per_rm == 2
+    for reports in trials.values():
+        assert reports[-1]["rank_spread"] == 0.0
+    # ...and they trained it: the saved model is not its start
+    start, end = load_file(out / "probe" / "model.safetensors"), load_file(folders[0] / "model.safetensors")
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(start[key], end[key])
+
+
+def test_a_worker_killed_mid_run_is_restarted_from_the_checkpoint_and_the_fine_tune_completes(warm_run):
+    params, _, out, folders, trials, killed = warm_run
+    assert killed, "no fine-tune reported a checkpoint to kill a worker after"
+    (m,) = killed
+    resumed = {i: t[-1]["resumed_from"] for i, t in trials.items()}
+    assert resumed[m] in range(params.checkpoint_every, params.steps, params.checkpoint_every)
+    assert all(step == 0 for i, step in resumed.items() if i != m)  # the other ran through
+    assert all(t[-1]["step"] == params.steps for t in trials.values())
+    model, tokenizer = load_reward_model(folders[m])  # the restarted run's checkpoint loads as a reward model
+    assert score(model, tokenizer, ["the"], ["bee"]).isfinite().all()
+
+
+def test_baklava_starts_take_backbones_from_sft_checkpoints_and_share_the_probed_head(tiny_task, warm_run):
+    _, _, out, _, trials, _ = warm_run
+    checkpoints = sorted((tiny_task / "sft_checkpoints").iterdir())
+    probe, start = load_file(out / "probe" / "model.safetensors"), load_file(out / "start_1" / "model.safetensors")
+    checkpoint = load_file(checkpoints[0] / "model.safetensors")
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(start[key], checkpoint[key]) and not torch.equal(start[key], probe[key])
+    assert torch.equal(start["score.weight"], probe["score.weight"])
+    assert {m: t[-1]["start"] for m, t in trials.items()} == {0: str(out / "probe"), 1: str(out / "start_1")}
+
+
 def test_warm_is_the_weight_average_and_one_model(warm_run):
-    _, splits, out, folders = warm_run
+    _, splits, out, folders, _, _ = warm_run
     rms = [load_file(f / "model.safetensors") for f in folders]
     warm = load_file(out / "warm" / "model.safetensors")
     for key in ("score.weight", "transformer.h.0.attn.c_attn.weight"):
@@ -66,8 +137,8 @@ def test_warm_is_the_weight_average_and_one_model(warm_run):
 
 
 def test_reward_models_beat_chance_on_held_out_pairs(warm_run):
-    _, splits, out, folders = warm_run
-    table = accuracy_table(folders, out / "warm", splits)
+    _, splits, out, folders, _, _ = warm_run
+    table = accuracy_table(folders, out / "warm", splits, warm_run[0])
     assert set(table) == {"RM 1", "RM 2", "ENS", "WARM"}
     assert set(table["WARM"]) == {
         "train (as labelled)",
@@ -90,25 +161,3 @@ def test_reward_models_beat_chance_on_held_out_pairs(warm_run):
     # 300 validation pairs: chance would exceed 0.57 with probability under 1%
     assert table["WARM"]["validation"] > 0.57 and table["ENS"]["validation"] > 0.57
     assert "| WARM |" in markdown(table)
-
-
-def test_baklava_starts_take_backbones_from_sft_checkpoints_and_share_the_probed_head(tiny_task, ray_cluster, tmp_path):
-    checkpoints = sorted((tiny_task / "sft_checkpoints").iterdir())
-    assert len(checkpoints) == 2  # task.sft_checkpoints, evenly spaced along the SFT run
-    params = WarmParams(
-        M=2, learning_rates=[1e-4], dropouts=[0.1], steps=5, batch_size=4, linear_probe_steps=10, baklava=True
-    )
-    train_warm(params, tiny_task / "sft", preference_splits(tiny_task / "preferences"), tmp_path, checkpoints)
-    probe, start = (
-        load_file(tmp_path / "probe" / "model.safetensors"),
-        load_file(tmp_path / "start_1" / "model.safetensors"),
-    )
-    checkpoint = load_file(checkpoints[0] / "model.safetensors")
-    key = "transformer.h.0.attn.c_attn.weight"
-    assert torch.equal(start[key], checkpoint[key]) and not torch.equal(start[key], probe[key])
-    assert torch.equal(start["score.weight"], probe["score.weight"])
-    trials = {
-        json.loads(r.read_text().splitlines()[-1])["index"]: json.loads(r.read_text().splitlines()[-1])["start"]
-        for r in (tmp_path / "tune" / "warm").glob("*/result.json")
-    }
-    assert trials == {0: str(tmp_path / "probe"), 1: str(tmp_path / "start_1")}

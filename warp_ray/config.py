@@ -99,10 +99,25 @@ class WarmParams(Section):
     """Full-batch steps fitting the score head on the frozen SFT backbone, before any fine-tune."""
     linear_probe_lr: float = Field(1e-2, gt=0)
     """Learning rate of the linear probe."""
-    cpus_per_trial: float = Field(1, gt=0)
-    """CPUs Ray Tune gives each fine-tune; trials run in parallel as the cluster allows."""
+    workers_per_rm: int = Field(1, ge=1)
+    """Ray Train workers of each fine-tune: DeepSpeed ranks, each taking batch_size / workers_per_rm pairs."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage of the fine-tunes: 0 is plain data parallelism (every worker holds the whole
+    model and Adam's state); 2 shards Adam's state and the gradients, 3 the weights too, for reward
+    models whose training state one GPU cannot hold (the weights alone must fit one: each worker
+    loads them whole before sharding, and gathers them for the final save)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Precision of the fine-tunes' weights and of the reward models they save."""
+    cpus_per_trial: float = Field(1, ge=0.1)
+    """CPUs of each fine-tune, shared by its workers (its Ray Tune trial keeps 0.01); fine-tunes run in
+    parallel as the cluster's free CPUs and GPUs allow."""
     gpus_per_trial: float = Field(0, ge=0)
-    """GPUs Ray Tune gives each fine-tune."""
+    """GPUs of each fine-tune: one a worker (a fraction of one with a single worker). The linear probe
+    and the accuracy table run on one worker's share."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Steps between the checkpoints (weights, Adam's state, step) a fine-tune resumes from when a worker dies."""
+    max_failures: int = Field(2, ge=0)
+    """Worker failures a fine-tune survives, each time restarted by Ray Train from its last checkpoint."""
     baklava: bool = False
     """Fine-tune m starts from SFT checkpoint m (cycling over the final SFT and the checkpoints
     along its run), with the shared linear-probed head: WARM's "Baklava" diversity."""
@@ -128,6 +143,9 @@ class RewardServerParams(Section):
     gpus: float = Field(0, ge=0)
     """GPUs the reward server's actor takes (1 for a 7B reward model); its reward models run on
     the GPU, in bf16, when above 0. A reward function (the gold reward) always runs on the CPU."""
+    replicas: int = Field(1, ge=1)
+    """Reward servers hosting the reward model, each on `gpus`; every request goes to the one with the
+    fewest in flight, and a dead one's to another. A reward function is served once, on the CPU."""
 
 
 class TaskParams(Section):
@@ -262,6 +280,8 @@ class Evaluation(Section):
     """GPUs the reference policy's actor takes (the SFT, scoring completions for the KL to the
     SFT; 1 for a 7B policy); the model runs on the GPU, in bf16, when above 0, resources.micro_batch_size
     completions at a time with log-probs in chunks of resources.logprob_chunk."""
+    reference_replicas: int = Field(1, ge=1)
+    """SFT reference actors, each on `reference_gpus`, sharing the KL's scoring as reward_server.replicas do."""
 
 
 class Reproduce(Section):
@@ -403,6 +423,23 @@ class WarpConfig(Section):
         return self.resources.micro_batch_size or self.rank_rows
 
     @model_validator(mode="after")
+    def _workers_split_the_batch_and_the_gpus(self) -> "WarpConfig":
+        w = self.warm
+        if w.batch_size % w.workers_per_rm:
+            raise ValueError(
+                f"warm.batch_size = {w.batch_size} must be a multiple of warm.workers_per_rm = {w.workers_per_rm} "
+                "(each worker takes an equal share of the pairs)"
+            )
+        share = w.gpus_per_trial / w.workers_per_rm
+        if share > 1 or (share and share < 1 and w.workers_per_rm > 1):
+            raise ValueError(
+                f"warm.gpus_per_trial = {w.gpus_per_trial} gives each of warm.workers_per_rm = {w.workers_per_rm} "
+                f"workers {share:g} GPU: give each worker one GPU (gpus_per_trial = workers_per_rm); a fraction of "
+                "one only with one worker, since NCCL refuses two workers of a run on one GPU"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _micro_batches_hold_whole_prompts(self) -> "WarpConfig":
         micro, rows, n = self.micro_batch_size, self.rank_rows, self.warp.samples_per_prompt
         if micro % n or rows % micro:
@@ -459,10 +496,12 @@ class WarpConfig(Section):
     @model_validator(mode="after")
     def _gpu_memory_is_known(self) -> "WarpConfig":
         r = self.resources
-        if (r.gpus_per_rank > 0 or r.gpus_per_rollout_worker > 0) and r.gpu_memory_gb is None:
+        if (r.gpus_per_rank > 0 or r.gpus_per_rollout_worker > 0 or self.warm.gpus_per_trial > 0) and (
+            r.gpu_memory_gb is None
+        ):
             raise ValueError(
-                "resources.gpu_memory_gb is required when resources.gpus_per_rank or gpus_per_rollout_worker > 0: "
-                "the memory of one GPU, for the memory estimate"
+                "resources.gpu_memory_gb is required when resources.gpus_per_rank, gpus_per_rollout_worker or "
+                "warm.gpus_per_trial > 0: the memory of one GPU, for the memory estimate"
             )
         return self
 

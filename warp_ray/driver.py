@@ -43,16 +43,16 @@ def run_warm(config: WarpConfig, console: Optional[Console] = None) -> dict[str,
     check_paths(config.paths)
     sft, _, preferences, sft_checkpoints = task_inputs(config, prompts=False)
     splits = preference_splits(preferences)
-    check_preferences(config, sft, splits)
+    log.info("memory of a WARM worker, estimated: %s", check_preferences(config, sft, splits))
     _start_ray(config, console)
-    _say(console, f"WARM: {config.warm.M} reward models fine-tuned on Ray Tune from {sft}, then averaged")
+    _say(console, f"WARM: {config.warm.M} reward models fine-tuned from {sft} as Ray Train runs, then averaged")
     out = config.paths.output_dir / "rm"
     out.mkdir(parents=True, exist_ok=True)
     (out / TRAINED_ON).unlink(missing_ok=True)  # until every model is retrained, the folder holds none of a known run
     folders = train_warm(
         config.warm, sft, splits, out, sft_checkpoints, config.paths.trust_remote_code, config.data, console is None
     )
-    table = accuracy_table(folders, out / "warm", splits, config.data)
+    table = accuracy_table(folders, out / "warm", splits, config.warm, config.data, config.paths.trust_remote_code)
     (out / "accuracy.json").write_text(json.dumps(table, indent=2))
     (out / "accuracy.md").write_text(markdown(table))
     (out / TRAINED_ON).write_text(json.dumps(trained_on(config, sft, preferences)))

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from warp_ray.chat import Prompt, prompt_key
 from warp_ray.config import WarpConfig
 from warp_ray.logprobs import pack, token_logprobs
+from warp_ray.replicas import start_replicas
 from warp_ray.rollout.worker import sample
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
@@ -70,15 +71,20 @@ class ReferencePolicy:
 
 
 def start_reference(folder: str | Path, config: WarpConfig):
-    """The SFT's `ReferencePolicy`, on the GPUs `evaluation.reference_gpus` gives it."""
+    """The SFT's `ReferencePolicy`, on the GPUs `evaluation.reference_gpus` gives it;
+    `evaluation.reference_replicas` of them behind one `warp_ray.replicas.Replicas` handle."""
     gpus = config.evaluation.reference_gpus
-    return ReferencePolicy.options(**gpu_options(gpus)).remote(
-        str(folder),
-        batch_size=config.micro_batch_size if gpus else 64,
-        trust_remote_code=config.paths.trust_remote_code,
-        gpus=gpus,
-        logprob_chunk=config.resources.logprob_chunk,
-    )
+
+    def start(**replica):
+        return ReferencePolicy.options(**gpu_options(gpus), **replica).remote(
+            str(folder),
+            batch_size=config.micro_batch_size if gpus else 64,
+            trust_remote_code=config.paths.trust_remote_code,
+            gpus=gpus,
+            logprob_chunk=config.resources.logprob_chunk,
+        )
+
+    return start_replicas(start, config.evaluation.reference_replicas)
 
 
 class Evaluator:

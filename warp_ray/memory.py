@@ -18,6 +18,10 @@ For P parameters, K ranks and ZeRO stage Z, with b bytes per training value (2 i
 
 where tokens = micro-batch rows x (longest prompt + warp.max_new_tokens). It is an estimate, checked
 against a measured peak by bench/gpu_check.py where a GPU is lent.
+
+A worker of a WARM fine-tune (`warm_worker_memory`) is the same sum with K = warm.workers_per_rm,
+its ZeRO stage and precision, rows = both sides of its share of the pairs and no anchor or
+logits (one score per sequence).
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class RankMemory:
 
     def __str__(self) -> str:
         return (
-            " + ".join(f"{name} {size / GB:.1f}" for name, size in self.parts.items()) + f" = {self.total / GB:.1f} GB"
+            " + ".join(f"{name} {size / GB:.1f}" for name, size in self.parts.items() if size)
+            + f" = {self.total / GB:.1f} GB"
         )
 
 
@@ -75,8 +80,10 @@ def rank_bytes(
     sequence: int,
     logprob_chunk: int,
     activation_checkpointing: bool,
+    causal_lm: bool = True,
 ) -> RankMemory:
-    """The estimate above: `rows` completions of up to `sequence` tokens per pass."""
+    """The estimate above: `rows` completions of up to `sequence` tokens per pass; without
+    `causal_lm`, a reward model's: no anchor, no logits."""
     P, K, Z, b = parameters, ranks, zero_stage, 2 if bf16 else 4
     h = model_config.hidden_size
     ffn = getattr(model_config, "intermediate_size", None) or 4 * h
@@ -90,9 +97,9 @@ def rank_bytes(
             "weights": b * P / (K if Z == 3 else 1),
             "gradients": b * P / (K if Z >= 2 else 1),
             "optimizer": (16 if bf16 else 8) * P / (K if Z >= 1 else 1),
-            "anchor": 4 * P / (K if Z == 3 else 1),
+            "anchor": 4 * P / (K if Z == 3 else 1) if causal_lm else 0,
             "activations": activations,
-            "logits": tokens * vocab * (3 * b + 4) + 3 * rows * chunk * vocab * 4,
+            "logits": tokens * vocab * (3 * b + 4) + 3 * rows * chunk * vocab * 4 if causal_lm else 0,
             "gathered": largest * (2 * b + 4) if Z == 3 else 0,
             "overhead": OVERHEAD_BYTES,
         },
@@ -145,4 +152,38 @@ def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens
                 "tokens per pass). Lower it with more resources.ranks_per_learner at zero_stage 3, a smaller "
                 "resources.micro_batch_size, resources.activation_checkpointing, resources.logprob_chunk"
             )
+    return estimate
+
+
+def warm_worker_memory(config: WarpConfig, model_config: PretrainedConfig, sequence: int) -> RankMemory:
+    """The estimate for a worker of a WARM fine-tune, pairs of up to `sequence` tokens a side."""
+    w = config.warm
+    return rank_bytes(
+        model_config,
+        *model_size(model_config, config.paths.trust_remote_code),
+        ranks=w.workers_per_rm,
+        zero_stage=w.zero_stage,
+        bf16=w.precision == "bf16",
+        rows=2 * w.batch_size // w.workers_per_rm,
+        sequence=sequence,
+        logprob_chunk=0,
+        activation_checkpointing=False,
+        causal_lm=False,
+    )
+
+
+def check_warm_fits(config: WarpConfig, model_config: PretrainedConfig, sequence: int) -> RankMemory:
+    """The estimate; ConfigError naming its parts if a WARM worker on a GPU would need more than its share."""
+    estimate = warm_worker_memory(config, model_config, sequence)
+    w, gpu = config.warm, config.resources.gpu_memory_gb
+    share = w.gpus_per_trial / w.workers_per_rm
+    if share > 0 and estimate.total > share * gpu * GB:
+        raise ConfigError(
+            f"a worker of a WARM fine-tune would need about {estimate.total / GB:.1f} GB of GPU memory, over its "
+            f"{share * gpu:.1f} GB (warm.gpus_per_trial / warm.workers_per_rm = {share:g} of a GPU of "
+            f"resources.gpu_memory_gb = {gpu}) ({estimate}; {estimate.parameters / 1e9:.2f}B parameters, "
+            f"{2 * w.batch_size // w.workers_per_rm} sequences of up to {sequence} tokens per pass). Lower it with "
+            "more workers (warm.workers_per_rm and gpus_per_trial together, one GPU each) at warm.zero_stage 3, "
+            "warm.precision bf16, or a smaller warm.batch_size"
+        )
     return estimate

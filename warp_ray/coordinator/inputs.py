@@ -16,7 +16,7 @@ from warp_ray.checkpoint import context_length, weight_layout
 from warp_ray.config import WarpConfig
 from warp_ray.data import DataError, prompt_splits, read_preferences, read_prompts
 from warp_ray.errors import ConfigError
-from warp_ray.memory import RankMemory, check_fits
+from warp_ray.memory import RankMemory, check_fits, check_warm_fits
 from warp_ray.reward.model import reward_texts
 
 
@@ -54,16 +54,20 @@ def rendered_lengths(
     return lengths
 
 
-def check_preferences(config: WarpConfig, sft: Path, splits: dict[str, Path]) -> None:
+def check_preferences(config: WarpConfig, sft: Path, splits: dict[str, Path]) -> RankMemory:
     """Every preference pair read and rendered as the reward models will read it (they start from
-    the SFT's tokenizer), before any training starts."""
-    tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
+    the SFT's tokenizer), and a WARM worker's memory for the longest, before any training starts."""
+    trust = config.paths.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
+    longest = 0
     for path in splits.values():
         for i, pair in enumerate(read_preferences(path, config.data)):
             try:
-                reward_texts(tokenizer, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]])
+                texts = reward_texts(tokenizer, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]])
             except ChatTemplateError as error:
                 raise _unrendered(path, i, f"paths.sft_model {sft}", tokenizer, error) from None
+            longest = max(longest, *(len(ids) for ids in tokenizer(texts).input_ids))
+    return check_warm_fits(config, AutoConfig.from_pretrained(sft, trust_remote_code=trust), longest)
 
 
 def _unrendered(path: Path, i: int, model: str, tokenizer: PreTrainedTokenizerBase, error: Exception) -> ConfigError:

@@ -100,31 +100,6 @@ def bradley_terry_loss(
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def train_reward_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[dict],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> list[float]:
-    """Bradley-Terry fine-tuning of the whole model, pairs drawn in a `seed`-given order. Returns the losses."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        batch = [pairs[i] for i in torch.randint(len(pairs), (batch_size,), generator=generator)]
-        loss = bradley_terry_loss(model, tokenizer, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 @torch.no_grad()
 def pooled_features(
     model: PreTrainedModel,

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from warp_ray.chat import Prompt, messages_problem
 from warp_ray.config import RewardServerParams
+from warp_ray.replicas import start_replicas
 from warp_ray.reward.model import load_reward_model, reward_texts, score
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
@@ -96,10 +97,14 @@ class Reward:
 
 def start_reward_server(source: RewardSource, params: RewardServerParams, trust_remote_code: bool = False):
     """A reward server on the resources its params give (a GPU for reward models when asked; a
-    function's server never takes one)."""
-    return RewardServer.options(**gpu_options(params.gpus if source.folders else 0)).remote(
-        source, params, trust_remote_code
-    )
+    function's server never takes one); for reward models, `params.replicas` of them behind one
+    `warp_ray.replicas.Replicas` handle."""
+    options = gpu_options(params.gpus if source.folders else 0)
+
+    def start(**replica):
+        return RewardServer.options(**options, **replica).remote(source, params, trust_remote_code)
+
+    return start_replicas(start, params.replicas if source.folders else 1)
 
 
 @ray.remote(**SERVICE)

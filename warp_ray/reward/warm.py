@@ -1,61 +1,124 @@
-"""WARM: M reward models fine-tuned from one linear-probed start, as Ray Tune trials, then
-averaged in weight space; and the accuracy table of each RM, their ENS and their WARM
-(docs/algorithms.md#warm-weight-averaged-reward-models).
+"""WARM: M reward models fine-tuned from one linear-probed start, as a Ray Tune sweep whose
+trials are Ray Train runs, then averaged in weight space; and the accuracy table of each RM,
+their ENS and their WARM (docs/algorithms.md#warm-weight-averaged-reward-models).
 
     <out>/probe/       SFT backbone + linear-probed head: the shared start
     <out>/start_<k>/   with warm.baklava: SFT checkpoint k's backbone + the same probed head
+    <out>/train/rm_<m>/  Ray Train's run of fine-tune m: its checkpoints, the last one the HF folder
     <out>/rm_<m>/      the last checkpoint of fine-tune m (an HF folder)
     <out>/warm/        warp_ray.merge.average of the M fine-tunes: one RM, one forward pass
     <out>/accuracy.json, accuracy.md
+
+The linear probe and the accuracy table run as Ray tasks on one worker's share of a trial's
+resources, not in the driver; with several nodes, <out> must be a folder every node sees.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
-import tempfile
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Sequence
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from warp_ray.checkpoint import atomic_dir
 from warp_ray.config import DataColumns, WarmParams, WarpConfig
 from warp_ray.data import DEFAULT_COLUMNS, read_preferences
 from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
-from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score, train_reward_model
+from warp_ray.reward.fine_tune import fine_tune_worker, worker_threads
+from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score
 from warp_ray.runtime import actor_device
 
+TRIAL_CPUS = 0.01
+"""CPUs of warm.cpus_per_trial that a Tune trial holds for itself: it only waits on its Ray Train
+run, whose workers share the rest."""
 
-def fine_tune(
-    config: dict, params: WarmParams, starts: list[str], train: str, columns: DataColumns, trust_remote_code: bool
-) -> None:
-    """One Ray Tune trial: fine-tune a start with trial m's lr, dropout and data order."""
-    trial = params.trial(config["m"])
-    trial["start"] = starts[config["m"] % len(starts)]
-    torch.set_num_threads(max(1, int(params.cpus_per_trial)))
-    torch.manual_seed(trial["seed"])
-    model, tokenizer = load_reward_model(trial["start"], dropout=trial["dropout"], trust_remote_code=trust_remote_code)
-    model.to(actor_device(params.gpus_per_trial, f"WARM's fine-tune {config['m']}"))  # the GPUs Tune reserved
-    losses = train_reward_model(
-        model, tokenizer, read_preferences(train, columns), params.steps, trial["lr"], params.batch_size, trial["seed"]
+
+def worker_share(params: WarmParams) -> dict:
+    """Ray options of a task on one worker's share of a fine-tune's resources."""
+    gpus = params.gpus_per_trial / params.workers_per_rm
+    return {"num_cpus": params.cpus_per_trial / params.workers_per_rm, **({"num_gpus": gpus} if gpus else {})}
+
+
+def fine_tune(config: dict, params: WarmParams, starts: list[str], storage: str, **worker_config) -> None:
+    """One Ray Tune trial: fine-tune m as a Ray Train run of warm.workers_per_rm DeepSpeed workers."""
+    m, workers, gpus = config["m"], params.workers_per_rm, params.gpus_per_trial
+    trainer = ray.train.torch.TorchTrainer(
+        fine_tune_worker,
+        train_loop_config={**params.trial(m), "start": starts[m % len(starts)], "params": params, **worker_config},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={
+                "CPU": (params.cpus_per_trial - TRIAL_CPUS) / workers,
+                **({"GPU": gpus / workers} if gpus else {}),
+            },
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"rm_{m}",
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=params.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # a 7B RM's Adam state: about 100 GB
+            callbacks=[TuneReportCallback()],  # every report of rank 0, the checkpoint's path with it, reaches Tune
+        ),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tune.report(
-            {**trial, "loss": sum(losses[-20:]) / len(losses[-20:])}, checkpoint=tune.Checkpoint.from_directory(tmp)
-        )
+    trainer.fit()
 
 
 def save(model, tokenizer, folder: Path) -> None:
     with atomic_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def probed_starts(
+    params: WarmParams,
+    sft: str,
+    train: str,
+    columns: DataColumns,
+    out: str,
+    sft_checkpoints: Sequence[str],
+    trust_remote_code: bool,
+) -> list[str]:
+    """The fine-tunes' starts: the SFT with the linear-probed head, and with warm.baklava the SFT
+    checkpoints' backbones with the same head. Runs as a Ray task on one worker's share."""
+    device = actor_device(params.gpus_per_trial / params.workers_per_rm, "WARM's linear probe")
+    torch.set_num_threads(worker_threads(params))
+    model, tokenizer = load_reward_model(sft, trust_remote_code=trust_remote_code)
+    linear_probe(
+        model.to(device), tokenizer, read_preferences(train, columns), params.linear_probe_steps, params.linear_probe_lr
+    )
+    save(model, tokenizer, Path(out) / "probe")
+    starts = [Path(out) / "probe"]
+    head = model.score.state_dict()
+    for k, checkpoint in enumerate(sft_checkpoints if params.baklava else (), start=1):
+        backbone, tokenizer = load_reward_model(checkpoint, trust_remote_code=trust_remote_code)
+        backbone.score.load_state_dict(head)
+        save(backbone, tokenizer, Path(out) / f"start_{k}")
+        starts.append(Path(out) / f"start_{k}")
+    return [str(s) for s in starts]
+
+
+def concurrent_trials(params: WarmParams) -> int:
+    """Fine-tunes whose workers the cluster holds at once, counted when the sweep starts (WARM runs
+    before anything else of warp-ray holds resources): Tune starts no more, so that no Ray Train run
+    waits for workers behind another. An autoscaling cluster's nodes added later are not counted."""
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0) // params.cpus_per_trial]
+    if params.gpus_per_trial:
+        fits.append(total.get("GPU", 0) // params.gpus_per_trial)
+    return max(1, min(params.M, math.floor(min(fits))))
 
 
 def train_warm(
@@ -68,41 +131,52 @@ def train_warm(
     columns: DataColumns = DEFAULT_COLUMNS,
     verbose: bool = True,
 ) -> list[Path]:
-    """Linear probe, M fine-tunes on Ray Tune, WARM average. Returns the M fine-tune folders.
+    """Linear probe, M fine-tunes as Ray Train runs in a Ray Tune sweep, WARM average. Returns the
+    M fine-tune folders.
 
     Every fine-tune starts from the SFT backbone with the linear-probed head (<out>/probe); with
     params.baklava, fine-tune m takes its backbone from the m-th of (SFT, *sft_checkpoints)
     instead, still with the probed head (<out>/start_<k>). verbose: Ray Tune's trial table on the console.
     """
+    if params.baklava and not sft_checkpoints:
+        raise WarpRayError("warm.baklava needs SFT checkpoints (paths.sft_checkpoints, or the built-in task's)")
     out, sft = Path(out).resolve(), Path(sft).resolve()  # Ray Tune runs each trial in a folder of its own
     out.mkdir(parents=True, exist_ok=True)
-    train = read_preferences(preferences["train"], columns)
-    model, tokenizer = load_reward_model(sft, trust_remote_code=trust_remote_code)
-    linear_probe(model, tokenizer, train, params.linear_probe_steps, params.linear_probe_lr)
-    save(model, tokenizer, out / "probe")
-    starts = [out / "probe"]
-    if params.baklava:
-        if not sft_checkpoints:
-            raise WarpRayError("warm.baklava needs SFT checkpoints (paths.sft_checkpoints, or the built-in task's)")
-        head = model.score.state_dict()
-        for k, checkpoint in enumerate(sft_checkpoints, start=1):
-            backbone, tokenizer = load_reward_model(checkpoint, trust_remote_code=trust_remote_code)
-            backbone.score.load_state_dict(head)
-            save(backbone, tokenizer, out / f"start_{k}")
-            starts.append(out / f"start_{k}")
-
+    for runs in (out / "train", out / "tune"):  # a Ray Train run resumes from the checkpoints of its folder
+        shutil.rmtree(runs, ignore_errors=True)
+    train = str(Path(preferences["train"]).resolve())
+    probe = ray.remote(probed_starts).options(**worker_share(params), max_retries=0)
+    starts = ray.get(
+        probe.remote(
+            params,
+            str(sft),
+            train,
+            columns,
+            str(out),
+            [str(Path(c).resolve()) for c in sft_checkpoints],
+            trust_remote_code,
+        )
+    )
     trainable = tune.with_parameters(
         fine_tune,
         params=params,
-        starts=[str(s) for s in starts],
-        train=str(Path(preferences["train"]).resolve()),
+        starts=starts,
+        storage=str(out / "train"),
+        train=train,
         columns=columns,
         trust_remote_code=trust_remote_code,
     )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": params.cpus_per_trial, "gpu": params.gpus_per_trial}),
+        tune.with_resources(trainable, {"cpu": TRIAL_CPUS}),
         param_space={"m": tune.grid_search(list(range(params.M)))},
-        run_config=tune.RunConfig(name="warm", storage_path=str(out / "tune"), verbose=int(verbose)),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(params)),
+        run_config=tune.RunConfig(
+            name="warm",
+            storage_path=str(out / "tune"),
+            # A lost trial (its node gone, with the Ray Train controller on it) starts again, from its run's checkpoint.
+            failure_config=tune.FailureConfig(max_failures=params.max_failures),
+            verbose=int(verbose),
+        ),
     )
     with nullcontext() if verbose else redirect_stdout(io.StringIO()):  # Tune prints its header even when silent
         results = tuner.fit()
@@ -112,38 +186,63 @@ def train_warm(
     folders = []
     for result in sorted(results, key=lambda r: r.metrics["index"]):
         folder = out / f"rm_{result.metrics['index']}"
-        with result.checkpoint.as_directory() as checkpoint, atomic_dir(folder, overwrite=True) as tmp:
-            shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            shutil.copytree(result.metrics[CHECKPOINT_PATH_KEY], tmp, dirs_exist_ok=True)
         folders.append(folder)
     average_folders(folders, out / "warm", overwrite=True, progress=False)
     return folders
 
 
+def split_scores(
+    folders: Sequence[str],
+    preferences: dict[str, str],
+    columns: DataColumns,
+    params: WarmParams,
+    trust_remote_code: bool,
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """For each reward model, r(x, y_chosen) and r(x, y_rejected) of every pair of every split: a
+    Ray task on one worker's share, scoring in batches."""
+    torch.set_num_threads(worker_threads(params))
+    device = actor_device(params.gpus_per_trial / params.workers_per_rm, "the accuracy table's scoring")
+    splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
+    scores = []
+    for folder in folders:
+        model, tokenizer = load_reward_model(folder, trust_remote_code=trust_remote_code)
+        model.to(device)
+        by_split = {}
+        for name, pairs in splits.items():
+            prompts = [p["prompt"] for p in pairs]
+            by_split[name] = tuple(
+                score(model, tokenizer, prompts, [p[k] for p in pairs]) for k in ("chosen", "rejected")
+            )
+        scores.append(by_split)
+    return scores
+
+
 def accuracy_table(
-    folders: Sequence[Path], warm: Path, preferences: dict[str, Path], columns: DataColumns = DEFAULT_COLUMNS
+    folders: Sequence[Path],
+    warm: Path,
+    preferences: dict[str, Path],
+    params: WarmParams,
+    columns: DataColumns = DEFAULT_COLUMNS,
+    trust_remote_code: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Pairwise accuracy of each RM, of their prediction ensemble ENS and of WARM, on every split.
 
     "train (as labelled)" counts agreement with the training labels, flipped ones included;
     "train (true labels)" with the labels before the flips, where the data records them, and
     "flipped pairs (as labelled)" with the flipped labels alone: memorisation of the noise.
+    The models score the pairs in a Ray task on one worker's share of a fine-tune's resources.
     """
     splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
-
-    def scores(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        model, tokenizer = load_reward_model(folder)
-        return {
-            name: (
-                score(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]),
-                score(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs]),
-            )
-            for name, pairs in splits.items()
-        }
-
-    singles = [scores(folder) for folder in folders]
+    paths = {name: str(Path(path).resolve()) for name, path in preferences.items()}
+    task = ray.remote(split_scores).options(**worker_share(params))
+    *singles, merged = ray.get(
+        task.remote([str(f) for f in (*folders, warm)], paths, columns, params, trust_remote_code)
+    )
     models = {f"RM {m + 1}": s for m, s in enumerate(singles)}
     models["ENS"] = {name: tuple(torch.stack([s[name][i] for s in singles]).mean(0) for i in (0, 1)) for name in splits}
-    models["WARM"] = scores(warm)
+    models["WARM"] = merged
     table = {}
     for model, by_split in models.items():
         row = {}
@@ -172,6 +271,9 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESOURCE_SETTINGS = {"cpus_per_trial", "gpus_per_trial", "checkpoint_every", "max_failures"}
+"""WARM's settings that change where and how safely the reward models train, not what they are."""
+
 TRAINED_ON = "trained_on.json"
 """Beside the reward models: what they were trained on (`trained_on`), written once they all are."""
 
@@ -185,7 +287,7 @@ def trained_on(config: WarpConfig, sft: Path, preferences: Path) -> dict:
         if task.is_file()
         else {"sft": str(sft), "preferences": str(preferences), "columns": config.data.model_dump()}
     )
-    return {"task": data, "warm": config.warm.model_dump(mode="json")}
+    return {"task": data, "warm": config.warm.model_dump(mode="json", exclude=RESOURCE_SETTINGS)}
 
 
 def is_trained_on(config: WarpConfig, sft: Path, preferences: Path) -> bool:
