@@ -122,6 +122,16 @@ class WarmParams(Section):
     """Fine-tune m starts from SFT checkpoint m (cycling over the final SFT and the checkpoints
     along its run), with the shared linear-probed head: WARM's "Baklava" diversity."""
 
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs of one Ray Train worker of a fine-tune: its share of gpus_per_trial."""
+        return self.gpus_per_trial / self.workers_per_rm
+
+    @property
+    def cpus_per_worker(self) -> float:
+        """CPUs of one worker's share of cpus_per_trial: what the linear probe and the accuracy table run on."""
+        return self.cpus_per_trial / self.workers_per_rm
+
     def trial(self, m: int) -> dict:
         """Hyperparameters of fine-tune m: a point of the lr x dropout grid (cycling) and its own data order."""
         grid = [(lr, dropout) for lr in self.learning_rates for dropout in self.dropouts]
@@ -430,7 +440,7 @@ class WarpConfig(Section):
                 f"warm.batch_size = {w.batch_size} must be a multiple of warm.workers_per_rm = {w.workers_per_rm} "
                 "(each worker takes an equal share of the pairs)"
             )
-        share = w.gpus_per_trial / w.workers_per_rm
+        share = w.gpus_per_worker
         if share > 1 or (share and share < 1 and w.workers_per_rm > 1):
             raise ValueError(
                 f"warm.gpus_per_trial = {w.gpus_per_trial} gives each of warm.workers_per_rm = {w.workers_per_rm} "

@@ -176,7 +176,7 @@ def check_warm_fits(config: WarpConfig, model_config: PretrainedConfig, sequence
     """The estimate; ConfigError naming its parts if a WARM worker on a GPU would need more than its share."""
     estimate = warm_worker_memory(config, model_config, sequence)
     w, gpu = config.warm, config.resources.gpu_memory_gb
-    share = w.gpus_per_trial / w.workers_per_rm
+    share = w.gpus_per_worker
     if share > 0 and estimate.total > share * gpu * GB:
         raise ConfigError(
             f"a worker of a WARM fine-tune would need about {estimate.total / GB:.1f} GB of GPU memory, over its "

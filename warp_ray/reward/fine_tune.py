@@ -53,7 +53,7 @@ def deepspeed_config(params: WarmParams, lr: float) -> dict:
 def worker_threads(params: WarmParams) -> int:
     """Torch threads of a worker: its share of a fine-tune's CPUs, at least one (Ray's OMP_NUM_THREADS
     does not reach torch's thread pool)."""
-    return max(1, round(params.cpus_per_trial / params.workers_per_rm))
+    return max(1, round(params.cpus_per_worker))
 
 
 def rank_spread(module: torch.nn.Module, device: torch.device) -> float:

@@ -46,13 +46,13 @@ run, whose workers share the rest."""
 
 def worker_share(params: WarmParams) -> dict:
     """Ray options of a task on one worker's share of a fine-tune's resources."""
-    gpus = params.gpus_per_trial / params.workers_per_rm
-    return {"num_cpus": params.cpus_per_trial / params.workers_per_rm, **({"num_gpus": gpus} if gpus else {})}
+    gpus = params.gpus_per_worker
+    return {"num_cpus": params.cpus_per_worker, **({"num_gpus": gpus} if gpus else {})}
 
 
 def fine_tune(config: dict, params: WarmParams, starts: list[str], storage: str, **worker_config) -> None:
     """One Ray Tune trial: fine-tune m as a Ray Train run of warm.workers_per_rm DeepSpeed workers."""
-    m, workers, gpus = config["m"], params.workers_per_rm, params.gpus_per_trial
+    m, workers, gpus = config["m"], params.workers_per_rm, params.gpus_per_worker
     trainer = ray.train.torch.TorchTrainer(
         fine_tune_worker,
         train_loop_config={**params.trial(m), "start": starts[m % len(starts)], "params": params, **worker_config},
@@ -61,7 +61,7 @@ def fine_tune(config: dict, params: WarmParams, starts: list[str], storage: str,
             use_gpu=gpus > 0,
             resources_per_worker={
                 "CPU": (params.cpus_per_trial - TRIAL_CPUS) / workers,
-                **({"GPU": gpus / workers} if gpus else {}),
+                **({"GPU": gpus} if gpus else {}),
             },
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
@@ -93,7 +93,7 @@ def probed_starts(
 ) -> list[str]:
     """The fine-tunes' starts: the SFT with the linear-probed head, and with warm.baklava the SFT
     checkpoints' backbones with the same head. Runs as a Ray task on one worker's share."""
-    device = actor_device(params.gpus_per_trial / params.workers_per_rm, "WARM's linear probe")
+    device = actor_device(params.gpus_per_worker, "WARM's linear probe")
     torch.set_num_threads(worker_threads(params))
     model, tokenizer = load_reward_model(sft, trust_remote_code=trust_remote_code)
     linear_probe(
@@ -203,7 +203,7 @@ def split_scores(
     """For each reward model, r(x, y_chosen) and r(x, y_rejected) of every pair of every split: a
     Ray task on one worker's share, scoring in batches."""
     torch.set_num_threads(worker_threads(params))
-    device = actor_device(params.gpus_per_trial / params.workers_per_rm, "the accuracy table's scoring")
+    device = actor_device(params.gpus_per_worker, "the accuracy table's scoring")
     splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
     scores = []
     for folder in folders:
