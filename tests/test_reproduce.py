@@ -578,7 +578,8 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
         "warp.max_new_tokens=16",
         "warm.steps=5",
         "warm.linear_probe_steps=5",
-        "warm.cpus_per_trial=0.5",  # the 4 fine-tunes at once on the 2 CPUs
+        "warm.M=2",
+        "warm.cpus_per_trial=0.5",  # both fine-tunes at once on the 2 CPUs
         "task.corpus_size=300",
         "task.sft_steps=20",
         "task.pairs=48",
@@ -614,6 +615,6 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
     ).exists()
     assert (out / "seeds" / "seed_7" / "rm").is_symlink() and len(
         list((out / "rm").glob("rm_*"))
-    ) == 4  # WARM trained once
+    ) == 2  # WARM trained once
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "ONE SEED" in text and text.count("| check | seed 7 | mean | 95% interval | status |") == 8
