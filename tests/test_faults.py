@@ -210,7 +210,7 @@ save(out, 1, load_model_weights(Path({str(model_folders["b"])!r})), like,
 
 @pytest.mark.slow
 def test_reward_server_under_8_learners_and_killed_under_load(tiny_task, tmp_path):
-    """bench/reward_server_load.py, shortened: 8 learner processes for 12 s, then 10 s with the
+    """bench/reward_server_load.py, shortened: 8 learner processes for 6 s, then 10 s with the
     server's process killed once. Its own Ray cluster: the kill must not reach this session's.
     Memory is left to the benchmark's minutes (docs/reliability.md): the server's allocations
     grow for the first tens of seconds, as batches of new shapes arrive, before they level off."""
@@ -224,7 +224,7 @@ def test_reward_server_under_8_learners_and_killed_under_load(tiny_task, tmp_pat
             sys.executable,
             ROOT / "bench" / "reward_server_load.py",
             "--seconds",
-            "12",
+            "6",
             "--fault-seconds",
             "10",
             "--rm",

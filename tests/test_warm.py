@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow
 
 
 def kill_a_worker_after_its_first_checkpoint(out: Path, stop: threading.Event) -> list[int]:
-    """SIGKILL rank 0 of the first fine-tune that Tune has a report of: its checkpoint is then
-    registered. Returns [its index] once killed."""
+    """SIGKILL rank 0 of the first fine-tune that Tune has a report of (a Ray Train worker, not the
+    Tune trial that drives it): its checkpoint is then registered. Returns [its index] once killed."""
     while not stop.is_set():
         for result in (out / "tune" / "warm").glob("*/result.json"):
             if reports := result.read_text().splitlines():
                 report = json.loads(reports[-1])
-                os.kill(report["pid"], signal.SIGKILL)
+                os.kill(report["worker_pid"], signal.SIGKILL)
                 return [report["index"]]
         time.sleep(0.2)
     return []
@@ -105,6 +105,8 @@ def test_a_worker_killed_mid_run_is_restarted_from_the_checkpoint_and_the_fine_t
     assert resumed[m] in range(params.checkpoint_every, params.steps, params.checkpoint_every)
     assert all(step == 0 for i, step in resumed.items() if i != m)  # the other ran through
     assert all(t[-1]["step"] == params.steps for t in trials.values())
+    assert trials[m][-1]["worker_pid"] != trials[m][0]["worker_pid"]  # a new rank 0 finished the run...
+    assert not list((out / "tune" / "warm").glob("*/error.txt"))  # ...restarted by Ray Train: no Tune trial failed
     model, tokenizer = load_reward_model(folders[m])  # the restarted run's checkpoint loads as a reward model
     assert score(model, tokenizer, ["the"], ["bee"]).isfinite().all()
 

@@ -83,7 +83,7 @@ def fine_tune_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and not _is_mid_run(checkpoint):
         # Restarted after its last report: that checkpoint is the reward model, and the run is done.
-        done = {**trial, "step": params.steps, "resumed_from": params.steps, "pid": os.getpid()}
+        done = {**trial, "step": params.steps, "resumed_from": params.steps, "worker_pid": os.getpid()}
         ray.train.report(done, checkpoint=checkpoint if rank == 0 else None)
         return
     torch.manual_seed(trial["seed"] * world + rank)  # dropout masks differ between ranks, as between pairs
@@ -114,7 +114,7 @@ def fine_tune_worker(config: dict) -> None:
             "step": step + 1,
             "loss": sum(losses[-20:]) / len(losses[-20:]),
             "resumed_from": resumed_from,
-            "pid": os.getpid(),
+            "worker_pid": os.getpid(),  # not "pid": Tune's result rows name the trial's own process by it
         }
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
             with tempfile.TemporaryDirectory() as folder:  # every rank writes its shards; Ray Train merges them
