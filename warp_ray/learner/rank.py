@@ -82,7 +82,7 @@ class LearnerRank:
         self.device = actor_device(config.resources.gpus_per_rank, f"learner rank {rank}")
         if self.device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
-            torch.set_num_threads(1)  # one thread per rank: more oversubscribes the cores
+            torch.set_num_threads(config.resources.threads_per_rank)
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port on it, for the process group."""
