@@ -153,6 +153,7 @@ def test_the_7b_warm_example_fits_its_workers_and_two_workers_a_reward_model_are
     assert 40 * GB < estimate.total < 80 * GB
     assert estimate.parts["anchor"] == estimate.parts["logits"] == 0  # a reward model: one score a sequence
     assert estimate.parts["optimizer"] == 16 * estimate.parameters / 8
+    assert estimate.parts["gathered"] == 2 * estimate.parameters * 7 / 8  # the rest of the model, for the final save
     with pytest.raises(ConfigError) as refused:
         check_warm_fits(
             load_config(CONFIGS / "warm-gemma-7b-gpu.yaml", ["warm.workers_per_rm=2", "warm.gpus_per_trial=2"]),

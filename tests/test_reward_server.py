@@ -135,4 +135,12 @@ def test_replicas_answer_as_one_server_share_the_load_and_retry_a_killed_ones_re
         time.sleep(0.5)
         load = ray.get(replicas.load.remote())
     assert load["down"] == [False, False]
+
+    refs = score_all()
+    while ray.get(replicas.load.remote())["in_flight"] != [4, 4]:
+        time.sleep(0.05)
+    for server in servers:  # both at once: the requests wait for the first back, as on a single server
+        ray.kill(server, no_restart=False)
+    assert torch.allclose(torch.tensor([s for a in ray.get(refs) for s in a]), expected, atol=1e-5)
+    assert sum(ray.get(replicas.load.remote())["served"]) == 24
     ray.kill(replicas)  # and its replicas with it

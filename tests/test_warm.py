@@ -29,7 +29,10 @@ def kill_a_worker_after_its_first_checkpoint(out: Path, stop: threading.Event) -
         for result in (out / "tune" / "warm").glob("*/result.json"):
             if reports := result.read_text().splitlines():
                 report = json.loads(reports[-1])
-                os.kill(report["worker_pid"], signal.SIGKILL)
+                try:
+                    os.kill(report["worker_pid"], signal.SIGKILL)
+                except ProcessLookupError:  # that run has ended: look for another
+                    continue
                 return [report["index"]]
         time.sleep(0.2)
     return []

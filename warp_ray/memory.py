@@ -21,7 +21,10 @@ against a measured peak by bench/gpu_check.py where a GPU is lent.
 
 A worker of a WARM fine-tune (`warm_worker_memory`) is the same sum with K = warm.workers_per_rm,
 its ZeRO stage and precision, rows = both sides of its share of the pairs and no anchor or
-logits (one score per sequence).
+logits (one score per sequence). Under ZeRO-3 its gathered part is the larger of the largest
+weight and its gradient, 2 b W, and the rest of the model, b P (K - 1) / K, which every worker
+gathers whole for rank 0 to save it at the end (counted beside the last step's activations:
+an upper bound).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def rank_bytes(
     per_layer = b * (8 * h + 4 * ffn)
     activations = tokens * (layers * b * h + per_layer if activation_checkpointing else layers * per_layer)
     chunk = min(logprob_chunk or sequence, sequence)
+    gathered = largest * (2 * b + 4) if causal_lm else max(2 * b * largest, b * P * (K - 1) / K)
     return RankMemory(
         {
             "weights": b * P / (K if Z == 3 else 1),
@@ -100,7 +104,7 @@ def rank_bytes(
             "anchor": 4 * P / (K if Z == 3 else 1) if causal_lm else 0,
             "activations": activations,
             "logits": tokens * vocab * (3 * b + 4) + 3 * rows * chunk * vocab * 4 if causal_lm else 0,
-            "gathered": largest * (2 * b + 4) if Z == 3 else 0,
+            "gathered": gathered if Z == 3 else 0,
             "overhead": OVERHEAD_BYTES,
         },
         P,

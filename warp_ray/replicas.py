@@ -5,8 +5,9 @@ and the SFT reference's (`evaluation.reference_replicas`), so that M learners do
 `sequence_logprobs`). It counts the requests in flight at each replica, every caller's, and
 sends each new one to the replica with the fewest. A replica that dies fails its requests at
 once (it is started with no task retries); they go to another, and the dead one takes no
-request until Ray has restarted it (`warp_ray.runtime.SERVICE`) and it answers again. One whose
-restarts are spent is left out for good, and said so in the logs.
+request until Ray has restarted it (`warp_ray.runtime.SERVICE`) and it answers again. While
+every replica is restarting, requests wait for the first back, as they would on a single
+server. One whose restarts are spent is left out for good, and said so in the logs.
 """
 
 from __future__ import annotations
@@ -35,23 +36,28 @@ class Replicas:
         self.replicas = [start(**REPLICA) for _ in range(count)]
         self.in_flight = [0] * count
         self.served = [0] * count
-        self.down: set[int] = set()
+        self.restarting: dict[int, asyncio.Task] = {}  # replica -> the task that takes it back
+        self.gone: set[int] = set()  # restarts spent
 
     async def _route(self, method: str, *args) -> Any:
-        failed: set[int] = set()
+        failed: set[int] = set()  # replicas that failed this request since it last waited
         while True:
-            up = [i for i in range(len(self.replicas)) if i not in failed | self.down]
+            out = failed | self.restarting.keys() | self.gone
+            up = [i for i in range(len(self.replicas)) if i not in out]
             if not up:
-                raise RuntimeError(f"every replica failed {method}: {len(self.down)} of {len(self.replicas)} are down")
+                if not self.restarting:
+                    raise RuntimeError(f"every replica failed {method}: {len(self.gone)} are gone for good")
+                await asyncio.wait(list(self.restarting.values()), return_when=asyncio.FIRST_COMPLETED)
+                failed.clear()
+                continue
             i = min(up, key=self.in_flight.__getitem__)
             self.in_flight[i] += 1
             try:
                 answer = await getattr(self.replicas[i], method).remote(*args)
             except ray.exceptions.RayActorError:
                 failed.add(i)
-                if i not in self.down:
-                    self.down.add(i)
-                    asyncio.get_running_loop().create_task(self._back_up(i))
+                if i not in self.restarting and i not in self.gone:
+                    self.restarting[i] = asyncio.get_running_loop().create_task(self._back_up(i))
                 continue
             finally:
                 self.in_flight[i] -= 1
@@ -60,18 +66,21 @@ class Replicas:
 
     async def _back_up(self, i: int) -> None:
         """Take replica i back once Ray has restarted it; leave it out if it will not come back."""
-        while True:
-            try:
-                await self.replicas[i].__ray_ready__.remote()
-                break
-            except ray.exceptions.ActorUnavailableError:  # restarting
-                await asyncio.sleep(1)
-            except ray.exceptions.RayActorError as error:
-                log.warning(
-                    "replica %d of %d is gone for good (%s); serving on the others", i, len(self.replicas), error
-                )
-                return
-        self.down.discard(i)
+        try:
+            while True:
+                try:
+                    await self.replicas[i].__ray_ready__.remote()
+                    return
+                except ray.exceptions.ActorUnavailableError:  # restarting
+                    await asyncio.sleep(1)
+                except ray.exceptions.RayActorError as error:
+                    log.warning(
+                        "replica %d of %d is gone for good (%s); serving on the others", i, len(self.replicas), error
+                    )
+                    self.gone.add(i)
+                    return
+        finally:
+            del self.restarting[i]
 
     async def score(self, prompts: list, completions: list[str]) -> list[float]:
         """`RewardServer.score` on the least-loaded replica."""
@@ -87,7 +96,7 @@ class Replicas:
         return {
             "in_flight": list(self.in_flight),
             "served": list(self.served),
-            "down": [i in self.down for i in range(n)],
+            "down": [i in self.restarting or i in self.gone for i in range(n)],
         }
 
     async def handles(self) -> list:

@@ -65,6 +65,13 @@ def rank_spread(module: torch.nn.Module, device: torch.device) -> float:
     return max((g - gathered[0]).abs().max().item() for g in gathered)
 
 
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of every rank's `value`: each rank's loss is that of its share of the pairs."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
 def fine_tune_worker(config: dict) -> None:
     """Bradley-Terry fine-tuning of `config["start"]` with trial m's lr, dropout and data order."""
     params: WarmParams = config["params"]
@@ -87,7 +94,8 @@ def fine_tune_worker(config: dict) -> None:
         ray.train.report(done, checkpoint=checkpoint if rank == 0 else None)
         return
     torch.manual_seed(trial["seed"] * world + rank)  # dropout masks differ between ranks, as between pairs
-    model, tokenizer = load_reward_model(trial["start"], trial["dropout"], config["trust_remote_code"])
+    dtype = torch.bfloat16 if params.precision == "bf16" else torch.float32  # as DeepSpeed will cast it anyway
+    model, tokenizer = load_reward_model(trial["start"], trial["dropout"], config["trust_remote_code"], dtype)
     pairs = read_preferences(config["train"], config["columns"])
     # The whole run's data order, drawn at once: a resumed run takes the same pairs it would have.
     order = torch.randint(
@@ -117,10 +125,12 @@ def fine_tune_worker(config: dict) -> None:
             "worker_pid": os.getpid(),  # not "pid": Tune's result rows name the trial's own process by it
         }
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
+            metrics["loss"] = mean_over_ranks(metrics["loss"], device)
             with tempfile.TemporaryDirectory() as folder:  # every rank writes its shards; Ray Train merges them
                 engine.save_checkpoint(folder, tag=STATE_TAG, client_state={"step": step + 1})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     module = engine.module.eval()
+    metrics["loss"] = mean_over_ranks(metrics["loss"], device)
     metrics["rank_spread"] = rank_spread(module, device) if params.zero_stage < 3 else None
     # Under ZeRO-3 every rank gathers the whole model for rank 0 to save: it must fit one worker's GPU.
     whole = deepspeed.zero.GatheredParameters(list(module.parameters())) if params.zero_stage == 3 else nullcontext()

@@ -95,7 +95,7 @@ def bradley_terry_loss(
         truncation=True,
         padding_side="right",
     ).to(model.device)
-    rewards = model(**encoded).logits[:, 0]
+    rewards = model(**encoded).logits[:, 0].float()  # in bf16, reward differences would be rounded to 2^-8 of them
     chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
 

@@ -73,7 +73,12 @@ def fine_tune(config: dict, params: WarmParams, starts: list[str], storage: str,
             callbacks=[TuneReportCallback()],  # every report of rank 0, the checkpoint's path with it, reaches Tune
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        # Ray Train has spent warm.max_failures restarts. Reported rather than raised: Tune would start the
+        # trial again, with a fresh Ray Train run and as many restarts again (Tune's are for a lost trial).
+        tune.report({"index": m, "failed": f"{type(error).__name__}: {error}"})
 
 
 def save(model, tokenizer, folder: Path) -> None:
@@ -180,7 +185,9 @@ def train_warm(
     )
     with nullcontext() if verbose else redirect_stdout(io.StringIO()):  # Tune prints its header even when silent
         results = tuner.fit()
-    errors = [r.error for r in results if r.error]
+    errors = [r.error for r in results if r.error] + [
+        r.metrics["failed"] for r in results if "failed" in (r.metrics or {})
+    ]
     if errors:
         raise RuntimeError(f"{len(errors)} reward-model fine-tune(s) failed; the first: {errors[0]}")
     folders = []
