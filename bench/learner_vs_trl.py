@@ -15,11 +15,13 @@ The two losses are the same at one update per batch: REINFORCE on the reward min
 with the leave-one-out baseline (TRL's clipped ratio is 1). TRL runs first, in a process of its own, then the learner.
 
 Reported for each:
-- seconds per step and completions per second (medians after 3 warm-up steps), and the start;
-- peak memory: the summed PSS of the run's processes, sampled every 0.2 s (the learner's Ray workers, not Ray's own
-  services);
-- the gold reward on the held-out prompts before and after (8 samples each, transformers, one seed for all). A fast
-  run that does not raise it does not count.
+- seconds per step, completions and generated tokens per second (medians after 3 warm-up steps; the policies
+  diverge, and so do their completions' lengths), and the start: from nothing to ready, the process's imports or
+  Ray's start included;
+- peak memory: the summed PSS of the run's processes, sampled every 0.5 s (TRL's process; the learner's Ray workers,
+  not Ray's own services);
+- the gold reward on the held-out prompts before and after (8 samples each, transformers, one seed for all), and
+  whether it rose by more than 2 standard errors of the difference: a fast run that learns nothing does not count.
 
 Run: .venv/bin/python bench/learner_vs_trl.py   (`make bench` installs TRL, the `bench` extra)
 """
@@ -56,7 +58,7 @@ EVAL_SAMPLES = 8
 
 
 class PeakMemory(threading.Thread):
-    """The peak of the summed proportional set size (PSS) of the processes `pids()` names, sampled every 0.2 s."""
+    """The peak of the summed proportional set size (PSS) of the processes `pids()` names, sampled every 0.5 s."""
 
     def __init__(self, pids):
         super().__init__(daemon=True)
@@ -64,7 +66,7 @@ class PeakMemory(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        while not self.done.wait(0.2):
+        while not self.done.wait(0.5):
             total = 0
             for pid in self.pids():
                 try:
@@ -80,23 +82,22 @@ class PeakMemory(threading.Thread):
 
 
 def ray_workers() -> list[int]:
-    """Ray's worker processes that hold an actor or a task (their titles start "ray::"), idle ones left out."""
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::") and "IDLE" not in p.info["cmdline"][0]
-    ]
+    """The worker processes of the Ray cluster this process started that hold an actor or a task (their titles start
+    "ray::"), idle ones left out."""
+    titles = ((p.pid, p.cmdline()) for p in psutil.Process().children(recursive=True))
+    return [pid for pid, cmdline in titles if cmdline and cmdline[0].startswith("ray::") and "IDLE" not in cmdline[0]]
 
 
-def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: Path, reports) -> None:
-    """TRL's RLOOTrainer on the work; puts its timings and training rewards on `reports`, saves the policy in `out`."""
+def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: Path, reports, spawned: float) -> None:
+    """TRL's RLOOTrainer on the work; puts its timings, training rewards and completion lengths on `reports`, saves
+    the policy in `out`. spawned: the time.time() its process was started at."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     torch.set_num_threads(THREADS)
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    ends = [time.perf_counter()]
+    ends = [0.0]
 
     class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -143,7 +144,7 @@ def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: 
         callbacks=[StepEnds()],
     )
     trainer.remove_callback(PrinterCallback)  # a dict of metrics per step on the console otherwise
-    start_seconds = time.perf_counter() - ends[0]
+    start_seconds = time.time() - spawned
     ends[0] = time.perf_counter()
     trainer.train()
     trainer.model.save_pretrained(out / "policy")
@@ -152,15 +153,16 @@ def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: 
             "start_seconds": start_seconds,
             "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
             "rewards": [h["rewards/gold/mean"] for h in trainer.state.log_history if "rewards/gold/mean" in h],
+            "lengths": [h["completions/mean_length"] for h in trainer.state.log_history if "rewards/gold/mean" in h],
         }
     )
 
 
 def warp_ray_run(config: WarpConfig, task: Path, steps: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """One learner on the work: its timings, training rewards and peak memory; and its final policy."""
+    start = time.perf_counter()
     init_ray(num_cpus=THREADS)
     memory = PeakMemory(ray_workers)
-    start = time.perf_counter()
     learner = Learner(
         config,
         task / "sft",
@@ -178,6 +180,10 @@ def warp_ray_run(config: WarpConfig, task: Path, steps: int) -> tuple[dict, dict
         "start_seconds": start_seconds,
         "step_seconds": [m["seconds"] for m in history],
         "rewards": [m["reward"] for m in history],
+        "lengths": [
+            m["tokens_per_s"] * m["seconds"] / (config.warp.batch_size * config.warp.samples_per_prompt)
+            for m in history
+        ],
         **{part: [m[part] for m in history] for part in ("rollout_seconds", "update_seconds", "sync_seconds")},
         "peak_memory_gb": peak,
     }, weights
@@ -195,6 +201,7 @@ def held_out_reward(config: WarpConfig, model, tokenizer, prompts: list[str]) ->
         temperature=config.warp.temperature,
         max_new_tokens=config.warp.max_new_tokens,
         num_return_sequences=EVAL_SAMPLES,
+        top_k=0,  # no cut, as in training (transformers would keep the top 50 tokens by default)
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -205,18 +212,25 @@ def held_out_reward(config: WarpConfig, model, tokenizer, prompts: list[str]) ->
 
 
 def summary(run: dict, batch: int) -> dict:
-    seconds = statistics.median(run["step_seconds"][WARM_UP:])
-    return {"s_per_step": seconds, "completions_per_s": batch / seconds}
+    measured = slice(WARM_UP, None)
+    seconds = statistics.median(run["step_seconds"][measured])
+    tokens = [length * batch / s for length, s in zip(run["lengths"][measured], run["step_seconds"][measured])]
+    return {
+        "s_per_step": seconds,
+        "completions_per_s": batch / seconds,
+        "tokens_per_s": statistics.median(tokens),
+        "mean_length": statistics.mean(run["lengths"][measured]),
+    }
 
 
 def trl_in_a_process(config: WarpConfig, task: Path, prompts: list[str], steps: int, out: Path) -> dict:
     """`trl_run` in a process of its own, its peak memory sampled from here."""
     spawn = multiprocessing.get_context("spawn")
     reports = spawn.Queue()
-    child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, steps, out, reports))
+    child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, steps, out, reports, time.time()))
     child.start()
     memory = PeakMemory(lambda: [child.pid])
-    run = reports.get()
+    run = reports.get(timeout=3600)  # raises queue.Empty if TRL's process died
     child.join()
     return {**run, "peak_memory_gb": memory.stop()}
 
@@ -261,19 +275,28 @@ def main() -> None:
     sft, sft_se = rewards["SFT"]
     print(f"\n{args.steps} steps of {batch} completions; held-out gold reward of the SFT: {sft:.3f} (SE {sft_se:.3f})")
     print(
-        "\n| round | run | start s | s/step | completions/s | vs TRL | peak memory GB | held-out reward (SE) | "
-        "training reward, first / last 5 steps |\n|---|---|---|---|---|---|---|---|---|"
+        "\n| round | run | start s | s/step | completions/s | vs TRL | tokens/s | vs TRL | mean length | "
+        "peak memory GB | training reward, first / last 5 steps |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r, runs in enumerate(rounds, 1):
+        trl = runs["TRL RLOOTrainer"]
         for name, run in runs.items():
-            reward, se = run["held_out_reward"]
             print(
                 f"| {r} | {name} | {run['start_seconds']:.1f} | {run['s_per_step']:.3f} | "
-                f"{run['completions_per_s']:.1f} | "
-                f"{run['completions_per_s'] / runs['TRL RLOOTrainer']['completions_per_s']:.2f} | "
-                f"{run['peak_memory_gb']:.2f} | {reward:.3f} ({se:.3f}) | "
+                f"{run['completions_per_s']:.1f} | {run['completions_per_s'] / trl['completions_per_s']:.2f} | "
+                f"{run['tokens_per_s']:.0f} | {run['tokens_per_s'] / trl['tokens_per_s']:.2f} | "
+                f"{run['mean_length']:.1f} | {run['peak_memory_gb']:.2f} | "
                 f"{statistics.mean(run['rewards'][:5]):.3f} / {statistics.mean(run['rewards'][-5:]):.3f} |"
             )
+    print("\n| run | held-out reward (SE) | gain over the SFT (SE) | learns (gain > 2 SE) | same in every round |")
+    print("|---|---|---|---|---|")
+    for name in rounds[0]:
+        (reward, se), same = rewards[name], all(r[name]["rewards"] == rounds[0][name]["rewards"] for r in rounds)
+        gain_se = (se**2 + sft_se**2) ** 0.5
+        print(
+            f"| {name} | {reward:.3f} ({se:.3f}) | {reward - sft:.3f} ({gain_se:.3f}) | "
+            f"{'yes' if reward - sft > 2 * gain_se else 'NO'} | {'yes' if same else 'no'} |"
+        )
     for r, runs in enumerate(rounds, 1):
         run = runs["warp-ray learner"]
         parts = {part: statistics.median(run[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")}

@@ -142,6 +142,7 @@ def test_bad_files_and_overrides(tmp_path):
         ({"cpus_per_rank": 1, "cpus_per_rollout_worker": 1}, 2),  # the engine's CPU too, while it waits
         ({"ranks_per_learner": 2, "cpus_per_rank": 1, "cpus_per_rollout_worker": 1}, 1),  # 3 CPUs over 2 ranks
         ({"ranks_per_learner": 2, "cpus_per_rank": 2, "rollout_workers_per_learner": 2}, 3),
+        ({"cpus_per_rank": 0.2, "cpus_per_rollout_worker": 0.6, "rollout_workers_per_learner": 3}, 2),  # not 1.999...
     ],
 )
 def test_a_rank_takes_its_learners_cpus_over_its_ranks_in_threads(resources, threads):

@@ -151,11 +151,11 @@ def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, tmp_path):
 
 
 def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, tmp_path):
-    config, _ = warp_run
+    config, out = warp_run
     (tmp_path / "run.yaml").write_text(config.to_yaml())
-    sft = str(config.paths.sft_model)
+    sft, iteration = str(config.paths.sft_model), str(out / "iteration_0" / "model")  # the run's own output folder
     rates = {}
-    for name, a, b in (("itself", sft, sft), ("moved", str(moved), sft)):
+    for name, a, b in (("itself", iteration, iteration), ("moved", str(moved), sft)):
         assert main(["compare", "--config", str(tmp_path / "run.yaml"), a, b, "--out", str(tmp_path / name)]) == 0
         rates[name] = json.loads((tmp_path / name).read_text())
     assert rates["itself"] == {"win_rate": 0.5, "low": 0.5, "high": 0.5, "pairs": 8}  # the same samples: all ties

@@ -255,7 +255,7 @@ class Resources(Section):
         learner's phases take turns (its engines sample, then its ranks update), so the ranks may use
         the engines' CPUs too, but no more than the learner holds (more oversubscribes the cores)."""
         engines = self.rollout_workers_per_learner * self.cpus_per_rollout_worker
-        return max(1, int(self.cpus_per_rank + engines / self.ranks_per_learner))
+        return max(1, int(self.cpus_per_rank + engines / self.ranks_per_learner + 1e-9))  # 0.2 + 3 x 0.6 is 2
 
 
 class LearnerCount(Section):

@@ -47,6 +47,9 @@ class Replicas:
             if not up:
                 if not self.restarting:
                     raise RuntimeError(f"every replica failed {method}: {len(self.gone)} are gone for good")
+                log.warning(
+                    "every replica of %d is restarting: %s waits for the first back", len(self.replicas), method
+                )
                 await asyncio.wait(list(self.restarting.values()), return_when=asyncio.FIRST_COMPLETED)
                 failed.clear()
                 continue
