@@ -29,10 +29,13 @@ Run: .venv/bin/python bench/learner_vs_trl.py   (`make bench` installs TRL, the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
+import queue
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -230,7 +233,13 @@ def trl_in_a_process(config: WarpConfig, task: Path, prompts: list[str], steps: 
     child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, steps, out, reports, time.time()))
     child.start()
     memory = PeakMemory(lambda: [child.pid])
-    run = reports.get(timeout=3600)  # raises queue.Empty if TRL's process died
+    while True:
+        try:
+            run = reports.get(timeout=5)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                sys.exit(f"TRL's process ended (exit code {child.exitcode}) before it reported; its error is above")
     child.join()
     return {**run, "peak_memory_gb": memory.stop()}
 
@@ -241,6 +250,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="TRL then warp-ray, this many times: the ratio's spread")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner_vs_trl")
     args = parser.parse_args()
+    if importlib.util.find_spec("trl") is None:
+        sys.exit("TRL is not installed: run `make bench`, which installs the bench extra")
     # One learner on the machine's 2 cores, as TRL's one process: its engine's CPU and its rank's (2 threads).
     config = load_config(
         ROOT / "configs" / "tiny.yaml", ["resources.cpus_per_rank=1", "resources.cpus_per_rollout_worker=1"]
