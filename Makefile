@@ -49,3 +49,4 @@ bench:
 	$(PY) bench/learner.py
 	$(PY) bench/learner_vs_trl.py
 	$(PY) bench/coordinator_memory.py
+	$(PY) bench/scaling.py

