@@ -167,6 +167,15 @@ CASES = {
         "--out",
         "{tmp}/o",
     ],
+    "soup: a lambda per policy": [
+        *["merge", "soup", "--models", "{tmp}/sft", "{tmp}/sft", "--lambdas", "1", "--out", "{tmp}/o"],
+    ],
+    "soup: a negative lambda": [
+        *["merge", "soup", "--models", "{tmp}/sft", "{tmp}/sft", "--lambdas", "1.5", "-0.5", "--out", "{tmp}/o"],
+    ],
+    "soup: lambdas off the simplex": [
+        *["merge", "soup", "--models", "{tmp}/sft", "{tmp}/sft", "--lambdas", "0.5", "0.6", "--out", "{tmp}/o"],
+    ],
     "merge: weights that do not fit": [
         "merge",
         "average",

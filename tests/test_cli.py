@@ -22,7 +22,7 @@ def warp_ray(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_merge_help_explains_each_method():
     result = warp_ray("merge", "--help")
     assert result.returncode == 0
-    for method in ("slerp", "average", "liti"):
+    for method in ("slerp", "average", "liti", "soup"):
         assert f"warp-ray merge {method}" in result.stdout
 
 

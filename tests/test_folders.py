@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.helpers import perturbed, tiny_gpt2
 from warp_ray.errors import CheckpointError, MergeError
 from warp_ray.merge import average, liti, slerp
-from warp_ray.merge.folders import average_folders, liti_folders, merge_folders, slerp_folders
+from warp_ray.merge.folders import average_folders, liti_folders, merge_folders, slerp_folders, soup_folders
+from warp_ray.merge.soup import slerp_soup, soup
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -47,6 +48,24 @@ def test_average_and_liti_folders_match_the_in_memory_merges(model_folders, tmp_
     assert_same(weights(tmp_path / "avg"), average([a, b], weights=(0.25, 0.75)))
     liti_folders(model_folders["init"], model_folders["a"], tmp_path / "liti", eta=0.3, progress=False)
     assert_same(weights(tmp_path / "liti"), liti(init, a, 0.3))
+
+
+def test_a_soup_of_folders_is_each_policy_at_its_vertex_and_the_in_memory_soup_between(model_folders, tmp_path):
+    """`warp-ray merge soup`'s function: linear, or by SLERP from the policies' init."""
+    policies, init = [model_folders["a"], model_folders["b"]], model_folders["init"]
+    a, b = weights(policies[0]), weights(policies[1])
+    for lambdas, expected in (((1.0, 0.0), a), ((0.0, 1.0), b)):
+        for base in (None, init):
+            out = tmp_path / f"soup_{lambdas[0]}_{base is None}"
+            soup_folders(policies, out, lambdas, init=base, progress=False)
+            assert all(torch.equal(t, expected[k]) for k, t in weights(out).items())
+    soup_folders(policies, tmp_path / "linear", (0.4, 0.6), progress=False)
+    assert_same(weights(tmp_path / "linear"), soup([a, b], (0.4, 0.6)))
+    soup_folders(policies, tmp_path / "slerp", (0.4, 0.6), init=init, progress=False)
+    assert_same(weights(tmp_path / "slerp"), slerp_soup(weights(init), [a, b], (0.4, 0.6)))
+    with pytest.raises(MergeError, match="sum to 0.9"):
+        soup_folders(policies, tmp_path / "refused", (0.4, 0.5), progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_sharded_bf16_folders_keep_layout_and_dtype(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from warp_ray.errors import MergeError
 from warp_ray.merge import average, ema_update_, liti, slerp, slerp_coefficients
+from warp_ray.merge.soup import simplex, slerp_soup, soup
 from warp_ray.merge.task_vectors import gram, row_spans
 
 
@@ -218,3 +220,35 @@ def test_no_nan_for_any_finite_input(case):
     init, *models = ({"w": torch.tensor(r, dtype=torch.float32)} for r in rows)
     merged = slerp(init, models, weights=weights)["w"]
     assert not torch.isnan(merged).any()
+
+
+def test_a_rewarded_soup_serves_each_policy_at_its_vertex_and_their_interpolation_between():
+    g = torch.Generator().manual_seed(4)
+    init, a, b = (state(w=torch.randn(6, generator=g), n=torch.tensor([3])) for _ in range(3))
+    assert torch.equal(soup([a, b], (1, 0))["w"], a["w"]) and torch.equal(soup([a, b], (0, 1))["w"], b["w"])
+    assert torch.equal(slerp_soup(init, [a, b], (1, 0))["w"], a["w"])
+    assert torch.equal(slerp_soup(init, [a, b], (0, 1))["w"], b["w"])
+    torch.testing.assert_close(soup([a, b], (0.3, 0.7))["w"], 0.3 * a["w"] + 0.7 * b["w"])
+    lam = 0.7
+    d1, d2 = a["w"].double() - init["w"].double(), b["w"].double() - init["w"].double()
+    expected = paper_slerp(init["w"].double(), d1, d2, lam).float()
+    torch.testing.assert_close(slerp_soup(init, [a, b], (1 - lam, lam))["w"], expected)
+    three = soup([a, b, init], (0.2, 0.3, 0.5))["w"]
+    torch.testing.assert_close(three, 0.2 * a["w"] + 0.3 * b["w"] + 0.5 * init["w"])
+
+
+@pytest.mark.parametrize(
+    "lambdas, message",
+    [
+        ((0.5,), "got 1 lambdas for 2 policies"),
+        ((1.2, -0.2), "must each be in [0, 1]"),
+        ((float("nan"), 1.0), "must each be in [0, 1]"),
+        ((0.5, 0.6), "sum to 1.1: they must sum to 1"),
+        ((2.0, 2.0), "sum to 4: they must sum to 1"),  # a merge's weights would be rescaled; a trade-off is not
+    ],
+)
+def test_a_soup_refuses_lambdas_off_the_simplex(lambdas, message):
+    a, b = state(w=torch.zeros(2)), state(w=torch.ones(2))
+    with pytest.raises(MergeError, match=re.escape(message)):
+        soup([a, b], lambdas)
+    assert simplex((0.1, 0.2, 0.7), 3) == pytest.approx([0.1, 0.2, 0.7])  # decimal rounding within the tolerance

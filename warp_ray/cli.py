@@ -23,6 +23,10 @@ Every merge is computed in float32 and written in the first folder's dtype.
            warp-ray merge average --models rm1/ rm2/ rm3/ rm4/ --out warm/
   liti     WARP's LITI: (1 - eta) * init + eta * merged, back towards the init.
            warp-ray merge liti --init sft/ --merged merged/ --eta 0.3 --out next_init/
+  soup     A rewarded soup: policies fine-tuned from one init, each against its own reward,
+           served at a trade-off lambda on the simplex (lambdas >= 0, summing to 1), linearly
+           or, with --init, by SLERP of their task vectors.
+           warp-ray merge soup --models helpful/ concise/ --lambdas 0.7 0.3 --out soup/
 """
 
 
@@ -53,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser(
         "merge",
-        help="merge model folders (slerp, average, liti)",
+        help="merge model folders (slerp, average, liti, soup)",
         description=MERGE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     liti.add_argument("--init", type=Path, required=True, help="the initialization to interpolate towards")
     liti.add_argument("--merged", type=Path, required=True, help="the merged model, e.g. the output of merge slerp")
     liti.add_argument("--eta", type=float, required=True, help="in [0, 1]: 0 gives init, 1 gives merged")
+
+    soup = methods.add_parser("soup", parents=[common], help="a rewarded soup: sum_k lambda_k theta_k")
+    soup.add_argument("--models", type=Path, nargs="+", required=True, help="the policies, one per reward")
+    soup.add_argument("--lambdas", type=float, nargs="+", required=True, help="one per policy, each >= 0, summing to 1")
+    soup.add_argument("--init", type=Path, help="the policies' shared init: SLERP of their task vectors instead")
 
     config = commands.add_parser("config", help="validate a config and print it with every default filled in")
     _add_config_args(config)
@@ -161,6 +170,8 @@ def _run(args: argparse.Namespace) -> None:
             folders.slerp_folders(args.init, args.models, args.out, weights=args.weights, overwrite=args.overwrite)
         elif args.method == "average":
             folders.average_folders(args.models, args.out, weights=args.weights, overwrite=args.overwrite)
+        elif args.method == "soup":
+            folders.soup_folders(args.models, args.out, args.lambdas, init=args.init, overwrite=args.overwrite)
         else:
             folders.liti_folders(args.init, args.merged, args.out, eta=args.eta, overwrite=args.overwrite)
         print(f"wrote {args.out}")

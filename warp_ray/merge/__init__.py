@@ -8,6 +8,17 @@ applies the same functions to Hugging Face model folders, streaming tensor by te
 from warp_ray.merge.ema import ema_update_
 from warp_ray.merge.linear import average, liti
 from warp_ray.merge.slerp import slerp, slerp_coefficients
+from warp_ray.merge.soup import slerp_soup, soup
 from warp_ray.merge.state_dict import combine_task_vectors, task_vector_grams
 
-__all__ = ["average", "combine_task_vectors", "ema_update_", "liti", "slerp", "slerp_coefficients", "task_vector_grams"]
+__all__ = [
+    "average",
+    "combine_task_vectors",
+    "ema_update_",
+    "liti",
+    "slerp",
+    "slerp_coefficients",
+    "slerp_soup",
+    "soup",
+    "task_vector_grams",
+]

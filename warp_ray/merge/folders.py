@@ -31,6 +31,7 @@ from warp_ray.checkpoint import (
 from warp_ray.errors import MergeError
 from warp_ray.merge.linear import average_merge, liti_merge
 from warp_ray.merge.slerp import slerp_merge
+from warp_ray.merge.soup import simplex
 from warp_ray.merge.state_dict import Merge, check_compatible
 from warp_ray.merge.task_vectors import combine, row_spans
 
@@ -144,6 +145,17 @@ def average_folders(models: Sequence[Folder], out: Folder, weights: Sequence[flo
     if not models:
         raise MergeError("average needs at least one model folder")
     return merge_folders(average_merge(len(models), weights), models, out, **kw)
+
+
+def soup_folders(
+    policies: Sequence[Folder], out: Folder, lambdas: Sequence[float], init: Folder | None = None, **kw
+) -> Path:
+    """`warp_ray.merge.soup` on folders: the rewarded soup at lambda, linear, or by SLERP of the task
+    vectors relative to `init` when one is given."""
+    lambdas = simplex(lambdas, len(policies))
+    if init is None:
+        return average_folders(policies, out, lambdas, **kw)
+    return slerp_folders(init, policies, out, lambdas, **kw)
 
 
 def liti_folders(init: Folder, merged: Folder, out: Folder, eta: float, **kw) -> Path:
