@@ -2,16 +2,18 @@
 
 1. A WARP iteration against M (1, 2, 4 learners on this one machine, each learner a quarter of
    its 2 CPUs whatever M is): `Coordinator.run` with I = 2; iteration 1's laps (train, merge,
-   front) and iteration 0's train minus iteration 1's (the learners' start).
+   front) and iteration 0's train lap minus iteration 1's: what the first iteration adds (the
+   learners' processes and imports, the engines' and ranks' first calls).
 2. A learner's step against policy size: GPT-2s of random weights of about 0.9M (the built-in
    SFT's shape), 10M and 50M parameters, with the built-in tokenizer and prompts, one learner
    (K = 1, ZeRO-2, fp32, its engine in process, gold reward), medians of its steps split into
    rollout, update and sync. Random weights rarely stop: nearly every completion runs to the
    length limit, the most work a step can hold.
-3. Merge time against model size: `warp_ray.merge.slerp` of M = 2 in memory (one torch thread), and
-   `warp-ray merge slerp` folder to folder (its process's start included), on the same three
-   sizes and GPT-2 124M's layers (85M parameters with the built-in vocabulary); GB/s of bytes
-   read and written.
+3. Merge time against model size: `warp_ray.merge.slerp` of M = 2 in memory, and
+   `warp-ray merge slerp` folder to folder (its process's start included), both on one torch
+   thread, on the same three sizes and GPT-2 124M's layers (85M parameters with the built-in
+   vocabulary), the init and two models each of its own random draw; GB/s of bytes read and
+   written.
 
 Run: .venv/bin/python bench/scaling.py   (builds a small built-in task under bench/out/ once)
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,7 @@ from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
+TINY = ROOT / "configs" / "tiny.yaml"
 SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
     "0.9M": (128, 4, 4),
     "10M": (384, 6, 6),
@@ -54,19 +58,13 @@ GPT2_124M_BODY = (768, 12, 12)
 """GPT-2 124M's layers; with the built-in tokenizer's small vocabulary, 85M parameters."""
 
 
-def settings(config: WarpConfig, **sections: dict) -> WarpConfig:
-    """`config` with some keys of some sections replaced."""
-    return config.model_copy(
-        update={name: getattr(config, name).model_copy(update=keys) for name, keys in sections.items()}
-    )
-
-
-def random_policy(task: Path, shape: tuple[int, int, int], folder: Path) -> tuple[Path, int]:
-    """A GPT-2 of random weights of `shape`, with the built-in task's tokenizer and context; its size."""
+def random_policy(task: Path, shape: tuple[int, int, int], folder: Path, seed: int = 0) -> tuple[Path, int]:
+    """A GPT-2 of random weights of `shape` drawn from `seed`, with the built-in task's tokenizer and
+    context; its size."""
     if not (folder / "model.safetensors").is_file():
         base = GPT2Config.from_pretrained(task / "sft")
         n_embd, n_layer, n_head = shape
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = GPT2LMHeadModel(
             GPT2Config(**{**base.to_dict(), "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head})
         )
@@ -75,24 +73,21 @@ def random_policy(task: Path, shape: tuple[int, int, int], folder: Path) -> tupl
     return folder, sum(t.numel() for t in load_model_weights(folder).values())
 
 
-def iteration_against_m(config: WarpConfig, task: Path, counts: list[int]) -> dict:
+def iteration_against_m(counts: list[int]) -> dict:
     rows = {}
     for M in counts:
-        out = Path(tempfile.mkdtemp(prefix=f"scaling_m{M}_", dir=OUT))
-        run = settings(
-            config,
-            warp={"M": M, "I": 2, "T": 10},
-            evaluation={"every": 0, "front_etas": [0.0, 0.5, 1.0]},
-            resources={"cpus_per_rank": 0.25, "cpus_per_rollout_worker": 0.25},
-            paths={"output_dir": str(out)},
-        )
-        coordinator = Coordinator(run, task / "sft", task / "prompts", RewardSource(function=world.gold_reward))
-        try:
-            coordinator.run()
-        finally:
-            coordinator.close()
-        laps = [json.loads((out / f"iteration_{i}" / "manifest.json").read_text())["seconds"] for i in (0, 1)]
-        rows[M] = {**laps[1], "learner_start": laps[0]["train"] - laps[1]["train"]}
+        with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
+            sizes = [f"warp.M={M}", "warp.I=2", "warp.T=10", "evaluation.every=0", "evaluation.front_etas=[0,0.5,1]"]
+            quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
+            run = load_config(TINY, [*sizes, *quarters, f"paths.output_dir={out}"])
+            task = task_folder(run)
+            coordinator = Coordinator(run, task / "sft", task / "prompts", RewardSource(function=world.gold_reward))
+            try:
+                coordinator.run()
+            finally:
+                coordinator.close()
+            laps = [json.loads(Path(out, f"iteration_{i}", "manifest.json").read_text())["seconds"] for i in (0, 1)]
+        rows[M] = {**laps[1], "first_iteration_extra": laps[0]["train"] - laps[1]["train"]}
         print(f"M = {M}: {rows[M]}", flush=True)
     return rows
 
@@ -115,7 +110,7 @@ def step_against_size(config: WarpConfig, task: Path, steps: int) -> dict:
 def merge_against_size(task: Path) -> dict:
     rows = {}
     for name, shape in {**SHAPES, "85M": GPT2_124M_BODY}.items():
-        folders = [random_policy(task, shape, OUT / "scaling_models" / f"{name}_{k}")[0] for k in range(3)]
+        folders = [random_policy(task, shape, OUT / "scaling_models" / f"{name}_{k}", seed=k)[0] for k in range(3)]
         weights = [load_model_weights(f) for f in folders]
         nbytes = sum(t.numel() * t.element_size() for t in weights[0].values())
         start = time.perf_counter()
@@ -124,7 +119,8 @@ def merge_against_size(task: Path) -> dict:
         with tempfile.TemporaryDirectory(dir=OUT) as work:
             start = time.perf_counter()
             command = [sys.executable, "-m", "warp_ray.cli", "merge", "slerp", "--init", str(folders[0])]
-            subprocess.run(command + ["--models", *map(str, folders[1:]), "--out", f"{work}/merged"], check=True)
+            command += ["--models", *map(str, folders[1:]), "--out", f"{work}/merged"]
+            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as here
             folder_to_folder = time.perf_counter() - start
         moved = 4 * nbytes  # the init and 2 models read, one written: M + 2 model-sizes, as bench/merge.py counts
         rows[name] = {
@@ -137,23 +133,30 @@ def merge_against_size(task: Path) -> dict:
     return rows
 
 
+def task_folder(config: WarpConfig) -> Path:
+    """A small built-in task (the test suite's sizes, the config's length limit), built once."""
+    small = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
+    return build_task(small, OUT / "scaling_task", config.warp.max_new_tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="measured steps of each policy size")
     parser.add_argument("--learners", type=int, nargs="+", default=[1, 2, 4], help="the values of M")
     parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
     args = parser.parse_args()
-    config = load_config(ROOT / "configs" / "tiny.yaml")
-    small = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
-    task = build_task(small, OUT / "scaling_task", config.warp.max_new_tokens)
+    config = load_config(TINY)
+    task = task_folder(config)
     torch.set_num_threads(1)
     init_ray(num_cpus=2)
-    results = {
-        "merge": merge_against_size(task),
-        "step": step_against_size(config, task, args.steps),
-        "iteration": iteration_against_m(config, task, args.learners),
-    }
-    ray.shutdown()
+    try:
+        results = {
+            "merge": merge_against_size(task),
+            "step": step_against_size(config, task, args.steps),
+            "iteration": iteration_against_m(args.learners),
+        }
+    finally:
+        ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

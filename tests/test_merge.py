@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from warp_ray.errors import MergeError
 from warp_ray.merge import average, ema_update_, liti, slerp, slerp_coefficients
-from warp_ray.merge.soup import simplex, slerp_soup, soup
+from warp_ray.merge.soup import slerp_soup, soup
 from warp_ray.merge.task_vectors import gram, row_spans
 
 
@@ -241,9 +241,10 @@ def test_a_rewarded_soup_serves_each_policy_at_its_vertex_and_their_interpolatio
     "lambdas, message",
     [
         ((0.5,), "got 1 lambdas for 2 policies"),
-        ((1.2, -0.2), "must each be in [0, 1]"),
-        ((float("nan"), 1.0), "must each be in [0, 1]"),
+        ((1.2, -0.2), "lambda_2 = -0.2 must be a finite number >= 0"),
+        ((float("nan"), 1.0), "lambda_1 = nan must be a finite number >= 0"),
         ((0.5, 0.6), "sum to 1.1: they must sum to 1"),
+        ((0.5, 0.5002), "sum to 1.0002: they must sum to 1"),
         ((2.0, 2.0), "sum to 4: they must sum to 1"),  # a merge's weights would be rescaled; a trade-off is not
     ],
 )
@@ -251,4 +252,7 @@ def test_a_soup_refuses_lambdas_off_the_simplex(lambdas, message):
     a, b = state(w=torch.zeros(2)), state(w=torch.ones(2))
     with pytest.raises(MergeError, match=re.escape(message)):
         soup([a, b], lambdas)
-    assert simplex((0.1, 0.2, 0.7), 3) == pytest.approx([0.1, 0.2, 0.7])  # decimal rounding within the tolerance
+    with pytest.raises(MergeError, match="at least one policy"):
+        soup([], [])
+    thirds = soup([a, b, b], (0.3333, 0.3333, 0.3333))["w"]  # typed thirds: within the tolerance, and rescaled
+    torch.testing.assert_close(thirds, torch.full((2,), 2 / 3))

@@ -132,6 +132,9 @@ def test_warp_runs_on_chat_prompts_in_parquet_with_a_reward_model_of_another_tok
     assert not (out / "task").exists()  # nothing of the built-in task
     model = AutoModelForCausalLM.from_pretrained(out / "iteration_0" / "model")
     assert isinstance(model, Qwen2ForCausalLM)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    sft = dict(AutoModelForCausalLM.from_pretrained(warp_run.config.paths.sft_model).named_parameters())
+    assert any(not torch.equal(p, sft[n]) for n, p in model.named_parameters())  # the iteration trained and merged
     assert "lm_head.weight" not in weight_layout(out / "iteration_0" / "model")  # tied: the embedding saved once
     manifest = json.loads((out / "iteration_0" / "manifest.json").read_text())
     rewards = [m["reward"] for m in manifest["final_metrics"]]
@@ -169,17 +172,22 @@ def moved(own, tmp_path_factory) -> Path:
     return folder
 
 
-def served_once(config: WarpConfig) -> WarpConfig:
-    """The run's config with one reward server and one reference: eval and compare start their own,
-    and the run has tested the replicas."""
-    evaluation = config.evaluation.model_copy(update={"reference_replicas": 1})
-    return config.model_copy(
-        update={"reward_server": config.reward_server.model_copy(update={"replicas": 1}), "evaluation": evaluation}
+def served_once(config: WarpConfig, out: Path) -> WarpConfig:
+    """The run's config with one reward server and one reference (eval and compare start their own,
+    and the run has tested the replicas), writing under `out`: the run's folder, its logs' link
+    included, stays as the run left it."""
+    return WarpConfig.from_dict(
+        {
+            **config.model_dump(mode="json"),
+            "reward_server": {"replicas": 1},
+            "evaluation": {**config.evaluation.model_dump(mode="json"), "reference_replicas": 1},
+            "paths": {**config.paths.model_dump(mode="json"), "output_dir": str(out)},
+        }
     )
 
 
-def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, tmp_path):
-    config = served_once(warp_run.config)
+def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, ray_cluster, tmp_path):
+    config = served_once(warp_run.config, tmp_path / "out")
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     measures = {}
     models = {"sft": config.paths.sft_model, "moved": moved}
@@ -194,8 +202,8 @@ def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, tmp_path):
     assert all(math.isfinite(v) for v in measures["moved"].values()) and 0 <= measures["moved"]["truncated"] <= 1
 
 
-def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, tmp_path):
-    config, out = served_once(warp_run.config), warp_run.out
+def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, ray_cluster, tmp_path):
+    config, out = served_once(warp_run.config, tmp_path / "out"), warp_run.out
     (tmp_path / "run.yaml").write_text(config.to_yaml())
     sft, iteration = str(config.paths.sft_model), str(out / "iteration_0" / "model")  # the run's own output folder
     rates = {}

@@ -16,20 +16,24 @@ from warp_ray.merge.linear import average
 from warp_ray.merge.slerp import slerp
 from warp_ray.merge.state_dict import StateDict
 
-SIMPLEX_TOLERANCE = 1e-6
-"""How far from 1 the lambdas may sum: the rounding of decimal inputs such as 0.1 0.2 0.7."""
+SIMPLEX_TOLERANCE = 1e-4
+"""How far from 1 the lambdas may sum: thirds typed as 0.3333 pass (the merge then divides by their sum)."""
 
 
 def simplex(lambdas: Sequence[float], count: int) -> list[float]:
     """lambda, checked to lie on the simplex of `count` policies: one each, each >= 0, summing to 1.
-    Unlike a merge's weights, lambda is not rescaled: it names the trade-off served."""
+    Unlike a merge's weights, lambdas off the simplex are refused, not rescaled: they name the
+    trade-off served."""
     lambdas = [float(x) for x in lambdas]
+    if count < 1:
+        raise MergeError("a soup needs at least one policy")
     if len(lambdas) != count:
         raise MergeError(f"got {len(lambdas)} lambdas for {count} policies: give one lambda per policy")
-    if not all(math.isfinite(x) and x >= 0 for x in lambdas):
-        raise MergeError(f"lambdas {lambdas} must each be in [0, 1]")
+    for k, x in enumerate(lambdas, 1):
+        if not (math.isfinite(x) and x >= 0):
+            raise MergeError(f"lambdas {lambdas}: lambda_{k} = {x} must be a finite number >= 0")
     if abs(sum(lambdas) - 1.0) > SIMPLEX_TOLERANCE:
-        raise MergeError(f"lambdas {lambdas} sum to {sum(lambdas):g}: they must sum to 1 (the simplex)")
+        raise MergeError(f"lambdas {lambdas} sum to {sum(lambdas):.10g}: they must sum to 1 (the simplex)")
     return lambdas
 
 
@@ -41,5 +45,6 @@ def soup(policies: Sequence[Mapping[str, Tensor]], lambdas: Sequence[float]) -> 
 def slerp_soup(
     init: Mapping[str, Tensor], policies: Sequence[Mapping[str, Tensor]], lambdas: Sequence[float]
 ) -> StateDict:
-    """The soup at lambda by SLERP of the policies' task vectors relative to their shared init."""
+    """The soup by SLERP of the policies' task vectors relative to their shared init, lambda as
+    SLERP's weights (docs/algorithms.md#rewarded-soups: not the same point as the linear soup's)."""
     return slerp(init, policies, simplex(lambdas, len(policies)))
