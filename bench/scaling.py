@@ -73,14 +73,13 @@ def random_policy(task: Path, shape: tuple[int, int, int], folder: Path, seed: i
     return folder, sum(t.numel() for t in load_model_weights(folder).values())
 
 
-def iteration_against_m(counts: list[int]) -> dict:
+def iteration_against_m(task: Path, counts: list[int]) -> dict:
     rows = {}
     for M in counts:
         with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
             sizes = [f"warp.M={M}", "warp.I=2", "warp.T=10", "evaluation.every=0", "evaluation.front_etas=[0,0.5,1]"]
             quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
             run = load_config(TINY, [*sizes, *quarters, f"paths.output_dir={out}"])
-            task = task_folder(run)
             coordinator = Coordinator(run, task / "sft", task / "prompts", RewardSource(function=world.gold_reward))
             try:
                 coordinator.run()
@@ -153,7 +152,7 @@ def main() -> None:
         results = {
             "merge": merge_against_size(task),
             "step": step_against_size(config, task, args.steps),
-            "iteration": iteration_against_m(args.learners),
+            "iteration": iteration_against_m(task, args.learners),
         }
     finally:
         ray.shutdown()
