@@ -90,6 +90,11 @@ def _deeper():
     return type(model)(model.config)
 
 
+def soup_run(*rewards: str) -> list[str]:
+    """`warp-ray soup` with these rewards (YAML flow mappings, braces doubled for str.format)."""
+    return ["soup", "--set", f"rewards=[{', '.join(rewards)}]", "--set", "paths.output_dir={tmp}/out"]
+
+
 def warp_run(sft="sft", prompts="prompts", reward="sft", *extra):
     return [
         "warp",
@@ -176,6 +181,22 @@ CASES = {
     "soup: lambdas off the simplex": [
         *["merge", "soup", "--models", "{tmp}/sft", "{tmp}/sft", "--lambdas", "0.5", "0.6", "--out", "{tmp}/o"],
     ],
+    "rewarded soup: one reward": soup_run("{{name: a, kind: builtin, path: positivity}}"),
+    "rewarded soup: two rewards of one name": soup_run(
+        "{{name: a, kind: builtin, path: positivity}}", "{{name: a, kind: builtin, path: concision}}"
+    ),
+    "rewarded soup: no such built-in reward": soup_run(
+        "{{name: a, kind: builtin, path: positivity}}", "{{name: b, kind: builtin, path: kindness}}"
+    ),
+    "rewarded soup: reward model missing": soup_run(
+        "{{name: a, kind: builtin, path: positivity}}", "{{name: b, kind: model, path: {tmp}/missing}}"
+    ),
+    "rewarded soup: reward model not safetensors": soup_run(
+        "{{name: a, kind: model, path: {tmp}/sft}}", "{{name: b, kind: warm, path: [{tmp}/sft, {tmp}/pickled]}}"
+    ),
+    "rewarded soup: a WARM of one folder": soup_run(
+        "{{name: a, kind: builtin, path: positivity}}", "{{name: b, kind: warm, path: [{tmp}/sft]}}"
+    ),
     "merge: weights that do not fit": [
         "merge",
         "average",
@@ -229,7 +250,9 @@ def test_bad_input_gets_one_clear_message_and_exit_status_2(case, inputs, capsys
 
 
 @pytest.mark.parametrize(
-    "command", [["config"], ["train-rm"], ["warp"], ["reproduce"], ["reproduce", "--regime-only"]], ids=" ".join
+    "command",
+    [["config"], ["train-rm"], ["warp"], ["soup"], ["reproduce"], ["reproduce", "--regime-only"]],
+    ids=" ".join,
 )
 def test_every_entry_point_checks_the_folders_the_config_names_first(command, tmp_path, capsys):
     argv = [*command, "--set", f"paths.sft_model={tmp_path}/missing", "--set", f"paths.prompts={tmp_path}"]

@@ -45,6 +45,7 @@ LAYERS = [
     {"evaluation"},
     {"learner"},
     {"coordinator"},
+    {"soups"},
     {"driver"},
     {"reproduce"},
     {"cli"},

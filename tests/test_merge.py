@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from warp_ray.errors import MergeError
 from warp_ray.merge import average, ema_update_, liti, slerp, slerp_coefficients
-from warp_ray.merge.soup import slerp_soup, soup
+from warp_ray.merge.soup import simplex_grid, slerp_soup, soup
 from warp_ray.merge.task_vectors import gram, row_spans
 
 
@@ -256,3 +256,15 @@ def test_a_soup_refuses_lambdas_off_the_simplex(lambdas, message):
         soup([], [])
     thirds = soup([a, b, b], (0.3333, 0.3333, 0.3333))["w"]  # typed thirds: within the tolerance, and rescaled
     torch.testing.assert_close(thirds, torch.full((2,), 2 / 3))
+
+
+def test_the_soups_grid_covers_the_simplex_in_steps_of_one_over_grid():
+    two = simplex_grid(2, 10)
+    assert len(two) == 11 and two[0] == (1.0, 0.0) and two[-1] == (0.0, 1.0)
+    assert [b for _, b in two] == pytest.approx([k / 10 for k in range(11)])
+    three = simplex_grid(3, 10)
+    assert len(three) == math.comb(12, 2) and len(set(three)) == len(three)  # 66 compositions of 10 into 3
+    assert all(math.isclose(sum(p), 1.0) and min(p) >= 0 for p in three)
+    assert simplex_grid(2, 4, interior=True) == [(0.75, 0.25), (0.5, 0.5), (0.25, 0.75)]
+    assert simplex_grid(3, 4, interior=True) == [(0.5, 0.25, 0.25), (0.25, 0.5, 0.25), (0.25, 0.25, 0.5)]
+    assert simplex_grid(3, 2, interior=True) == []

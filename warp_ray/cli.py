@@ -106,6 +106,17 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue after the last complete iteration in paths.output_dir"
     )
 
+    soup = commands.add_parser(
+        "soup",
+        help="rewarded soups: a policy per reward, interpolated at any lambda, against multi-objective RL",
+        description="Train one policy per reward of the config's `rewards` from the SFT, evaluate their weight "
+        "interpolation at every lambda of soup.grid under every reward, against multi-objective RL runs on the "
+        "weighted sum at soup.baseline_grid's lambdas, for each seed of soup.seeds; writes each seed's "
+        "front to paths.output_dir/seed_<s>, and the verdict over the seeds to paths.output_dir (docs/soups.md).",
+    )
+    _add_config_args(soup)
+    _add_verbose(soup)
+
     evaluate = commands.add_parser(
         "eval",
         help="a policy on the held-out prompts: proxy reward, control reward, KL to the SFT, share cut",
@@ -201,6 +212,13 @@ def _run(args: argparse.Namespace) -> None:
         print((last / "report.md").read_text())
         logs = config.paths.output_dir / "logs"
         print(f"final policy: {last / 'model'}; LITI front: {last / 'front.png'}; logs: {logs}")
+    elif args.command == "soup":
+        from warp_ray.driver import run_soup
+
+        run_soup(config, console)
+        out = config.paths.output_dir
+        print((out / "report.md").read_text())
+        print(f"every seed's front, report and policies: {out}/seed_*; all seeds' fronts: {out / 'front.png'}")
     elif args.command in ("eval", "compare"):
         from warp_ray import driver
 

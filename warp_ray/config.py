@@ -389,6 +389,51 @@ class Paths(Section):
     Off: a model folder is data; one that needs its own code is refused, naming the folder."""
 
 
+class RewardSpec(Section):
+    """One reward of a rewarded soup (`warp-ray soup`), hosted by a reward server of its own."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    """Its name in the outputs, and the folder of its policy: letters, digits, _ and -."""
+    kind: Literal["model", "warm", "builtin"]
+    """model: a reward model folder; warm: two or more reward model folders, averaged in weight
+    space (WARM) before serving; builtin: a reward of the built-in task, by name (gold, positivity,
+    concision: warp_ray/task/world.py)."""
+    path: str | list[str]
+    """model: the folder; warm: the list of folders; builtin: the reward's name."""
+
+    @model_validator(mode="after")
+    def _path_fits_kind(self) -> "RewardSpec":
+        if self.kind == "warm" and (isinstance(self.path, str) or len(self.path) < 2):
+            raise ValueError(f"reward {self.name!r} of kind warm averages two or more folders: give path as their list")
+        if self.kind != "warm" and not isinstance(self.path, str):
+            raise ValueError(f"reward {self.name!r} of kind {self.kind} takes one path, got a list")
+        return self
+
+
+class SoupParams(Section):
+    """Rewarded soups (Rame et al., NeurIPS 2023): one policy per reward of `rewards`, all from
+    the SFT, then theta(lambda) = sum_k lambda_k theta_k for lambda on the simplex."""
+
+    policy_run: Literal["reinforce", "warp"] = "reinforce"
+    """How each policy is trained: one REINFORCE run of warp.T steps from the SFT (KL to warp.anchor
+    at warp.beta; the paper's way), or a WARP run (warp.I iterations of warp.M learners)."""
+    grid: int = Field(10, ge=1)
+    """The soup is evaluated at every lambda whose coordinates are multiples of 1 / grid (the paper:
+    0.1 steps, so 11 points for two rewards)."""
+    interpolation: Literal["linear", "slerp"] = "linear"
+    """linear: sum_k lambda_k theta_k, as the paper; slerp: SLERP of the task vectors from the SFT,
+    lambda as its weights."""
+    baseline_grid: int = Field(4, ge=0)
+    """Multi-objective RL, the baseline: a run on sum_k lambda_k R_k, of the same budget as a
+    policy's, at every lambda strictly inside the simplex whose coordinates are multiples of
+    1 / baseline_grid (two rewards: 0.25, 0.5, 0.75); 0: no baseline."""
+    runs_at_once: int = Field(3, ge=1)
+    """RL runs trained together (a learner holds about 3 GB on CPU)."""
+    seeds: Optional[list[int]] = Field(None, min_length=1)
+    """The seeds (warp.seed) of the soup and its baseline, each trained in <output_dir>/seed_<s>; the
+    verdict's interval holds the spread between them. None: warp.seed alone."""
+
+
 class WarpConfig(Section):
     """Everything a warp-ray run needs."""
 
@@ -403,6 +448,9 @@ class WarpConfig(Section):
     paths: Paths = Paths()
     data: DataColumns = DataColumns()
     logging: Logging = Logging()
+    rewards: list[RewardSpec] = []
+    """The rewards of `warp-ray soup`, each {name, kind, path}; other commands use warp.proxy_reward."""
+    soup: SoupParams = SoupParams()
 
     def learner_bounds(self) -> tuple[int, int]:
         """(fewest, most) learners per iteration."""
@@ -418,6 +466,18 @@ class WarpConfig(Section):
         if self.warp.lam is not None and (low, high) != (2, 2):
             raise ValueError(
                 f"warp.lam = {self.warp.lam} needs exactly 2 learners, but learners.min, max = {low}, {high}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rewards_are_named_once(self) -> "WarpConfig":
+        names = [r.name for r in self.rewards]
+        if len(set(names)) < len(names):
+            raise ValueError(f"rewards are named {names}: give each its own name (it names its policy's folder)")
+        if self.rewards and 0 < self.soup.baseline_grid < len(self.rewards):
+            raise ValueError(
+                f"soup.baseline_grid = {self.soup.baseline_grid} puts no lambda strictly inside the simplex of "
+                f"{len(self.rewards)} rewards: give at least {len(self.rewards)}, or 0 for no baseline"
             )
         return self
 

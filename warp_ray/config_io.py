@@ -1,13 +1,14 @@
 """The config's I/O, which config.py leaves out: reading its YAML file (`load_config`), and
 checking the folders it names before anything starts (`check_paths`). Every entry point runs
-`check_paths` first: `warp-ray config`, and the drivers of `train-rm`, `warp` and `reproduce`."""
+`check_paths` first: `warp-ray config`, and the drivers of `train-rm`, `warp`, `soup` and `reproduce`;
+`soup` runs `check_rewards` too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from warp_ray.checkpoint import model_config
+from warp_ray.checkpoint import model_config, weight_layout
 from warp_ray.config import Paths, WarpConfig
 from warp_ray.data import preference_splits, prompt_splits
 from warp_ray.errors import ConfigError, WarpRayError
@@ -31,14 +32,43 @@ def check_paths(paths: Paths) -> None:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _checks(paths: Paths) -> Iterator[tuple[str, Path, Callable[[Path], None]]]:
+def check_rewards(config: WarpConfig) -> None:
+    """The reward model folders that `rewards` names (`warp-ray soup`), as `check_paths` checks
+    paths.*, their weight files' headers too: one error lists every problem, each under its key."""
+    model = _model_check(config.paths.trust_remote_code)
+
+    def reward_model(folder: Path) -> None:
+        model(folder)
+        weight_layout(folder)  # safetensors, whole
+
+    problems = [
+        problem
+        for k, spec in enumerate(config.rewards)
+        if spec.kind != "builtin"
+        for j, folder in enumerate([spec.path] if isinstance(spec.path, str) else spec.path)
+        if (
+            problem := _problem(
+                f"rewards.{k}.path" + (f".{j}" if spec.kind == "warm" else ""), Path(folder), reward_model
+            )
+        )
+    ]
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _model_check(trust_remote_code: bool) -> Callable[[Path], None]:
     def model(folder: Path) -> None:
-        if "auto_map" in model_config(folder) and not paths.trust_remote_code:
+        if "auto_map" in model_config(folder) and not trust_remote_code:
             raise ConfigError(
                 "it ships its own model code (auto_map in its config.json), which warp-ray does not run "
                 "unless paths.trust_remote_code is true"
             )
 
+    return model
+
+
+def _checks(paths: Paths) -> Iterator[tuple[str, Path, Callable[[Path], None]]]:
+    model = _model_check(paths.trust_remote_code)
     if paths.sft_model is not None:
         yield "paths.sft_model", paths.sft_model, model
     for k, folder in enumerate(paths.sft_checkpoints):

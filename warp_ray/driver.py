@@ -1,7 +1,8 @@
-"""The drivers of `warp-ray train-rm`, `warp`, `eval` and `compare`, on the process that submits
-the work: find the inputs (the built-in task unless the config names others), check them before
-Ray starts, then hand the work to Ray (WARM's Tune trials; WARP's coordinator actor; the
-evaluator's reward servers, SFT reference and an engine per model)."""
+"""The drivers of `warp-ray train-rm`, `warp`, `soup`, `eval` and `compare`, on the process that
+submits the work: find the inputs (the built-in task unless the config names others), check them
+before Ray starts, then hand the work to Ray (WARM's Tune trials; WARP's coordinator actor; a
+rewarded soup's learners and reward servers; the evaluator's reward servers, SFT reference and
+an engine per model)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from warp_ray.reward.server import RewardServer, RewardSource, start_reward_serv
 from warp_ray.reward.warm import TRAINED_ON, accuracy_table, is_trained_on, markdown, train_warm, trained_on
 from warp_ray.rollout.worker import RolloutWorker
 from warp_ray.runtime import gpu_options, init_ray, link_worker_logs, remote_message
+from warp_ray.soups.rewards import check_soup_rewards, reward_sources
+from warp_ray.soups.soup import rewarded_soups
 from warp_ray.task import world
 from warp_ray.task.build import task_inputs
 
@@ -88,6 +91,22 @@ def run_warp(config: WarpConfig, resume: bool = False, console: Optional[Console
             pass  # the coordinator is gone, and its learners with it
         if board is not None:
             ray.kill(board)
+
+
+def run_soup(config: WarpConfig, console: Optional[Console] = None) -> dict:
+    """`warp-ray soup`: rewarded soups of the policies trained on each of `rewards`, against the
+    multi-objective RL baseline, for each seed (`warp_ray.soups.soup`), on the built-in task unless
+    the config names other inputs; the rewards, the prompts against every context and the memory
+    checked first. Returns the summary over the seeds."""
+    check_paths(config.paths)
+    reward_models = check_soup_rewards(config)
+    sft, prompts, _, _ = task_inputs(config, preferences=False)
+    for folder in reward_models or [None]:
+        memory = check_run_inputs(config, sft, prompts, folder)
+    log.info("memory of a learner rank, estimated: %s", memory)
+    rewards = reward_sources(config, config.paths.output_dir / "rewards")
+    _start_ray(config, console)
+    return rewarded_soups(config, sft, prompts, rewards, lambda stage: _say(console, stage))
 
 
 def _inputs(

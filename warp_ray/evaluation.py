@@ -32,6 +32,10 @@ from warp_ray.replicas import start_replicas
 from warp_ray.rollout.worker import sample
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
+STUDENT_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Student's t, 97.5% quantile, by degrees of freedom (beyond 10, 10's: a little wide): intervals over seeds."""
+Z_975 = 1.96
+
 
 @ray.remote(**SERVICE)
 class ReferencePolicy:

@@ -49,11 +49,12 @@ class Coordinator:
         config: WarpConfig,
         sft: Path,
         prompts: Path,
-        reward: RewardSource,
+        reward: RewardSource | ActorHandle,
         control: Optional[Callable[[str, str], float]] = None,
         progress: Optional[ActorHandle] = None,
     ):
-        """`reward`: what the proxy reward server hosts; `control`: a reward evaluated beside it
+        """`reward`: what the proxy reward server hosts, or a server already started (shared with
+        other runs, as a rewarded soup's are); `control`: a reward evaluated beside it
         (the built-in task's gold reward), or None; `progress`: a `warp_ray.progress.ProgressBoard`
         told each stage, to which the learners report their steps."""
         self.config = config
@@ -62,7 +63,9 @@ class Coordinator:
         self.layout = partition(self.sft_folder, config.learner_bounds()[1])  # a shard per learner: the merge's unit
         self.sft = put_folder(self.sft_folder, self.layout)
         trust = config.paths.trust_remote_code
-        self.reward_server = start_reward_server(reward, config.reward_server, trust)
+        if isinstance(reward, RewardSource):
+            reward = start_reward_server(reward, config.reward_server, trust)
+        self.reward_server = reward
         splits = prompt_splits(prompts)
         evaluator = Evaluator(
             config,

@@ -8,7 +8,7 @@ applies the same functions to Hugging Face model folders, streaming tensor by te
 from warp_ray.merge.ema import ema_update_
 from warp_ray.merge.linear import average, liti
 from warp_ray.merge.slerp import slerp, slerp_coefficients
-from warp_ray.merge.soup import slerp_soup, soup
+from warp_ray.merge.soup import simplex_grid, slerp_soup, soup
 from warp_ray.merge.state_dict import combine_task_vectors, task_vector_grams
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "liti",
     "slerp",
     "slerp_coefficients",
+    "simplex_grid",
     "slerp_soup",
     "soup",
     "task_vector_grams",

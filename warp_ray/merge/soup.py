@@ -6,6 +6,7 @@ is offered beside the paper's linear interpolation."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Mapping, Sequence
 
@@ -48,3 +49,12 @@ def slerp_soup(
     """The soup by SLERP of the policies' task vectors relative to their shared init, lambda as
     SLERP's weights (docs/algorithms.md#rewarded-soups: not the same point as the linear soup's)."""
     return slerp(init, policies, simplex(lambdas, len(policies)))
+
+
+def simplex_grid(count: int, steps: int, interior: bool = False) -> list[tuple[float, ...]]:
+    """Every lambda on the simplex of `count` policies whose coordinates are multiples of 1/steps,
+    from the first policy's vertex on (two policies, 10 steps: (1, 0), (0.9, 0.1), ..., (0, 1));
+    `interior`: only those with no coordinate 0."""
+    low = 1 if interior else 0
+    points = (p for p in itertools.product(range(low, steps + 1), repeat=count) if sum(p) == steps)
+    return [tuple(k / steps for k in p) for p in sorted(points, reverse=True)]

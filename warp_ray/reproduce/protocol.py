@@ -33,13 +33,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from warp_ray.errors import WarpRayError
+from warp_ray.evaluation import STUDENT_T_975, Z_975
 from warp_ray.reproduce.claims import Claim
 
 HELD, NOISE, FAILED, UNOBSERVED = "held", "within noise", "did not hold", "not observed"
 
-STUDENT_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-"""Student's t, 97.5% quantile, by degrees of freedom; beyond 9, 10's (2.228): a little wide."""
-Z_975 = 1.96
 UNSTABLE_SHARE = 0.05
 
 

@@ -21,6 +21,14 @@ capped on distinct words and penalising repetition, falls. That is reward hackin
 Praise past the fourth positive word is the same trap without repetition: 0.2% of SFT
 completions hold five or more, so the preference data barely shows it, and a reward model
 learned from it has no reason to stop rewarding more.
+
+Two more built-in rewards pull against each other, for rewarded soups (`warp-ray soup`):
+
+    positivity(x, y) = #distinct positive adjectives - #negative adjectives     warmth, which takes words
+    concision(x, y)  = -0.2 * #words - 2 * (1 if the text does not end a sentence)   brevity
+
+A policy trained on positivity writes longer, warmer text; one trained on concision, a single
+short sentence. `REWARDS` names the three.
 """
 
 from __future__ import annotations
@@ -149,3 +157,19 @@ def fingerprint() -> str:
 
 
 FINGERPRINT = fingerprint()
+
+
+def positivity(prompt: str, text: str) -> float:
+    """Warmth: one per distinct positive adjective, minus one per negative adjective."""
+    words = text.split()
+    return float(len(set(words) & set(POSITIVE)) - sum(w in NEGATIVE for w in words))
+
+
+def concision(prompt: str, text: str) -> float:
+    """Brevity: -0.2 per word, and -2 for a text that does not end a sentence (an empty one included)."""
+    words = text.split()
+    return -0.2 * len(words) - 2.0 * (not words or words[-1] != ".")
+
+
+REWARDS = {"gold": gold_reward, "positivity": positivity, "concision": concision}
+"""The built-in task's rewards, by the name a config's `rewards` gives them (kind builtin)."""

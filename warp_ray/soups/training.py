@@ -1,0 +1,97 @@
+"""A rewarded soup's RL runs: one policy per reward, and the multi-objective baseline's runs, all
+from the SFT, `soup.runs_at_once` at a time.
+
+Each run is a REINFORCE learner of warp.T steps (soup.policy_run reinforce) or a WARP run, the
+coordinator's Algorithm 1 (warp). Every run draws the same prompts in the same order (the seed
+of WARP's first learner), so runs differ by their reward alone. A run's policy lands in
+<runs>/<name>/model (WARP: its last iteration's model), written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+
+from warp_ray.checkpoint import atomic_dir, save_model
+from warp_ray.config import WarpConfig
+from warp_ray.coordinator.checkpoints import iteration_dir
+from warp_ray.coordinator.coordinator import Coordinator
+from warp_ray.coordinator.learners import RemoteLearner, run_seed
+from warp_ray.data import prompt_splits, read_prompts
+from warp_ray.learner.learner import check_finite
+
+log = logging.getLogger(__name__)
+
+
+class Run(NamedTuple):
+    """One RL run: its name (a reward's, or a baseline's lambda) and the reward server it trains against."""
+
+    name: str
+    reward: ActorHandle
+
+
+def train(config: WarpConfig, sft: Path, prompts: Path, runs: list[Run], out: Path) -> dict[str, Path]:
+    """Every run, in waves of soup.runs_at_once; returns each run's policy folder by name."""
+    at_once = config.soup.runs_at_once
+    trained = {}
+    for first in range(0, len(runs), at_once):
+        wave = runs[first : first + at_once]
+        log.info("training %s (%s runs)", ", ".join(run.name for run in wave), config.soup.policy_run)
+        for run in wave:
+            shutil.rmtree(out / run.name, ignore_errors=True)  # an earlier soup's logs and iterations
+        train_wave = _reinforce if config.soup.policy_run == "reinforce" else _warp
+        trained.update(train_wave(config, sft, prompts, wave, out))
+    return trained
+
+
+def _reinforce(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Path) -> dict[str, Path]:
+    train_prompts = read_prompts(prompt_splits(prompts)["train"], config.data)
+    seed = run_seed(config.warp.seed, 0, 0)
+    learners = [RemoteLearner.remote(config, str(sft), train_prompts, run.reward, seed=seed) for run in wave]
+    try:
+        ray.get(
+            [
+                learner.run.remote(config.warp.T, out / run.name / "logs", desc=run.name)
+                for run, learner in zip(wave, learners)
+            ]
+        )
+        folders = {}
+        for run, learner in zip(wave, learners):
+            weights = ray.get(learner.get_weights.remote())
+            check_finite(f"the policy of {run.name}", weights)
+            with atomic_dir(out / run.name / "model", overwrite=True) as folder:
+                save_model([weights], sft, folder)
+            folders[run.name] = out / run.name / "model"
+        return folders
+    finally:
+        for learner in learners:
+            ray.kill(learner)  # its ranks and engines end with it
+
+
+def _warp(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Path) -> dict[str, Path]:
+    configs = [
+        config.model_copy(update={"paths": config.paths.model_copy(update={"output_dir": out / run.name})})
+        for run in wave
+    ]
+    coordinators = [
+        ray.remote(num_cpus=0)(Coordinator).remote(run_config, sft, prompts, run.reward)
+        for run, run_config in zip(wave, configs)
+    ]
+    failed = True
+    try:
+        ray.get([coordinator.run.remote() for coordinator in coordinators])
+        failed = False
+        return {run.name: iteration_dir(out / run.name, config.warp.I - 1) / "model" for run in wave}
+    finally:
+        for coordinator in coordinators:
+            try:
+                ray.get(coordinator.close.remote(failed))
+            except RayActorError:
+                pass  # gone, and its learners with it
+            ray.kill(coordinator)
