@@ -24,7 +24,7 @@ def tiny_gpt2(seed: int = 0, n_embd: int = 32) -> GPT2LMHeadModel:
 def perturbed(model: GPT2LMHeadModel, seed: int, scale: float = 0.05) -> GPT2LMHeadModel:
     """A copy of `model` moved by a random task vector, as a fine-tune would."""
     generator = torch.Generator().manual_seed(seed)
-    copy = GPT2LMHeadModel(model.config).eval()
+    copy = type(model)(model.config).eval()
     copy.load_state_dict(model.state_dict())
     with torch.no_grad():
         for p in copy.parameters():

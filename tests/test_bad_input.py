@@ -247,6 +247,7 @@ def test_bad_input_gets_one_clear_message_and_exit_status_2(case, inputs, capsys
     assert documented.group(1) == message
     # nothing written, nothing started
     assert not (inputs / "o").exists() and not (inputs / "out" / "iteration_0").exists()
+    assert CASES[case][0] != "soup" or not (inputs / "out").exists()
 
 
 @pytest.mark.parametrize(

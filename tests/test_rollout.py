@@ -10,10 +10,11 @@ import psutil
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from tests.helpers import perturbed
+from tests.helpers import chat_tokenizer, perturbed, save_tiny_model
 from warp_ray.chat import reward_text
+from warp_ray.checkpoint import load_model_weights
 from warp_ray.data import read_preferences, read_prompts
 from warp_ray.reward.model import reward_texts
 from warp_ray.rollout import weight_group
@@ -147,3 +148,29 @@ def test_object_store_sync_buckets_stay_under_the_rpc_limit_in_the_engines_dtype
         next(buckets(huge, limit=BUCKET_BYTES, dtype=torch.float32))
     over_a_bucket = {"embed": torch.empty(2**30, device="meta"), "bias": torch.zeros(1)}  # 2 GiB in float16
     assert [list(b) for b in buckets(over_a_bucket, BUCKET_BYTES, torch.float16)] == [["embed"], ["bias"]]
+
+
+def test_weights_saved_with_a_tied_embedding_once_reach_the_engines_output_layer_too(tmp_path, ray_cluster):
+    """A checkpoint keeps a tied embedding once (no lm_head.weight); vLLM's in-place reload
+    re-processes only the layers it is given, so the engine must be handed the output layer too."""
+    save_tiny_model(
+        tmp_path / "sft",
+        AutoModelForCausalLM,
+        LlamaConfig,
+        chat_tokenizer("inst"),
+        head_dim=32,
+        tie_word_embeddings=True,
+    )
+    engine = RolloutWorker.remote(str(tmp_path / "sft"), max_model_len=128, seed=0, in_process=True)
+    model = perturbed(AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval(), seed=2, scale=0.5)
+    saved = load_model_weights(tmp_path / "sft")
+    assert "lm_head.weight" not in saved  # what a soup or a merge hands the engine: the tensors a checkpoint keeps
+    new = {name: tensor for name, tensor in model.state_dict().items() if name in saved}
+    ray.get(engine.update_weights.remote(new))
+    samples = [c[0] for c in ray.get(engine.generate.remote(["the sea", "a kind answer", "the night"], 1, 0.0, 12))]
+    ray.kill(engine)
+    for drawn in samples:  # transformers' greedy continuation of the very ids the engine read
+        prompt = torch.tensor([drawn["prompt_token_ids"]])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12)
+        expected = out[0, prompt.shape[1] :].tolist()
+        assert drawn["token_ids"] == expected[: len(drawn["token_ids"])] and drawn["token_ids"]

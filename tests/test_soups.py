@@ -14,10 +14,12 @@ import torch
 
 from tests.helpers import tiny_run_config
 from warp_ray.checkpoint import load_model_weights
+from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.reward.weighted import WeightedReward
 from warp_ray.soups import verdict
-from warp_ray.soups.front import points
+from warp_ray.soups.front import evaluate, points
+from warp_ray.soups.training import Run, train
 from warp_ray.task.world import REWARDS, concision, positivity
 
 PROMPT = "write about the garden in the morning :"
@@ -114,6 +116,7 @@ def test_a_soup_trains_a_policy_per_reward_and_evaluates_every_lambda_under_ever
         soup={"grid": 2, "baseline_grid": 2, "runs_at_once": 3},
     )
     config.resources.cpus_per_rank = config.resources.cpus_per_rollout_worker = 0.3
+    config.warp.lr = 1e-2  # policies far enough from the SFT to sample otherwise in 2 steps
     summary = run_soup(config)
     out = tmp_path / "soup"
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -143,7 +146,37 @@ def test_a_soup_trains_a_policy_per_reward_and_evaluates_every_lambda_under_ever
     assert all(served["[1.0, 0.0]"][k].equal(weights["warmth"][k]) for k in init)
     assert all(served["[0.0, 1.0]"][k].equal(weights["brevity"][k]) for k in init)
     torch.testing.assert_close(served["[0.5, 0.5]"][name], (weights["warmth"][name] + weights["brevity"][name]) / 2)
+    # the engine sampled what it was handed, its output layer too (tied to the embedding, saved once):
+    # an engine started from the policy's own folder draws the same samples as the soup's vertex
+    assert soup[0]["warmth_by_prompt"] != sft["warmth_by_prompt"]  # the policy samples otherwise than the SFT
+    servers = {"warmth": RewardServer.remote(RewardSource(function=positivity))}
+    held_out = read_prompts(prompt_splits(tiny_task / "prompts")["held_out"])
+    own = evaluate(config, policies["warmth"], held_out, servers, [({"kind": "own"}, weights["warmth"])])[0]
+    ray.kill(servers["warmth"])
+    assert own["warmth_by_prompt"] == soup[0]["warmth_by_prompt"]
     assert (out / "front.png").stat().st_size > 10_000 and (out / "seed_0" / "front.png").stat().st_size > 10_000
     report = (out / "seed_0" / "report.md").read_text()
     assert "| soup | 0.5, 0.5 |" in report and "| baseline | 0.5, 0.5 |" in report
     assert f"| 0.5, 0.5 | {summary['by_lambda'][0]['margins'][0]:+.3f} |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_soups_policy_can_be_a_warp_run_whose_last_iteration_is_the_policy(
+    ray_cluster, tiny_task: Path, tmp_path: Path
+):
+    """soup.policy_run warp: the coordinator's Algorithm 1, against the reward server it is handed."""
+    config = tiny_run_config(
+        tmp_path / "soup",
+        {"sft_model": tiny_task / "sft", "prompts": tiny_task / "prompts"},
+        soup={"policy_run": "warp"},
+    )
+    config.warp.M, config.warp.T = 1, 1
+    config.evaluation.front_etas, config.evaluation.front_towards = [1.0], ["init"]
+    server = RewardServer.remote(RewardSource(function=positivity))
+    trained = train(config, tiny_task / "sft", tiny_task / "prompts", [Run("warmth", server)], tmp_path / "runs")
+    ray.kill(server)
+    assert trained == {"warmth": tmp_path / "runs" / "warmth" / "iteration_0" / "model"}
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert not load_model_weights(trained["warmth"])[name].equal(load_model_weights(tiny_task / "sft")[name])
+    front = json.loads((tmp_path / "runs" / "warmth" / "iteration_0" / "front.json").read_text())
+    assert [p["eta"] for p in front] == [1.0] and math.isfinite(front[0]["reward"])

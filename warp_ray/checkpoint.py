@@ -182,6 +182,18 @@ def save_model(shards: Iterable[Mapping[str, Tensor]], like: Path, folder: Path,
         )
 
 
+def tied_weights(folder: str | Path, trust_remote_code: bool = False) -> dict[str, str]:
+    """A model folder's tied weight names, each with the name its checkpoint saves it under (the
+    one copy), read from the model built on PyTorch's meta device: no memory, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code
+        )
+    return dict(model.all_tied_weights_keys)
+
+
 def load_model_weights(folder: str | Path, names: Optional[Collection[str]] = None) -> dict[str, Tensor]:
     """The weights of a Hugging Face folder (one file or shards), all or those `names`, from safetensors only."""
     folder = check_model_folder(folder)
@@ -190,6 +202,13 @@ def load_model_weights(folder: str | Path, names: Optional[Collection[str]] = No
         with open_safetensors(folder / file) as f:
             weights.update({name: f.get_tensor(name) for name in f.keys() if names is None or name in names})
     return weights
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or keeps what it held: written beside it, then renamed."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 @contextmanager

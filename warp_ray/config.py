@@ -389,6 +389,12 @@ class Paths(Section):
     Off: a model folder is data; one that needs its own code is refused, naming the folder."""
 
 
+RESERVED_NAMES = frozenset(
+    {"prompt", "completion", "reward", "control_reward", "kl_to_sft", "truncated", "kind", "lambdas"}
+)
+"""Keys of a soup's evaluated points and samples, which no reward may be named."""
+
+
 class RewardSpec(Section):
     """One reward of a rewarded soup (`warp-ray soup`), hosted by a reward server of its own."""
 
@@ -400,6 +406,16 @@ class RewardSpec(Section):
     concision: warp_ray/task/world.py)."""
     path: str | list[str]
     """model: the folder; warm: the list of folders; builtin: the reward's name."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_no_measure(cls, name: str) -> str:
+        if name in RESERVED_NAMES or name.endswith(("_se", "_by_prompt")) or name.startswith("lambda_"):
+            raise ValueError(
+                f"{name!r} names a measure of the evaluation or a baseline run: choose a name that is none of "
+                f"{sorted(RESERVED_NAMES)}, starts not with lambda_ and ends in neither _se nor _by_prompt"
+            )
+        return name
 
     @model_validator(mode="after")
     def _path_fits_kind(self) -> "RewardSpec":
@@ -470,10 +486,18 @@ class WarpConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _rewards_are_named_once(self) -> "WarpConfig":
+    def _soup_is_well_posed(self) -> "WarpConfig":
         names = [r.name for r in self.rewards]
         if len(set(names)) < len(names):
             raise ValueError(f"rewards are named {names}: give each its own name (it names its policy's folder)")
+        if self.soup.seeds is not None and len(set(self.soup.seeds)) < len(self.soup.seeds):
+            raise ValueError(f"soup.seeds = {self.soup.seeds} repeats a seed: give each once (it names a folder)")
+        low, high = self.learner_bounds()
+        if self.rewards and self.soup.policy_run == "warp" and low != high:
+            raise ValueError(
+                f"soup.policy_run = warp with learners.min, max = {low}, {high}: a soup's runs must have one budget, "
+                "so set learners.min = learners.max (unset, both are warp.M)"
+            )
         if self.rewards and 0 < self.soup.baseline_grid < len(self.rewards):
             raise ValueError(
                 f"soup.baseline_grid = {self.soup.baseline_grid} puts no lambda strictly inside the simplex of "

@@ -32,7 +32,7 @@ from warp_ray.reward.server import RewardServer, RewardSource, start_reward_serv
 from warp_ray.reward.warm import TRAINED_ON, accuracy_table, is_trained_on, markdown, train_warm, trained_on
 from warp_ray.rollout.worker import RolloutWorker
 from warp_ray.runtime import gpu_options, init_ray, link_worker_logs, remote_message
-from warp_ray.soups.rewards import check_soup_rewards, reward_sources
+from warp_ray.soups.rewards import check_soup_rewards, check_text_prompts, reward_sources
 from warp_ray.soups.soup import rewarded_soups
 from warp_ray.task import world
 from warp_ray.task.build import task_inputs
@@ -101,6 +101,7 @@ def run_soup(config: WarpConfig, console: Optional[Console] = None) -> dict:
     check_paths(config.paths)
     reward_models = check_soup_rewards(config)
     sft, prompts, _, _ = task_inputs(config, preferences=False)
+    check_text_prompts(config, prompts)
     for folder in reward_models or [None]:
         memory = check_run_inputs(config, sft, prompts, folder)
     log.info("memory of a learner rank, estimated: %s", memory)

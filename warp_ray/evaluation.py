@@ -99,10 +99,11 @@ class Evaluator:
         self,
         config: WarpConfig,
         prompts: Sequence[Prompt],
-        reward_server,
+        reward_server: Optional[object],
         reference,
         control_server: Optional[object] = None,
     ):
+        """reward_server None: the rows hold no proxy reward (a caller scoring them itself)."""
         self.prompts = list(prompts)[: config.evaluation.prompts]
         if not self.prompts:
             raise ValueError("evaluation needs held-out prompts, got none")
@@ -132,24 +133,20 @@ class Evaluator:
         prompts = [p for p, group in zip(self.prompts, groups) for _ in group]
         samples = [s for group in groups for s in group]
         completions = [s["text"] for s in samples]
-        rewards = self.reward_server.score.remote(prompts, completions)
-        control = self.control_server.score.remote(prompts, completions) if self.control_server else None
+        scored = {
+            key: server.score.remote(prompts, completions)
+            for key, server in (("reward", self.reward_server), ("control_reward", self.control_server))
+            if server is not None
+        }
         sequences = [(s["prompt_token_ids"], s["token_ids"]) for s in samples]
         sft = ray.get(self.reference.sequence_logprobs.remote(sequences, params.temperature))
-        measures = zip(prompts, completions, ray.get(rewards), samples, sft)
         rows = [
-            {
-                "prompt": p,
-                "completion": c,
-                "reward": r,
-                "kl_to_sft": sum(s["logprobs"]) - ref,
-                "truncated": float(s["truncated"]),
-            }
-            for p, c, r, s, ref in measures
+            {"prompt": p, "completion": c, "kl_to_sft": sum(s["logprobs"]) - ref, "truncated": float(s["truncated"])}
+            for p, c, s, ref in zip(prompts, completions, samples, sft)
         ]
-        if control is not None:
-            for row, value in zip(rows, ray.get(control)):
-                row["control_reward"] = value
+        for key, values in zip(scored, ray.get(list(scored.values()))):
+            for row, value in zip(rows, values):
+                row[key] = value
         return rows
 
 

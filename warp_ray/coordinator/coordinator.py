@@ -52,11 +52,13 @@ class Coordinator:
         reward: RewardSource | ActorHandle,
         control: Optional[Callable[[str, str], float]] = None,
         progress: Optional[ActorHandle] = None,
+        name: str = "warp",
     ):
         """`reward`: what the proxy reward server hosts, or a server already started (shared with
         other runs, as a rewarded soup's are); `control`: a reward evaluated beside it
         (the built-in task's gold reward), or None; `progress`: a `warp_ray.progress.ProgressBoard`
-        told each stage, to which the learners report their steps."""
+        told each stage, to which the learners report their steps; `name`: the learners' actors are
+        <name>-learner-<m> (runs at once on one cluster need names of their own)."""
         self.config = config
         self.sft_folder = Path(sft)
         self.out = Path(config.paths.output_dir)
@@ -78,7 +80,7 @@ class Coordinator:
 
         def make_learner(m: int, group: PlacementGroup):  # in its group, on its node: the policy's shards stay there
             placed = RemoteLearner.options(
-                name=f"warp-learner-{m}", scheduling_strategy=PlacementGroupSchedulingStrategy(group)
+                name=f"{name}-learner-{m}", scheduling_strategy=PlacementGroupSchedulingStrategy(group)
             )
             return placed.remote(
                 config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group

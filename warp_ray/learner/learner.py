@@ -142,7 +142,6 @@ class Learner:
         # This actor holds no GPU itself: the engines' resources tell where they run.
         self.broadcast = config.broadcasts_weights
         self.weight_specs = None  # of the broadcast group, joined at the first sync
-        self.tied = None  # tied weight names, read from rank 0 when first needed
         self.ranks, self.rollouts = [], []
         self.startup_error: Optional[StartupError] = None
         try:
@@ -324,12 +323,6 @@ class Learner:
         the evaluator's rows, one per sample, instead of their means."""
         self._check_started()
         weights = join(ray.get(weights))
-        if self.tied is None:
-            self.tied = ray.get(self.ranks[0].tied_weights.remote())
-        weights = {
-            **weights,
-            **{name: weights[saved].clone() for name, saved in self.tied.items()},
-        }  # every name, for the engines
         ray.get([r.update_weights.remote(weights) for r in self.rollouts])
         self.synced_at = None  # the engines no longer hold the policy
         return self.evaluator.samples(self.rollouts) if per_sample else self.evaluator(self.rollouts)

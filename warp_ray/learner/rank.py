@@ -280,10 +280,6 @@ class LearnerRank:
         """The whole anchor in float32, as `policy_state_dict`."""
         return self._state_dict(self.anchor.module if self.zero3 else self.anchor, tied=False)
 
-    def tied_weights(self) -> dict[str, str]:
-        """Tied weight names, each with the name a saved checkpoint keeps it under."""
-        return dict(self.engine.module.all_tied_weights_keys)
-
     def weight_specs(self) -> WeightSpecs:
         """(name, dtype, shape) of what `broadcast_weights` sends, in its order."""
         return [

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from warp_ray.checkpoint import write_atomic
 from warp_ray.config import WarpConfig
 from warp_ray.config_io import check_paths
 from warp_ray.errors import ConfigError, WarpRayError
@@ -43,9 +44,7 @@ def reproduce(
         results = run_all(config)
         results["date"] = time.strftime("%Y-%m-%d")
         results_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = results_file.with_suffix(".json.tmp")  # the last good results stay until these are whole
-        partial.write_text(json.dumps(results, indent=1))
-        partial.replace(results_file)
+        write_atomic(results_file, json.dumps(results, indent=1))  # the last good results stay until these are whole
         _log_regime(folder, config, results["by_seed"][0]["regime"])
     elif not results_file.is_file():
         raise WarpRayError(

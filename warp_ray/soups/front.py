@@ -41,7 +41,7 @@ def evaluate(
         str(sft), seed=config.warp.seed, **engine_args(config, sft, tokenizer)
     )
     reference = start_reference(sft, config)
-    evaluator = Evaluator(config, held_out, next(iter(servers.values())), reference)
+    evaluator = Evaluator(config, held_out, None, reference)
     keys = (*servers, "kl_to_sft", "truncated")
     results = []
     try:
@@ -101,12 +101,13 @@ def report(front: Sequence[dict], names: Sequence[str]) -> str:
 def points(
     config: WarpConfig, sft: Path, policies: Mapping[str, Path], baseline: Mapping[tuple[float, ...], Path]
 ) -> Iterator[Point]:
-    """The SFT, the soup at every lambda of soup.grid (soup.interpolation), then the baseline's
-    policies, one at a time: a point's weights are made when the evaluation reaches it."""
+    """The SFT, the soup (soup.interpolation) at every lambda of soup.grid and of the baseline,
+    then the baseline's policies, one at a time: a point's weights are made when the evaluation
+    reaches it."""
     init = load_model_weights(sft)
     thetas = [load_model_weights(folder) for folder in policies.values()]
     yield {"kind": "sft", "lambdas": None}, init
-    for lambdas in simplex_grid(len(thetas), config.soup.grid):
+    for lambdas in sorted({*simplex_grid(len(thetas), config.soup.grid), *baseline}, reverse=True):
         weights = slerp_soup(init, thetas, lambdas) if config.soup.interpolation == "slerp" else soup(thetas, lambdas)
         yield {"kind": "soup", "lambdas": list(lambdas)}, weights
     for lambdas, folder in baseline.items():

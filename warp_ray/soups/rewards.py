@@ -8,6 +8,7 @@ from pathlib import Path
 
 from warp_ray.config import WarpConfig
 from warp_ray.config_io import check_rewards
+from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.errors import ConfigError
 from warp_ray.merge.folders import average_folders
 from warp_ray.reward.server import RewardSource
@@ -29,6 +30,19 @@ def check_soup_rewards(config: WarpConfig) -> list[Path]:
                 f"rewards.{k}.path = {spec.path!r} is no built-in reward; the built-in task has {list(world.REWARDS)}"
             )
     return [Path(folder) for spec in config.rewards if spec.kind != "builtin" for folder in _folders(spec.path)]
+
+
+def check_text_prompts(config: WarpConfig, prompts: Path) -> None:
+    """A built-in reward reads text: refuse prompts given as chat messages before anything starts."""
+    if not any(spec.kind == "builtin" for spec in config.rewards):
+        return
+    for path in prompt_splits(prompts).values():
+        for i, prompt in enumerate(read_prompts(path, config.data)):
+            if not isinstance(prompt, str):
+                raise ConfigError(
+                    f"{path}: record {i + 1} is chat messages, which a built-in reward (rewards, kind builtin) does "
+                    "not read: give the prompts as text, or use reward models"
+                )
 
 
 def reward_sources(config: WarpConfig, out: Path) -> dict[str, RewardSource]:

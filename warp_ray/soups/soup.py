@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 
 import ray
 
+from warp_ray.checkpoint import write_atomic
 from warp_ray.config import WarpConfig
 from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.merge import simplex_grid
@@ -34,6 +35,8 @@ def rewarded_soups(
     out, names = config.paths.output_dir, list(rewards)
     trust = config.paths.trust_remote_code
     servers = {name: start_reward_server(source, config.reward_server, trust) for name, source in rewards.items()}
+    for stale in ("summary.json", "report.md", "front.png"):  # an earlier soup's verdict, until this one's
+        (out / stale).unlink(missing_ok=True)
     fronts = {}
     try:
         for seed in config.soup.seeds or [config.warp.seed]:
@@ -59,10 +62,10 @@ def rewarded_soups(
         "verdict": verdict.overall([j["verdict"] for j in judged]) if judged else None,
         "by_lambda": judged,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     title = f"Rewarded soup ({config.soup.interpolation}) against multi-objective RL, seeds {list(fronts)}"
     plot([f["points"] for f in fronts.values()], names, out / "front.png", title)
-    (out / "report.md").write_text(f"# {title}\n\n{verdict.markdown(summary)}")
+    write_atomic(out / "report.md", f"# {title}\n\n{verdict.markdown(summary)}")
     return summary
 
 
@@ -94,11 +97,11 @@ def seed_soup(
         "policies": {name: str(folder) for name, folder in trained.items()},
         "points": front,
     }
-    (out / "front.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "front.json", json.dumps(result, indent=2))
     title = f"Rewarded soup ({params.interpolation}) against multi-objective RL, seed {config.warp.seed}"
     plot([front], names, out / "front.png", title)
     serve = f"warp-ray merge soup --models {' '.join(str(policies[n]) for n in names)} --lambdas ... --out <folder>"
-    (out / "report.md").write_text(f"# {title}\n\n{report(front, names)}\nAny lambda, later: `{serve}`\n")
+    write_atomic(out / "report.md", f"# {title}\n\n{report(front, names)}\nAny lambda, later: `{serve}`\n")
     return result
 
 

@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from warp_ray.checkpoint import atomic_dir, save_model
 from warp_ray.config import WarpConfig
@@ -24,7 +25,8 @@ from warp_ray.coordinator.checkpoints import iteration_dir
 from warp_ray.coordinator.coordinator import Coordinator
 from warp_ray.coordinator.learners import RemoteLearner, run_seed
 from warp_ray.data import prompt_splits, read_prompts
-from warp_ray.learner.learner import check_finite
+from warp_ray.errors import TooFewLearners
+from warp_ray.learner.learner import bundles, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,13 @@ def train(config: WarpConfig, sft: Path, prompts: Path, runs: list[Run], out: Pa
 def _reinforce(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Path) -> dict[str, Path]:
     train_prompts = read_prompts(prompt_splits(prompts)["train"], config.data)
     seed = run_seed(config.warp.seed, 0, 0)
-    learners = [RemoteLearner.remote(config, str(sft), train_prompts, run.reward, seed=seed) for run in wave]
+    groups = _placement_groups(config, len(wave))
+    learners = [
+        RemoteLearner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(
+            config, str(sft), train_prompts, run.reward, seed=seed, placement_group=group
+        )
+        for run, group in zip(wave, groups)
+    ]
     try:
         ray.get(
             [
@@ -71,7 +79,27 @@ def _reinforce(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], ou
         return folders
     finally:
         for learner in learners:
-            ray.kill(learner)  # its ranks and engines end with it
+            ray.kill(learner)
+        for group in groups:
+            remove_placement_group(group)  # and the learner's ranks and engines with it
+
+
+def _placement_groups(config: WarpConfig, count: int) -> list[PlacementGroup]:
+    """A placement group of a learner's bundles for each of `count` learners, all placed within
+    learners.place_timeout_s, or none and TooFewLearners: a learner never holds part of what it
+    needs while waiting for the rest."""
+    groups = [placement_group(bundles(config)) for _ in range(count)]
+    timeout = config.learners.place_timeout_s
+    ready, _ = ray.wait([group.ready() for group in groups], num_returns=count, timeout=timeout)
+    if len(ready) < count:
+        for group in groups:
+            remove_placement_group(group)
+        raise TooFewLearners(
+            f"the cluster placed {len(ready)} of the {count} learners of soup.runs_at_once within {timeout:g} s: each "
+            f"takes {bundles(config)} (resources.*) and the cluster has {ray.cluster_resources()}; lower "
+            "soup.runs_at_once, ask less per learner, or add nodes"
+        )
+    return groups
 
 
 def _warp(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Path) -> dict[str, Path]:
@@ -80,18 +108,16 @@ def _warp(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Pa
         for run in wave
     ]
     coordinators = [
-        ray.remote(num_cpus=0)(Coordinator).remote(run_config, sft, prompts, run.reward)
+        ray.remote(num_cpus=0)(Coordinator).remote(run_config, sft, prompts, run.reward, name=f"soup-{run.name}")
         for run, run_config in zip(wave, configs)
     ]
-    failed = True
     try:
         ray.get([coordinator.run.remote() for coordinator in coordinators])
-        failed = False
-        return {run.name: iteration_dir(out / run.name, config.warp.I - 1) / "model" for run in wave}
-    finally:
-        for coordinator in coordinators:
-            try:
-                ray.get(coordinator.close.remote(failed))
-            except RayActorError:
-                pass  # gone, and its learners with it
-            ray.kill(coordinator)
+    except BaseException:
+        for coordinator in coordinators:  # a close would wait behind the other runs still going
+            ray.kill(coordinator)  # its learners and their placement groups end with it
+        raise
+    ray.get([coordinator.close.remote() for coordinator in coordinators])
+    for coordinator in coordinators:
+        ray.kill(coordinator)
+    return {run.name: iteration_dir(out / run.name, config.warp.I - 1) / "model" for run in wave}

@@ -99,8 +99,14 @@ def markdown(summary: dict) -> str:
     """The verdict at each baseline lambda: the seeds' margins, their mean and interval, the tolerance."""
     if not summary["by_lambda"]:
         return "No baseline was run (soup.baseline_grid = 0): nothing to judge the soup against.\n"
+    one_seed = (
+        " With one seed the interval holds the held-out prompts' noise only, not the spread between seeds "
+        "that a rerun would show: run more seeds (soup.seeds) before trusting it."
+        if len(summary["seeds"]) < 2
+        else ""
+    )
     lines = [
-        f"Verdict over seeds {summary['seeds']}: **{summary['verdict']}**.",
+        f"Verdict over seeds {summary['seeds']}: **{summary['verdict']}**.{one_seed}",
         "",
         "| lambda | margin per seed | mean [95% interval] | tolerance (0.1 x gain) | verdict "
         "| soup's best lambda per seed | margin at the same lambda, mean |",
