@@ -197,6 +197,17 @@ CASES = {
     "rewarded soup: a WARM of one folder": soup_run(
         "{{name: a, kind: builtin, path: positivity}}", "{{name: b, kind: warm, path: [{tmp}/sft]}}"
     ),
+    "rewarded soup: a reward named as a measure": soup_run(
+        "{{name: a, kind: builtin, path: positivity}}", "{{name: kl_to_sft, kind: builtin, path: concision}}"
+    ),
+    "rewarded soup: a seed twice": [
+        *soup_run("{{name: a, kind: builtin, path: positivity}}", "{{name: b, kind: builtin, path: concision}}"),
+        *["--set", "soup.seeds=[0, 0]"],
+    ],
+    "rewarded soup: chat prompts and a built-in reward": [
+        *soup_run("{{name: a, kind: builtin, path: positivity}}", "{{name: b, kind: builtin, path: concision}}"),
+        *["--set", "paths.sft_model={tmp}/sft", "--set", "paths.prompts={tmp}/chat"],
+    ],
     "merge: weights that do not fit": [
         "merge",
         "average",

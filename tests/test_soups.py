@@ -14,11 +14,10 @@ import torch
 
 from tests.helpers import tiny_run_config
 from warp_ray.checkpoint import load_model_weights
-from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.reward.weighted import WeightedReward
 from warp_ray.soups import verdict
-from warp_ray.soups.front import evaluate, points
+from warp_ray.soups.front import points
 from warp_ray.soups.training import Run, train
 from warp_ray.task.world import REWARDS, concision, positivity
 
@@ -146,18 +145,15 @@ def test_a_soup_trains_a_policy_per_reward_and_evaluates_every_lambda_under_ever
     assert all(served["[1.0, 0.0]"][k].equal(weights["warmth"][k]) for k in init)
     assert all(served["[0.0, 1.0]"][k].equal(weights["brevity"][k]) for k in init)
     torch.testing.assert_close(served["[0.5, 0.5]"][name], (weights["warmth"][name] + weights["brevity"][name]) / 2)
-    # the engine sampled what it was handed, its output layer too (tied to the embedding, saved once):
-    # an engine started from the policy's own folder draws the same samples as the soup's vertex
-    assert soup[0]["warmth_by_prompt"] != sft["warmth_by_prompt"]  # the policy samples otherwise than the SFT
-    servers = {"warmth": RewardServer.remote(RewardSource(function=positivity))}
-    held_out = read_prompts(prompt_splits(tiny_task / "prompts")["held_out"])
-    own = evaluate(config, policies["warmth"], held_out, servers, [({"kind": "own"}, weights["warmth"])])[0]
-    ray.kill(servers["warmth"])
-    assert own["warmth_by_prompt"] == soup[0]["warmth_by_prompt"]
+    # the engine sampled what it was handed (tests/test_rollout.py: the output layer of a tied model too)
+    assert soup[0]["warmth_by_prompt"] != sft["warmth_by_prompt"] and soup[0]["kl_to_sft"] > 0.01
     assert (out / "front.png").stat().st_size > 10_000 and (out / "seed_0" / "front.png").stat().st_size > 10_000
     report = (out / "seed_0" / "report.md").read_text()
     assert "| soup | 0.5, 0.5 |" in report and "| baseline | 0.5, 0.5 |" in report
-    assert f"| 0.5, 0.5 | {summary['by_lambda'][0]['margins'][0]:+.3f} |" in (out / "report.md").read_text()
+    over_seeds = (out / "report.md").read_text()
+    assert f"| 0.5, 0.5 | {summary['by_lambda'][0]['margins'][0]:+.3f} |" in over_seeds
+    assert f"| baseline | 0.5, 0.5 | {baseline['warmth']:.3f} | {baseline['brevity']:.3f} |" in over_seeds
+    assert "With one seed the interval holds the held-out prompts' noise only" in over_seeds
 
 
 @pytest.mark.slow

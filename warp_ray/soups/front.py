@@ -7,6 +7,7 @@ computed in memory from the saved policies (`warp_ray.merge.soup`)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -112,3 +113,24 @@ def points(
         yield {"kind": "soup", "lambdas": list(lambdas)}, weights
     for lambdas, folder in baseline.items():
         yield {"kind": "baseline", "lambdas": list(lambdas)}, load_model_weights(folder)
+
+
+def seeds_report(fronts: Sequence[Sequence[dict]], names: Sequence[str]) -> str:
+    """Markdown: every point's rewards and KL to the SFT, their mean over the seeds' fronts with the
+    seeds' standard deviation (the spread a rerun with another seed shows)."""
+    by_point: dict[tuple, list[dict]] = {}
+    for front in fronts:
+        for p in front:
+            by_point.setdefault((p["kind"], tuple(p["lambdas"] or ())), []).append(p)
+    lines = [
+        "| point | lambda | " + " | ".join(names) + " | KL to the SFT |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for (kind, lambdas), points in by_point.items():
+        cells = []
+        for key in (*names, "kl_to_sft"):
+            values = [p[key] for p in points]
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.3f}{spread}")
+        lines.append(f"| {kind} | {', '.join(f'{x:g}' for x in lambdas)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

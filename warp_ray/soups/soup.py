@@ -23,7 +23,7 @@ from warp_ray.merge import simplex_grid
 from warp_ray.reward.server import RewardSource, start_reward_server
 from warp_ray.reward.weighted import WeightedReward
 from warp_ray.soups import verdict
-from warp_ray.soups.front import evaluate, plot, points, report
+from warp_ray.soups.front import evaluate, plot, points, report, seeds_report
 from warp_ray.soups.training import Run, train
 
 
@@ -65,7 +65,12 @@ def rewarded_soups(
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     title = f"Rewarded soup ({config.soup.interpolation}) against multi-objective RL, seeds {list(fronts)}"
     plot([f["points"] for f in fronts.values()], names, out / "front.png", title)
-    write_atomic(out / "report.md", f"# {title}\n\n{verdict.markdown(summary)}")
+    points_over_seeds = seeds_report([f["points"] for f in fronts.values()], names)
+    write_atomic(
+        out / "report.md",
+        f"# {title}\n\n{verdict.markdown(summary)}\nEvery point, mean ± standard deviation over the seeds:\n\n"
+        + points_over_seeds,
+    )
     return summary
 
 
