@@ -144,15 +144,20 @@ def test_object_store_sync_buckets_stay_under_the_rpc_limit_in_the_engines_dtype
     assert all(t.dtype == torch.bfloat16 for b in sent for t in b.values())
     torch.testing.assert_close(sent[0]["w1"], state["w1"].to(torch.bfloat16))
     huge = {"embed": torch.empty(2**31, device="meta")}  # 8 GiB in float32, without the memory
-    with pytest.raises(ValueError, match=r"tensor 'embed' \(8.0 GiB in torch.float32\) is over the 4 GiB"):
+    with pytest.raises(ValueError, match=r"layer 'embed' \(8.0 GiB in torch.float32\) is over the 4 GiB"):
         next(buckets(huge, limit=BUCKET_BYTES, dtype=torch.float32))
     over_a_bucket = {"embed": torch.empty(2**30, device="meta"), "bias": torch.zeros(1)}  # 2 GiB in float16
     assert [list(b) for b in buckets(over_a_bucket, BUCKET_BYTES, torch.float16)] == [["embed"], ["bias"]]
+    # a decoder layer is never cut, even when the limit falls inside it: vLLM fuses q, k and v
+    layers = {f"model.layers.{i}.self_attn.{p}.weight": torch.zeros(256) for i in (0, 1) for p in "qkv"}
+    sent = [list(b) for b in buckets({"model.embed.weight": torch.zeros(256), **layers}, 1500, torch.float32)]
+    assert sent == [["model.embed.weight"], [n for n in layers if ".0." in n], [n for n in layers if ".1." in n]]
 
 
-def test_weights_saved_with_a_tied_embedding_once_reach_the_engines_output_layer_too(tmp_path, ray_cluster):
-    """A checkpoint keeps a tied embedding once (no lm_head.weight); vLLM's in-place reload
-    re-processes only the layers it is given, so the engine must be handed the output layer too."""
+def test_a_checkpoints_weights_in_small_buckets_reach_the_whole_engine(tmp_path, ray_cluster):
+    """A checkpoint keeps a tied embedding once (no lm_head.weight), and vLLM's in-place reload
+    re-processes only the layers it is given, each finished at the end of its call: the engine must
+    be handed the output layer too, and q, k and v of a layer (fused by vLLM) in one bucket."""
     save_tiny_model(
         tmp_path / "sft",
         AutoModelForCausalLM,
@@ -166,7 +171,7 @@ def test_weights_saved_with_a_tied_embedding_once_reach_the_engines_output_layer
     saved = load_model_weights(tmp_path / "sft")
     assert "lm_head.weight" not in saved  # what a soup or a merge hands the engine: the tensors a checkpoint keeps
     new = {name: tensor for name, tensor in model.state_dict().items() if name in saved}
-    ray.get(engine.update_weights.remote(new))
+    ray.get(engine.update_weights.remote(new, bucket_bytes=2**10))  # a tensor or two an RPC
     samples = [c[0] for c in ray.get(engine.generate.remote(["the sea", "a kind answer", "the night"], 1, 0.0, 12))]
     ray.kill(engine)
     for drawn in samples:  # transformers' greedy continuation of the very ids the engine read

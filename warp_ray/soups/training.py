@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -39,8 +40,9 @@ class Run(NamedTuple):
 
 
 def train(config: WarpConfig, sft: Path, prompts: Path, runs: list[Run], out: Path) -> dict[str, Path]:
-    """Every run, in waves of soup.runs_at_once; returns each run's policy folder by name."""
-    at_once = config.soup.runs_at_once
+    """Every run, in waves of soup.runs_at_once or as many as the cluster holds; returns each run's
+    policy folder by name."""
+    at_once = _runs_that_fit(config)
     trained = {}
     for first in range(0, len(runs), at_once):
         wave = runs[first : first + at_once]
@@ -52,17 +54,30 @@ def train(config: WarpConfig, sft: Path, prompts: Path, runs: list[Run], out: Pa
     return trained
 
 
+def _runs_that_fit(config: WarpConfig) -> int:
+    """soup.runs_at_once, or fewer: as many runs as the cluster's CPUs and GPUs hold at once (a WARP
+    run's learners.max learners each), at least one; a wave never waits on resources its own runs hold."""
+    learners = config.learner_bounds()[1] if config.soup.policy_run == "warp" else 1
+    need = {k: learners * sum(b.get(k, 0) for b in bundles(config)) for k in ("CPU", "GPU")}
+    have = ray.cluster_resources()
+    fits = min((int(have.get(k, 0) / v + 1e-9) for k, v in need.items() if v), default=config.soup.runs_at_once)
+    if fits < config.soup.runs_at_once:
+        log.info("the cluster holds %d runs at once of soup.runs_at_once = %d", fits, config.soup.runs_at_once)
+    return max(1, min(config.soup.runs_at_once, fits))
+
+
 def _reinforce(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Path) -> dict[str, Path]:
     train_prompts = read_prompts(prompt_splits(prompts)["train"], config.data)
     seed = run_seed(config.warp.seed, 0, 0)
     groups = _placement_groups(config, len(wave))
-    learners = [
-        RemoteLearner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(
-            config, str(sft), train_prompts, run.reward, seed=seed, placement_group=group
-        )
-        for run, group in zip(wave, groups)
-    ]
+    learners = []
     try:
+        learners = [
+            RemoteLearner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(
+                config, str(sft), train_prompts, run.reward, seed=seed, placement_group=group
+            )
+            for run, group in zip(wave, groups)
+        ]
         ray.get(
             [
                 learner.run.remote(config.warp.T, out / run.name / "logs", desc=run.name)
@@ -86,10 +101,10 @@ def _reinforce(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], ou
 
 def _placement_groups(config: WarpConfig, count: int) -> list[PlacementGroup]:
     """A placement group of a learner's bundles for each of `count` learners, all placed within
-    learners.place_timeout_s, or none and TooFewLearners: a learner never holds part of what it
-    needs while waiting for the rest."""
+    learners.scale_up_timeout_s (or place_timeout_s), or none and TooFewLearners: a learner never
+    holds part of what it needs while waiting for the rest."""
     groups = [placement_group(bundles(config)) for _ in range(count)]
-    timeout = config.learners.place_timeout_s
+    timeout = config.learners.scale_up_timeout_s or config.learners.place_timeout_s
     ready, _ = ray.wait([group.ready() for group in groups], num_returns=count, timeout=timeout)
     if len(ready) < count:
         for group in groups:
@@ -107,17 +122,22 @@ def _warp(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], out: Pa
         config.model_copy(update={"paths": config.paths.model_copy(update={"output_dir": out / run.name})})
         for run in wave
     ]
+    # A second thread: a close runs beside a run still going when another run failed. It frees the
+    # run's placement groups, which a killed coordinator would leave reserved until this driver ends.
+    remote = ray.remote(num_cpus=0, max_concurrency=2)(Coordinator)
     coordinators = [
-        ray.remote(num_cpus=0)(Coordinator).remote(run_config, sft, prompts, run.reward, name=f"soup-{run.name}")
+        remote.remote(run_config, sft, prompts, run.reward, name=f"soup-{run.name}")
         for run, run_config in zip(wave, configs)
     ]
+    failed = True
     try:
         ray.get([coordinator.run.remote() for coordinator in coordinators])
-    except BaseException:
-        for coordinator in coordinators:  # a close would wait behind the other runs still going
-            ray.kill(coordinator)  # its learners and their placement groups end with it
-        raise
-    ray.get([coordinator.close.remote() for coordinator in coordinators])
-    for coordinator in coordinators:
-        ray.kill(coordinator)
+        failed = False
+    finally:
+        for coordinator in coordinators:
+            try:
+                ray.get(coordinator.close.remote(failed), timeout=60)
+            except (RayActorError, GetTimeoutError):
+                pass  # gone, and its learners with it
+            ray.kill(coordinator)
     return {run.name: iteration_dir(out / run.name, config.warp.I - 1) / "model" for run in wave}
