@@ -267,4 +267,4 @@ def test_the_soups_grid_covers_the_simplex_in_steps_of_one_over_grid():
     assert all(math.isclose(sum(p), 1.0) and min(p) >= 0 for p in three)
     assert simplex_grid(2, 4, interior=True) == [(0.75, 0.25), (0.5, 0.5), (0.25, 0.75)]
     assert simplex_grid(3, 4, interior=True) == [(0.5, 0.25, 0.25), (0.25, 0.5, 0.25), (0.25, 0.25, 0.5)]
-    assert simplex_grid(3, 2, interior=True) == []
+    assert simplex_grid(3, 2, interior=True) == [] and simplex_grid(2, 0, interior=True) == []

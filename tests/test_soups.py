@@ -14,6 +14,7 @@ import torch
 
 from tests.helpers import tiny_run_config
 from warp_ray.checkpoint import load_model_weights
+from warp_ray.merge import slerp_soup
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.reward.weighted import WeightedReward
 from warp_ray.soups import verdict
@@ -144,7 +145,14 @@ def test_a_soup_trains_a_policy_per_reward_and_evaluates_every_lambda_under_ever
     served = dict((str(p["lambdas"]), w) for p, w in points(config, tiny_task / "sft", policies, {}))
     assert all(served["[1.0, 0.0]"][k].equal(weights["warmth"][k]) for k in init)
     assert all(served["[0.0, 1.0]"][k].equal(weights["brevity"][k]) for k in init)
-    torch.testing.assert_close(served["[0.5, 0.5]"][name], (weights["warmth"][name] + weights["brevity"][name]) / 2)
+    linear = served["[0.5, 0.5]"][name]
+    torch.testing.assert_close(linear, (weights["warmth"][name] + weights["brevity"][name]) / 2)
+    config.soup.interpolation = "slerp"  # of the task vectors from the SFT, lambda as SLERP's weights
+    by_slerp = dict((str(p["lambdas"]), w) for p, w in points(config, tiny_task / "sft", policies, {}))["[0.5, 0.5]"]
+    torch.testing.assert_close(
+        by_slerp[name], slerp_soup(init, [weights["warmth"], weights["brevity"]], (0.5, 0.5))[name]
+    )
+    assert not torch.allclose(by_slerp[name], linear)  # SLERP keeps the task vectors' norm: another point
     # the engine sampled what it was handed (tests/test_rollout.py: the output layer of a tied model too)
     assert soup[0]["warmth_by_prompt"] != sft["warmth_by_prompt"] and soup[0]["kl_to_sft"] > 0.01
     assert (out / "front.png").stat().st_size > 10_000 and (out / "seed_0" / "front.png").stat().st_size > 10_000

@@ -444,7 +444,8 @@ class SoupParams(Section):
     policy's, at every lambda strictly inside the simplex whose coordinates are multiples of
     1 / baseline_grid (two rewards: 0.25, 0.5, 0.75); 0: no baseline."""
     runs_at_once: int = Field(3, ge=1)
-    """RL runs trained together (a learner holds about 3 GB on CPU)."""
+    """RL runs trained together, fewer if the cluster's CPUs and GPUs hold fewer (a learner holds about
+    3 GB on CPU: runs_at_once bounds the memory)."""
     seeds: Optional[list[int]] = Field(None, min_length=1)
     """The seeds (warp.seed) of the soup and its baseline, each trained in <output_dir>/seed_<s>; the
     verdict's interval holds the spread between them. None: warp.seed alone."""

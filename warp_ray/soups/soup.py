@@ -51,9 +51,9 @@ def rewarded_soups(
     finally:
         for server in servers.values():
             ray.kill(server)
-    lambdas = simplex_grid(len(names), config.soup.baseline_grid, interior=True) if config.soup.baseline_grid else []
+    lambdas = [p["lambdas"] for p in next(iter(fronts.values()))["points"] if p["kind"] == "baseline"]
     judged = [
-        {"lambdas": list(lam), **verdict.judge([verdict.margin(f["points"], lam, names) for f in fronts.values()])}
+        {"lambdas": lam, **verdict.judge([verdict.margin(f["points"], lam, names) for f in fronts.values()])}
         for lam in lambdas
     ]
     summary = {
@@ -80,7 +80,7 @@ def seed_soup(
     """One seed's soup and baseline, trained and evaluated; writes front.json, front.png and
     report.md to paths.output_dir and returns what front.json holds."""
     out, params, names = config.paths.output_dir, config.soup, list(servers)
-    lambdas = simplex_grid(len(names), params.baseline_grid, interior=True) if params.baseline_grid else []
+    lambdas = simplex_grid(len(names), params.baseline_grid, interior=True)  # none for baseline_grid 0
     weighted = {run_name(lam): (lam, WeightedReward.remote(list(servers.values()), lam)) for lam in lambdas}
     runs = [Run(name, server) for name, server in servers.items()]
     runs += [Run(name, reward) for name, (_, reward) in weighted.items()]
