@@ -99,11 +99,9 @@ def test_a_run_that_cannot_fit_is_refused_with_the_inputs_checks_before_ray_star
         }
     )
     with pytest.raises(ConfigError, match=r"a learner rank would need about 3\.\d GB of GPU memory, over the 1\.0 GB"):
-        check_run_inputs(config, tiny_task / "sft", tiny_task / "prompts", None)
+        check_run_inputs(config, tiny_task / "sft", tiny_task / "prompts")
     cpu = config.model_copy(update={"resources": config.resources.model_copy(update={"gpus_per_rank": 0})})
-    assert (
-        check_run_inputs(cpu, tiny_task / "sft", tiny_task / "prompts", None).total > 3 * GB
-    )  # estimated, not refused
+    assert check_run_inputs(cpu, tiny_task / "sft", tiny_task / "prompts").total > 3 * GB  # estimated, not refused
 
 
 QWEN25_05B = Qwen2Config(  # Qwen2.5-0.5B-Instruct's published shape

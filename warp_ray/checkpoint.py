@@ -25,7 +25,7 @@ from torch import Tensor
 from warp_ray.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -182,16 +182,20 @@ def save_model(shards: Iterable[Mapping[str, Tensor]], like: Path, folder: Path,
         )
 
 
-def tied_weights(folder: str | Path, trust_remote_code: bool = False) -> dict[str, str]:
-    """A model folder's tied weight names, each with the name its checkpoint saves it under (the
-    one copy), read from the model built on PyTorch's meta device: no memory, no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def meta_model(model_config: "PretrainedConfig", trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM of a config, built on PyTorch's meta device: its shapes and ties, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code
-        )
-    return dict(model.all_tied_weights_keys)
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def tied_weights(folder: str | Path, trust_remote_code: bool = False) -> dict[str, str]:
+    """A model folder's tied weight names, each with the name its checkpoint saves it under (the one copy)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return dict(meta_model(model_config, trust_remote_code).all_tied_weights_keys)
 
 
 def load_model_weights(folder: str | Path, names: Optional[Collection[str]] = None) -> dict[str, Tensor]:

@@ -417,6 +417,11 @@ class RewardSpec(Section):
             )
         return name
 
+    @property
+    def folders(self) -> list[str]:
+        """The reward model folders it names: one (model), several (warm), none (builtin)."""
+        return [] if self.kind == "builtin" else [self.path] if isinstance(self.path, str) else list(self.path)
+
     @model_validator(mode="after")
     def _path_fits_kind(self) -> "RewardSpec":
         if self.kind == "warm" and (isinstance(self.path, str) or len(self.path) < 2):

@@ -44,8 +44,7 @@ def check_rewards(config: WarpConfig) -> None:
     problems = [
         problem
         for k, spec in enumerate(config.rewards)
-        if spec.kind != "builtin"
-        for j, folder in enumerate([spec.path] if isinstance(spec.path, str) else spec.path)
+        for j, folder in enumerate(spec.folders)
         if (
             problem := _problem(
                 f"rewards.{k}.path" + (f".{j}" if spec.kind == "warm" else ""), Path(folder), reward_model

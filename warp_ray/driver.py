@@ -69,7 +69,7 @@ def run_warp(config: WarpConfig, resume: bool = False, console: Optional[Console
     the stages and the learners' steps are shown there (`warp_ray.progress`) and Ray's and its
     workers' output stays in log files."""
     sft, prompts, reward, control = _inputs(config, train_warm=True, console=console)
-    memory = check_run_inputs(config, sft, prompts, Path(reward.folders[0]) if reward.folders else None)
+    memory = check_run_inputs(config, sft, prompts, [Path(folder) for folder in reward.folders])
     log.info("memory of a learner rank, estimated: %s", memory)
     _start_ray(config, console)
     board = ProgressBoard.remote() if console is not None else None
@@ -102,8 +102,7 @@ def run_soup(config: WarpConfig, console: Optional[Console] = None) -> dict:
     reward_models = check_soup_rewards(config)
     sft, prompts, _, _ = task_inputs(config, preferences=False)
     check_text_prompts(config, prompts)
-    for folder in reward_models or [None]:
-        memory = check_run_inputs(config, sft, prompts, folder)
+    memory = check_run_inputs(config, sft, prompts, reward_models)
     log.info("memory of a learner rank, estimated: %s", memory)
     rewards = reward_sources(config, config.paths.output_dir / "rewards")
     _start_ray(config, console)
@@ -130,7 +129,7 @@ def _inputs(
     else:
         if not is_trained_on(config, sft, preferences):  # none yet, or trained on another task or with other settings
             if train_warm:  # the policy, its prompts and its memory checked first: WARM takes minutes
-                check_run_inputs(config, sft, prompts, None)
+                check_run_inputs(config, sft, prompts)
             else:
                 raise ConfigError(
                     f"no reward model trained on these inputs with these settings in {config.paths.output_dir / 'rm'}: "
@@ -172,7 +171,7 @@ def _evaluation(config: WarpConfig, console: Optional[Console]) -> Iterator[Call
     them with the run's evaluator (its reward servers and the SFT reference, on Ray), each model's
     inputs checked first as a run's are."""
     sft, prompts, reward, control = _inputs(config, train_warm=False, console=console)
-    check_model_inputs(config, sft, prompts, Path(reward.folders[0]) if reward.folders else None)
+    check_model_inputs(config, sft, prompts, [Path(folder) for folder in reward.folders])
     _start_ray(config, console)
     trust = config.paths.trust_remote_code
     services = [
@@ -184,7 +183,7 @@ def _evaluation(config: WarpConfig, console: Optional[Console]) -> Iterator[Call
 
     def sample_from(model: Path) -> list[dict]:
         check_same_tokenizer([Path(sft), Path(model)], "the KL to the SFT compares token ids of one tokenizer")
-        check_model_inputs(config, model, prompts, None, key="--model")
+        check_model_inputs(config, model, prompts, key="--model")
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
         options = gpu_options(config.resources.gpus_per_rollout_worker)
         engine = RolloutWorker.options(**options).remote(

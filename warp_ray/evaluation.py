@@ -19,7 +19,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import ray
 import torch
@@ -32,9 +32,13 @@ from warp_ray.replicas import start_replicas
 from warp_ray.rollout.worker import sample
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
-STUDENT_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-"""Student's t, 97.5% quantile, by degrees of freedom (beyond 10, 10's: a little wide): intervals over seeds."""
+_STUDENT_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 Z_975 = 1.96
+
+
+def t_975(dof: int) -> float:
+    """Student's t, 97.5% quantile, for `dof` degrees of freedom (beyond 10, 10's: a little wide)."""
+    return _STUDENT_T_975.get(dof, _STUDENT_T_975[10])
 
 
 @ray.remote(**SERVICE)
@@ -102,15 +106,18 @@ class Evaluator:
         reward_server: Optional[object],
         reference,
         control_server: Optional[object] = None,
+        rewards: Optional[Mapping[str, object]] = None,
     ):
-        """reward_server None: the rows hold no proxy reward (a caller scoring them itself)."""
+        """Each sample scored by the proxy `reward_server` (its row's `reward`), the `control_server`
+        (`control_reward`) and each of `rewards` (under its name), those that are not None."""
         self.prompts = list(prompts)[: config.evaluation.prompts]
         if not self.prompts:
             raise ValueError("evaluation needs held-out prompts, got none")
         self.config = config
         self.reward_server = reward_server
         self.reference = reference
-        self.control_server = control_server
+        named = {"reward": reward_server, "control_reward": control_server, **(rewards or {})}
+        self.scorers = {key: server for key, server in named.items() if server is not None}
 
     def __call__(self, rollouts: list) -> dict[str, float | list[float]]:
         """The means over the held-out samples (reward, kl_to_sft, truncated, control_reward), each
@@ -133,11 +140,7 @@ class Evaluator:
         prompts = [p for p, group in zip(self.prompts, groups) for _ in group]
         samples = [s for group in groups for s in group]
         completions = [s["text"] for s in samples]
-        scored = {
-            key: server.score.remote(prompts, completions)
-            for key, server in (("reward", self.reward_server), ("control_reward", self.control_server))
-            if server is not None
-        }
+        scored = {key: server.score.remote(prompts, completions) for key, server in self.scorers.items()}
         sequences = [(s["prompt_token_ids"], s["token_ids"]) for s in samples]
         sft = ray.get(self.reference.sequence_logprobs.remote(sequences, params.temperature))
         rows = [

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
+from warp_ray.checkpoint import meta_model
 from warp_ray.errors import ConfigError
 
 if TYPE_CHECKING:  # the estimate itself needs no pydantic: bench/gpu_check.py runs it where there is none
@@ -47,9 +47,7 @@ OVERHEAD_BYTES = 3 * GB
 def model_size(model_config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int]:
     """The model's parameters (tied ones once) and its largest weight's, counted on PyTorch's meta
     device: no memory, no weights."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    sizes = [p.numel() for p in model.parameters()]
+    sizes = [p.numel() for p in meta_model(model_config, trust_remote_code).parameters()]
     return sum(sizes), max(sizes)
 
 

@@ -7,7 +7,7 @@ installed vLLM takes the model, and a learner rank fits its GPU (warp_ray/memory
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Sequence
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -103,35 +103,35 @@ def check_engine_supports(
         )
 
 
-def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path]) -> RankMemory:
+def check_run_inputs(config: WarpConfig, sft: Path, prompts: Path, reward_models: Sequence[Path] = ()) -> RankMemory:
     """`check_model_inputs`, then the memory estimate of a learner rank for the longest prompt
     (refused if it would not fit its GPU); returns the estimate."""
-    return check_fits(config, *check_model_inputs(config, sft, prompts, reward_model))
+    return check_fits(config, *check_model_inputs(config, sft, prompts, reward_models))
 
 
 def check_model_inputs(
-    config: WarpConfig, sft: Path, prompts: Path, reward_model: Optional[Path], key: str = "paths.sft_model"
+    config: WarpConfig, sft: Path, prompts: Path, reward_models: Sequence[Path] = (), key: str = "paths.sft_model"
 ) -> tuple[PretrainedConfig, int]:
     """The checks above for a policy `sft` (what a WARP run trains, or a model to evaluate, named by
-    `key` in messages); returns its config and the longest prompt's tokens."""
+    `key` in messages) and the reward models that score it; returns its config and the longest
+    prompt's tokens."""
     trust, max_new_tokens = config.paths.trust_remote_code, config.warp.max_new_tokens
-    for folder in (sft, reward_model):
-        if folder is not None:
-            weight_layout(folder)  # every weight file's header: a truncated or pickled file fails here
+    for folder in (sft, *reward_models):
+        weight_layout(folder)  # every weight file's header: a truncated or pickled file fails here
     policy = AutoTokenizer.from_pretrained(sft, trust_remote_code=trust)
-    reward = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust) if reward_model is not None else None
     policy_limit = context_length(sft, policy, trust)
-    reward_limit = context_length(reward_model, reward, trust) if reward is not None else None
+    rewards = [(folder, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)) for folder in reward_models]
+    reward_limits = [context_length(folder, tokenizer, trust) for folder, tokenizer in rewards]
     longest = 0
     for path in prompt_splits(prompts).values():
         read = read_prompts(path, config.data)
         lengths = rendered_lengths(path, read, policy, f"{key} {sft}", pair=False)
         limited_by = f"the policy's context ({sft})"
         longest = max(longest, check_prompts_fit(path, read, lengths, policy_limit, limited_by, max_new_tokens))
-        if reward is not None:
-            lengths = rendered_lengths(path, read, reward, f"paths.reward_model {reward_model}", pair=True)
-            limited_by = f"the reward model's context ({reward_model})"
-            check_prompts_fit(path, read, lengths, reward_limit, limited_by, max_new_tokens)
+        for (folder, tokenizer), limit in zip(rewards, reward_limits):
+            lengths = rendered_lengths(path, read, tokenizer, f"paths.reward_model {folder}", pair=True)
+            limited_by = f"the reward model's context ({folder})"
+            check_prompts_fit(path, read, lengths, limit, limited_by, max_new_tokens)
     architecture = AutoConfig.from_pretrained(sft, trust_remote_code=trust)
     check_engine_supports(config, sft, architecture, key)  # after the files' checks: it imports vLLM, seconds
     return architecture, longest

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from warp_ray.errors import WarpRayError
-from warp_ray.evaluation import STUDENT_T_975, Z_975
+from warp_ray.evaluation import Z_975, t_975
 from warp_ray.reproduce.claims import Claim
 
 HELD, NOISE, FAILED, UNOBSERVED = "held", "within noise", "did not hold", "not observed"
@@ -156,7 +156,7 @@ def judge(
             else:
                 observed = np.isfinite(boot[:, :, k]).all(axis=1)
                 shared = _shared_prompt_variance(boot[observed, :, k])
-                seeds_part = STUDENT_T_975.get(n - 1, 2.228) ** 2 * margins.var(ddof=1) / n if n > 1 else 0.0
+                seeds_part = t_975(n - 1) ** 2 * margins.var(ddof=1) / n if n > 1 else 0.0
                 noise = seeds_part + Z_975**2 * (shared + check.variance)
                 # One seed and nothing that varies with the prompts (the angles of claim 3): no noise estimate at all.
                 half = float(np.sqrt(noise)) if n > 1 or noise > 0 else np.nan

@@ -42,19 +42,13 @@ def evaluate(
         str(sft), seed=config.warp.seed, **engine_args(config, sft, tokenizer)
     )
     reference = start_reference(sft, config)
-    evaluator = Evaluator(config, held_out, None, reference)
+    evaluator = Evaluator(config, held_out, None, reference, rewards=servers)
     keys = (*servers, "kl_to_sft", "truncated")
     results = []
     try:
         for point, weights in points:
             ray.get(engine.update_weights.remote(weights))
-            rows = evaluator.samples([engine])
-            prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
-            scores = ray.get([server.score.remote(prompts, completions) for server in servers.values()])
-            for name, values in zip(servers, scores):
-                for row, value in zip(rows, values):
-                    row[name] = value
-            results.append({**point, **summarise(rows, keys)})
+            results.append({**point, **summarise(evaluator.samples([engine]), keys)})
     finally:
         ray.kill(engine)
         ray.kill(reference)

@@ -29,7 +29,7 @@ def check_soup_rewards(config: WarpConfig) -> list[Path]:
             raise ConfigError(
                 f"rewards.{k}.path = {spec.path!r} is no built-in reward; the built-in task has {list(world.REWARDS)}"
             )
-    return [Path(folder) for spec in config.rewards if spec.kind != "builtin" for folder in _folders(spec.path)]
+    return [Path(folder) for spec in config.rewards for folder in spec.folders]
 
 
 def check_text_prompts(config: WarpConfig, prompts: Path) -> None:
@@ -54,10 +54,6 @@ def reward_sources(config: WarpConfig, out: Path) -> dict[str, RewardSource]:
         elif spec.kind == "model":
             sources[spec.name] = RewardSource(folders=(spec.path,))
         else:
-            merged = average_folders(spec.path, out / spec.name, overwrite=True)
+            merged = average_folders(spec.folders, out / spec.name, overwrite=True)
             sources[spec.name] = RewardSource(folders=(str(merged),))
     return sources
-
-
-def _folders(path: str | list[str]) -> list[str]:
-    return [path] if isinstance(path, str) else path

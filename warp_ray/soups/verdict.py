@@ -20,7 +20,7 @@ import math
 import statistics
 from typing import Sequence
 
-from warp_ray.evaluation import STUDENT_T_975, Z_975
+from warp_ray.evaluation import Z_975, t_975
 
 TOLERANCE = 0.1
 """Close: the soup gives up at most a tenth of what multi-objective RL gains over the SFT."""
@@ -66,7 +66,7 @@ def judge(margins: Sequence[dict]) -> dict:
     values, n = [m["margin"] for m in margins], len(margins)
     mean = statistics.mean(values)
     spread = statistics.variance(values) if n > 1 else 0.0
-    t = STUDENT_T_975.get(n - 1, STUDENT_T_975[10])
+    t = t_975(n - 1)
     half = math.sqrt(t**2 * spread / n + Z_975**2 * statistics.mean(m["se"] ** 2 for m in margins))
     gain = statistics.mean(m["gain"] for m in margins)
     tolerance = TOLERANCE * gain
