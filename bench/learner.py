@@ -5,8 +5,9 @@
    against `transformers` `generate` in this process, on the same batch (the tiny config's 8
    prompts x 4 samples, its length limit and temperature): generated tokens per second, and each engine's
    start (actor created to first completion). The two engines also on 8 times that batch.
-2. Weight sync as a fraction of step time, through the object store and through the broadcast
-   group (gloo here), one learner each (K = 1, ZeRO-2, fp32).
+2. Weight sync as a fraction of step time, through the object store, through the broadcast
+   group (gloo here), and in memory to an engine in the rank's process (`resources.colocate`),
+   one learner each (K = 1, ZeRO-2, fp32).
 3. The Ray + DeepSpeed learner's step against a bare single-process torch REINFORCE loop doing
    the same work (generate with `transformers`, gold reward, forward and backward, Adam with
    warm-up and clipping, EMA update): whole steps, and the update phase alone (forward,
@@ -157,8 +158,17 @@ def generation(
     return {k: statistics.median(v) for k, v in rates.items()}, starts
 
 
-def learner_steps(config: WarpConfig, task: Path, weight_sync: str, steps: int) -> dict[str, float]:
-    config = config.model_copy(update={"resources": config.resources.model_copy(update={"weight_sync": weight_sync})})
+LAYOUTS = {
+    "object_store": {"weight_sync": "object_store"},
+    "broadcast": {"weight_sync": "broadcast"},
+    "colocated": {"colocate": True, "weight_sync": "auto"},
+}
+"""How the weights reach the engine: an engine actor's through the object store or the broadcast group, or
+the engine in the rank's process (resources.colocate), in memory."""
+
+
+def learner_steps(config: WarpConfig, task: Path, layout: str, steps: int) -> dict[str, float]:
+    config = config.model_copy(update={"resources": config.resources.model_copy(update=LAYOUTS[layout])})
     start = time.perf_counter()
     learner = Learner(
         config,
@@ -168,8 +178,8 @@ def learner_steps(config: WarpConfig, task: Path, weight_sync: str, steps: int) 
         seed=0,
     )
     start_seconds = time.perf_counter() - start
-    learner.run(3, desc=f"warm-up ({weight_sync})")
-    history = learner.run(steps, desc=weight_sync)
+    learner.run(3, desc=f"warm-up ({layout})")
+    history = learner.run(steps, desc=layout)
     learner.close()
     medians = {
         k: statistics.median(m[k] for m in history)
@@ -189,7 +199,7 @@ def main() -> None:
     init_ray(num_cpus=2)
 
     rates, starts = generation(config, task / "sft", prompts, rounds=5)
-    learners = {sync: learner_steps(config, task, sync, args.steps) for sync in ("object_store", "broadcast")}
+    learners = {layout: learner_steps(config, task, layout, args.steps) for layout in LAYOUTS}
     bare = BareLoop(config, task / "sft")
     for _ in range(3):
         bare.step(prompts)
@@ -223,9 +233,9 @@ def main() -> None:
     )
     print("\n| step (medians) | s/step | rollout s | update s | sync s | sync / step | step vs bare | update vs bare |")
     print("|---|---|---|---|---|---|---|---|")
-    for sync, t in learners.items():
+    for layout, t in learners.items():
         print(
-            f"| learner, {sync} | {t['seconds']:.3f} | {t['rollout_seconds']:.3f} | {t['update_seconds']:.3f} | "
+            f"| learner, {layout} | {t['seconds']:.3f} | {t['rollout_seconds']:.3f} | {t['update_seconds']:.3f} | "
             f"{t['sync_seconds']:.3f} "
             f"| {t['sync_seconds'] / t['seconds']:.1%} | {t['seconds'] / bare_step:.2f} | "
             f"{t['update_seconds'] / bare_update:.2f} |"

@@ -12,7 +12,9 @@ warp-ray runs one learner on the 2 cores: a DeepSpeed rank and a vLLM engine (vl
 TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_sync_steps` = 1: the same EMA anchor.
 
 The two losses are the same at one update per batch: REINFORCE on the reward minus beta times the sampled sequence KL,
-with the leave-one-out baseline (TRL's clipped ratio is 1). TRL runs first, in a process of its own, then the learner.
+with the leave-one-out baseline (TRL's clipped ratio is 1). TRL runs first, in a process of its own, then the learner
+in two layouts: its vLLM engine as an actor of its own, then inside the rank's process (`resources.colocate`, the
+weights handed over in memory).
 
 Reported for each:
 - seconds per step, completions and generated tokens per second (medians after 3 warm-up steps; the policies
@@ -253,27 +255,34 @@ def main() -> None:
     if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed: run `make bench`, which installs the bench extra")
     # One learner on the machine's 2 cores, as TRL's one process: its engine's CPU and its rank's (2 threads).
-    config = load_config(
-        ROOT / "configs" / "tiny.yaml", ["resources.cpus_per_rank=1", "resources.cpus_per_rollout_worker=1"]
-    )
+    cores = ["resources.cpus_per_rank=1", "resources.cpus_per_rollout_worker=1"]
+    config = load_config(ROOT / "configs" / "tiny.yaml", cores)
+    learners = {  # the engine as an actor of its own (the tiny config's layout), then inside the rank
+        "warp-ray learner": config,
+        "warp-ray learner, colocated": load_config(
+            ROOT / "configs" / "tiny.yaml", [*cores, "resources.colocate=true", "resources.weight_sync=auto"]
+        ),
+    }
     task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
     prompts = read_prompts(task / "prompts" / "train.jsonl")
     batch = config.warp.batch_size * config.warp.samples_per_prompt
 
-    rounds = []
+    rounds, weights = [], {}
     for _ in range(args.rounds):  # every draw is seeded: the rounds differ in their timings only
-        trl = trl_in_a_process(config, task, prompts, args.steps, args.out / "trl")
-        warp_ray, weights = warp_ray_run(config, task, args.steps)
-        rounds.append({"TRL RLOOTrainer": trl, "warp-ray learner": warp_ray})
+        runs = {"TRL RLOOTrainer": trl_in_a_process(config, task, prompts, args.steps, args.out / "trl")}
+        for name, layout in learners.items():
+            runs[name], weights[name] = warp_ray_run(layout, task, args.steps)
+        rounds.append(runs)
 
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(task / "sft")
     held_out = read_prompts(task / "prompts" / "held_out.jsonl")
     policies = {"SFT": AutoModelForCausalLM.from_pretrained(task / "sft")}
     policies["TRL RLOOTrainer"] = AutoModelForCausalLM.from_pretrained(args.out / "trl" / "policy")
-    policies["warp-ray learner"] = AutoModelForCausalLM.from_pretrained(task / "sft")
-    missing, unexpected = policies["warp-ray learner"].load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= set(policies["warp-ray learner"].all_tied_weights_keys)
+    for name, learned in weights.items():
+        policies[name] = AutoModelForCausalLM.from_pretrained(task / "sft")
+        missing, unexpected = policies[name].load_state_dict(learned, strict=False)
+        assert not unexpected and set(missing) <= set(policies[name].all_tied_weights_keys)
     rewards = {name: held_out_reward(config, model, tokenizer, held_out) for name, model in policies.items()}
 
     for runs in rounds:
@@ -308,13 +317,14 @@ def main() -> None:
             f"| {name} | {reward:.3f} ({se:.3f}) | {reward - sft:.3f} ({gain_se:.3f}) | "
             f"{'yes' if reward - sft > 2 * gain_se else 'NO'} | {'yes' if same else 'no'} |"
         )
+    print("\n| round | run | rollout s | update s | sync s (share of the step) |\n|---|---|---|---|---|")
     for r, runs in enumerate(rounds, 1):
-        run = runs["warp-ray learner"]
-        parts = {part: statistics.median(run[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")}
-        print(
-            f"\nround {r}, warp-ray's step (medians): "
-            + ", ".join(f"{part} {s:.3f} s ({s / run['s_per_step']:.1%})" for part, s in parts.items())
-        )
+        for name in learners:
+            run = runs[name]
+            rollout, update, sync = (
+                statistics.median(run[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")
+            )
+            print(f"| {r} | {name} | {rollout:.3f} | {update:.3f} | {sync:.3f} ({sync / run['s_per_step']:.1%}) |")
 
 
 if __name__ == "__main__":

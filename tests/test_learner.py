@@ -106,19 +106,25 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     assert 0 < moved < drift  # the EMA anchor follows the policy, from behind
 
 
-def test_one_rank_learner_with_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(
+def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(
     tiny_task, ray_cluster, tmp_path
 ):
+    config = tiny_config(anchor="sft")
+    config.resources.colocate = True
     learner = Learner(
-        tiny_config(anchor="sft"),
+        config,
         tiny_task / "sft",
         read_prompts(tiny_task / "prompts" / "train.jsonl"),
         RewardServer.remote(RewardSource(function=world.gold_reward)),
         seed=1,
     )
-    engine_pid = ray.get(learner.rollouts[0].__ray_call__.remote(lambda _: os.getpid()))
-    assert psutil.Process(engine_pid).children() == []  # resources.rollout_in_process: no EngineCore process
+    # resources.colocate: the engine, its core and its worker are in rank 0's process, which keeps its threads.
+    assert [r._actor_id for r in learner.rollouts] == [learner.ranks[0]._actor_id]
+    rank_pid, threads = ray.get(learner.ranks[0].__ray_call__.remote(lambda _: (os.getpid(), torch.get_num_threads())))
+    assert psutil.Process(rank_pid).children() == [] and threads == config.resources.threads_per_rank
     stats = [learner.step() for _ in range(20)]
+    assert all(0 < m["sync_seconds"] < m["seconds"] for m in stats)
+    assert max(m["logprob_gap"] for m in stats) < 1e-3  # the engine samples from the policy of every step
     rewards = [m["reward"] for m in stats]
     assert statistics.mean(rewards[-6:]) > statistics.mean(rewards[:6]) + 0.5
     sft = load_file(tiny_task / "sft" / "model.safetensors")

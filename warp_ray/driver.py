@@ -185,7 +185,7 @@ def _evaluation(config: WarpConfig, console: Optional[Console]) -> Iterator[Call
         check_same_tokenizer([Path(sft), Path(model)], "the KL to the SFT compares token ids of one tokenizer")
         check_model_inputs(config, model, prompts, key="--model")
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
-        options = gpu_options(config.resources.gpus_per_rollout_worker)
+        options = gpu_options(config.resources.gpus_per_engine)
         engine = RolloutWorker.options(**options).remote(
             str(model), seed=config.warp.seed, **engine_args(config, model, tokenizer)
         )

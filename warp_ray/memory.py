@@ -127,25 +127,31 @@ def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_token
 
 def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
     """The estimate; ConfigError naming its parts if a rank on a GPU would need more than its share
-    of the GPU (resources.gpus_per_rank of it) has,
+    of the GPU (resources.gpus_per_rank of it, less a colocated engine's share) has,
     or if an engine's share of a GPU cannot hold the policy's weights (vLLM needs room beyond them
     for its KV cache, which it sizes itself and refuses to start without)."""
     estimate = rank_memory(config, model_config, prompt_tokens)
     r = config.resources
-    engine_share = r.gpus_per_rollout_worker * r.engine_memory_utilization * (r.gpu_memory_gb or 0) * GB
+    engine_gpus = r.gpus_per_engine
+    gpus_key = "gpus_per_rank" if r.colocate else "gpus_per_rollout_worker"
+    engine_share = engine_gpus * r.engine_memory_utilization * (r.gpu_memory_gb or 0) * GB
     engine_weights = estimate.parameters * (2 if r.precision == "bf16" else 4)
-    if r.gpus_per_rollout_worker > 0 and engine_weights >= engine_share:
+    if engine_gpus > 0 and engine_weights >= engine_share:
         raise ConfigError(
-            f"a vLLM engine's share of a GPU, {engine_share / GB:.1f} GB (resources.gpus_per_rollout_worker = "
-            f"{r.gpus_per_rollout_worker} x engine_memory_utilization = {r.engine_memory_utilization} x gpu_memory_gb "
+            f"a vLLM engine's share of a GPU, {engine_share / GB:.1f} GB (resources.{gpus_key} = "
+            f"{engine_gpus} x engine_memory_utilization = {r.engine_memory_utilization} x gpu_memory_gb "
             f"= {r.gpu_memory_gb}), cannot hold the policy's {engine_weights / GB:.1f} GB of weights and a KV cache"
         )
     if r.gpus_per_rank > 0:
-        available = r.gpus_per_rank * r.gpu_memory_gb * GB
+        available = r.gpus_per_rank * r.gpu_memory_gb * GB - (engine_share if r.colocate else 0)
         if estimate.total > available:
             share = (
                 "a GPU" if r.gpus_per_rank == 1 else f"its share of a GPU (resources.gpus_per_rank = {r.gpus_per_rank})"
             )
+            if r.colocate:
+                share += (
+                    f" less its colocated engine's {engine_share / GB:.1f} GB (resources.engine_memory_utilization)"
+                )
             raise ConfigError(
                 f"a learner rank would need about {estimate.total / GB:.1f} GB of GPU memory, over the "
                 f"{available / GB:.1f} GB of {share} (resources.gpu_memory_gb = {r.gpu_memory_gb}) "

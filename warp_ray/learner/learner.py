@@ -52,21 +52,23 @@ def engine_args(config: WarpConfig, folder: str | Path, tokenizer: PreTrainedTok
         max_model_len=context_length(folder, tokenizer, trust),
         dtype="bfloat16" if resources.precision == "bf16" else "float32",
         trust_remote_code=trust,
-        in_process=resources.rollout_in_process,
-        gpu_memory_utilization=resources.engine_memory_utilization * (resources.gpus_per_rollout_worker or 1),
+        in_process=resources.rollout_in_process or resources.colocate,
+        gpu_memory_utilization=resources.engine_memory_utilization * (resources.gpus_per_engine or 1),
         enforce_eager=resources.enforce_eager,
     )
 
 
 def bundles(config: WarpConfig) -> list[dict[str, float]]:
-    """A learner's placement-group bundles: one per DeepSpeed rank, then one per vLLM engine."""
+    """A learner's placement-group bundles: one per DeepSpeed rank, then one per vLLM engine; a
+    colocated engine's CPUs join its rank's bundle instead."""
     r = config.resources
-    rank = {"CPU": r.cpus_per_rank, "GPU": r.gpus_per_rank}
-    engine = {"CPU": r.cpus_per_rollout_worker, "GPU": r.gpus_per_rollout_worker}
-    return [
-        {k: v for k, v in b.items() if v}
-        for b in [rank] * r.ranks_per_learner + [engine] * r.rollout_workers_per_learner
-    ]
+    if r.colocate:
+        layout = [{"CPU": r.cpus_per_rank + r.cpus_per_rollout_worker, "GPU": r.gpus_per_rank}]
+    else:
+        rank = {"CPU": r.cpus_per_rank, "GPU": r.gpus_per_rank}
+        engine = {"CPU": r.cpus_per_rollout_worker, "GPU": r.gpus_per_rollout_worker}
+        layout = [rank] * r.ranks_per_learner + [engine] * r.rollout_workers_per_learner
+    return [{k: v for k, v in b.items() if v} for b in layout]
 
 
 def check_finite(what: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -132,7 +134,8 @@ class Learner:
         evaluator: Optional[Evaluator] = None,
         placement_group: Optional[PlacementGroup] = None,
     ):
-        """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i."""
+        """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i.
+        With resources.colocate, the engine runs in rank 0, and `rollouts` is rank 0 itself."""
         resources = config.resources
         self.config = config
         self.prompts = list(prompts)
@@ -159,10 +162,13 @@ class Learner:
         engine = engine_args(self.config, sft, self.tokenizer)
         self.rollouts = [
             RolloutWorker.options(**placed(K + i)).remote(str(sft), seed=seed + i, **engine)
-            for i in range(resources.rollout_workers_per_learner)
+            for i in range(0 if resources.colocate else resources.rollout_workers_per_learner)
         ]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
+        if resources.colocate:  # after the group: vLLM takes the process group it finds in its process
+            ray.get(self.ranks[0].start_engine.remote(str(sft), seed, **engine))
+            self.rollouts = self.ranks[:1]
         self.set_weights(None, seed)
 
     def _failed_to_start(self, error: Exception) -> StartupError:
@@ -182,8 +188,8 @@ class Learner:
                 pass  # still starting: not dead
         # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
-        components = {rank._actor_id.hex(): f"learner rank {k} (DeepSpeed)" for k, rank in enumerate(self.ranks)}
-        components |= {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
+        components = {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
+        components |= {rank._actor_id.hex(): f"learner rank {k} (DeepSpeed)" for k, rank in enumerate(self.ranks)}
         cause = remote_message(error)
         where = f"; its log: `ray logs actor --id {actor}`" if actor in components else ""
         return StartupError(f"{components.get(actor, 'the learner')} failed to start: {cause}{where}")
@@ -247,7 +253,9 @@ class Learner:
         start = time.perf_counter()
         if self.broadcast and self.weight_specs is None:
             self._join_weight_group()
-        if self.broadcast:
+        if self.config.resources.colocate:
+            ray.get(self.ranks[0].sync_engine.remote())
+        elif self.broadcast:
             receiving = [r.receive_weights.remote(self.weight_specs) for r in self.rollouts]
             ray.get([rank.broadcast_weights.remote() for rank in self.ranks] + receiving)
         else:

