@@ -159,8 +159,8 @@ def generation(
 
 
 LAYOUTS = {
-    "object_store": {"weight_sync": "object_store"},
-    "broadcast": {"weight_sync": "broadcast"},
+    "object_store": {"colocate": False, "rollout_in_process": True, "weight_sync": "object_store"},
+    "broadcast": {"colocate": False, "rollout_in_process": True, "weight_sync": "broadcast"},
     "colocated": {"colocate": True, "weight_sync": "auto"},
 }
 """How the weights reach the engine: an engine actor's through the object store or the broadcast group, or

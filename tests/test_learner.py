@@ -70,6 +70,8 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
     config.resources.ranks_per_learner = 2
     config.evaluation.every = 15
     learner = evaluated_learner(config, tiny_task, seed=0)
+    engine_pid = ray.get(learner.rollouts[0].__ray_call__.remote(lambda _: os.getpid()))
+    assert psutil.Process(engine_pid).children() == []  # resources.rollout_in_process: no EngineCore process
     before = learner.evaluate()
     assert before["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engine holds the SFT itself
     history = learner.run(30, log_dir=tmp_path)

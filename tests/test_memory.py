@@ -147,19 +147,27 @@ def test_a_colocated_engine_takes_its_share_of_its_ranks_gpu_and_needs_a_learner
     small_engine = example.model_copy(
         update={"resources": example.resources.model_copy(update={"engine_memory_utilization": 0.25})}
     )
-    assert check_fits(small_engine, QWEN25_05B, 256).total < (0.45 - 0.45 * 0.25) * 80 * GB
+    estimate = check_fits(small_engine, QWEN25_05B, 256)
+    assert estimate.total < (0.45 - 0.45 * 0.25) * 80 * GB
+    # The sync's copies: the larger of the embedding (151936 x 896) and a layer's share, twice, in bf16.
+    assert estimate.parts["sync"] == 2 * 2 * max(151936 * 896, estimate.parameters / 24)
+    assert "sync" not in check_fits(load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml"), QWEN25_05B, 256).parts
     with pytest.raises(
         ConfigError,
         match=r"over the 3.6 GB of its share of a GPU \(resources.gpus_per_rank = 0.45\) "
-        r"less its colocated engine's 32.4 GB",
+        r"less its colocated engine's 32.4 GB .* Lower it with a lower resources.engine_memory_utilization, ",
     ):
         check_fits(example, QWEN25_05B, 256)  # the engine's default 0.9 of the share leaves the rank 3.6 GB
     with pytest.raises(
         ConfigError,
         match=r"resources.colocate runs one vLLM engine inside the learner's one rank, but "
-        r"resources.ranks_per_learner = 2 \(allowed: 1\), resources.weight_sync = broadcast",
+        r"resources.ranks_per_learner = 2 \(allowed: 1\), resources.rollout_workers_per_learner = 2 \(allowed: 1\), "
+        r"resources.gpus_per_rollout_worker = 1.0 \(allowed: 0: .*\), resources.weight_sync = broadcast",
     ):
-        WarpConfig.from_dict({"resources": {"colocate": True, "ranks_per_learner": 2, "weight_sync": "broadcast"}})
+        wrong = {"ranks_per_learner": 2, "rollout_workers_per_learner": 2, "gpus_per_rollout_worker": 1}
+        WarpConfig.from_dict(
+            {"resources": {"colocate": True, **wrong, "weight_sync": "broadcast", "gpu_memory_gb": 80}}
+        )
 
 
 def test_a_gpu_is_shared_by_learners_of_one_rank_only():

@@ -14,6 +14,8 @@ For P parameters, K ranks and ZeRO stage Z, with b bytes per training value (2 i
     logits        tokens x V x (3 b + 4) (the policy's, two buffers of their gradient, the float32
                   anchor's) + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
     gathered      under ZeRO-3, the largest weight whole, the policy's, its gradient and the anchor's: W (2 b + 4)
+    sync          with a colocated engine (resources.colocate), what its in-memory sync holds: a layer's weights
+                  copied in the engine's dtype and vLLM's rebuilt copy of them, 2 b max(W, P / layers)
     overhead      3 GB: CUDA context, NCCL buffers, allocator fragmentation (an allowance, not a measure)
 
 where tokens = micro-batch rows x (longest prompt + warp.max_new_tokens). It is an estimate, checked
@@ -112,9 +114,11 @@ def rank_bytes(
 def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
     """The estimate for a config's learner rank, prompts of up to `prompt_tokens` tokens."""
     r = config.resources
-    return rank_bytes(
+    parameters, largest = model_size(model_config, config.paths.trust_remote_code)
+    estimate = rank_bytes(
         model_config,
-        *model_size(model_config, config.paths.trust_remote_code),
+        parameters,
+        largest,
         ranks=r.ranks_per_learner,
         zero_stage=r.zero_stage,
         bf16=r.precision == "bf16",
@@ -123,6 +127,10 @@ def rank_memory(config: WarpConfig, model_config: PretrainedConfig, prompt_token
         logprob_chunk=r.logprob_chunk,
         activation_checkpointing=r.activation_checkpointing,
     )
+    if r.colocate:
+        layer = max(largest, parameters / model_config.get_text_config().num_hidden_layers)
+        estimate.parts["sync"] = 2 * (2 if r.precision == "bf16" else 4) * layer
+    return estimate
 
 
 def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens: int) -> RankMemory:
@@ -148,17 +156,19 @@ def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens
             share = (
                 "a GPU" if r.gpus_per_rank == 1 else f"its share of a GPU (resources.gpus_per_rank = {r.gpus_per_rank})"
             )
-            if r.colocate:
+            levers = "more resources.ranks_per_learner at zero_stage 3, "
+            if r.colocate:  # a learner of one rank
                 share += (
                     f" less its colocated engine's {engine_share / GB:.1f} GB (resources.engine_memory_utilization)"
                 )
+                levers = "a lower resources.engine_memory_utilization, "
             raise ConfigError(
                 f"a learner rank would need about {estimate.total / GB:.1f} GB of GPU memory, over the "
                 f"{available / GB:.1f} GB of {share} (resources.gpu_memory_gb = {r.gpu_memory_gb}) "
                 f"({estimate}; {estimate.parameters / 1e9:.2f}B parameters, "
                 f"{config.micro_batch_size} completions of up to {prompt_tokens} + {config.warp.max_new_tokens} "
-                "tokens per pass). Lower it with more resources.ranks_per_learner at zero_stage 3, a smaller "
-                "resources.micro_batch_size, resources.activation_checkpointing, resources.logprob_chunk"
+                f"tokens per pass). Lower it with {levers}a smaller resources.micro_batch_size, "
+                "resources.activation_checkpointing, resources.logprob_chunk"
             )
     return estimate
 

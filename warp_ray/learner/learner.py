@@ -189,7 +189,11 @@ class Learner:
         # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
         components = {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
-        components |= {rank._actor_id.hex(): f"learner rank {k} (DeepSpeed)" for k, rank in enumerate(self.ranks)}
+        hosted = ", with its colocated vLLM engine" if self.config.resources.colocate else ""
+        components |= {
+            rank._actor_id.hex(): f"learner rank {k} (DeepSpeed{hosted if k == 0 else ''})"
+            for k, rank in enumerate(self.ranks)
+        }
         cause = remote_message(error)
         where = f"; its log: `ray logs actor --id {actor}`" if actor in components else ""
         return StartupError(f"{components.get(actor, 'the learner')} failed to start: {cause}{where}")

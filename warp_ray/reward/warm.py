@@ -201,29 +201,24 @@ def train_warm(
 
 
 def split_scores(
-    folders: Sequence[str],
+    folder: str,
     preferences: dict[str, str],
     columns: DataColumns,
     params: WarmParams,
     trust_remote_code: bool,
-) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """For each reward model, r(x, y_chosen) and r(x, y_rejected) of every pair of every split: a
-    Ray task on one worker's share, scoring in batches."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A reward model's r(x, y_chosen) and r(x, y_rejected) of every pair of every split: a Ray task
+    on one worker's share, scoring in batches."""
     torch.set_num_threads(worker_threads(params))
     device = actor_device(params.gpus_per_worker, "the accuracy table's scoring")
-    splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
-    scores = []
-    for folder in folders:
-        model, tokenizer = load_reward_model(folder, trust_remote_code=trust_remote_code)
-        model.to(device)
-        by_split = {}
-        for name, pairs in splits.items():
-            prompts = [p["prompt"] for p in pairs]
-            by_split[name] = tuple(
-                score(model, tokenizer, prompts, [p[k] for p in pairs]) for k in ("chosen", "rejected")
-            )
-        scores.append(by_split)
-    return scores
+    model, tokenizer = load_reward_model(folder, trust_remote_code=trust_remote_code)
+    model.to(device)
+    by_split = {}
+    for name, path in preferences.items():
+        pairs = read_preferences(path, columns)
+        prompts = [p["prompt"] for p in pairs]
+        by_split[name] = tuple(score(model, tokenizer, prompts, [p[k] for p in pairs]) for k in ("chosen", "rejected"))
+    return by_split
 
 
 def accuracy_table(
@@ -239,13 +234,14 @@ def accuracy_table(
     "train (as labelled)" counts agreement with the training labels, flipped ones included;
     "train (true labels)" with the labels before the flips, where the data records them, and
     "flipped pairs (as labelled)" with the flipped labels alone: memorisation of the noise.
-    The models score the pairs in a Ray task on one worker's share of a fine-tune's resources.
+    Each model scores the pairs in a Ray task of its own, on one worker's share of a fine-tune's
+    resources, as many at once as the cluster holds.
     """
     splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
     paths = {name: str(Path(path).resolve()) for name, path in preferences.items()}
     task = ray.remote(split_scores).options(**worker_share(params))
     *singles, merged = ray.get(
-        task.remote([str(f) for f in (*folders, warm)], paths, columns, params, trust_remote_code)
+        [task.remote(str(f), paths, columns, params, trust_remote_code) for f in (*folders, warm)]
     )
     models = {f"RM {m + 1}": s for m, s in enumerate(singles)}
     models["ENS"] = {name: tuple(torch.stack([s[name][i] for s in singles]).mean(0) for i in (0, 1)) for name in splits}
