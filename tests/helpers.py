@@ -110,7 +110,8 @@ def save_tiny_model(folder: Path, model_class, config_class, tokenizer, seed: in
 
 
 def tiny_run_config(out: Path, paths: dict, **sections) -> WarpConfig:
-    """One WARP iteration of two learners (2 steps each) and WARM of two (4 steps each), on 2 CPUs."""
+    """One WARP iteration of two learners (2 steps each, each engine colocated in its rank's process: one
+    process to start per learner) and WARM of two (4 steps each), on 2 CPUs."""
     return WarpConfig.from_dict(
         {
             "warp": {"M": 2, "I": 1, "T": 2, "batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3},
@@ -120,7 +121,7 @@ def tiny_run_config(out: Path, paths: dict, **sections) -> WarpConfig:
                 "precision": "fp32",
                 "cpus_per_rank": 0.5,
                 "cpus_per_rollout_worker": 0.5,
-                "rollout_in_process": True,
+                "colocate": True,
             },
             "paths": {**{k: str(v) for k, v in paths.items()}, "output_dir": str(out)},
             **sections,

@@ -95,3 +95,15 @@ def test_the_linear_probe_reads_the_token_the_reward_model_scores_with_eos_as_pa
     with torch.no_grad():
         probed = model.score(pooled_features(model, loaded, prompts, replies))[:, 0]
     torch.testing.assert_close(probed, score(model, loaded, prompts, replies))
+
+
+def test_scores_come_back_in_the_order_given_though_batched_by_length(tmp_path):
+    tokenizer = chat_tokenizer("inst")
+    save_tiny_model(tmp_path, AutoModelForSequenceClassification, LlamaConfig, tokenizer, num_labels=1)
+    model, loaded = load_reward_model(tmp_path)
+    replies = ["the wind is kind and calm and the sea", "the", "the wind is kind", "the sea", "the wind"]
+    prompts = [CHAT] * len(replies)
+    alone = torch.cat([score(model, loaded, [p], [r]) for p, r in zip(prompts, replies)])
+    batched = score(model, loaded, prompts, replies, batch_size=2)  # batches of like length: not the given order
+    assert len(set(alone.tolist())) == len(replies)
+    torch.testing.assert_close(batched, alone)

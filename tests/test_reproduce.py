@@ -590,7 +590,8 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
         "evaluation.front_etas=[0.0, 0.5, 1.0]",
         "reproduce.seeds=[7, 3]",
         "reproduce.bootstrap=100",
-        "resources.rollout_in_process=true",
+        "resources.colocate=true",
+        "resources.weight_sync=auto",
     ]
     args = ["reproduce", "--config", str(ROOT / "configs" / "reproduce.yaml"), "--set", f"paths.output_dir={out}"]
     for setting in sizes:

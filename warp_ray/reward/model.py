@@ -71,16 +71,20 @@ def score(
     completions: Sequence[str | Messages],
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """r(x, y) for each (prompt, completion): one forward pass per batch, no gradient."""
-    scores = []
+    """r(x, y) for each (prompt, completion), in their order: one forward pass per batch, no gradient.
+    The texts are batched by length, so that a batch pads little: on the built-in task's pairs that
+    halves the time."""
+    if not prompts:
+        return torch.empty(0)
+    ids = tokenizer(reward_texts(tokenizer, prompts, completions), truncation=True)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    scores = torch.empty(len(ids))
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = reward_texts(
-                tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size]
-            )
-            encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
-            scores.append(model(**encoded.to(model.device)).logits[:, 0].float().cpu())
-    return torch.cat(scores) if scores else torch.empty(0)
+        for start in range(0, len(ids), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
+            scores[rows] = model(**batch.to(model.device)).logits[:, 0].float().cpu()
+    return scores
 
 
 def bradley_terry_loss(
