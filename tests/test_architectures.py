@@ -44,6 +44,10 @@ workers in bf16: the sharded, half-precision path of a large reward model. The o
 reward model of their own: WARM's Ray Train runs cost 30 s a run of the suite's budget, its code is
 the same for every architecture, and tests/test_warm.py trains it in fp32 under ZeRO-2."""
 SHARDED_WARM = {"workers_per_rm": 2, "zero_stage": 3, "precision": "bf16"}
+ENGINE_ACTORS = {"qwen3"}
+"""Architectures whose learners run their vLLM engine as an actor of its own, the weights going through the
+object store (the layout of configs/reproduce.yaml and soup.yaml): a tied model. The others colocate theirs."""
+ENGINE_ACTOR = {"colocate": False, "rollout_in_process": True, "weight_sync": "object_store"}
 TOPICS = ["the sea", "the wind", "a kind answer", "a short poem", "the reward", "the model", "a garden", "the night"]
 
 
@@ -79,9 +83,12 @@ def config_for(root: Path, name: str) -> WarpConfig:
             num_labels=1,
             tie_word_embeddings=tied,
         )
-        return tiny_run_config(root / "run", {**paths, "reward_model": root / "rm"})
-    config = tiny_run_config(root / "run", paths)
-    config.warm = {**config.warm.model_dump(), **SHARDED_WARM}
+        config = tiny_run_config(root / "run", {**paths, "reward_model": root / "rm"})
+    else:
+        config = tiny_run_config(root / "run", paths)
+        config.warm = {**config.warm.model_dump(), **SHARDED_WARM}
+    if name in ENGINE_ACTORS:
+        config.resources = config.resources.model_copy(update=ENGINE_ACTOR)
     return config
 
 

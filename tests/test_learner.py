@@ -249,13 +249,18 @@ def test_the_head_size_vllm_cpu_refuses_is_refused_before_anything_starts(unsupp
     check_engine_supports(config, tiny_task / "sft", AutoConfig.from_pretrained(tiny_task / "sft"))  # passes
 
 
+@pytest.mark.parametrize(
+    "colocate, component",
+    [(False, "rollout engine 0 (vLLM)"), (True, "learner rank 0 (DeepSpeed, with its colocated vLLM engine)")],
+)
 def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its_log(
-    unsupported_heads, tiny_task, ray_cluster, tmp_path
+    colocate, component, unsupported_heads, tiny_task, ray_cluster, tmp_path
 ):
     """Past the input checks (a learner built directly), an error that a retry would repeat is not a
     death: the run ends at its first call, naming the component, the cause and its log; nothing reran."""
     config = tiny_config()
     config.warp.M = 1
+    config.resources.colocate = colocate
     gold = RewardServer.remote(RewardSource(function=world.gold_reward))
     prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
 
@@ -271,7 +276,7 @@ def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its
         with pytest.raises(StartupError) as failed:
             group.train([], iteration=0, layout=[[]])
         message = str(failed.value.cause)
-        assert message.startswith("rollout engine 0 (vLLM) failed to start: ") and "head_dim=16" in message
+        assert message.startswith(f"{component} failed to start: ") and "head_dim=16" in message
         assert re.search(r"its log: `ray logs actor --id [0-9a-f]{32}`$", message)
         assert group.restarts == []  # not taken for a death, not rerun
     finally:
