@@ -184,7 +184,9 @@ class Engine:
         return time.perf_counter() - start
 
 
-RolloutWorker = ray.remote(Engine)
+@ray.remote
+class RolloutWorker(Engine):
+    """An `Engine` as a Ray actor of its own (named so in Ray's actor table and its log prefixes)."""
 
 
 def sample(
