@@ -3,6 +3,7 @@ a reward server, on a local Ray cluster."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -122,13 +123,19 @@ def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_
     )
     # resources.colocate: the engine, its core and its worker are in rank 0's process, which keeps its threads.
     assert [r._actor_id for r in learner.rollouts] == [learner.ranks[0]._actor_id]
-    rank_pid, threads, no_compile = ray.get(
+    rank_pid, threads, no_compile, dynamo_off = ray.get(
         learner.ranks[0].__ray_call__.remote(
-            lambda _: (os.getpid(), torch.get_num_threads(), os.environ.get("TORCH_COMPILE_DISABLE"))
+            lambda _: (
+                os.getpid(),
+                torch.get_num_threads(),
+                os.environ.get("TORCH_COMPILE_DISABLE"),
+                importlib.import_module("torch._dynamo").config.disable,  # torch read the variable at its import
+            )
         )
     )
     assert psutil.Process(rank_pid).children() == [] and threads == config.resources.threads_per_rank
-    assert no_compile == "1"  # an eager engine on the CPU: vLLM's sampler runs uncompiled (2.3 s less at its start)
+    # an eager engine on the CPU: vLLM's sampler runs uncompiled (2.3 s less at its start), here in the rank's process
+    assert no_compile == "1" and dynamo_off
     stats = [learner.step() for _ in range(20)]
     assert all(0 < m["sync_seconds"] < m["seconds"] for m in stats)
     assert max(m["logprob_gap"] for m in stats) < 1e-3  # the engine samples from the policy of every step

