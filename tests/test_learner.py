@@ -129,7 +129,7 @@ def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_
                 os.getpid(),
                 torch.get_num_threads(),
                 os.environ.get("TORCH_COMPILE_DISABLE"),
-                importlib.import_module("torch._dynamo").config.disable,  # torch read the variable at its import
+                importlib.import_module("torch._dynamo").config.disable,  # set by the engine in this process
             )
         )
     )

@@ -100,8 +100,8 @@ class Engine:
         if on_cpu and eager:
             # vLLM's sampler still compiles a one-line rank count with inductor at its first step,
             # 2.3 s of every engine's start here, for what eager torch computes alike on the CPU.
-            # TORCH_COMPILE_DISABLE reaches the engine's child processes (vLLM reads it too);
-            # this process imported torch already.
+            # TORCH_COMPILE_DISABLE reaches the engine's child processes, whose torch reads it when
+            # imported; this process imported torch already, so its flag is set directly.
             os.environ["TORCH_COMPILE_DISABLE"] = "1"
             torch._dynamo.config.disable = True
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"  # read by vLLM when the engine starts
