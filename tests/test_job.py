@@ -3,6 +3,7 @@ listens on loopback with token authentication on."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -18,16 +19,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TASK = [  # the session's task (tests/conftest.py's tiny_task), where configs/tiny.yaml differs from it
-    "task.corpus_size=2000",
-    "task.sft_steps=100",
-    "task.pairs=600",
-    "task.validation_pairs=300",
-    "task.ood_pairs=300",
-    "task.pair_checkpoints=false",
-    "task.pair_temperatures=[1.0]",
-    "warp.max_new_tokens=24",
-]
 
 
 def free_port() -> int:
@@ -105,6 +96,9 @@ def test_ray_job_submit_runs_warp_on_a_token_authenticated_loopback_cluster(head
     out = tmp_path / "run"
     shutil.copytree(tiny_task, out / "task")  # the test session's task, reused by its parameters
     built = (out / "task" / "task.json").stat().st_mtime_ns
+    # every parameter it was built with (configs/tiny.yaml's differ), so that the job reuses it
+    params = json.loads((out / "task" / "task.json").read_text())["params"]
+    task = [f"task.{k}={json.dumps(v)}" for k, v in params.items() if k not in ("max_new_tokens", "world")]
     overrides = [
         f"paths.output_dir={out}",
         "warp.proxy_reward=gold",
@@ -114,7 +108,8 @@ def test_ray_job_submit_runs_warp_on_a_token_authenticated_loopback_cluster(head
         "evaluation.prompts=4",
         "evaluation.samples_per_prompt=1",
         "evaluation.front_etas=[0.0,1.0]",
-        *TASK,
+        f"warp.max_new_tokens={params['max_new_tokens']}",
+        *task,
     ]
     command = [
         "ray",
