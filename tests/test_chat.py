@@ -90,11 +90,14 @@ def test_the_linear_probe_reads_the_token_the_reward_model_scores_with_eos_as_pa
     tokenizer.pad_token = None
     save_tiny_model(tmp_path, AutoModelForSequenceClassification, LlamaConfig, tokenizer, num_labels=1)
     model, loaded = load_reward_model(tmp_path)
-    prompts, replies = [CHAT, CHAT], ["the wind", "the wind is kind and calm"]
+    replies = ["the wind is kind and calm", "the wind", "the sea is calm", "the"]
+    prompts = [CHAT] * len(replies)
     assert reward_text(loaded, CHAT, replies[0]).endswith(loaded.eos_token) and loaded.pad_token == loaded.eos_token
-    with torch.no_grad():
-        probed = model.score(pooled_features(model, loaded, prompts, replies))[:, 0]
-    torch.testing.assert_close(probed, score(model, loaded, prompts, replies))
+    with torch.no_grad():  # batches of like length, not the given order: the features come back in it
+        probed = model.score(pooled_features(model, loaded, prompts, replies, batch_size=2))[:, 0]
+    alone = torch.cat([score(model, loaded, [p], [r]) for p, r in zip(prompts, replies)])
+    assert len(set(alone.tolist())) == len(replies)
+    torch.testing.assert_close(probed, alone)
 
 
 def test_scores_come_back_in_the_order_given_though_batched_by_length(tmp_path):

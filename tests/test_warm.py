@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from warp_ray.config import WarmParams
-from warp_ray.data import preference_splits, read_preferences
+from warp_ray.data import DEFAULT_COLUMNS, preference_splits, read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.warm import accuracy_table, markdown, train_warm
+from warp_ray.reward.warm import accuracy_table, markdown, probed_starts, train_warm
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +87,26 @@ def test_tune_trials_fine_tune_diverse_rms_from_one_probed_start(warm_run):
     probe, first, second = (load_file(f / "model.safetensors") for f in (out / "probe", *folders))
     head = "score.weight"
     assert not torch.equal(first[head], probe[head]) and not torch.equal(first[head], second[head])
+
+
+def test_the_probe_draws_its_new_head_with_warm_seed(tiny_task, tmp_path):
+    """The probe's score head is new, drawn as the model is built: unseeded, it made every WARM run's
+    reward models differ, at the same settings."""
+    train = str(preference_splits(tiny_task / "preferences")["train"])
+    threads = torch.get_num_threads()  # the probe sets its Ray task's threads and seed, here this process's
+
+    def probed_head(seed: int, out: Path) -> torch.Tensor:
+        params = WarmParams(linear_probe_steps=20, seed=seed)
+        probed_starts(params, str(tiny_task / "sft"), train, DEFAULT_COLUMNS, str(out), [], False)
+        return load_file(out / "probe" / "model.safetensors")["score.weight"]
+
+    try:
+        with torch.random.fork_rng():
+            first, again, other = (probed_head(s, tmp_path / str(i)) for i, s in enumerate((0, 0, 1)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert [WarmParams(seed=s).trial(1)["seed"] for s in (0, 1)] == [1001, 2001]
 
 
 def test_the_two_workers_of_a_fine_tune_end_with_the_same_weights(warm_run):

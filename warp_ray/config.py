@@ -121,6 +121,11 @@ class WarmParams(Section):
     baklava: bool = False
     """Fine-tune m starts from SFT checkpoint m (cycling over the final SFT and the checkpoints
     along its run), with the shared linear-probed head: WARM's "Baklava" diversity."""
+    seed: int = Field(0, ge=0)
+    """Seed of WARM: the linear probe's score head starts from weights drawn with it, and fine-tune m
+    from s_m = 1000 (seed + 1) + m draws its data order (its worker of rank r, dropout masks from
+    s_m workers_per_rm + r). Same seed and settings, same reward models on the CPU, unless a worker
+    was restarted mid-run."""
 
     @property
     def gpus_per_worker(self) -> float:
@@ -136,7 +141,7 @@ class WarmParams(Section):
         """Hyperparameters of fine-tune m: a point of the lr x dropout grid (cycling) and its own data order."""
         grid = [(lr, dropout) for lr in self.learning_rates for dropout in self.dropouts]
         lr, dropout = grid[m % len(grid)]
-        return {"index": m, "lr": lr, "dropout": dropout, "seed": 1000 + m}
+        return {"index": m, "lr": lr, "dropout": dropout, "seed": 1000 * (self.seed + 1) + m}
 
 
 class RewardServerParams(Section):

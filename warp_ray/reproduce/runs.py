@@ -193,7 +193,7 @@ def _seed_results(config: WarpConfig) -> tuple[dict, bool]:
 
 
 def _fingerprint(folder: Path) -> str:
-    """Of the weights in a model folder: reward models trained again, even with the same settings, differ."""
+    """Of the weights in a model folder: reward models trained again may differ (another `warm.seed`, GPU kernels)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WarpRayError(f"{folder} holds no safetensors weights: WARM is missing or incomplete")

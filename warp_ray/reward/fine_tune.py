@@ -1,4 +1,5 @@
-"""One WARM fine-tune on Ray Train: the function each worker of its `TorchTrainer` runs.
+"""One WARM fine-tune: the Ray Tune trial (`fine_tune`) that runs it as a Ray Train run, and the
+function each worker of its `TorchTrainer` runs (`fine_tune_worker`).
 
 Ray Train starts `warm.workers_per_rm` workers with a process group between them (gloo on the
 CPU, NCCL on GPUs) and a GPU each when the config gives them. Each worker is a DeepSpeed rank
@@ -11,6 +12,9 @@ times), taking the pairs the run would have taken (dropout masks are drawn afres
 rank 0 writes the reward model as an HF folder, its weights gathered from every rank under
 ZeRO-3. ZeRO-3 shards the training state; each worker still loads the whole model before
 DeepSpeed shards it, and holds it whole for the final save.
+
+The trial's process imports this module to run `fine_tune`, so transformers and DeepSpeed are
+imported by the workers alone (about 3 s of each trial's start on a CPU).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from warp_ray.config import WarmParams
 from warp_ray.data import read_preferences
-from warp_ray.reward.model import bradley_terry_loss, load_reward_model
 
 STATE_TAG = "state"
 """The DeepSpeed tag of a mid-run checkpoint."""
@@ -85,6 +90,8 @@ def fine_tune_worker(config: dict) -> None:
         os.environ["LOCAL_RANK"] = str(device.index)  # DeepSpeed's device: the GPU Ray Train gave this worker
     import deepspeed
 
+    from warp_ray.reward.model import bradley_terry_loss, load_reward_model
+
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins Ray Train's process group
     trial = {k: config[k] for k in ("index", "lr", "dropout", "seed", "start")}
     checkpoint = ray.train.get_checkpoint()
@@ -139,3 +146,39 @@ def fine_tune_worker(config: dict) -> None:
             module.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+
+
+TRIAL_CPUS = 0.01
+"""CPUs of warm.cpus_per_trial that a Tune trial holds for itself: it only waits on its Ray Train
+run, whose workers share the rest."""
+
+
+def fine_tune(config: dict, params: WarmParams, starts: list[str], storage: str, **worker_config) -> None:
+    """One Ray Tune trial: fine-tune m as a Ray Train run of warm.workers_per_rm DeepSpeed workers."""
+    m, workers, gpus = config["m"], params.workers_per_rm, params.gpus_per_worker
+    trainer = ray.train.torch.TorchTrainer(
+        fine_tune_worker,
+        train_loop_config={**params.trial(m), "start": starts[m % len(starts)], "params": params, **worker_config},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={
+                "CPU": (params.cpus_per_trial - TRIAL_CPUS) / workers,
+                **({"GPU": gpus} if gpus else {}),
+            },
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"rm_{m}",
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=params.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # a 7B RM's Adam state: about 100 GB
+            callbacks=[TuneReportCallback()],  # every report of rank 0, the checkpoint's path with it, reaches Tune
+        ),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        # Ray Train has spent warm.max_failures restarts. Reported rather than raised: Tune would start the
+        # trial again, with a fresh Ray Train run and as many restarts again (Tune's are for a lost trial).
+        tune.report({"index": m, "failed": f"{type(error).__name__}: {error}"})

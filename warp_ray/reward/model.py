@@ -5,7 +5,7 @@ with the Bradley-Terry loss -log sigmoid(r(x, y_chosen) - r(x, y_rejected)). Eac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BatchEncoding,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -64,6 +65,31 @@ def reward_texts(
     return [reward_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
 
 
+def by_length(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    completions: Sequence[str | Messages],
+    batch_size: int,
+    forward: Callable[[BatchEncoding], torch.Tensor],
+) -> torch.Tensor:
+    """forward's rows for each (prompt, completion), in their order, computed on batches of texts of
+    like token length so that a batch pads little: on the built-in task's pairs that halves the time.
+    At least one text."""
+    ids = tokenizer(reward_texts(tokenizer, prompts, completions), truncation=True)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = None
+    for start in range(0, len(ids), batch_size):
+        rows = order[start : start + batch_size]
+        values = forward(
+            tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
+        )
+        if out is None:  # allocated once its shape, dtype and device are known: no second copy of every row
+            out = values.new_empty((len(ids), *values.shape[1:]))
+        out[rows] = values
+    return out
+
+
+@torch.no_grad()
 def score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -71,20 +97,16 @@ def score(
     completions: Sequence[str | Messages],
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """r(x, y) for each (prompt, completion), in their order: one forward pass per batch, no gradient.
-    The texts are batched by length, so that a batch pads little: on the built-in task's pairs that
-    halves the time."""
+    """r(x, y) for each (prompt, completion), in their order: one forward pass per batch, no gradient."""
     if not prompts:
         return torch.empty(0)
-    ids = tokenizer(reward_texts(tokenizer, prompts, completions), truncation=True)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    scores = torch.empty(len(ids))
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
-            scores[rows] = model(**batch.to(model.device)).logits[:, 0].float().cpu()
-    return scores
+    return by_length(
+        tokenizer,
+        prompts,
+        completions,
+        batch_size,
+        lambda batch: model(**batch.to(model.device)).logits[:, 0].float().cpu(),
+    )
 
 
 def bradley_terry_loss(
@@ -113,18 +135,17 @@ def pooled_features(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """The backbone's final hidden state at each text's last token: what the score head reads."""
-    features = []
-    for start in range(0, len(prompts), batch_size):
-        batch = reward_texts(tokenizer, prompts[start : start + batch_size], completions[start : start + batch_size])
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, padding_side="right")
-        encoded = encoded.to(model.device)
-        hidden = model(**encoded, output_hidden_states=True).hidden_states[-1]
+
+    def last_hidden(batch: BatchEncoding) -> torch.Tensor:
+        batch = batch.to(model.device)
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
         # The last token that is not padding, as the score head's model reads it: with EOS as the pad
         # token (a tokenizer that has none), a reply's closing EOS is not it.
-        positions = torch.arange(encoded.input_ids.shape[1], device=hidden.device)
-        last = ((encoded.input_ids != tokenizer.pad_token_id) * positions).argmax(-1)
-        features.append(hidden[torch.arange(len(batch), device=hidden.device), last].float())
-    return torch.cat(features)
+        positions = torch.arange(batch.input_ids.shape[1], device=hidden.device)
+        last = ((batch.input_ids != tokenizer.pad_token_id) * positions).argmax(-1)
+        return hidden[torch.arange(len(hidden), device=hidden.device), last].float()
+
+    return by_length(tokenizer, prompts, completions, batch_size, last_hidden)
 
 
 def linear_probe(

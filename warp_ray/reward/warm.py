@@ -24,61 +24,24 @@ from pathlib import Path
 from typing import Sequence
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from warp_ray.checkpoint import atomic_dir
 from warp_ray.config import DataColumns, WarmParams, WarpConfig
 from warp_ray.data import DEFAULT_COLUMNS, read_preferences
 from warp_ray.errors import WarpRayError
 from warp_ray.merge.folders import average_folders
-from warp_ray.reward.fine_tune import fine_tune_worker, worker_threads
+from warp_ray.reward.fine_tune import TRIAL_CPUS, fine_tune, worker_threads
 from warp_ray.reward.model import linear_probe, load_reward_model, pairwise_accuracy, score
 from warp_ray.runtime import actor_device
-
-TRIAL_CPUS = 0.01
-"""CPUs of warm.cpus_per_trial that a Tune trial holds for itself: it only waits on its Ray Train
-run, whose workers share the rest."""
 
 
 def worker_share(params: WarmParams) -> dict:
     """Ray options of a task on one worker's share of a fine-tune's resources."""
     gpus = params.gpus_per_worker
     return {"num_cpus": params.cpus_per_worker, **({"num_gpus": gpus} if gpus else {})}
-
-
-def fine_tune(config: dict, params: WarmParams, starts: list[str], storage: str, **worker_config) -> None:
-    """One Ray Tune trial: fine-tune m as a Ray Train run of warm.workers_per_rm DeepSpeed workers."""
-    m, workers, gpus = config["m"], params.workers_per_rm, params.gpus_per_worker
-    trainer = ray.train.torch.TorchTrainer(
-        fine_tune_worker,
-        train_loop_config={**params.trial(m), "start": starts[m % len(starts)], "params": params, **worker_config},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
-            use_gpu=gpus > 0,
-            resources_per_worker={
-                "CPU": (params.cpus_per_trial - TRIAL_CPUS) / workers,
-                **({"GPU": gpus} if gpus else {}),
-            },
-        ),
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=f"rm_{m}",
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=params.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # a 7B RM's Adam state: about 100 GB
-            callbacks=[TuneReportCallback()],  # every report of rank 0, the checkpoint's path with it, reaches Tune
-        ),
-    )
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as error:
-        # Ray Train has spent warm.max_failures restarts. Reported rather than raised: Tune would start the
-        # trial again, with a fresh Ray Train run and as many restarts again (Tune's are for a lost trial).
-        tune.report({"index": m, "failed": f"{type(error).__name__}: {error}"})
 
 
 def save(model, tokenizer, folder: Path) -> None:
@@ -100,6 +63,7 @@ def probed_starts(
     checkpoints' backbones with the same head. Runs as a Ray task on one worker's share."""
     device = actor_device(params.gpus_per_worker, "WARM's linear probe")
     torch.set_num_threads(worker_threads(params))
+    torch.manual_seed(params.seed)  # the score head is new, drawn from torch's generator as the model is built
     model, tokenizer = load_reward_model(sft, trust_remote_code=trust_remote_code)
     linear_probe(
         model.to(device), tokenizer, read_preferences(train, columns), params.linear_probe_steps, params.linear_probe_lr
