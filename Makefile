@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
-# One thread per process: more oversubscribes the 2-core machines (see docs/benchmarks.md).
+# DeepSpeed's compiled ops in the venv, beside the torch they were built against.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 # The venv's tools first, as in an activated venv: DeepSpeed builds its CPU op with the first ninja
 # on the PATH, and the system's (another version) reads the venv's build log as stale, and the

@@ -122,10 +122,10 @@ class WarmParams(Section):
     """Fine-tune m starts from SFT checkpoint m (cycling over the final SFT and the checkpoints
     along its run), with the shared linear-probed head: WARM's "Baklava" diversity."""
     seed: int = Field(0, ge=0)
-    """Seed of WARM: the linear probe's score head starts from weights drawn with it, and fine-tune m
-    from s_m = 1000 (seed + 1) + m draws its data order (its worker of rank r, dropout masks from
-    s_m workers_per_rm + r). Same seed and settings, same reward models on the CPU, unless a worker
-    was restarted mid-run."""
+    """Seed of WARM: the linear probe's score head starts from weights drawn with it; fine-tune m
+    draws its data order from s_m = 1000 (seed + 1) + m, and its worker of rank r its dropout masks
+    from s_m workers_per_rm + r. Same seed and settings, same reward models on the CPU, unless a
+    worker was restarted mid-run."""
 
     @property
     def gpus_per_worker(self) -> float:

@@ -73,8 +73,9 @@ def by_length(
     forward: Callable[[BatchEncoding], torch.Tensor],
 ) -> torch.Tensor:
     """forward's rows for each (prompt, completion), in their order, computed on batches of texts of
-    like token length so that a batch pads little: on the built-in task's pairs that halves the time.
-    At least one text."""
+    like token length so that a batch pads little: on the built-in task's pairs that halves the time."""
+    if not prompts:
+        raise ValueError("by_length needs at least one (prompt, completion)")
     ids = tokenizer(reward_texts(tokenizer, prompts, completions), truncation=True)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = None
