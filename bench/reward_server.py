@@ -1,6 +1,8 @@
 """Benchmark of the reward server: scoring throughput (pairs/s) of 1 server and of 2 replicas
 behind `Replicas` (`reward_server.replicas`), under 1, 4 and 8 concurrent callers, against
-direct calls of the same model in one process, in the same run.
+direct calls of the same model in one process, in the same run; and the seconds from a server's
+start to its first answer, for a reward model and for a function (the task's gold reward, which
+every evaluator starts beside the proxy RM), alternating, 3 of each.
 
 Each caller (a thread of the driver, standing for a learner) sends requests of 32 pairs, one
 after the other; a server batches what arrives together. The model is the built-in task's reward model architecture
@@ -26,6 +28,7 @@ from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
 from warp_ray.reward.server import RewardSource, start_reward_server
 from warp_ray.runtime import init_ray
+from warp_ray.task import world
 from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,16 @@ def caller(server, requests: list[tuple[list[str], list[str]]]) -> int:
     for prompts, completions in requests:
         ray.get(server.score.remote(prompts, completions))
     return sum(len(p) for p, _ in requests)
+
+
+def start_to_first_answer(source: RewardSource, request: tuple[list[str], list[str]]) -> float:
+    """Seconds from starting a server (a new Ray worker process: its imports, its model) to its first answer."""
+    start = time.perf_counter()
+    server = start_reward_server(source, RewardServerParams(threads=1))
+    ray.get(server.score.remote(*request))
+    seconds = time.perf_counter() - start
+    ray.kill(server)
+    return seconds
 
 
 def main() -> None:
@@ -64,7 +77,12 @@ def main() -> None:
     direct = len(requests) * REQUEST / (time.perf_counter() - start)
 
     init_ray(num_cpus=2)
-    results = {"direct_pairs_per_s": direct, "request_pairs": REQUEST, "replicas": {}}
+    sources = {"reward model": RewardSource(folders=(str(rm),)), "function": RewardSource(function=world.gold_reward)}
+    starts = {name: [] for name in sources}
+    for _ in range(3):
+        for name, source in sources.items():
+            starts[name].append(start_to_first_answer(source, requests[0]))
+    results = {"start_s": starts, "direct_pairs_per_s": direct, "request_pairs": REQUEST, "replicas": {}}
     for replicas in (1, 2):
         server = start_reward_server(RewardSource(folders=(str(rm),)), RewardServerParams(threads=1, replicas=replicas))
         ray.get(server.score.remote(*requests[0]))  # warm up
@@ -91,6 +109,9 @@ def main() -> None:
             what = "1 RewardServer" if replicas == 1 else f"{replicas} replicas behind Replicas"
             print(f"| {what} | {callers} | {row['pairs_per_s']:.0f} | {row['vs_direct']:.2f} |")
     print(f"\nrequests answered by each replica: {results['requests_by_replica']}; results in {args.out}")
+    print("\n| server | start to first answer, s (3 starts) |\n|---|---|")
+    for name, seconds in starts.items():
+        print(f"| {name} | {', '.join(f'{s:.2f}' for s in seconds)} |")
 
 
 if __name__ == "__main__":

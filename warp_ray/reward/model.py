@@ -178,3 +178,36 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, flipped: Seq
     if flipped is not None:
         right = right ^ torch.tensor(list(flipped), dtype=torch.bool)
     return right.float().mean().item()
+
+
+class RewardModels:
+    """Reward model folders loaded to score pairs: one (a single RM, WARM's merge) or several (their
+    ENS, the mean of their scores), on `device` (bf16 on a GPU: a 7B RM in float32 fills a 40 GB GPU)."""
+
+    def __init__(self, folders: Sequence[str | Path], trust_remote_code: bool, device: torch.device):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.models = [
+            load_reward_model(folder, trust_remote_code=trust_remote_code, dtype=dtype) for folder in folders
+        ]
+        self.models = [(model.to(device), tokenizer) for model, tokenizer in self.models]
+        self.max_length = min(tokenizer.model_max_length for _, tokenizer in self.models)
+        # A tokenizer of its own for `check_lengths`: the server checks requests in its event loop
+        # while a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.
+        self.length_tokenizer = AutoTokenizer.from_pretrained(folders[0], trust_remote_code=trust_remote_code)
+
+    def check_lengths(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> None:
+        texts = reward_texts(self.length_tokenizer, prompts, completions)
+        lengths = [len(ids) for ids in self.length_tokenizer(texts).input_ids]
+        too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
+        if too_long:
+            i, n = too_long[0]
+            raise ValueError(
+                f"pair {i} is {n} tokens long, over the reward model's limit of {self.max_length} "
+                f"({len(too_long)} pair(s) too long)"
+            )
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        scores = [
+            score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models
+        ]
+        return torch.stack(scores).mean(0).tolist()

@@ -19,12 +19,10 @@ from typing import Callable, Optional, Sequence
 
 import ray
 import torch
-from transformers import AutoTokenizer
 
 from warp_ray.chat import Prompt, messages_problem
 from warp_ray.config import RewardServerParams
 from warp_ray.replicas import start_replicas
-from warp_ray.reward.model import load_reward_model, reward_texts, score
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
 
 
@@ -46,18 +44,13 @@ class Reward:
 
     def __init__(self, source: RewardSource, trust_remote_code: bool, device: torch.device):
         self.function = source.function
-        folders = source.folders
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # a 7B RM in float32 fills a 40 GB GPU
-        self.models = [
-            load_reward_model(folder, trust_remote_code=trust_remote_code, dtype=dtype) for folder in folders
-        ]
-        self.models = [(model.to(device), tokenizer) for model, tokenizer in self.models]
-        self.max_length = min((tokenizer.model_max_length for _, tokenizer in self.models), default=None)
-        # A tokenizer of its own for `check`: the server checks requests in its event loop while
-        # a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.
-        self.length_tokenizer = (
-            AutoTokenizer.from_pretrained(folders[0], trust_remote_code=trust_remote_code) if folders else None
-        )
+        self.models = None
+        if source.folders:
+            # Imported here, not at the top: a function's server (the task's gold reward, which every
+            # evaluator starts) then imports no transformers model code, 4 s less to start on 2 cores.
+            from warp_ray.reward.model import RewardModels
+
+            self.models = RewardModels(source.folders, trust_remote_code, device)
 
     def check(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> None:
         if not isinstance(prompts, (list, tuple)) or not isinstance(completions, (list, tuple)):
@@ -75,24 +68,13 @@ class Reward:
                 raise ValueError(f"pair {i}: the prompt: {problem}")
             if not isinstance(p, str) and self.function is not None:
                 raise ValueError(f"pair {i}: a reward function takes text prompts, and this prompt is chat messages")
-        if self.length_tokenizer is not None:
-            texts = reward_texts(self.length_tokenizer, prompts, completions)
-            lengths = [len(ids) for ids in self.length_tokenizer(texts).input_ids]
-            too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
-            if too_long:
-                i, n = too_long[0]
-                raise ValueError(
-                    f"pair {i} is {n} tokens long, over the reward model's limit of {self.max_length} "
-                    f"({len(too_long)} pair(s) too long)"
-                )
+        if self.models is not None:
+            self.models.check_lengths(prompts, completions)
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         if self.function is not None:
             return [self.function(p, c) for p, c in zip(prompts, completions)]
-        scores = torch.stack(
-            [score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models]
-        )
-        return scores.mean(0).tolist()
+        return self.models(prompts, completions)
 
 
 def start_reward_server(source: RewardSource, params: RewardServerParams, trust_remote_code: bool = False):
