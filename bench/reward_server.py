@@ -1,8 +1,9 @@
 """Benchmark of the reward server: scoring throughput (pairs/s) of 1 server and of 2 replicas
 behind `Replicas` (`reward_server.replicas`), under 1, 4 and 8 concurrent callers, against
 direct calls of the same model in one process, in the same run; and the seconds from a server's
-start to its first answer, for a reward model and for a function (the task's gold reward, which
-every evaluator starts beside the proxy RM), alternating, 3 of each.
+start to its first answer, for a reward model and for a function (the built-in task's gold reward,
+which every evaluator on that task starts beside the proxy RM), alternating, 3 of each. Ray may
+have a worker process prestarted for the first start; the others start one.
 
 Each caller (a thread of the driver, standing for a learner) sends requests of 32 pairs, one
 after the other; a server batches what arrives together. The model is the built-in task's reward model architecture
@@ -44,7 +45,7 @@ def caller(server, requests: list[tuple[list[str], list[str]]]) -> int:
 
 
 def start_to_first_answer(source: RewardSource, request: tuple[list[str], list[str]]) -> float:
-    """Seconds from starting a server (a new Ray worker process: its imports, its model) to its first answer."""
+    """Seconds from starting a server (a Ray worker process, its imports, its model) to its first answer."""
     start = time.perf_counter()
     server = start_reward_server(source, RewardServerParams(threads=1))
     ray.get(server.score.remote(*request))

@@ -41,7 +41,9 @@ def pairs(tiny_task):
 @pytest.fixture(scope="module")
 def shared_server(ray_cluster, rm_folders):
     """One server for the bad requests, each followed by a good one: it goes on after every one of them."""
-    return RewardServer.remote(RewardSource(folders=(str(rm_folders[0]),)))
+    server = RewardServer.remote(RewardSource(folders=(str(rm_folders[0]),)))
+    yield server
+    ray.kill(server)
 
 
 def direct(folder, prompts, completions):
@@ -95,7 +97,7 @@ def test_ens_and_gold_rewards(ray_cluster, rm_folders, pairs):
     assert ray.get(gold.score.remote(prompts, completions)) == [
         world.gold_reward(p, c) for p, c in zip(prompts, completions)
     ]
-    # a function's server (started by every evaluator) loads no model code: 4 s of imports on 2 cores
+    # a function's server (every evaluator on the built-in task starts one) loads no model code: 4 s less to start
     imported = ray.get(gold.__ray_call__.remote(lambda server: [m for m in sys.modules if m.startswith(MODEL_CODE)]))
     assert imported == []
 

@@ -185,6 +185,8 @@ class RewardModels:
     ENS, the mean of their scores), on `device` (bf16 on a GPU: a 7B RM in float32 fills a 40 GB GPU)."""
 
     def __init__(self, folders: Sequence[str | Path], trust_remote_code: bool, device: torch.device):
+        if not folders:
+            raise ValueError("RewardModels needs at least one reward model folder")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.models = [
             load_reward_model(folder, trust_remote_code=trust_remote_code, dtype=dtype) for folder in folders
