@@ -188,10 +188,8 @@ class RewardModels:
         if not folders:
             raise ValueError("RewardModels needs at least one reward model folder")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.models = [
-            load_reward_model(folder, trust_remote_code=trust_remote_code, dtype=dtype) for folder in folders
-        ]
-        self.models = [(model.to(device), tokenizer) for model, tokenizer in self.models]
+        loaded = (load_reward_model(folder, trust_remote_code=trust_remote_code, dtype=dtype) for folder in folders)
+        self.models = [(model.to(device), tokenizer) for model, tokenizer in loaded]
         self.max_length = min(tokenizer.model_max_length for _, tokenizer in self.models)
         # A tokenizer of its own for `check_lengths`: the server checks requests in its event loop
         # while a batch is scored in a worker thread, and a tokenizer is not safe to share between threads.

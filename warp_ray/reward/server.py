@@ -46,8 +46,8 @@ class Reward:
         self.function = source.function
         self.models = None
         if source.folders:
-            # Imported here, not at the top: a function's server (the task's gold reward, which every
-            # evaluator starts) then imports no transformers model code, 4 s less to start on 2 cores.
+            # Imported here, not at the top: a function's server (the built-in task's gold reward, which
+            # every evaluator on that task starts) then imports no transformers, 4 s less to start on 2 cores.
             from warp_ray.reward.model import RewardModels
 
             self.models = RewardModels(source.folders, trust_remote_code, device)
