@@ -1,6 +1,9 @@
 """Where `make test`'s time goes: each test file's wall time and how busy the machine's CPUs were
 meanwhile (all cores, from /proc/stat every 2 s). A file's idle share is what running its work
-alongside something else could recover at best; a busy file is cut only by doing less work.
+alongside something else could recover at best; a busy file is cut only by doing less work. Then
+which processes did that work: the CPU seconds of every process the suite started, by kind (a Ray
+actor's class, read from the process title Ray gives it; a command's first words otherwise), from
+/proc/<pid>/stat every second: what a process did in its last second before it ended is missed.
 
 Run: .venv/bin/python bench/suite_profile.py [pytest arguments]   (default: the whole suite, tests/)
      Linux only (/proc/stat). Run it on an otherwise idle machine: it measures the machine, not pytest.
@@ -43,6 +46,78 @@ class Sampler(threading.Thread):
             busy, total = now_busy, now_total
 
 
+def process_kind(pid: str) -> str:
+    """What a process is: its Ray actor class or task ("ray::Learner.run" gives "Learner"), or its
+    command's program and first argument; "" for a Ray worker not yet given work."""
+    words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+    if not words:
+        return ""
+    if words[0].startswith("ray::"):
+        kind = words[0].removeprefix("ray::").split(".")[0]
+        return "" if kind == "IDLE" else kind
+    if any(w.endswith("default_worker.py") for w in words):
+        return ""
+    return " ".join(Path(w).name for w in words[:2])
+
+
+def stat_fields(pid: str) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (which may hold spaces): the 3rd field of
+    the line is [0], the parent's pid [1], utime [11], stime [12], the start time [19]."""
+    return Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace").rpartition(")")[2].split()
+
+
+class Processes(threading.Thread):
+    """The CPU seconds of each process the suite starts (this process's descendants that begin after
+    it), sampled every second: a process that lives under a second is missed, one whose parent has
+    ended before it is first seen (a daemon of `ray start`) is not counted. Its kind is the first
+    that `process_kind` gives other than ""."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.before = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                self.before.add((pid, stat_fields(pid)[19]))
+            except OSError:  # ended meanwhile
+                pass
+        self.seen: dict[tuple[str, str], list] = {}  # (pid, start time): [kind, CPU seconds, parent's pid]
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self.done.wait(1.0):
+            for pid in os.listdir("/proc"):
+                try:
+                    fields = stat_fields(pid) if pid.isdigit() else None
+                    if fields is None or (pid, fields[19]) in self.before:
+                        continue
+                    kind = process_kind(pid)
+                except OSError:  # ended meanwhile
+                    continue
+                row = self.seen.setdefault((pid, fields[19]), ["", 0.0, fields[1]])
+                row[0] = row[0] or kind
+                row[1] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    def by_kind(self) -> list[tuple[str, int, float]]:
+        """(kind, processes, CPU seconds) of the suite's processes, the most CPU first."""
+        parents = {pid: parent for (pid, _), (_, _, parent) in self.seen.items()}
+        suite = {str(os.getpid())}
+        for pid in parents:  # a pid's chain of parents reaches this process: the suite's
+            chain, at = [], pid
+            while at in parents and at not in suite and at not in chain:
+                chain.append(at)
+                at = parents[at]
+            if at in suite:
+                suite.update(chain)
+        kinds: dict[str, list] = {}
+        for (pid, _), (kind, seconds, _) in self.seen.items():
+            if pid in suite:
+                row = kinds.setdefault(kind or "Ray worker, never given work", [0, 0.0])
+                row[0] += 1
+                row[1] += seconds
+        return sorted(((k, n, s) for k, (n, s) in kinds.items()), key=lambda row: -row[2])
+
+
 class Starts:
     """A pytest plugin that stamps the start of every test."""
 
@@ -67,13 +142,16 @@ def by_file(starts: list[tuple[float, str]], samples: list[tuple[float, float]],
 
 def main() -> int:
     os.chdir(ROOT)
-    sampler, starts = Sampler(), Starts()
+    sampler, starts, processes = Sampler(), Starts(), Processes()
     sampler.start()
+    processes.start()
     begin = time.perf_counter()
     code = pytest.main(sys.argv[1:] or ["tests"], plugins=[starts])
     end = time.perf_counter()
     sampler.done.set()
+    processes.done.set()
     sampler.join()
+    processes.join()
     cores = os.cpu_count()
     mean = sum(share for _, share in sampler.samples) / max(1, len(sampler.samples))
     print(f"\n{end - begin:.0f} s in all; the {cores} cores {mean:.0%} busy on average\n")
@@ -83,6 +161,11 @@ def main() -> int:
             print(f"| {name} | {seconds:.0f} | - | - |")
         else:
             print(f"| {name} | {seconds:.0f} | {busy:.0%} | {seconds * (1 - busy) * cores:.0f} |")
+    rows = processes.by_kind()
+    print(f"\n{sum(n for _, n, _ in rows)} processes started, {sum(s for _, _, s in rows):.0f} CPU seconds in all\n")
+    print("| process | started | CPU seconds | per process |\n|---|---|---|---|")
+    for kind, count, seconds in rows:
+        print(f"| {kind} | {count} | {seconds:.0f} | {seconds / count:.1f} |")
     return int(code)
 
 

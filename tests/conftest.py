@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -8,6 +9,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tests.helpers import perturbed, tiny_gpt2
+
+# Ray starts a worker per CPU when a cluster's first driver connects, before any work asks for one;
+# on these 2 CPUs one of the two was left idle (a cluster and one actor), and a Ray worker that is
+# never given work costs 2.4 CPU-seconds (bench/suite_profile.py). Every test cluster inherits this
+# environment, those of the CLI's and `ray start`'s subprocesses too.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import perturbed, tiny_gpt2
+from warp_ray.checkpoint import same_model
 from warp_ray.errors import CheckpointError, MergeError
 from warp_ray.merge import average, liti, slerp
 from warp_ray.merge.folders import average_folders, liti_folders, merge_folders, slerp_folders, soup_folders
@@ -156,3 +158,38 @@ def test_non_float_tensors_are_copied_from_the_first_folder(tmp_path):
     liti_folders(tmp_path / "init", tmp_path / "a", tmp_path / "out", eta=0.5, progress=False)
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(merged["ids"], torch.arange(4)) and torch.equal(merged["w"], torch.full((4,), 0.5))
+
+
+def test_same_model_tells_checkpoints_that_differ_only_in_their_weights(model_folders, tmp_path):
+    """What lets one engine sample both (warp-ray eval, compare): their weights alone differ."""
+    assert same_model(model_folders["a"], model_folders["b"])
+    shutil.copytree(model_folders["a"], tmp_path / "sharded")
+    (tmp_path / "sharded" / "model.safetensors").unlink()
+    perturbed(tiny_gpt2(), 3).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # in shards
+    assert same_model(model_folders["a"], tmp_path / "sharded")
+    shutil.copytree(model_folders["init"], tmp_path / "bf16")
+    tiny_gpt2().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # saved in another dtype: the same model
+    assert same_model(model_folders["init"], tmp_path / "bf16")
+
+    def changed(name: str, change) -> Path:
+        folder = shutil.copytree(model_folders["a"], tmp_path / name)
+        change(folder)
+        return folder
+
+    def edit_json(file: str, **values):
+        return lambda folder: (folder / file).write_text(
+            json.dumps({**json.loads((folder / file).read_text()), **values})
+        )
+
+    others = [
+        changed("epsilon", edit_json("config.json", layer_norm_epsilon=1e-3)),  # the same tensors, computed otherwise
+        changed("stops", edit_json("generation_config.json", eos_token_id=[0, 5])),  # vLLM stops at these too
+        changed("template", edit_json("tokenizer_config.json", chat_template="{{ messages[0]['content'] }}")),
+        changed(
+            "fewer",
+            lambda f: save_file(dict(list(load_file(f / "model.safetensors").items())[1:]), f / "model.safetensors"),
+        ),
+    ]
+    tiny_gpt2(n_embd=64).save_pretrained(tmp_path / "wider")
+    for other in others + [tmp_path / "wider"]:
+        assert not same_model(model_folders["a"], other), other.name

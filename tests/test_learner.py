@@ -49,28 +49,35 @@ def tiny_config(**warp) -> WarpConfig:
     )
 
 
-def evaluator(config: WarpConfig, task, reward_server) -> Evaluator:
-    return Evaluator(
-        config,
-        read_prompts(task / "prompts" / "held_out.jsonl"),
-        reward_server,
-        ReferencePolicy.remote(str(task / "sft")),
-        control_server=reward_server,
-    )
+@pytest.fixture(scope="module")
+def gold(ray_cluster):
+    """The gold reward's server, which the module's learners share: it holds no state of theirs."""
+    server = RewardServer.remote(RewardSource(function=world.gold_reward))
+    yield server
+    ray.kill(server)
 
 
-def evaluated_learner(config: WarpConfig, task, seed: int) -> Learner:
+@pytest.fixture(scope="module")
+def reference(tiny_task, ray_cluster):
+    """The SFT's reference policy, which the module's evaluators share."""
+    policy = ReferencePolicy.remote(str(tiny_task / "sft"))
+    yield policy
+    ray.kill(policy)
+
+
+def evaluated_learner(config: WarpConfig, task, seed: int, gold, reference) -> Learner:
     """A learner on the task's train prompts against the gold reward, evaluated on its held-out ones."""
-    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
     prompts = read_prompts(task / "prompts" / "train.jsonl")
-    return Learner(config, task / "sft", prompts, gold, seed=seed, evaluator=evaluator(config, task, gold))
+    held_out = read_prompts(task / "prompts" / "held_out.jsonl")
+    evaluator = Evaluator(config, held_out, gold, reference, control_server=gold)
+    return Learner(config, task / "sft", prompts, gold, seed=seed, evaluator=evaluator)
 
 
-def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, ray_cluster, tmp_path):
+def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, gold, reference, tmp_path):
     config = tiny_config(anchor="ema", mu=0.1)
     config.resources.ranks_per_learner = 2
     config.evaluation.every = 15
-    learner = evaluated_learner(config, tiny_task, seed=0)
+    learner = evaluated_learner(config, tiny_task, 0, gold, reference)
     engine_pid = ray.get(learner.rollouts[0].__ray_call__.remote(lambda _: os.getpid()))
     assert psutil.Process(engine_pid).children() == []  # resources.rollout_in_process: no EngineCore process
     before = learner.evaluate()
@@ -110,17 +117,11 @@ def test_two_rank_learner_raises_the_reward_and_keeps_ranks_in_sync(tiny_task, r
 
 
 def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_reward_and_the_anchor_stays_put(
-    tiny_task, ray_cluster, tmp_path
+    tiny_task, gold, reference, tmp_path
 ):
     config = tiny_config(anchor="sft")
     config.resources.colocate = True
-    learner = Learner(
-        config,
-        tiny_task / "sft",
-        read_prompts(tiny_task / "prompts" / "train.jsonl"),
-        RewardServer.remote(RewardSource(function=world.gold_reward)),
-        seed=1,
-    )
+    learner = evaluated_learner(config, tiny_task, 1, gold, reference)
     # resources.colocate: the engine, its core and its worker are in rank 0's process, which keeps its threads.
     assert [r._actor_id for r in learner.rollouts] == [learner.ranks[0]._actor_id]
     rank_pid, threads, no_compile, dynamo_off = ray.get(
@@ -136,7 +137,10 @@ def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_
     assert psutil.Process(rank_pid).children() == [] and threads == config.resources.threads_per_rank
     # an eager engine on the CPU: vLLM's sampler runs uncompiled (2.3 s less at its start), here in the rank's process
     assert no_compile == "1" and dynamo_off
-    stats = [learner.step() for _ in range(20)]
+    stats = [learner.step() for _ in range(10)]
+    midway = learner.evaluate()  # on the rank's own engine, mid-run; the steps after it still sample the policy
+    assert math.isfinite(midway["reward"]) and math.isfinite(midway["kl_to_sft"])
+    stats += [learner.step() for _ in range(10)]
     assert all(0 < m["sync_seconds"] < m["seconds"] for m in stats)
     assert max(m["logprob_gap"] for m in stats) < 1e-3  # the engine samples from the policy of every step
     rewards = [m["reward"] for m in stats]
@@ -174,7 +178,7 @@ def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_
         learner.step()
 
 
-def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(tiny_task, ray_cluster, tmp_path):
+def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(tiny_task, gold, reference, tmp_path):
     """ZeRO-3 over K = 2 ranks (sharded EMA), two vLLM engines fed through the broadcast group
     every second step, evaluations on held-out prompts, then a new run from other weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -190,7 +194,7 @@ def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(t
         }
     )
     config.evaluation = config.evaluation.model_copy(update={"every": 3, "prompts": 16})
-    learner = evaluated_learner(config, tiny_task, seed=2)
+    learner = evaluated_learner(config, tiny_task, 2, gold, reference)
     assert learner.evaluate()["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)  # the engines hold the SFT itself
 
     history = learner.run(7, log_dir=tmp_path)
@@ -266,14 +270,13 @@ def test_the_head_size_vllm_cpu_refuses_is_refused_before_anything_starts(unsupp
     [(False, "rollout engine 0 (vLLM)"), (True, "learner rank 0 (DeepSpeed, with its colocated vLLM engine)")],
 )
 def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its_log(
-    colocate, component, unsupported_heads, tiny_task, ray_cluster, tmp_path
+    colocate, component, unsupported_heads, tiny_task, gold, tmp_path
 ):
     """Past the input checks (a learner built directly), an error that a retry would repeat is not a
     death: the run ends at its first call, naming the component, the cause and its log; nothing reran."""
     config = tiny_config()
     config.warp.M = 1
     config.resources.colocate = colocate
-    gold = RewardServer.remote(RewardSource(function=world.gold_reward))
     prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
 
     def make_learner(m, group):

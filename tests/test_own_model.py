@@ -18,6 +18,7 @@ import pyarrow.parquet
 import pytest
 import ray
 import torch
+from ray._private.state import actors as actor_table
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -186,15 +187,24 @@ def served_once(config: WarpConfig, out: Path) -> WarpConfig:
     )
 
 
-def test_eval_measures_a_policy_as_the_run_does(warp_run, moved, ray_cluster, tmp_path):
+def actor_table_rows(cls: str) -> list[dict]:
+    """Every actor of class `cls` this Ray cluster has started, dead or alive, from Ray's actor table (its GCS)."""
+    return [row for row in actor_table().values() if row["ActorClassName"] == cls]
+
+
+def test_eval_measures_policies_as_the_run_does(warp_run, moved, ray_cluster, tmp_path):
     config = served_once(warp_run.config, tmp_path / "out")
     (tmp_path / "run.yaml").write_text(config.to_yaml())
-    measures = {}
-    models = {"sft": config.paths.sft_model, "moved": moved}
-    for name, model in models.items():
-        argv = ["eval", "--config", str(tmp_path / "run.yaml"), "--model", str(model), "--out", str(tmp_path / name)]
-        assert main(argv) == 0
-        measures[name] = json.loads((tmp_path / name).read_text())
+    argv = ["eval", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "eval.json")]
+    started = {cls: len(actor_table_rows(cls)) for cls in ("RolloutWorker", "RewardServer", "ReferencePolicy")}
+    assert main(argv + ["--model", str(moved), str(tmp_path / "missing")]) == 2
+    assert {cls: len(actor_table_rows(cls)) for cls in started} == started  # every model checked before any start
+    assert not (tmp_path / "eval.json").exists()
+    # The SFT second: its weights loaded into the moved checkpoint's engine, whose KL to the SFT must then be 0.
+    assert main(argv + ["--model", str(moved), str(config.paths.sft_model)]) == 0
+    assert len(actor_table_rows("RolloutWorker")) == started["RolloutWorker"] + 1  # one engine for both
+    by_folder = json.loads((tmp_path / "eval.json").read_text())
+    measures = {"sft": by_folder[str(config.paths.sft_model)], "moved": by_folder[str(moved)]}
     assert set(measures["sft"]) == {"reward", "reward_se", "kl_to_sft", "kl_to_sft_se", "truncated", "truncated_se"}
     assert abs(measures["sft"]["kl_to_sft"]) < 1e-5, measures  # the SFT against itself: rounding only
     assert measures["moved"]["kl_to_sft"] > 0.1, measures  # 0.76 (SE 0.48 over 4 prompts) seen, seeded
@@ -208,8 +218,10 @@ def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, ray_cluster
     sft, iteration = str(config.paths.sft_model), str(out / "iteration_0" / "model")  # the run's own output folder
     rates = {}
     for name, a, b in (("itself", iteration, iteration), ("moved", str(moved), sft)):
+        engines = len(actor_table_rows("RolloutWorker"))
         assert main(["compare", "--config", str(tmp_path / "run.yaml"), a, b, "--out", str(tmp_path / name)]) == 0
         rates[name] = json.loads((tmp_path / name).read_text())
+        assert len(actor_table_rows("RolloutWorker")) == engines + 1  # b's weights loaded into a's engine
     assert rates["itself"] == {"win_rate": 0.5, "low": 0.5, "high": 0.5, "pairs": 8}  # the same samples: all ties
     moved_rate = rates["moved"]
     # other completions, other rewards: wins and losses, not all ties, so an interval of some width

@@ -81,6 +81,36 @@ def architecture(folder: Path) -> str:
     return f"{config.get('model_type')} ({', '.join(config.get('architectures') or ['no architectures listed'])})"
 
 
+SAVE_RECORDS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+"""Keys of a config.json or generation_config.json that say where, by which version and in which
+dtype a model was saved, not what it computes."""
+
+
+def _files_but_weights(folder: Path) -> dict[str, object]:
+    """What a model folder holds besides its weights, as compared by `same_model`: config.json and
+    generation_config.json read (but for SAVE_RECORDS), every other file (tokenizer, chat template,
+    model code) as bytes."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix in (".safetensors", *PICKLED_WEIGHTS) or path.name == INDEX_FILE:
+            continue
+        if path.name in ("config.json", "generation_config.json"):
+            files[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if k not in SAVE_RECORDS}
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def same_model(a: str | Path, b: str | Path) -> bool:
+    """Whether two model folders hold the same model but for its weights: the same tensors, by name
+    and shape, and the same files besides (`_files_but_weights`: the config, the tokenizer and its
+    chat template, the generation config). An engine built for one samples as one built for the
+    other once handed the other's weights."""
+    a, b = check_model_folder(a), check_model_folder(b)
+    shapes_a, shapes_b = ({n: t.shape for n, t in weight_layout(f).items()} for f in (a, b))
+    return shapes_a == shapes_b and _files_but_weights(a) == _files_but_weights(b)
+
+
 def weight_files(folder: Path) -> list[str]:
     if (folder / INDEX_FILE).is_file():
         try:

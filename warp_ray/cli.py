@@ -42,6 +42,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _print_measures(measures: dict) -> None:
+    for key, value in measures.items():
+        print(f"{key:24} {value:.4f}" if isinstance(value, float) else f"{key:24} {value}")
+
+
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verbose",
@@ -119,15 +124,22 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="a policy on the held-out prompts: proxy reward, control reward, KL to the SFT, share cut",
-        description="Sample the held-out prompts from a policy folder (any iteration's model/, a front point "
-        "made with `warp-ray merge`, your own checkpoint) as a run's evaluations do, and score the samples. "
+        help="policies on the held-out prompts: proxy reward, control reward, KL to the SFT, share cut",
+        description="Sample the held-out prompts from each policy folder given (any iteration's model/, a front "
+        "point made with `warp-ray merge`, your own checkpoint) as a run's evaluations do, and score the samples. "
         "The config gives the SFT, the prompts and the reward, as for `warp-ray warp`.",
     )
     _add_config_args(evaluate)
     _add_verbose(evaluate)
-    evaluate.add_argument("--model", type=Path, required=True, help="the policy: a Hugging Face model folder")
-    evaluate.add_argument("--out", type=Path, help="also write the measures to this JSON file")
+    evaluate.add_argument(
+        "--model",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="the policy, a Hugging Face model folder, or several: they share the reward servers, the SFT "
+        "reference and, if they are one model but for its weights, one vLLM engine",
+    )
+    evaluate.add_argument("--out", type=Path, help="also write the measures to this JSON file, by model folder")
     compare = commands.add_parser(
         "compare",
         help="the win rate of policy A against policy B under a reward, with its 95%% interval",
@@ -224,11 +236,13 @@ def _run(args: argparse.Namespace) -> None:
 
         if args.command == "eval":
             result = driver.run_eval(config, args.model, console)
+            for model, measures in result.items():
+                print(model)
+                _print_measures(measures)
         else:
             reward = {"proxy": "reward", "control": "control_reward"}[args.reward]
             result = driver.run_compare(config, args.a, args.b, reward, console)
-        for key, value in result.items():
-            print(f"{key:24} {value:.4f}" if isinstance(value, float) else f"{key:24} {value}")
+            _print_measures(result)
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2))
     elif args.command == "reproduce" and args.seeds is not None and (args.regime_only or args.report_only):

@@ -2,7 +2,7 @@
 submits the work: find the inputs (the built-in task unless the config names others), check them
 before Ray starts, then hand the work to Ray (WARM's Tune trials; WARP's coordinator actor; a
 rewarded soup's learners and reward servers; the evaluator's reward servers, SFT reference and
-an engine per model)."""
+a vLLM engine, started once for models that differ only in their weights)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import ray
 from ray.exceptions import RayActorError
 from rich.console import Console
 from transformers import AutoTokenizer
 
+from warp_ray.checkpoint import same_model
 from warp_ray.config import WarpConfig
 from warp_ray.config_io import check_paths
 from warp_ray.coordinator.checkpoints import last_complete
@@ -140,12 +141,17 @@ def _inputs(
     return sft, prompts, reward, world.gold_reward if builtin else None
 
 
-def run_eval(config: WarpConfig, model: Path, console: Optional[Console] = None) -> dict[str, float]:
-    """`warp-ray eval`: the policy in `model` on the held-out prompts, as a run's evaluations measure
+def run_eval(config: WarpConfig, models: Sequence[Path], console: Optional[Console] = None) -> dict[str, dict]:
+    """`warp-ray eval`: each policy of `models` on the held-out prompts, as a run's evaluations measure
     it: the proxy reward, the control reward where there is one, the KL to the SFT and the share of
-    completions cut by warp.max_new_tokens, each with its standard error over prompts."""
-    with _evaluation(config, console) as sample_from:
-        return {k: v for k, v in summarise(sample_from(model)).items() if not k.endswith("_by_prompt")}
+    completions cut by warp.max_new_tokens, each with its standard error over prompts; by folder."""
+    if len(set(models)) < len(models):
+        raise ConfigError(f"--model names a folder twice: {[str(m) for m in models]}; give each model once")
+    with _evaluation(config, models, console) as sample_from:
+        return {
+            str(model): {k: v for k, v in summarise(sample_from(model)).items() if not k.endswith("_by_prompt")}
+            for model in models
+        }
 
 
 def run_compare(
@@ -156,7 +162,7 @@ def run_compare(
     seed; ties count a half. The interval is 95%, prompts being the unit of its standard error."""
     if reward == "control_reward" and config.paths.sft_model is not None:
         raise ConfigError("there is no control reward for your own inputs: the built-in task's gold reward is one")
-    with _evaluation(config, console) as sample_from:
+    with _evaluation(config, [a, b], console) as sample_from:
         rows = [
             {"prompt": x["prompt"], "win": 1.0 if x[reward] > y[reward] else 0.5 if x[reward] == y[reward] else 0.0}
             for x, y in zip(sample_from(a), sample_from(b))
@@ -166,12 +172,20 @@ def run_compare(
 
 
 @contextmanager
-def _evaluation(config: WarpConfig, console: Optional[Console]) -> Iterator[Callable[[Path], list[dict]]]:
-    """A function that samples a model folder's held-out rows on an engine of its own and measures
-    them with the run's evaluator (its reward servers and the SFT reference, on Ray), each model's
-    inputs checked first as a run's are."""
+def _evaluation(
+    config: WarpConfig, models: Sequence[Path], console: Optional[Console]
+) -> Iterator[Callable[[Path], list[dict]]]:
+    """A function that samples the held-out rows of one of `models` (model folders) on a vLLM engine
+    and measures them with the run's evaluator (its reward servers and the SFT reference, on Ray),
+    every model's inputs checked before anything starts, as a run's are. A model the same as the
+    last but for its weights (`same_model`: two checkpoints of one run, say) is loaded into the
+    last one's engine, not given a new engine: the samples depend on the weights alone (each is
+    seeded), and an engine takes seconds to start here, longer on a GPU."""
     sft, prompts, reward, control = _inputs(config, train_warm=False, console=console)
     check_model_inputs(config, sft, prompts, [Path(folder) for folder in reward.folders])
+    for model in models:
+        check_same_tokenizer([Path(sft), Path(model)], "the KL to the SFT compares token ids of one tokenizer")
+        check_model_inputs(config, model, prompts, key="--model")
     _start_ray(config, console)
     trust = config.paths.trust_remote_code
     services = [
@@ -180,26 +194,29 @@ def _evaluation(config: WarpConfig, console: Optional[Console]) -> Iterator[Call
         *([RewardServer.remote(RewardSource(function=control))] if control else []),
     ]
     evaluator = Evaluator(config, read_prompts(prompt_splits(prompts)["held_out"], config.data), *services)
+    engine, built_for = None, None
 
     def sample_from(model: Path) -> list[dict]:
-        check_same_tokenizer([Path(sft), Path(model)], "the KL to the SFT compares token ids of one tokenizer")
-        check_model_inputs(config, model, prompts, key="--model")
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
-        options = gpu_options(config.resources.gpus_per_engine)
-        engine = RolloutWorker.options(**options).remote(
-            str(model), seed=config.warp.seed, **engine_args(config, model, tokenizer)
-        )
+        nonlocal engine, built_for
+        if engine is not None and same_model(built_for, model):
+            ray.get(engine.load_folder.remote(str(model)))
+        else:
+            if engine is not None:
+                ray.kill(engine)
+                engine = None
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
+            options = gpu_options(config.resources.gpus_per_engine)
+            args = engine_args(config, model, tokenizer)
+            engine = RolloutWorker.options(**options).remote(str(model), seed=config.warp.seed, **args)
+            built_for = model
         _say(console, f"sampling {config.evaluation.prompts} held-out prompts from {model}")
-        try:
-            return evaluator.samples([engine])
-        finally:
-            ray.kill(engine)
+        return evaluator.samples([engine])
 
     try:
         yield sample_from
     finally:
-        for service in services:
-            ray.kill(service)
+        for actor in [*services, engine] if engine is not None else services:
+            ray.kill(actor)
 
 
 def _start_ray(config: WarpConfig, console: Optional[Console]) -> None:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save
 
 from warp_ray.chat import Prompt, policy_ids
-from warp_ray.checkpoint import tied_weights
+from warp_ray.checkpoint import load_model_weights, tied_weights
 
 EXTENSION = "warp_ray.rollout.extension.WeightSync"
 RPC_LIMIT_BYTES = 2**32 - 1
@@ -172,6 +172,12 @@ class Engine:
             count += 1
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         return count
+
+    def load_folder(self, folder: str | Path) -> None:
+        """The weights of another folder of this engine's model (`warp_ray.checkpoint.same_model`),
+        read whole into this process's memory, then handed over a bucket at a time: one engine samples
+        several checkpoints, started once."""
+        self.update_weights(load_model_weights(folder))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """New policy weights handed over in memory, by an engine's own process (in_process only:
