@@ -571,8 +571,8 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
 
     out = tmp_path / "run"
     sizes = [
-        "warp.T=5",
-        "evaluation.every=0",  # T / 10: each run evaluated after its last step only
+        "warp.T=10",
+        "evaluation.every=1",
         "warp.batch_size=4",
         "warp.samples_per_prompt=2",
         "warp.max_new_tokens=16",
