@@ -86,16 +86,16 @@ class Processes(threading.Thread):
     def run(self) -> None:
         tick = os.sysconf("SC_CLK_TCK")
         while not self.done.wait(1.0):
-            for pid in os.listdir("/proc"):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
-                    fields = stat_fields(pid) if pid.isdigit() else None
-                    if fields is None or (pid, fields[19]) in self.before:
+                    fields = stat_fields(pid)
+                    if (pid, fields[19]) in self.before:
                         continue
-                    kind = process_kind(pid)
+                    row = self.seen.get((pid, fields[19])) or ["", 0.0, fields[1]]
+                    row[0] = row[0] or process_kind(pid)  # its command line read until it names a kind
+                    self.seen[(pid, fields[19])] = row
                 except OSError:  # ended meanwhile
                     continue
-                row = self.seen.setdefault((pid, fields[19]), ["", 0.0, fields[1]])
-                row[0] = row[0] or kind
                 row[1] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
 
     def by_kind(self) -> list[tuple[str, int, float]]:
