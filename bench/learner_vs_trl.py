@@ -13,8 +13,10 @@ TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_
 
 The two losses are the same at one update per batch: REINFORCE on the reward minus beta times the sampled sequence KL,
 with the leave-one-out baseline (TRL's clipped ratio is 1). TRL runs first, in a process of its own, then the learner
-in two layouts: its vLLM engine as an actor of its own, then inside the rank's process (`resources.colocate`, the
-weights handed over in memory).
+as an actor, in two layouts: its vLLM engine as an actor of its own, then inside the rank's process
+(`resources.colocate`, the weights handed over in memory), which is the learner actor's own process. A third
+run is the colocated layout with its rank an actor of its own, the learner in this process: what hosting the
+rank in the learner's actor saves.
 
 Reported for each:
 - seconds per step, completions and generated tokens per second (medians after 3 warm-up steps; the policies
@@ -49,6 +51,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warp_ray.config import WarpConfig
 from warp_ray.config_io import load_config
+from warp_ray.coordinator.learners import start_learner
 from warp_ray.data import read_prompts
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.server import RewardServer, RewardSource
@@ -163,22 +166,33 @@ def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: 
     )
 
 
-def warp_ray_run(config: WarpConfig, task: Path, steps: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One learner on the work: its timings, training rewards and peak memory; and its final policy."""
+def warp_ray_run(config: WarpConfig, task: Path, steps: int, actor: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One learner on the work: its timings, training rewards and peak memory; and its final policy. actor: the
+    learner as runs start it, an actor (colocated: the one process of the rank, its engine and the learner); else
+    built in this process, its rank an actor of its own (this process's memory is not counted)."""
     start = time.perf_counter()
     init_ray(num_cpus=THREADS)
     memory = PeakMemory(ray_workers)
-    learner = Learner(
+    args = (
         config,
         task / "sft",
         read_prompts(task / "prompts" / "train.jsonl"),
         RewardServer.remote(RewardSource(function=world.gold_reward)),
-        seed=config.warp.seed,
+        config.warp.seed,
     )
-    start_seconds = time.perf_counter() - start
-    history = learner.run(steps, desc="warp-ray learner")
-    weights = learner.get_weights()
-    learner.close()
+    if actor:
+        learner = start_learner(*args)
+        ray.get(learner.__ray_ready__.remote())
+        start_seconds = time.perf_counter() - start
+        history = ray.get(learner.run.remote(steps, desc="warp-ray learner"))
+        weights = ray.get(learner.get_weights.remote())
+        ray.kill(learner)
+    else:
+        learner = Learner(*args)
+        start_seconds = time.perf_counter() - start
+        history = learner.run(steps, desc="warp-ray learner")
+        weights = learner.get_weights()
+        learner.close()
     peak = memory.stop()
     ray.shutdown()
     return {
@@ -262,9 +276,12 @@ def main() -> None:
         "resources.rollout_in_process=true",
         "resources.weight_sync=object_store",
     ]
-    learners = {  # the engine as an actor of its own, then inside the rank (the tiny config's layout)
-        "warp-ray learner": load_config(ROOT / "configs" / "tiny.yaml", [*cores, *engine_actor]),
-        "warp-ray learner, colocated": config,
+    # The engine as an actor of its own; inside the rank, hosted in the learner's actor (the tiny config's layout);
+    # the same with the rank an actor of its own, driven from this process (the colocated layout until 2026-12-02).
+    learners = {
+        "warp-ray learner": (load_config(ROOT / "configs" / "tiny.yaml", [*cores, *engine_actor]), True),
+        "warp-ray learner, colocated": (config, True),
+        "warp-ray learner, colocated, its rank an actor": (config, False),
     }
     task = build_task(config.task, ROOT / "bench" / "out" / "task", config.warp.max_new_tokens)
     prompts = read_prompts(task / "prompts" / "train.jsonl")
@@ -273,8 +290,8 @@ def main() -> None:
     rounds, weights = [], {}
     for _ in range(args.rounds):  # every draw is seeded: the rounds differ in their timings only
         runs = {"TRL RLOOTrainer": trl_in_a_process(config, task, prompts, args.steps, args.out / "trl")}
-        for name, layout in learners.items():
-            runs[name], weights[name] = warp_ray_run(layout, task, args.steps)
+        for name, (layout, actor) in learners.items():
+            runs[name], weights[name] = warp_ray_run(layout, task, args.steps, actor)
         rounds.append(runs)
 
     torch.set_num_threads(THREADS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from ray._private.state import actors as actor_table
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -127,3 +128,8 @@ def tiny_run_config(out: Path, paths: dict, **sections) -> WarpConfig:
             **sections,
         }
     )
+
+
+def actor_table_rows(cls: str) -> list[dict]:
+    """Every actor of class `cls` this Ray cluster has started, dead or alive, from Ray's actor table (its GCS)."""
+    return [row for row in actor_table().values() if row["ActorClassName"] == cls]

@@ -23,7 +23,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from tests.helpers import TINY_SHAPE, chat_tokenizer, save_tiny_model, tiny_run_config
+from tests.helpers import TINY_SHAPE, actor_table_rows, chat_tokenizer, save_tiny_model, tiny_run_config
 from warp_ray.checkpoint import weight_layout
 from warp_ray.config import WarpConfig
 from warp_ray.driver import run_warp
@@ -102,7 +102,14 @@ def config_for(root: Path, name: str) -> WarpConfig:
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_warm_then_a_warp_iteration(name, ray_cluster, tmp_path):
     root = build(tmp_path, name)
-    final = run_warp(config_for(root, name))
+    config = config_for(root, name)
+    processes = ("Learner", "LearnerRank", "RolloutWorker")
+    before = {cls: len(actor_table_rows(cls)) for cls in processes}
+    final = run_warp(config)
+    # A colocated learner is one process, its rank and engine hosted in its actor; otherwise three.
+    M, colocated = config.warp.M, name not in ENGINE_ACTORS
+    started = {cls: len(actor_table_rows(cls)) - before[cls] for cls in processes}
+    assert started == {"Learner": M, "LearnerRank": 0 if colocated else M, "RolloutWorker": 0 if colocated else M}
     model_type = AutoModelForCausalLM.from_pretrained(root / "sft").config.model_type
     policy = AutoModelForCausalLM.from_pretrained(final / "model")
     assert policy.config.model_type == model_type

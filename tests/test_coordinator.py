@@ -191,6 +191,7 @@ class FaultedRun:
     killed: dict[str, dict]  # the killers' victims: their rows of Ray's actor table when killed
     reward_server: dict  # the killed reward server's row of the actor table once the run ended
     reward_server_stderr: str  # what its new process wrote to stderr
+    reward_servers: int  # how many the coordinator started
 
     def manifest(self, i: int) -> dict:
         return json.loads((self.kept / f"iteration_{i}" / "manifest.json").read_text())
@@ -199,7 +200,7 @@ class FaultedRun:
 @pytest.fixture(scope="module")
 def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environment) -> FaultedRun:
     """Two WARP iterations in the coordinator actor, during which a rank of learner 1 (iteration 0),
-    a reward server (iteration 0: the proxy or the control, both serve the learners) and learner 0's
+    the reward server (iteration 0: the gold reward, the proxy and the control in one server) and learner 0's
     rollout engine (iteration 1) are killed. The run's tests read `kept`, a copy of its folder as it
     ended: `killed_and_resumed` changes the folder itself."""
     out = tmp_path_factory.mktemp("warp")
@@ -221,8 +222,18 @@ def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environm
         killed = {what: killer.result() for what, killer in killers.items()}
         kept = shutil.copytree(out, tmp_path_factory.mktemp("warp_as_it_ended"), dirs_exist_ok=True)
         reward_server = actor_table(actor_id=killed["reward server"]["ActorID"])
+        started_by = actor_table(actor_id=coordinator._actor_id.hex())["Address"]
+        servers = [a for a in actor_table().values() if a["ActorClassName"] == "RewardServer"]
         yield FaultedRun(
-            config, tiny_task, out, coordinator, kept, killed, reward_server, worker_stderr(reward_server["Pid"])
+            config,
+            tiny_task,
+            out,
+            coordinator,
+            kept,
+            killed,
+            reward_server,
+            worker_stderr(reward_server["Pid"]),
+            sum(a["OwnerAddress"] == started_by for a in servers),
         )
     finally:
         ray.kill(coordinator)
@@ -293,6 +304,7 @@ def test_a_killed_reward_server_is_restarted_in_place_and_says_so(faulted_run):
     is rerun for it (the manifests list only the rank's and the engine's deaths), and the new process
     logs that it replaced a dead one."""
     before, after = faulted_run.killed["reward server"], faulted_run.reward_server
+    assert faulted_run.reward_servers == 1  # the gold reward is the proxy and the control: one server serves both
     assert after["State"] == "ALIVE" and after["NumRestarts"] == 1 and after["Pid"] != before["Pid"]
     assert [r["iteration"] for r in faulted_run.manifest(1)["restarts"]] == [0, 1]
     assert "the reward server restarted after its process died" in faulted_run.reward_server_stderr

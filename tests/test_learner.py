@@ -9,19 +9,19 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 
 import psutil
 import pytest
 import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors.torch import load_file
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.inputs import check_engine_supports
-from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner
+from warp_ray.coordinator.learners import LearnerGroup, start_learner
 from warp_ray.data import read_prompts
 from warp_ray.errors import ConfigError, NonFiniteError, StartupError
 from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
@@ -279,11 +279,8 @@ def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its
     config.resources.colocate = colocate
     prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
 
-    def make_learner(m, group):
-        strategy = PlacementGroupSchedulingStrategy(group)
-        return RemoteLearner.options(scheduling_strategy=strategy).remote(
-            config, unsupported_heads, prompts, gold, seed=0, placement_group=group
-        )
+    def make_learner(m, group):  # colocated: one process, its rank and engine hosted in the learner's actor
+        return start_learner(config, unsupported_heads, prompts, gold, 0, group=group)
 
     group = LearnerGroup(config, make_learner, tmp_path)
     try:
@@ -292,7 +289,66 @@ def test_an_engine_that_refuses_its_model_ends_the_run_at_once_naming_it_and_its
             group.train([], iteration=0, layout=[[]])
         message = str(failed.value.cause)
         assert message.startswith(f"{component} failed to start: ") and "head_dim=16" in message
-        assert re.search(r"its log: `ray logs actor --id [0-9a-f]{32}`$", message)
+        logged = re.search(r"its log: `ray logs actor --id ([0-9a-f]{32})`$", message)
+        # colocated, the rank and its engine run in the learner's own process, whose log it is
+        assert logged and (logged.group(1) == group.handles[0]._actor_id.hex()) == colocate
         assert group.restarts == []  # not taken for a death, not rerun
+    finally:
+        group.close()
+
+
+def test_a_colocated_learner_is_one_process_and_is_rerun_when_it_dies(tiny_task, gold, tmp_path):
+    """resources.colocate, as runs start learners: the learner's actor hosts its rank and the rank's
+    vLLM engine, so its process is the learner; killed, it is taken for a death and rerun in its group."""
+    config = tiny_config(T=2)
+    config.warp.M = 1
+    config.resources.colocate = True
+    prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
+    group = LearnerGroup(
+        config, lambda m, g: start_learner(config, tiny_task / "sft", prompts, gold, 0, group=g), tmp_path
+    )
+
+    def process(learner) -> tuple:
+        return ray.get(
+            learner.__ray_call__.remote(
+                lambda self: (
+                    os.getpid(),
+                    [type(r).__name__ for r in self.ranks + self.rollouts],
+                    torch.get_num_threads(),
+                    os.environ.get("TORCH_COMPILE_DISABLE"),
+                    importlib.import_module("torch._dynamo").config.disable,  # set by the engine in this process
+                )
+            )
+        )
+
+    try:
+        assert group.scale() == 1
+        first = group.handles[0]
+        pid, hosted, threads, no_compile, dynamo_off = process(first)
+        assert hosted == ["InProcess", "InProcess"]  # rank 0, and the engine it holds: no actor of their own
+        # the engine's core and worker in this process too, which keeps the rank's threads and compiles nothing
+        assert psutil.Process(pid).children() == [] and threads == config.resources.threads_per_rank
+        assert no_compile == "1" and dynamo_off
+        os.kill(pid, signal.SIGKILL)
+        names = list(load_file(tiny_task / "sft" / "model.safetensors"))
+        policies, histories = group.train([], iteration=0, layout=[names])
+        assert group.restarts == [{"iteration": 0, "policy": 0, "error": "ActorDiedError", "rerun": True}]
+        assert [h["step"] for h in histories[0]] == [1, 2] and group.handles[0] != first
+        assert process(group.handles[0])[0] != pid
+        policy = ray.get(policies[0][0])
+        assert set(policy) == set(names) and all(torch.isfinite(t).all() for t in policy.values())
+        # A next run on the same processes with settings of its own (the reproduction's baselines): the SFT anchor.
+        learner, sft = group.handles[0], load_file(tiny_task / "sft" / "model.safetensors")
+        run = config.warp.model_copy(update={"anchor": "sft", "beta": 0.5})
+        assert config.warp.anchor == "ema"
+        ray.get(learner.set_weights.remote(None, 1, run))
+        ray.get(learner.run.remote(2))
+        anchor, policy = ray.get([learner.get_anchor_weights.remote(), learner.get_weights.remote()])
+        key = "transformer.h.0.attn.c_attn.weight"
+        assert torch.equal(anchor[key], sft[key]) and not torch.equal(policy[key], sft[key])  # an EMA would have moved
+        settings = ray.get(
+            learner.__ray_call__.remote(lambda self: [self.config.warp, self.ranks[0].target.config.warp])
+        )
+        assert settings == [run, run]
     finally:
         group.close()

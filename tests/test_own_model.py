@@ -18,7 +18,6 @@ import pyarrow.parquet
 import pytest
 import ray
 import torch
-from ray._private.state import actors as actor_table
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -28,7 +27,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from tests.helpers import chat_tokenizer, save_tiny_model, tiny_run_config
+from tests.helpers import actor_table_rows, chat_tokenizer, save_tiny_model, tiny_run_config
 from warp_ray.checkpoint import weight_layout
 from warp_ray.cli import main
 from warp_ray.config import WarpConfig
@@ -185,11 +184,6 @@ def served_once(config: WarpConfig, out: Path) -> WarpConfig:
             "paths": {**config.paths.model_dump(mode="json"), "output_dir": str(out)},
         }
     )
-
-
-def actor_table_rows(cls: str) -> list[dict]:
-    """Every actor of class `cls` this Ray cluster has started, dead or alive, from Ray's actor table (its GCS)."""
-    return [row for row in actor_table().values() if row["ActorClassName"] == cls]
 
 
 def test_eval_measures_policies_as_the_run_does(warp_run, moved, ray_cluster, tmp_path):

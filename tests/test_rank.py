@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from warp_ray.config import WarpConfig
 from warp_ray.learner.policy_update import Batch
-from warp_ray.learner.rank import LearnerRank
+from warp_ray.learner.rank import RemoteLearnerRank
 
 pytestmark = pytest.mark.slow
 MB = 2**20
@@ -51,7 +51,7 @@ def test_runs_free_their_memory_and_micro_batches_accumulate_into_one_optimizer_
             "resources": {"precision": "fp32", "zero_stage": 2, "micro_batch_size": 2},
         }
     )
-    rank = LearnerRank.remote(0, 1, config)
+    rank = RemoteLearnerRank.remote(0, 1, config)
     # its learner's 2 CPUs (1 for the rank, 1 for the engine), both used in the update, the engine then idle
     assert ray.get(rank.__ray_call__.remote(lambda _: torch.get_num_threads())) == 2
     address, port = ray.get(rank.rendezvous.remote())
@@ -104,7 +104,7 @@ def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_
             },
         }
     )
-    ranks = [LearnerRank.remote(k, 2, config) for k in range(2)]
+    ranks = [RemoteLearnerRank.remote(k, 2, config) for k in range(2)]
     address, port = ray.get(ranks[0].rendezvous.remote())
     ray.get([rank.setup.remote(address, port, str(tmp_path / "sft")) for rank in ranks])
     ray.get([rank.start.remote(0) for rank in ranks])

@@ -247,9 +247,10 @@ class Resources(Section):
     Worth it where learners start often relative to the steps they run."""
     colocate: bool = False
     """Run the learner's vLLM engine inside its DeepSpeed rank's process, as verl's hybrid engine,
-    OpenRLHF's colocate_all and TRL's vllm_mode colocate do: one process fewer, no round trip to an
-    engine actor, and the weights handed to vLLM in memory after each step, in one call. The engine
-    shares the rank's CPUs (their sum) and its GPU, of which it takes engine_memory_utilization. Needs
+    OpenRLHF's colocate_all and TRL's vllm_mode colocate do, and that rank inside the learner's own
+    actor: a learner is one process, with no round trip between its loop, its rank and its engine, and
+    the weights handed to vLLM in memory after each step, in one call. The engine shares the rank's
+    CPUs (their sum) and its GPU, of which it takes engine_memory_utilization. Needs
     ranks_per_learner = 1 and rollout_workers_per_learner = 1: vLLM joins the process group it finds
     in its process, so with more ranks every rank would have to host an engine."""
     sync_every: int = Field(1, ge=1)

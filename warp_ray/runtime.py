@@ -24,6 +24,31 @@ process dies, Ray starts it again, up to 3 times, and retries the calls in fligh
 the same answers on the new process; the callers see a delay, not an error."""
 
 
+class InProcess:
+    """An object of this process called as an actor is, `handle.method.remote(*args)`, so that code
+    written for actor handles drives it unchanged: the call runs at once (an error is raised there),
+    the ObjectRefs among its arguments resolved as Ray resolves them, its result put in the object
+    store. A learner actor hosts its colocated rank this way (warp_ray/learner/learner.py)."""
+
+    def __init__(self, target: object):
+        self.target = target
+
+    def __getattr__(self, name: str) -> "_InProcessMethod":
+        return _InProcessMethod(getattr(self.target, name))
+
+
+class _InProcessMethod:
+    def __init__(self, method):
+        self.method = method
+
+    def remote(self, *args, **kwargs) -> ray.ObjectRef:
+        def resolved(value):
+            return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+        args = [resolved(a) for a in args]
+        return ray.put(self.method(*args, **{k: resolved(v) for k, v in kwargs.items()}))
+
+
 def log_if_restarted(service: str) -> None:
     """Called in a service actor's constructor: say in the logs that its process died and was replaced."""
     with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated property inside this one

@@ -25,14 +25,13 @@ from typing import Callable, Optional
 import ray
 from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from warp_ray.checkpoint import save_model
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator import distributed_merge
 from warp_ray.coordinator.checkpoints import iteration_dir, last_complete, resume_from, save_iteration
 from warp_ray.coordinator.front import plot_front, report
-from warp_ray.coordinator.learners import LearnerGroup, RemoteLearner, run_seed
+from warp_ray.coordinator.learners import LearnerGroup, run_seed, start_learner
 from warp_ray.coordinator.wandb_run import WandbRun
 from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.evaluation import Evaluator, start_reference
@@ -65,25 +64,25 @@ class Coordinator:
         self.layout = partition(self.sft_folder, config.learner_bounds()[1])  # a shard per learner: the merge's unit
         self.sft = put_folder(self.sft_folder, self.layout)
         trust = config.paths.trust_remote_code
-        if isinstance(reward, RewardSource):
-            reward = start_reward_server(reward, config.reward_server, trust)
-        self.reward_server = reward
+        source = reward if isinstance(reward, RewardSource) else None
+        self.reward_server = start_reward_server(source, config.reward_server, trust) if source else reward
+        if source is not None and control is not None and source.function is control:
+            control_server = self.reward_server  # warp.proxy_reward = gold: one server serves both
+        else:
+            control_server = RewardServer.remote(RewardSource(function=control)) if control else None
         splits = prompt_splits(prompts)
         evaluator = Evaluator(
             config,
             read_prompts(splits["held_out"], config.data),
             self.reward_server,
             start_reference(sft, config),
-            RewardServer.remote(RewardSource(function=control)) if control else None,
+            control_server,
         )
         train_prompts = read_prompts(splits["train"], config.data)
 
         def make_learner(m: int, group: PlacementGroup):  # in its group, on its node: the policy's shards stay there
-            placed = RemoteLearner.options(
-                name=f"{name}-learner-{m}", scheduling_strategy=PlacementGroupSchedulingStrategy(group)
-            )
-            return placed.remote(
-                config, str(sft), train_prompts, self.reward_server, seed=m, evaluator=evaluator, placement_group=group
+            return start_learner(
+                config, sft, train_prompts, self.reward_server, m, evaluator, group, name=f"{name}-learner-{m}"
             )
 
         self.learners = LearnerGroup(config, make_learner, self.out / "logs", progress)

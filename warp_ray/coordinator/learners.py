@@ -27,12 +27,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from warp_ray.config import WarpConfig
 from warp_ray.errors import NonFiniteError, TooFewLearners
-from warp_ray.learner.learner import Learner, bundles
+from warp_ray.learner.learner import Learner, bundles, learner_options
 from warp_ray.runtime import remote_cause
 from warp_ray.shards import Layout, Shards
 
 log = logging.getLogger(__name__)
-RemoteLearner = ray.remote(num_cpus=0)(Learner)  # the learner's ranks and engines hold the resources
+_RemoteLearner = ray.remote(Learner)  # started by `start_learner`, which places it
 LEARNER_DIED = (ActorDiedError, ActorUnavailableError, RayActorError)
 MakeLearner = Callable[[int, PlacementGroup], ray.actor.ActorHandle]
 
@@ -81,6 +81,24 @@ def first_to_end(runs: dict[int, Run]) -> int:
     """The learner whose run ends first, trained or not (its policy ref resolves or fails)."""
     done, _ = ray.wait([policy for policy, _ in runs.values()], num_returns=1)
     return next(m for m, (policy, _) in runs.items() if policy == done[0])
+
+
+def start_learner(
+    config: WarpConfig,
+    sft: str | Path,
+    prompts: list,
+    reward_server: ActorHandle,
+    seed: int,
+    evaluator=None,
+    group: Optional[PlacementGroup] = None,
+    name: Optional[str] = None,
+) -> ActorHandle:
+    """A learner as an actor (`Learner`'s arguments), in placement group `group` if given. Colocated
+    (resources.colocate), it is one process: its rank and the rank's engine run in it."""
+    options = learner_options(config, group) | ({"name": name} if name else {})
+    return _RemoteLearner.options(**options).remote(
+        config, str(sft), prompts, reward_server, seed=seed, evaluator=evaluator, placement_group=group, host_rank=True
+    )
 
 
 def run_seed(seed: int, iteration: int, m: int) -> int:

@@ -32,14 +32,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from warp_ray.chat import Prompt, policy_ids, with_padding
 from warp_ray.checkpoint import context_length
-from warp_ray.config import WarpConfig
+from warp_ray.config import WarpConfig, WarpParams
 from warp_ray.errors import NonFiniteError, StartupError
 from warp_ray.evaluation import Evaluator
 from warp_ray.learner.policy_update import Batch
-from warp_ray.learner.rank import LearnerRank
+from warp_ray.learner.rank import LearnerRank, RemoteLearnerRank
 from warp_ray.logprobs import pack
 from warp_ray.rollout.worker import RolloutWorker, sample
-from warp_ray.runtime import gpu_options, remote_message
+from warp_ray.runtime import InProcess, gpu_options, remote_message
 from warp_ray.shards import Layout, Shards, join, split
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,16 @@ def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
     return options
 
 
+def learner_options(config: WarpConfig, group: Optional[PlacementGroup]) -> dict:
+    """Ray options of a learner's own actor. Colocated (resources.colocate), it hosts the learner's
+    one rank and that rank's engine (`Learner(host_rank=True)`), so it takes their bundle, or without
+    a placement group their GPUs; otherwise its ranks and engines hold the resources and it holds
+    none, placed in their group (on their node)."""
+    if config.resources.colocate:
+        return _placement(config, group)(0)
+    return {"num_cpus": 0} | ({"scheduling_strategy": PlacementGroupSchedulingStrategy(group)} if group else {})
+
+
 def evaluations(history: Sequence[dict]) -> list[dict]:
     """The held-out evaluations of a `Learner.run` history: step, and each `eval_*` metric without its prefix."""
     return [
@@ -133,11 +143,16 @@ class Learner:
         seed: int,
         evaluator: Optional[Evaluator] = None,
         placement_group: Optional[PlacementGroup] = None,
+        host_rank: bool = False,
     ):
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i.
-        With resources.colocate, the engine runs in rank 0, and `rollouts` is rank 0 itself."""
+        With resources.colocate, the engine runs in rank 0, and `rollouts` is rank 0 itself; with
+        `host_rank` too, rank 0 runs in this process, which must then hold its resources
+        (`learner_options`): a learner actor is then the learner's one process. Without it (a
+        learner built in a driver), the rank is an actor of its own."""
         resources = config.resources
         self.config = config
+        self.host_rank = host_rank and resources.colocate
         self.prompts = list(prompts)
         self.reward_server = reward_server
         self.evaluator = evaluator
@@ -157,7 +172,10 @@ class Learner:
         K = resources.ranks_per_learner  # the config checked that K divides the batch
         self.tokenizer = with_padding(AutoTokenizer.from_pretrained(sft, trust_remote_code=trust))
         placed = _placement(self.config, placement_group)
-        self.ranks = [LearnerRank.options(**placed(k)).remote(k, K, self.config) for k in range(K)]
+        if self.host_rank:  # K = 1: the config refuses a colocated engine beside more ranks
+            self.ranks = [InProcess(LearnerRank(0, K, self.config))]
+        else:
+            self.ranks = [RemoteLearnerRank.options(**placed(k)).remote(k, K, self.config) for k in range(K)]
         # The engines start (tens of seconds) while the ranks join their group.
         engine = engine_args(self.config, sft, self.tokenizer)
         self.rollouts = [
@@ -179,6 +197,8 @@ class Learner:
         if isinstance(error, RayActorError) and not error.actor_init_failed:
             raise error
         for handle in self.ranks + self.rollouts:
+            if isinstance(handle, InProcess):  # alive: this process
+                continue
             try:
                 ray.get(handle.__ray_ready__.remote(), timeout=60)
             except RayActorError as death:
@@ -188,12 +208,18 @@ class Learner:
                 pass  # still starting: not dead
         # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
-        components = {engine._actor_id.hex(): f"rollout engine {i} (vLLM)" for i, engine in enumerate(self.rollouts)}
+        here = ray.get_runtime_context().get_actor_id()
+        if actor is None and self.host_rank and not isinstance(error, ray.exceptions.RayError):
+            actor = here  # raised in this process, which hosts rank 0 and its engine
         hosted = ", with its colocated vLLM engine" if self.config.resources.colocate else ""
-        components |= {
-            rank._actor_id.hex(): f"learner rank {k} (DeepSpeed{hosted if k == 0 else ''})"
-            for k, rank in enumerate(self.ranks)
-        }
+
+        def rank(k: int) -> str:
+            return f"learner rank {k} (DeepSpeed{hosted if k == 0 else ''})"
+
+        components = {here: rank(0)} if self.host_rank else {}
+        actors = [(f"rollout engine {i} (vLLM)", e) for i, e in enumerate(self.rollouts)]
+        actors += [(rank(k), r) for k, r in enumerate(self.ranks)]  # a colocated engine is its rank: named so
+        components |= {a._actor_id.hex(): name for name, a in actors if not isinstance(a, InProcess)}
         cause = remote_message(error)
         where = f"; its log: `ray logs actor --id {actor}`" if actor in components else ""
         return StartupError(f"{components.get(actor, 'the learner')} failed to start: {cause}{where}")
@@ -211,15 +237,20 @@ class Learner:
         )
         self.weight_specs = ray.get(self.ranks[0].weight_specs.remote())
 
-    def set_weights(self, init: Optional[Mapping[str, torch.Tensor] | Shards], seed: int) -> None:
+    def set_weights(
+        self, init: Optional[Mapping[str, torch.Tensor] | Shards], seed: int, warp: Optional[WarpParams] = None
+    ) -> None:
         """Start a new RL run from `init` (None: the SFT), as Algorithm 1 does every iteration:
         fresh optimizer state and warm-up, the EMA anchor reset to `init`, the prompt order and
         sampling seeds of `seed`, the rollout engines synced and checked. The ranks read the
         init's shards from the object store (one copy per node; this actor never fetches them);
-        a dict is put there first."""
+        a dict is put there first. `warp`: this run's RL settings and the next runs', in place of
+        the config's (another anchor or beta on the same processes: the reproduction's baselines)."""
         self._check_started()
+        if warp is not None:
+            self.config = self.config.model_copy(update={"warp": warp})
         shards = [ray.put(init)] if isinstance(init, Mapping) else init or []
-        ray.get([rank.start.remote(seed, *shards) for rank in self.ranks])
+        ray.get([rank.start.remote(seed, *shards, warp=warp) for rank in self.ranks])
         self.rng, self.steps = random.Random(seed), 0
         self.order = PromptOrder(self.prompts, self.rng)
         self.sync()
@@ -325,9 +356,11 @@ class Learner:
         return self.evaluator(self.rollouts)
 
     def close(self) -> None:
-        """Stop the learner's processes: its ranks and rollout engines."""
+        """Stop the learner's processes: its ranks and rollout engines. A rank this actor hosts ends
+        with this actor: `ray.kill` it."""
         for actor in self.ranks + self.rollouts:
-            ray.kill(actor)
+            if not isinstance(actor, InProcess):
+                ray.kill(actor)
 
     def evaluate_weights(self, weights: Shards, per_sample: bool = False) -> dict[str, float] | list[dict]:
         """Held-out evaluation of other weights (a point of the LITI front) on this learner's

@@ -1,4 +1,5 @@
-"""One DeepSpeed rank of a learner, as a Ray actor: the policy, its anchor, the update.
+"""One DeepSpeed rank of a learner, as a Ray actor (or, colocated, in its learner's actor): the
+policy, its anchor, the update.
 
 A learner is K such ranks with torch.distributed between them (gloo on CPU, NCCL on GPU).
 Each rank holds its share of the batch; DeepSpeed averages the gradients (ZeRO stage from
@@ -28,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from warp_ray.checkpoint import load_model_weights
-from warp_ray.config import WarpConfig
+from warp_ray.config import WarpConfig, WarpParams
 from warp_ray.learner import policy_update
 from warp_ray.learner.policy_update import Batch
 from warp_ray.merge import ema_update_
@@ -72,7 +73,6 @@ def anchor_config(micro_batch: int, world_size: int) -> dict:
     }
 
 
-@ray.remote
 class LearnerRank:
     def __init__(self, rank: int, world_size: int, config: WarpConfig):
         self.rank = rank
@@ -104,12 +104,14 @@ class LearnerRank:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.sft = str(sft)
 
-    def start(self, seed: int, *init: Mapping[str, torch.Tensor]) -> None:
+    def start(self, seed: int, *init: Mapping[str, torch.Tensor], warp: Optional[WarpParams] = None) -> None:
         """A new RL run from the init, given as shards (none: the SFT policy): fresh optimizer
         state and warm-up, and the anchor reset to the init (EMA) or to the SFT; every rank calls
-        it at once."""
+        it at once. `warp`: the run's RL settings, when they replace the config's."""
         import deepspeed
 
+        if warp is not None:
+            self.config = self.config.model_copy(update={"warp": warp})
         self._free()
         torch.manual_seed(seed)
         init = join(init) if init else None
@@ -318,3 +320,7 @@ class LearnerRank:
                 weight_group.broadcast_(self.weight_group, tensor.detach().contiguous())
         if self.rank == 0 and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # NCCL's wait orders the stream, not this process
+
+
+RemoteLearnerRank = ray.remote(LearnerRank)
+"""A rank as an actor of its own. A colocated learner's one rank is instead hosted in its learner's actor."""

@@ -3,14 +3,16 @@
 
 1. The task and WARM (M reward models, weight averaged) and its accuracy table, once: the seeds
    share them. The single RM with the best validation accuracy is the baseline of claim 7.
-Then, for each seed of reproduce.seeds (warp.seed = that seed, a folder of its own):
+Then, for each seed of reproduce.seeds (warp.seed = that seed, a folder of its own), evaluated
+against one SFT reference and one gold-reward server:
 2. The regime (regime.py), whose RL run against that RM is claim 7's baseline, "SFT anchor,
    beta 0.01, single RM".
 3. WARP, Algorithm 1, by the coordinator (`warp-ray warp` with paths.keep_policies): M = 4
    policies per iteration, I iterations, the LITI fronts. Its iteration-0 policy 0 is also the
    "EMA anchor, beta 0.1" REINFORCE run.
 4. REINFORCE baselines from the SFT, with the same seed (so the same prompts) and T steps each:
-   the anchors and betas of claim 1.
+   the anchors and betas of claim 1. A wave of runs after the first takes the first wave's
+   learners, each run starting afresh (`Learner.set_weights` with the run's settings).
 5. Merges of the saved policies (SLERP against LERP, M = 2 against M = 4), a WARP policy
    matched in KL to the REINFORCE one (claim 8), evaluated on the baselines' engines; the task
    vectors' angles.
@@ -26,7 +28,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import ray
 import torch
@@ -34,7 +36,7 @@ import torch
 from warp_ray.checkpoint import load_model_weights, write_atomic
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import iteration_dir
-from warp_ray.coordinator.learners import RemoteLearner, run_seed
+from warp_ray.coordinator.learners import run_seed, start_learner
 from warp_ray.data import read_preferences, read_prompts
 from warp_ray.driver import run_warm, run_warp
 from warp_ray.errors import ConfigError, WarpRayError
@@ -59,8 +61,8 @@ class Variant(NamedTuple):
     beta: float
 
 
-# REINFORCE runs against WARM besides WARP's own, run RUNS_AT_ONCE at a time; the last wave's
-# engines then evaluate the merges.
+# REINFORCE runs against WARM besides WARP's own, run RUNS_AT_ONCE at a time on the same learners,
+# whose engines then evaluate the merges.
 BASELINES = {
     "EMA anchor, beta 0.01": Variant("ema", 0.01),
     "SFT anchor, beta 0": Variant("sft", 0.0),
@@ -209,18 +211,19 @@ def measure_seed(config: WarpConfig) -> dict:
     out = config.paths.output_dir
     seconds = Laps()
     sft, prompts, _, _ = task_inputs(config)
-    measured_regime = measure_regime(config)
+    init_ray()
+    services = Services.start(config, sft)
+    measured_regime = measure_regime(config, services)
     seconds("regime")
     run_warp(config, resume=True)
     seconds("WARP")
     warp = [_iteration(out, i) for i in range(config.warp.I)]
-    evaluator = _evaluator(config, sft, prompts, out / "rm" / "warm")
-    baselines, finals, learners = _reinforce_baselines(config, sft, prompts, evaluator)
+    evaluator = _evaluator(config, prompts, out / "rm" / "warm", services)
+    baselines, finals, engines = _reinforce_baselines(config, sft, prompts, evaluator)
     runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"], **baselines}
     seconds("REINFORCE baselines")
 
     log.info("seed %d: merges of the saved policies, evaluated", config.warp.seed)
-    engines = list(learners.values())  # the last wave's
     sft_weights = load_model_weights(sft)
     # in learner order, as the coordinator merged them: policy_10 after policy_9
     policy_folders = sorted(
@@ -241,46 +244,40 @@ def measure_seed(config: WarpConfig) -> dict:
         "win_rate": _matched_kl(engines, config, out, sft_weights, finals["SFT anchor, beta 0.1"]),
     }
     seconds("merges and evaluations")
-    for learner in learners.values():
-        ray.get(learner.close.remote())
+    for learner in engines:
+        ray.kill(learner)  # and its ranks and engines, or the ones it hosts
     return results
 
 
 def _reinforce_baselines(
     config: WarpConfig, sft: Path, prompts: Path, evaluator: Evaluator
-) -> tuple[dict[str, list[dict]], dict[str, dict], dict[str, ray.actor.ActorHandle]]:
-    """The REINFORCE baselines, in equal waves of at most RUNS_AT_ONCE: their evaluations, their
-    final weights, and the last wave's learners, left open (their engines evaluate the merges)."""
+) -> tuple[dict[str, list[dict]], dict[str, dict], list[ray.actor.ActorHandle]]:
+    """The REINFORCE baselines, in equal waves of at most RUNS_AT_ONCE, each wave on the first
+    wave's learners (each run from the SFT with its own anchor and beta): their evaluations, their
+    final weights, and the learners, left open (their engines evaluate the merges)."""
     out = config.paths.output_dir
     log.info(
         "seed %d: %d REINFORCE baselines of %d steps from the SFT", config.warp.seed, len(BASELINES), config.warp.T
     )
-    names = list(BASELINES)
+    names, runs_config = list(BASELINES), {name: _variant(config, variant) for name, variant in BASELINES.items()}
     per_wave = math.ceil(len(names) / math.ceil(len(names) / RUNS_AT_ONCE))
     train = read_prompts(prompts / "train.jsonl")
-    runs = {}
-    finals = {}
-    learners = {}
-    for wave in (names[k : k + per_wave] for k in range(0, len(names), per_wave)):
-        for learner in learners.values():
-            ray.get(learner.close.remote())
-        learners = {
-            name: RemoteLearner.remote(
-                _variant(config, BASELINES[name]),
-                str(sft),
-                train,
-                evaluator.reward_server,
-                seed=run_seed(config.warp.seed, 0, 0),
-                evaluator=evaluator,
-            )
-            for name in wave
-        }
+    seed = run_seed(config.warp.seed, 0, 0)
+    learners = [
+        start_learner(runs_config[name], sft, train, evaluator.reward_server, seed, evaluator)
+        for name in names[:per_wave]
+    ]
+    runs, finals = {}, {}
+    for first in range(0, len(names), per_wave):
+        wave = dict(zip(names[first : first + per_wave], learners))
+        if first:  # the first wave's runs started with their learners
+            ray.get([learner.set_weights.remote(None, seed, runs_config[n].warp) for n, learner in wave.items()])
         logs = {name: out / "reproduce" / "logs" / name.replace(",", "").replace(" ", "_") for name in wave}
         histories = ray.get(
-            [learner.run.remote(config.warp.T, logs[name], desc=name) for name, learner in learners.items()]
+            [learner.run.remote(config.warp.T, logs[name], desc=name) for name, learner in wave.items()]
         )
-        runs.update({name: evaluations(history) for name, history in zip(learners, histories)})
-        finals.update(zip(learners, ray.get([learner.get_weights.remote() for learner in learners.values()])))
+        runs.update({name: evaluations(history) for name, history in zip(wave, histories)})
+        finals.update(zip(wave, ray.get([learner.get_weights.remote() for learner in wave.values()])))
     return runs, finals, learners
 
 
@@ -299,28 +296,29 @@ def _task_and_warm(config: WarpConfig) -> tuple[Path, Path, Path, dict, bool]:
     return sft, prompts, preferences, run_warm(config), True
 
 
-def measure_regime(config: WarpConfig) -> dict:
+def measure_regime(config: WarpConfig, services: Optional[Services] = None) -> dict:
     """The regime's numbers: the task and WARM as `warp-ray reproduce` builds them (reused when
     built), the label ceiling, the best single RM, and one RL run against it from the SFT (SFT
-    anchor, beta 0.01) evaluated before its first step and every T / 10 steps."""
+    anchor, beta 0.01) evaluated before its first step and every T / 10 steps. `services`: the
+    seed's, else started here."""
     warp, out = config.warp, config.paths.output_dir
     sft, prompts, preferences, accuracy, _ = _task_and_warm(config)
     init_ray()  # WARM read back started no cluster
     single, folder = best_single(accuracy, out / "rm")
     run_config = _variant(config, Variant("sft", regime.BETA))
-    evaluator = _evaluator(run_config, sft, prompts, folder)
-    learner = RemoteLearner.remote(
+    evaluator = _evaluator(run_config, prompts, folder, services or Services.start(config, sft))
+    learner = start_learner(
         run_config,
-        str(sft),
+        sft,
         read_prompts(prompts / "train.jsonl"),
         evaluator.reward_server,
-        seed=run_seed(warp.seed, 0, 0),
-        evaluator=evaluator,
+        run_seed(warp.seed, 0, 0),
+        evaluator,
     )
     start = ray.get(learner.evaluate.remote())
     log_dir = out / "reproduce" / "logs" / "regime"
     history = ray.get(learner.run.remote(warp.T, log_dir, desc=f"regime: SFT anchor, beta {regime.BETA}, {single}"))
-    ray.get(learner.close.remote())
+    ray.kill(learner)
     return {
         "T": warp.T,
         "mu": warp.mu,
@@ -337,7 +335,19 @@ def _variant(config: WarpConfig, variant: Variant) -> WarpConfig:
     return config.model_copy(update={"warp": config.warp.model_copy(update=variant._asdict())})
 
 
-def _evaluator(config: WarpConfig, sft: Path, prompts: Path, reward_model: Path) -> Evaluator:
+class Services(NamedTuple):
+    """The SFT reference and the gold reward's server: a seed's regime run, REINFORCE baselines and
+    merges are evaluated against them, each run's reward model aside."""
+
+    reference: ray.actor.ActorHandle
+    gold: ray.actor.ActorHandle
+
+    @classmethod
+    def start(cls, config: WarpConfig, sft: Path) -> "Services":
+        return cls(start_reference(sft, config), RewardServer.remote(RewardSource(function=world.gold_reward)))
+
+
+def _evaluator(config: WarpConfig, prompts: Path, reward_model: Path, services: Services) -> Evaluator:
     """The held-out evaluator of runs against a reward model folder (WARM, or the regime's single RM):
     its reward server, the SFT reference, the gold reward."""
     trust = config.paths.trust_remote_code
@@ -345,8 +355,8 @@ def _evaluator(config: WarpConfig, sft: Path, prompts: Path, reward_model: Path)
         config,
         read_prompts(prompts / "held_out.jsonl"),
         start_reward_server(RewardSource(folders=(str(reward_model),)), config.reward_server, trust),
-        start_reference(sft, config),
-        RewardServer.remote(RewardSource(function=world.gold_reward)),
+        services.reference,
+        services.gold,
     )
 
 

@@ -18,13 +18,12 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from warp_ray.checkpoint import atomic_dir, save_model
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import iteration_dir
 from warp_ray.coordinator.coordinator import Coordinator
-from warp_ray.coordinator.learners import RemoteLearner, run_seed
+from warp_ray.coordinator.learners import run_seed, start_learner
 from warp_ray.data import prompt_splits, read_prompts
 from warp_ray.errors import TooFewLearners
 from warp_ray.learner.learner import bundles, check_finite
@@ -73,10 +72,7 @@ def _reinforce(config: WarpConfig, sft: Path, prompts: Path, wave: list[Run], ou
     learners = []
     try:
         learners = [
-            RemoteLearner.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(
-                config, str(sft), train_prompts, run.reward, seed=seed, placement_group=group
-            )
-            for run, group in zip(wave, groups)
+            start_learner(config, sft, train_prompts, run.reward, seed, group=group) for run, group in zip(wave, groups)
         ]
         ray.get(
             [
