@@ -51,8 +51,8 @@ ENGINE_ACTOR = {"colocate": False, "rollout_in_process": True, "weight_sync": "o
 MERGED_ACROSS_TWO = {"llama", "gemma"}
 """Architectures whose iteration trains two learners and merges their policies, an untied model and
 a tied one. The others train one: the coordinator and the merge run the same code for every
-architecture, and a learner costs about 20 CPU-seconds to start here, its actor's process and its
-rank's with a vLLM engine, colocated or of its own (bench/suite_profile.py)."""
+architecture, and a learner's processes take about 10 CPU-seconds here colocated (one process), 20
+with a rank and an engine of their own, mostly to start (bench/suite_profile.py)."""
 TOPICS = ["the sea", "the wind", "a kind answer", "a short poem", "the reward", "the model", "a garden", "the night"]
 
 

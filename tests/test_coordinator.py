@@ -222,8 +222,13 @@ def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environm
         killed = {what: killer.result() for what, killer in killers.items()}
         kept = shutil.copytree(out, tmp_path_factory.mktemp("warp_as_it_ended"), dirs_exist_ok=True)
         reward_server = actor_table(actor_id=killed["reward server"]["ActorID"])
-        started_by = actor_table(actor_id=coordinator._actor_id.hex())["Address"]
-        servers = [a for a in actor_table().values() if a["ActorClassName"] == "RewardServer"]
+        row = actor_table(actor_id=coordinator._actor_id.hex())
+        # started by its process: by its address, since it started (a dead process's port may be taken again)
+        servers = [
+            a
+            for a in actor_table().values()
+            if a["ActorClassName"] == "RewardServer" and a["StartTime"] >= row["StartTime"]
+        ]
         yield FaultedRun(
             config,
             tiny_task,
@@ -233,7 +238,7 @@ def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environm
             killed,
             reward_server,
             worker_stderr(reward_server["Pid"]),
-            sum(a["OwnerAddress"] == started_by for a in servers),
+            sum(a["OwnerAddress"] == row["Address"] for a in servers),
         )
     finally:
         ray.kill(coordinator)

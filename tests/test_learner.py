@@ -25,7 +25,7 @@ from warp_ray.coordinator.learners import LearnerGroup, start_learner
 from warp_ray.data import read_prompts
 from warp_ray.errors import ConfigError, NonFiniteError, StartupError
 from warp_ray.evaluation import Evaluator, ReferencePolicy, mean_and_se
-from warp_ray.learner.learner import Learner
+from warp_ray.learner.learner import Learner, bundles
 from warp_ray.reward.model import load_reward_model
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.rollout.worker import sample
@@ -317,15 +317,20 @@ def test_a_colocated_learner_is_one_process_and_is_rerun_when_it_dies(tiny_task,
                     torch.get_num_threads(),
                     os.environ.get("TORCH_COMPILE_DISABLE"),
                     importlib.import_module("torch._dynamo").config.disable,  # set by the engine in this process
+                    ray.get_runtime_context().get_placement_group_id(),
+                    ray.get_runtime_context().get_assigned_resources(),
                 )
             )
         )
 
+    with pytest.raises(ValueError, match="hosts its rank in a learner actor"):  # not in this driver
+        Learner(config, tiny_task / "sft", prompts, gold, 0, host_rank=True)
     try:
         assert group.scale() == 1
         first = group.handles[0]
-        pid, hosted, threads, no_compile, dynamo_off = process(first)
+        pid, hosted, threads, no_compile, dynamo_off, placed_in, holds = process(first)
         assert hosted == ["InProcess", "InProcess"]  # rank 0, and the engine it holds: no actor of their own
+        assert placed_in == group.slots[0].group.id.hex() and holds == bundles(config)[0]  # the rank's bundle
         # the engine's core and worker in this process too, which keeps the rank's threads and compiles nothing
         assert psutil.Process(pid).children() == [] and threads == config.resources.threads_per_rank
         assert no_compile == "1" and dynamo_off
@@ -350,5 +355,7 @@ def test_a_colocated_learner_is_one_process_and_is_rerun_when_it_dies(tiny_task,
             learner.__ray_call__.remote(lambda self: [self.config.warp, self.ranks[0].target.config.warp])
         )
         assert settings == [run, run]
+        with pytest.raises(ValueError, match=r"may change warp.anchor, .* only, not warp.max_new_tokens"):
+            ray.get(learner.set_weights.remote(None, 1, run.model_copy(update={"max_new_tokens": 8})))
     finally:
         group.close()

@@ -566,7 +566,7 @@ def test_a_seed_is_read_back_only_when_measured_with_the_same_settings_and_rewar
 @pytest.mark.slow
 def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_cluster):
     """`warp-ray reproduce --seeds 1` for real, at toy sizes: the shared task and WARM, then one
-    seed's regime run, WARP, baselines and merges; every evaluation keeps its per-prompt means."""
+    seed's WARP, regime run, baselines and merges; every evaluation keeps its per-prompt means."""
     import json
 
     out = tmp_path / "run"
@@ -601,6 +601,8 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
     (seed,) = results["by_seed"]
     assert seed["seed"] == 7 and list(results["seconds"]) == ["task and WARM", "seed 7"]
     assert set(seed["runs"]) == {WARP_RUN, SINGLE_RM_RUN, *BASELINES} and len(seed["warp"]) == 2
+    # each baseline ran with its own anchor and beta, the second wave's on the first wave's learners
+    assert len({json.dumps(seed["runs"][name]) for name in BASELINES}) == len(BASELINES)
     points = [
         *seed["runs"][WARP_RUN],
         *seed["warp"][1]["front"],

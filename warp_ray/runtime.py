@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import ray
 import ray.exceptions
@@ -32,21 +33,31 @@ class InProcess:
 
     def __init__(self, target: object):
         self.target = target
+        self.raised: Optional[BaseException] = None  # the last error a call raised: the target's, not the caller's
 
     def __getattr__(self, name: str) -> "_InProcessMethod":
-        return _InProcessMethod(getattr(self.target, name))
+        if name.startswith("__"):  # copy and pickle protocols: not the target's methods
+            raise AttributeError(name)
+        return _InProcessMethod(self, getattr(self.target, name))
+
+    def __reduce__(self):
+        raise TypeError(f"{type(self.target).__name__} runs in this process: its handle cannot leave it")
 
 
 class _InProcessMethod:
-    def __init__(self, method):
-        self.method = method
+    def __init__(self, handle: InProcess, method):
+        self.handle, self.method = handle, method
 
     def remote(self, *args, **kwargs) -> ray.ObjectRef:
         def resolved(value):
             return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
         args = [resolved(a) for a in args]
-        return ray.put(self.method(*args, **{k: resolved(v) for k, v in kwargs.items()}))
+        try:
+            return ray.put(self.method(*args, **{k: resolved(v) for k, v in kwargs.items()}))
+        except BaseException as error:
+            self.handle.raised = error
+            raise
 
 
 def log_if_restarted(service: str) -> None:

@@ -96,6 +96,11 @@ def _placement(config: WarpConfig, group: Optional[PlacementGroup]):
     return options
 
 
+RUN_SETTINGS = {"anchor", "beta", "mu", "lr", "weight_decay", "warmup_steps", "baseline"}
+"""What a run on a started learner may change (`Learner.set_weights`): the loss's and the optimizer's
+settings, which the ranks read when a run starts. Sampling, batches and evaluation stay the config's."""
+
+
 def learner_options(config: WarpConfig, group: Optional[PlacementGroup]) -> dict:
     """Ray options of a learner's own actor. Colocated (resources.colocate), it hosts the learner's
     one rank and that rank's engine (`Learner(host_rank=True)`), so it takes their bundle, or without
@@ -147,9 +152,11 @@ class Learner:
     ):
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i.
         With resources.colocate, the engine runs in rank 0, and `rollouts` is rank 0 itself; with
-        `host_rank` too, rank 0 runs in this process, which must then hold its resources
-        (`learner_options`): a learner actor is then the learner's one process. Without it (a
-        learner built in a driver), the rank is an actor of its own."""
+        `host_rank` too, rank 0 runs in this process, a learner actor which must then hold the rank's
+        resources (`learner_options`): the learner's one process. Without it (a learner built in a
+        driver), the rank is an actor of its own."""
+        if host_rank and ray.get_runtime_context().get_actor_id() is None:
+            raise ValueError("host_rank: a learner hosts its rank in a learner actor (start_learner), not in a driver")
         resources = config.resources
         self.config = config
         self.host_rank = host_rank and resources.colocate
@@ -157,7 +164,7 @@ class Learner:
         self.reward_server = reward_server
         self.evaluator = evaluator
         self.zero3 = resources.zero_stage == 3
-        # This actor holds no GPU itself: the engines' resources tell where they run.
+        # Unless it hosts its rank, this actor holds no GPU itself: the engines' resources tell where they run.
         self.broadcast = config.broadcasts_weights
         self.weight_specs = None  # of the broadcast group, joined at the first sync
         self.ranks, self.rollouts = [], []
@@ -209,8 +216,8 @@ class Learner:
         # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
         here = ray.get_runtime_context().get_actor_id()
-        if actor is None and self.host_rank and not isinstance(error, ray.exceptions.RayError):
-            actor = here  # raised in this process, which hosts rank 0 and its engine
+        if actor is None and any(isinstance(r, InProcess) and r.raised is error for r in self.ranks):
+            actor = here  # raised by the rank this process hosts, or by its engine
         hosted = ", with its colocated vLLM engine" if self.config.resources.colocate else ""
 
         def rank(k: int) -> str:
@@ -243,14 +250,23 @@ class Learner:
         """Start a new RL run from `init` (None: the SFT), as Algorithm 1 does every iteration:
         fresh optimizer state and warm-up, the EMA anchor reset to `init`, the prompt order and
         sampling seeds of `seed`, the rollout engines synced and checked. The ranks read the
-        init's shards from the object store (one copy per node; this actor never fetches them);
-        a dict is put there first. `warp`: this run's RL settings and the next runs', in place of
-        the config's (another anchor or beta on the same processes: the reproduction's baselines)."""
+        init's shards from the object store (one copy per node; a learner that hosts its rank fetches
+        them into its process); a dict is put there first. `warp`: this run's RL settings and the next
+        runs', in place of the config's, which may differ in RUN_SETTINGS only (another anchor or beta
+        on the same processes: the reproduction's baselines)."""
         self._check_started()
+        config = self.config
         if warp is not None:
-            self.config = self.config.model_copy(update={"warp": warp})
+            changed = {k for k in WarpParams.model_fields if getattr(warp, k) != getattr(config.warp, k)}
+            if changed - RUN_SETTINGS:
+                raise ValueError(
+                    f"a run on a started learner may change warp.{', warp.'.join(sorted(RUN_SETTINGS))} only, "
+                    f"not warp.{', warp.'.join(sorted(changed - RUN_SETTINGS))}"
+                )
+            config = WarpConfig.model_validate({**config.model_dump(), "warp": warp.model_dump()})
         shards = [ray.put(init)] if isinstance(init, Mapping) else init or []
-        ray.get([rank.start.remote(seed, *shards, warp=warp) for rank in self.ranks])
+        ray.get([rank.start.remote(seed, *shards, warp=config.warp) for rank in self.ranks])
+        self.config = config
         self.rng, self.steps = random.Random(seed), 0
         self.order = PromptOrder(self.prompts, self.rng)
         self.sync()

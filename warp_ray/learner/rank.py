@@ -107,7 +107,8 @@ class LearnerRank:
     def start(self, seed: int, *init: Mapping[str, torch.Tensor], warp: Optional[WarpParams] = None) -> None:
         """A new RL run from the init, given as shards (none: the SFT policy): fresh optimizer
         state and warm-up, and the anchor reset to the init (EMA) or to the SFT; every rank calls
-        it at once. `warp`: the run's RL settings, when they replace the config's."""
+        it at once. `warp`: the run's RL settings, when they replace the config's (`Learner.set_weights`
+        checked them)."""
         import deepspeed
 
         if warp is not None:

@@ -3,13 +3,13 @@
 
 1. The task and WARM (M reward models, weight averaged) and its accuracy table, once: the seeds
    share them. The single RM with the best validation accuracy is the baseline of claim 7.
-Then, for each seed of reproduce.seeds (warp.seed = that seed, a folder of its own), evaluated
-against one SFT reference and one gold-reward server:
-2. The regime (regime.py), whose RL run against that RM is claim 7's baseline, "SFT anchor,
-   beta 0.01, single RM".
-3. WARP, Algorithm 1, by the coordinator (`warp-ray warp` with paths.keep_policies): M = 4
+Then, for each seed of reproduce.seeds (warp.seed = that seed, a folder of its own):
+2. WARP, Algorithm 1, by the coordinator (`warp-ray warp` with paths.keep_policies): M = 4
    policies per iteration, I iterations, the LITI fronts. Its iteration-0 policy 0 is also the
    "EMA anchor, beta 0.1" REINFORCE run.
+Then, evaluated against one SFT reference and one gold-reward server:
+3. The regime (regime.py), whose RL run against that RM is claim 7's baseline, "SFT anchor,
+   beta 0.01, single RM".
 4. REINFORCE baselines from the SFT, with the same seed (so the same prompts) and T steps each:
    the anchors and betas of claim 1. A wave of runs after the first takes the first wave's
    learners, each run starting afresh (`Learner.set_weights` with the run's settings).
@@ -206,18 +206,17 @@ def _fingerprint(folder: Path) -> str:
 
 
 def measure_seed(config: WarpConfig) -> dict:
-    """One seed's measurements: the regime's run (claim 7's single-RM baseline), WARP (resumed
-    where a run was cut short), the REINFORCE baselines and the merges."""
+    """One seed's measurements: WARP (resumed where a run was cut short), the regime's run (claim
+    7's single-RM baseline), the REINFORCE baselines and the merges."""
     out = config.paths.output_dir
     seconds = Laps()
     sft, prompts, _, _ = task_inputs(config)
-    init_ray()
-    services = Services.start(config, sft)
-    measured_regime = measure_regime(config, services)
-    seconds("regime")
     run_warp(config, resume=True)
     seconds("WARP")
     warp = [_iteration(out, i) for i in range(config.warp.I)]
+    services = Services.start(config, sft)  # after WARP, which has its own: not idle beside its learners
+    measured_regime = measure_regime(config, services)
+    seconds("regime")
     evaluator = _evaluator(config, prompts, out / "rm" / "warm", services)
     baselines, finals, engines = _reinforce_baselines(config, sft, prompts, evaluator)
     runs = {WARP_RUN: warp[0]["trajectories"][0], SINGLE_RM_RUN: measured_regime["run"], **baselines}
