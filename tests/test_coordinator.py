@@ -205,6 +205,7 @@ def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environm
     ended: `killed_and_resumed` changes the folder itself."""
     out = tmp_path_factory.mktemp("warp")
     config = warp_config(out)
+    began_ms = time.time() * 1000  # the unit of StartTime in Ray's actor table
     coordinator = (
         ray.remote(num_cpus=0)(Coordinator).options(name=COORDINATOR).remote(*coordinator_args(config, tiny_task))
     )
@@ -223,11 +224,9 @@ def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environm
         kept = shutil.copytree(out, tmp_path_factory.mktemp("warp_as_it_ended"), dirs_exist_ok=True)
         reward_server = actor_table(actor_id=killed["reward server"]["ActorID"])
         row = actor_table(actor_id=coordinator._actor_id.hex())
-        # started by its process: by its address, since it started (a dead process's port may be taken again)
+        # started by its process: by its address, since this fixture began (a dead process's port may be taken again)
         servers = [
-            a
-            for a in actor_table().values()
-            if a["ActorClassName"] == "RewardServer" and a["StartTime"] >= row["StartTime"]
+            a for a in actor_table().values() if a["ActorClassName"] == "RewardServer" and a["StartTime"] >= began_ms
         ]
         yield FaultedRun(
             config,

@@ -602,7 +602,13 @@ def test_a_quick_reproduction_measures_its_seed_and_reports_it(tmp_path, ray_clu
     assert seed["seed"] == 7 and list(results["seconds"]) == ["task and WARM", "seed 7"]
     assert set(seed["runs"]) == {WARP_RUN, SINGLE_RM_RUN, *BASELINES} and len(seed["warp"]) == 2
     # each baseline ran with its own anchor and beta, the second wave's on the first wave's learners
-    assert len({json.dumps(seed["runs"][name]) for name in BASELINES}) == len(BASELINES)
+    logs, mu = out / "seeds" / "seed_7" / "reproduce" / "logs", results["config"]["warp"]["mu"]
+    for name, variant in BASELINES.items():
+        log = logs / name.replace(",", "").replace(" ", "_") / "metrics.jsonl"
+        steps = [json.loads(line) for line in log.read_text().splitlines()]
+        assert len(steps) == 10 and {(s["beta"], s["anchor_mu"]) for s in steps} == {
+            (variant.beta, mu if variant.anchor == "ema" else 0.0)
+        }, name
     points = [
         *seed["runs"][WARP_RUN],
         *seed["warp"][1]["front"],

@@ -140,13 +140,11 @@ class Evaluator:
         prompts = [p for p, group in zip(self.prompts, groups) for _ in group]
         samples = [s for group in groups for s in group]
         completions = [s["text"] for s in samples]
-        calls: dict[
-            int, ray.ObjectRef
-        ] = {}  # one per server: the proxy may be the control's (warp.proxy_reward = gold)
-        scored = {
-            key: calls.setdefault(id(server), server.score.remote(prompts, completions))
-            for key, server in self.scorers.items()
-        }
+        calls = {}  # one per server: the proxy's may be the control's (warp.proxy_reward = gold)
+        for server in self.scorers.values():
+            if id(server) not in calls:
+                calls[id(server)] = server.score.remote(prompts, completions)
+        scored = {key: calls[id(server)] for key, server in self.scorers.items()}
         sequences = [(s["prompt_token_ids"], s["token_ids"]) for s in samples]
         sft = ray.get(self.reference.sequence_logprobs.remote(sequences, params.temperature))
         rows = [

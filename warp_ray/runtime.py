@@ -33,7 +33,7 @@ class InProcess:
 
     def __init__(self, target: object):
         self.target = target
-        self.raised: Optional[BaseException] = None  # the last error a call raised: the target's, not the caller's
+        self.raised: Optional[BaseException] = None  # what the last call raised: the target's error, not the caller's
 
     def __getattr__(self, name: str) -> "_InProcessMethod":
         if name.startswith("__"):  # copy and pickle protocols: not the target's methods
@@ -52,12 +52,14 @@ class _InProcessMethod:
         def resolved(value):
             return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
-        args = [resolved(a) for a in args]
+        args, kwargs = [resolved(a) for a in args], {k: resolved(v) for k, v in kwargs.items()}
+        self.handle.raised = None
         try:
-            return ray.put(self.method(*args, **{k: resolved(v) for k, v in kwargs.items()}))
+            result = self.method(*args, **kwargs)
         except BaseException as error:
             self.handle.raised = error
             raise
+        return ray.put(result)
 
 
 def log_if_restarted(service: str) -> None:

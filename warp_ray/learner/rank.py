@@ -236,6 +236,9 @@ class LearnerRank:
             **{k: v.item() for k, v in stats.items()},
             "lr": lr,
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            # the run's settings, logged with each step as lr is: a run's log says which run it is
+            "beta": warp.beta,
+            "anchor_mu": warp.mu if warp.anchor == "ema" else 0.0,  # 0: the SFT anchor, which stays put
         }
 
     def update_ema_anchor(self) -> None:
