@@ -35,6 +35,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from transformers import AutoModelForCausalLM
 
+from tests.helpers import actor_table_rows
 from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import WarpConfig
 from warp_ray.coordinator.checkpoints import last_complete, resume_from
@@ -225,9 +226,7 @@ def faulted_run(tiny_task, ray_cluster, tmp_path_factory, secret_in_the_environm
         reward_server = actor_table(actor_id=killed["reward server"]["ActorID"])
         row = actor_table(actor_id=coordinator._actor_id.hex())
         # started by its process: by its address, since this fixture began (a dead process's port may be taken again)
-        servers = [
-            a for a in actor_table().values() if a["ActorClassName"] == "RewardServer" and a["StartTime"] >= began_ms
-        ]
+        servers = [a for a in actor_table_rows("RewardServer") if a["StartTime"] >= began_ms]
         yield FaultedRun(
             config,
             tiny_task,
