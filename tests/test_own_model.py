@@ -1,7 +1,8 @@
 """A user's own models and data, end to end on real vLLM, DeepSpeed and Ray: a Qwen2 policy with
 Qwen's chat format and a Llama reward model with Llama 2's (two different tokenizers), chat
-prompts and preference pairs in Parquet files under columns of their own names. Nothing of the
-built-in task is built."""
+prompts in Parquet files under a column of its own name. Nothing of the built-in task is built.
+WARM trained on a user's own preference pairs (Parquet, chat messages, columns of their own) is
+tests/test_architectures.py's Gemma run."""
 
 from __future__ import annotations
 
@@ -31,14 +32,13 @@ from tests.helpers import actor_table_rows, chat_tokenizer, save_tiny_model, tin
 from warp_ray.checkpoint import weight_layout
 from warp_ray.cli import main
 from warp_ray.config import WarpConfig
-from warp_ray.driver import run_warm
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.rollout.worker import RolloutWorker
 
 pytestmark = pytest.mark.slow
 
 TOPICS = ["the sea", "the wind", "a kind answer", "a short poem", "the reward", "the model", "a garden", "the night"]
-COLUMNS = {"prompt_key": "question", "chosen_key": "better", "rejected_key": "worse"}
+PROMPT_KEY = "question"
 
 
 def conversation(topic: str) -> list[dict]:
@@ -47,28 +47,24 @@ def conversation(topic: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory) -> Path:
-    """policy/ (Qwen2, no model_max_length in its tokenizer), rm/ (Llama, its own tokenizer),
-    prompts/ and preferences/ (Parquet, chat messages, columns question, better, worse)."""
+    """policy/ (Qwen2, no model_max_length in its tokenizer), rm/ (Llama, its own tokenizer) and
+    prompts/ (Parquet, chat messages, column question)."""
     root = tmp_path_factory.mktemp("own")
     save_tiny_model(
         root / "policy", AutoModelForCausalLM, Qwen2Config, chat_tokenizer("chatml"), tie_word_embeddings=True
     )
     save_tiny_model(root / "rm", AutoModelForSequenceClassification, LlamaConfig, chat_tokenizer("inst"), num_labels=1)
     for folder, split, topics in (("prompts", "train", TOPICS), ("prompts", "held_out", TOPICS[:4])):
-        rows = [{"question": conversation(t)} for t in topics]
+        rows = [{PROMPT_KEY: conversation(t)} for t in topics]
         (root / folder).mkdir(exist_ok=True)
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), root / folder / f"{split}.parquet")
-    pairs = [
-        {"question": conversation(t), "better": f"{t} is calm and kind", "worse": f"{t} {t} {t}"} for t in TOPICS * 4
-    ]
-    (root / "preferences").mkdir()
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(pairs), root / "preferences" / "train.parquet")
     return root
 
 
 def own_config(own: Path, out: Path, **paths) -> WarpConfig:
-    columns = COLUMNS if "preferences" in paths else {"prompt_key": COLUMNS["prompt_key"]}
-    return tiny_run_config(out, {"sft_model": own / "policy", "prompts": own / "prompts", **paths}, data=columns)
+    return tiny_run_config(
+        out, {"sft_model": own / "policy", "prompts": own / "prompts", **paths}, data={"prompt_key": PROMPT_KEY}
+    )
 
 
 def test_the_engine_and_the_reward_server_each_read_a_chat_in_their_own_format(own, ray_cluster):
@@ -221,11 +217,3 @@ def test_compare_gives_a_win_rate_with_its_interval(warp_run, moved, ray_cluster
     # other completions, other rewards: wins and losses, not all ties, so an interval of some width
     assert 0 <= moved_rate["low"] < moved_rate["win_rate"] < moved_rate["high"] <= 1 and moved_rate["pairs"] == 8
     assert main(["compare", "--config", str(tmp_path / "run.yaml"), sft, sft, "--reward", "control"]) == 2  # none here
-
-
-def test_train_rm_on_chat_preferences_in_parquet_with_columns_of_their_own(own, ray_cluster, tmp_path):
-    config = own_config(own, tmp_path / "run", preferences=str(own / "preferences"))
-    table = run_warm(config)
-    assert set(table) == {"RM 1", "RM 2", "ENS", "WARM"}
-    assert all(0 <= row["train (as labelled)"] <= 1 for row in table.values())
-    assert not (tmp_path / "run" / "task").exists()
