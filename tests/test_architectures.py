@@ -66,10 +66,11 @@ def build(root: Path, name: str) -> Path:
         root / "sft", AutoModelForCausalLM, config_class, chat_tokenizer(style), head_dim=32, tie_word_embeddings=tied
     )
     chats = [[{"role": "user", "content": f"write about {t}"}] for t in TOPICS]
-    pairs = [{"question": c, "better": "calm and kind", "worse": "no no no"} for c in chats * 4]
+    prompt, chosen, rejected = COLUMNS.values()
+    pairs = [{prompt: c, chosen: "calm and kind", rejected: "no no no"} for c in chats * 4]
     for folder, split, rows in (
-        ("prompts", "train", [{"question": c} for c in chats]),
-        ("prompts", "held_out", [{"question": c} for c in chats[:4]]),
+        ("prompts", "train", [{prompt: c} for c in chats]),
+        ("prompts", "held_out", [{prompt: c} for c in chats[:4]]),
         ("preferences", "train", pairs),
     ):
         (root / folder).mkdir(exist_ok=True)
