@@ -93,11 +93,14 @@ def test_the_linear_probe_reads_the_token_the_reward_model_scores_with_eos_as_pa
     replies = ["the wind is kind and calm", "the wind", "the sea is calm", "the"]
     prompts = [CHAT] * len(replies)
     assert reward_text(loaded, CHAT, replies[0]).endswith(loaded.eos_token) and loaded.pad_token == loaded.eos_token
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out))
     with torch.no_grad():  # batches of like length, not the given order: the features come back in it
         probed = model.score(pooled_features(model, loaded, prompts, replies, batch_size=2))[:, 0]
     alone = torch.cat([score(model, loaded, [p], [r]) for p, r in zip(prompts, replies)])
     assert len(set(alone.tolist())) == len(replies)
     torch.testing.assert_close(probed, alone)
+    assert len(outputs) == 6 and all(out.past_key_values is None for out in outputs)  # scoring builds no KV cache
 
 
 def test_scores_come_back_in_the_order_given_though_batched_by_length(tmp_path):

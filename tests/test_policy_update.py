@@ -100,6 +100,19 @@ def test_micro_batches_and_chunked_logprobs_give_the_one_pass_gradient_and_stati
     assert any(g.abs().sum() > 0 for g in whole_grads)
 
 
+def test_the_step_keeps_no_kv_cache():
+    """A forward that scores builds no KV cache (by default transformers builds one on every forward,
+    which holds all layers' keys and values: on a GPU, memory that a step never uses)."""
+    policy, anchor = tiny_gpt2(seed=0), frozen(tiny_gpt2(seed=1), torch.device("cpu"))
+    outputs = []
+    for model in (policy, anchor):
+        model.register_forward_hook(lambda module, args, out: outputs.append(out))
+    reinforce_step(
+        policy, anchor, batch(), torch.device("cpu"), torch.Tensor.backward, micro_batch_size=4, logprob_chunk=0, **STEP
+    )
+    assert len(outputs) == 4 and all(out.past_key_values is None for out in outputs)
+
+
 def test_micro_batches_must_hold_whole_prompts():
     with pytest.raises(ValueError, match="whole groups of 2 samples"):
         reinforce_step(

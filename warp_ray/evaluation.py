@@ -72,7 +72,7 @@ class ReferencePolicy:
         for i in range(0, len(sequences), self.batch_size):
             batch = pack(sequences[i : i + self.batch_size], self.model.config.pad_token_id or 0)
             input_ids, attention, completion = (t.to(self.model.device) for t in batch)
-            logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+            logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
             logprobs = token_logprobs(logits, input_ids[:, 1:], temperature, self.logprob_chunk)
             sums += (logprobs * completion[:, 1:]).sum(-1).tolist()
         return sums

@@ -104,11 +104,14 @@ def _micro_step(
     # The policy and its anchor at the sampling temperature, as the engine sampled: the gradient is
     # then the sampled policy's, and KL_seq is KL(pi_T || anchor_T).
     tokens = batch.input_ids[:, 1:]
-    logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    # No KV cache: a forward that scores has no use for one, which holds every layer's keys and values
+    # to the end of the forward (without gradients, past the point where each layer's would be freed).
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    logits = policy(**inputs).logits[:, :-1]
     log_pi = token_logprobs(logits, tokens, temperature, logprob_chunk)
     with torch.no_grad():
         entropy = token_entropy(logits.detach(), temperature, logprob_chunk)
-        anchor_logits = anchor(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        anchor_logits = anchor(**inputs).logits[:, :-1]
         log_anchor = token_logprobs(anchor_logits, tokens, temperature, logprob_chunk)
     del logits, anchor_logits
     mask = batch.completion_mask[:, 1:].float()

@@ -106,7 +106,7 @@ def score(
         prompts,
         completions,
         batch_size,
-        lambda batch: model(**batch.to(model.device)).logits[:, 0].float().cpu(),
+        lambda batch: model(**batch.to(model.device), use_cache=False).logits[:, 0].float().cpu(),
     )
 
 
@@ -122,7 +122,9 @@ def bradley_terry_loss(
         truncation=True,
         padding_side="right",
     ).to(model.device)
-    rewards = model(**encoded).logits[:, 0].float()  # in bf16, reward differences would be rounded to 2^-8 of them
+    rewards = (
+        model(**encoded, use_cache=False).logits[:, 0].float()
+    )  # in bf16, reward differences would be rounded to 2^-8 of them
     chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
 
@@ -139,7 +141,7 @@ def pooled_features(
 
     def last_hidden(batch: BatchEncoding) -> torch.Tensor:
         batch = batch.to(model.device)
-        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+        hidden = model(**batch, output_hidden_states=True, use_cache=False).hidden_states[-1]
         # The last token that is not padding, as the score head's model reads it: with EOS as the pad
         # token (a tokenizer that has none), a reply's closing EOS is not it.
         positions = torch.arange(batch.input_ids.shape[1], device=hidden.device)

@@ -79,15 +79,30 @@ def probed_starts(
     return [str(s) for s in starts]
 
 
-def concurrent_trials(params: WarmParams) -> int:
-    """Fine-tunes whose workers the cluster holds at once, counted when the sweep starts (WARM runs
-    before anything else of warp-ray holds resources): Tune starts no more, so that no Ray Train run
-    waits for workers behind another. An autoscaling cluster's nodes added later are not counted."""
+def held_at_once(cpus: float, gpus: float) -> int:
+    """How many tasks of `cpus` CPUs and `gpus` GPUs the cluster holds at once (at least 1), counted
+    now: WARM runs before anything else of warp-ray holds resources. An autoscaling cluster's nodes
+    added later are not counted."""
     total = ray.cluster_resources()
-    fits = [total.get("CPU", 0) // params.cpus_per_trial]
-    if params.gpus_per_trial:
-        fits.append(total.get("GPU", 0) // params.gpus_per_trial)
-    return max(1, min(params.M, math.floor(min(fits))))
+    fits = [total.get("CPU", 0) // cpus] + ([total.get("GPU", 0) // gpus] if gpus else [])
+    return max(1, math.floor(min(fits)))
+
+
+def concurrent_trials(params: WarmParams) -> int:
+    """Fine-tunes whose workers the cluster holds at once: Tune starts no more, so that no Ray Train
+    run waits for workers behind another."""
+    return min(params.M, held_at_once(params.cpus_per_trial, params.gpus_per_trial))
+
+
+def scoring_shards(models: int, slots: int) -> list[tuple[int, int, int]]:
+    """The accuracy table's Ray tasks, (model, shard, shards) each, for `slots` tasks at once: whole
+    models in as many full waves as they fill, then each model left over cut into the most shards that
+    the last wave holds, each a load of its model. 5 models on 2 slots: 4 whole, then the fifth in
+    halves, so that no slot idles through a third wave."""
+    left = models % slots
+    shards = slots // left if left else 1
+    whole = models - left
+    return [(m, 0, 1) for m in range(whole)] + [(m, k, shards) for m in range(whole, models) for k in range(shards)]
 
 
 def train_warm(
@@ -170,19 +185,34 @@ def split_scores(
     columns: DataColumns,
     params: WarmParams,
     trust_remote_code: bool,
+    shard: int = 0,
+    shards: int = 1,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A reward model's r(x, y_chosen) and r(x, y_rejected) of every pair of every split: a Ray task
-    on one worker's share, scoring in batches."""
+    """A reward model's r(x, y_chosen) and r(x, y_rejected) of every pair of every split (of every
+    `shards`-th pair from `shard` on): a Ray task on one worker's share, scoring in batches."""
     torch.set_num_threads(worker_threads(params))
     device = actor_device(params.gpus_per_worker, "the accuracy table's scoring")
     model, tokenizer = load_reward_model(folder, trust_remote_code=trust_remote_code)
     model.to(device)
     by_split = {}
     for name, path in preferences.items():
-        pairs = read_preferences(path, columns)
+        pairs = read_preferences(path, columns)[shard::shards]
         prompts = [p["prompt"] for p in pairs]
         by_split[name] = tuple(score(model, tokenizer, prompts, [p[k] for p in pairs]) for k in ("chosen", "rejected"))
     return by_split
+
+
+def joined(shards: Sequence[dict[str, tuple[torch.Tensor, ...]]]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """One model's scores from `split_scores` of its shards, in order: shard k of n holds the pairs
+    k, k + n, k + 2n, ... of every split."""
+
+    def interleaved(parts: list[torch.Tensor]) -> torch.Tensor:
+        whole = torch.empty(sum(len(p) for p in parts))
+        for k, part in enumerate(parts):
+            whole[k :: len(parts)] = part
+        return whole
+
+    return {name: tuple(interleaved([s[name][i] for s in shards]) for i in (0, 1)) for name in shards[0]}
 
 
 def accuracy_table(
@@ -198,15 +228,18 @@ def accuracy_table(
     "train (as labelled)" counts agreement with the training labels, flipped ones included;
     "train (true labels)" with the labels before the flips, where the data records them, and
     "flipped pairs (as labelled)" with the flipped labels alone: memorisation of the noise.
-    Each model scores the pairs in a Ray task of its own, on one worker's share of a fine-tune's
-    resources, as many at once as the cluster holds.
+    Each model scores the pairs in Ray tasks on one worker's share of a fine-tune's resources, as
+    many at once as the cluster holds (`scoring_shards`).
     """
     splits = {name: read_preferences(path, columns) for name, path in preferences.items()}
     paths = {name: str(Path(path).resolve()) for name, path in preferences.items()}
     task = ray.remote(split_scores).options(**worker_share(params))
-    *singles, merged = ray.get(
-        [task.remote(str(f), paths, columns, params, trust_remote_code) for f in (*folders, warm)]
+    scored = [*folders, warm]
+    tasks = scoring_shards(len(scored), held_at_once(params.cpus_per_worker, params.gpus_per_worker))
+    results = ray.get(
+        [task.remote(str(scored[m]), paths, columns, params, trust_remote_code, k, n) for m, k, n in tasks]
     )
+    *singles, merged = [joined([r for (j, _, _), r in zip(tasks, results) if j == m]) for m in range(len(scored))]
     models = {f"RM {m + 1}": s for m, s in enumerate(singles)}
     models["ENS"] = {name: tuple(torch.stack([s[name][i] for s in singles]).mean(0) for i in (0, 1)) for name in splits}
     models["WARM"] = merged

@@ -135,7 +135,12 @@ class Engine:
         seeds = seeds if seeds is not None else [None] * (len(prompts) * n)
         if len(seeds) != len(prompts) * n:
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts x {n} samples: give one per sample")
-        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=s) for s in seeds]
+        # detokenize off: the text is decoded here, whole, so vLLM's token-by-token decoding (and of each
+        # log-prob's token) would be work thrown away, about a tenth of a small model's sampling.
+        params = [
+            SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=s, detokenize=False)
+            for s in seeds
+        ]
         tokenizer = self.llm.get_tokenizer()
         requests = [{"prompt_token_ids": ids} for ids in (policy_ids(tokenizer, p) for p in prompts) for _ in range(n)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -109,7 +109,7 @@ def sft_train(
         batch = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=generator)]
         encoded = tokenizer([t + EOS for t in batch], return_tensors="pt", padding=True, padding_side="right")
         labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
-        loss = model(**encoded, labels=labels).loss
+        loss = model(**encoded, labels=labels, use_cache=False).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
