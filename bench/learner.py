@@ -90,10 +90,11 @@ class BareLoop:
         torch.set_num_threads(1)  # the update gets one thread, as a learner rank does
         update = time.perf_counter()
         input_ids, attention, completion = pack([(p, c) for _, p, c in rows], self.tokenizer.pad_token_id)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / warp.temperature
+        inputs = {"input_ids": input_ids, "attention_mask": attention, "use_cache": False}  # as the rank's step
+        logits = self.policy(**inputs).logits[:, :-1] / warp.temperature
         policy = token_logprobs(logits, input_ids[:, 1:])
         with torch.no_grad():
-            anchor_logits = self.anchor(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / warp.temperature
+            anchor_logits = self.anchor(**inputs).logits[:, :-1] / warp.temperature
             anchor = token_logprobs(anchor_logits, input_ids[:, 1:])
         loss, _ = reinforce_loss(
             policy, anchor, completion[:, 1:].float(), rewards, warp.beta, warp.samples_per_prompt, warp.baseline

@@ -96,11 +96,12 @@ def concurrent_trials(params: WarmParams) -> int:
 
 def scoring_shards(models: int, slots: int) -> list[tuple[int, int, int]]:
     """The accuracy table's Ray tasks, (model, shard, shards) each, for `slots` tasks at once: whole
-    models in as many full waves as they fill, then each model left over cut into the most shards that
-    the last wave holds, each a load of its model. 5 models on 2 slots: 4 whole, then the fifth in
-    halves, so that no slot idles through a third wave."""
+    models in as many full waves as they fill, then, after at least one, each model left over cut into
+    the most shards that the last wave holds. 5 models on 2 slots: 4 whole, then the fifth in halves,
+    so that no slot idles through a third wave. A shard is a load of its model, so a slot loads at most
+    one more than it would; fewer models than slots are not cut (a 7B reward model's load is not free)."""
     left = models % slots
-    shards = slots // left if left else 1
+    shards = slots // left if left and models > slots else 1
     whole = models - left
     return [(m, 0, 1) for m in range(whole)] + [(m, k, shards) for m in range(whole, models) for k in range(shards)]
 
