@@ -122,9 +122,8 @@ def bradley_terry_loss(
         truncation=True,
         padding_side="right",
     ).to(model.device)
-    rewards = (
-        model(**encoded, use_cache=False).logits[:, 0].float()
-    )  # in bf16, reward differences would be rounded to 2^-8 of them
+    # float: in bf16, reward differences would be rounded to 2^-8 of them
+    rewards = model(**encoded, use_cache=False).logits[:, 0].float()
     chosen, rejected = rewards.chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
 
