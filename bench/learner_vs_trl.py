@@ -12,16 +12,21 @@ updates on both while the engine waits), with its gold reward on a reward server
 TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_sync_steps` = 1: the same EMA anchor.
 
 The two losses are the same at one update per batch: REINFORCE on the reward minus beta times the sampled sequence KL,
-with the leave-one-out baseline (TRL's clipped ratio is 1). TRL runs first, in a process of its own, then the learner
-as an actor, in two layouts: its vLLM engine as an actor of its own, then inside the rank's process
-(`resources.colocate`, the weights handed over in memory), which is the learner actor's own process. A third
-run is the colocated layout with its rank an actor of its own, the learner in this process: what hosting the
-rank in the learner's actor saves.
+with the leave-one-out baseline (TRL's clipped ratio is 1). The learner runs in three layouts: its vLLM engine as an
+actor of its own; inside the rank's process (`resources.colocate`, the weights handed over in memory), which is the
+learner actor's own process; and colocated with its rank an actor of its own, the learner in this process (what
+hosting the rank in the learner's actor saves).
+
+This machine's speed drifts by more than the differences measured (TRL's step has moved from 0.16 to 0.28 s within an
+afternoon), so TRL and a learner are timed in turns: both are started, then each runs `--block` steps while the other
+waits, TRL first in one turn and the learner first in the next, and each ratio is taken between the two halves of one
+turn, seconds apart. TRL runs once beside each learner layout, in a process of its own that waits in a callback
+between its blocks. A block is timed from here, end to end: the call that starts it to the report that it is done.
 
 Reported for each:
-- seconds per step, completions and generated tokens per second (medians after 3 warm-up steps; the policies
-  diverge, and so do their completions' lengths), and the start: from nothing to ready, the process's imports or
-  Ray's start included;
+- seconds per step, completions and generated tokens per second (medians over the blocks after the first, the warm-up;
+  the policies diverge, and so do their completions' lengths), the ratio to TRL (the median of the turns' ratios, and
+  their range), and the start: from nothing to ready, the process's imports or Ray's start included;
 - peak memory: the summed PSS of the run's processes, sampled every 0.5 s (TRL's process; the learner's Ray workers,
   not Ray's own services);
 - the gold reward on the held-out prompts before and after (8 samples each, transformers, one seed for all), and
@@ -60,9 +65,9 @@ from warp_ray.task import world
 from warp_ray.task.build import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
-WARM_UP = 3  # steps left out of the medians
 THREADS = 2  # the machine's cores: TRL's one process gets both, as the learner's processes share them
 EVAL_SAMPLES = 8
+TRL = "TRL RLOOTrainer"
 
 
 class PeakMemory(threading.Thread):
@@ -96,20 +101,24 @@ def ray_workers() -> list[int]:
     return [pid for pid, cmdline in titles if cmdline and cmdline[0].startswith("ray::") and "IDLE" not in cmdline[0]]
 
 
-def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: Path, reports, spawned: float) -> None:
-    """TRL's RLOOTrainer on the work; puts its timings, training rewards and completion lengths on `reports`, saves
-    the policy in `out`. spawned: the time.time() its process was started at."""
+def trl_run(
+    config: WarpConfig, sft: Path, prompts: list[str], steps: int, block: int, out: Path, reports, go, spawned: float
+) -> None:
+    """TRL's RLOOTrainer on the work, `block` steps each time `go` says so. Puts on `reports` its start, the end of
+    each block, then its training rewards and completion lengths; saves the policy in `out`. spawned: the time.time()
+    its process was started at."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     torch.set_num_threads(THREADS)
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    ends = [0.0]
-
-    class StepEnds(TrainerCallback):
+    class Blocks(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            if state.global_step % block == 0:
+                reports.put({"steps": state.global_step})
+                if state.global_step < steps:
+                    go.get()
 
     def gold(prompts, completions, **kwargs) -> list[float]:
         return [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
@@ -149,63 +158,114 @@ def trl_run(config: WarpConfig, sft: Path, prompts: list[str], steps: int, out: 
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=AutoTokenizer.from_pretrained(sft),
-        callbacks=[StepEnds()],
+        callbacks=[Blocks()],
     )
     trainer.remove_callback(PrinterCallback)  # a dict of metrics per step on the console otherwise
-    start_seconds = time.time() - spawned
-    ends[0] = time.perf_counter()
+    reports.put({"start_seconds": time.time() - spawned})
+    go.get()
     trainer.train()
     trainer.model.save_pretrained(out / "policy")
+    logged = [h for h in trainer.state.log_history if "rewards/gold/mean" in h]
     reports.put(
         {
-            "start_seconds": start_seconds,
-            "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
-            "rewards": [h["rewards/gold/mean"] for h in trainer.state.log_history if "rewards/gold/mean" in h],
-            "lengths": [h["completions/mean_length"] for h in trainer.state.log_history if "rewards/gold/mean" in h],
+            "rewards": [h["rewards/gold/mean"] for h in logged],
+            "lengths": [h["completions/mean_length"] for h in logged],
         }
     )
 
 
-def warp_ray_run(config: WarpConfig, task: Path, steps: int, actor: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One learner on the work: its timings, training rewards and peak memory; and its final policy. actor: the
-    learner as runs start it, an actor (colocated: the one process of the rank, its engine and the learner); else
-    built in this process, its rank an actor of its own (this process's memory is not counted)."""
-    start = time.perf_counter()
-    init_ray(num_cpus=THREADS)
-    memory = PeakMemory(ray_workers)
-    args = (
-        config,
-        task / "sft",
-        read_prompts(task / "prompts" / "train.jsonl"),
-        RewardServer.remote(RewardSource(function=world.gold_reward)),
-        config.warp.seed,
-    )
-    if actor:
-        learner = start_learner(*args)
-        ray.get(learner.__ray_ready__.remote())
-        start_seconds = time.perf_counter() - start
-        history = ray.get(learner.run.remote(steps, desc="warp-ray learner"))
-        weights = ray.get(learner.get_weights.remote())
-        ray.kill(learner)
-    else:
-        learner = Learner(*args)
-        start_seconds = time.perf_counter() - start
-        history = learner.run(steps, desc="warp-ray learner")
-        weights = learner.get_weights()
-        learner.close()
-    peak = memory.stop()
-    ray.shutdown()
-    return {
-        "start_seconds": start_seconds,
-        "step_seconds": [m["seconds"] for m in history],
-        "rewards": [m["reward"] for m in history],
-        "lengths": [
-            m["tokens_per_s"] * m["seconds"] / (config.warp.batch_size * config.warp.samples_per_prompt)
-            for m in history
-        ],
-        **{part: [m[part] for m in history] for part in ("rollout_seconds", "update_seconds", "sync_seconds")},
-        "peak_memory_gb": peak,
-    }, weights
+class TrlRun:
+    """`trl_run` in a process of its own, a block of steps at each `run()`, its peak memory sampled from here."""
+
+    def __init__(self, config: WarpConfig, task: Path, prompts: list[str], steps: int, block: int, out: Path):
+        spawn = multiprocessing.get_context("spawn")
+        self.reports, self.go = spawn.Queue(), spawn.Queue()
+        self.child = spawn.Process(
+            target=trl_run,
+            args=(config, task / "sft", prompts, steps, block, out, self.reports, self.go, time.time()),
+        )
+        self.child.start()
+        self.memory = PeakMemory(lambda: [self.child.pid])
+        self.start_seconds = self._report()["start_seconds"]
+
+    def _report(self) -> dict:
+        while True:
+            try:
+                return self.reports.get(timeout=5)
+            except queue.Empty:
+                if not self.child.is_alive():
+                    sys.exit(
+                        f"TRL's process ended (exit code {self.child.exitcode}) before it reported; its error is above"
+                    )
+
+    def run(self) -> None:
+        self.go.put(None)
+        self._report()
+
+    def finish(self) -> dict:
+        run = self._report()
+        self.child.join()
+        return {**run, "start_seconds": self.start_seconds, "peak_memory_gb": self.memory.stop()}
+
+
+class WarpRayRun:
+    """One learner on the work, a block of steps at each `run()`. actor: the learner as runs start it, an actor
+    (colocated: the one process of the rank, its engine and the learner); else built in this process, its rank an
+    actor of its own (this process's memory is not counted)."""
+
+    def __init__(self, config: WarpConfig, task: Path, block: int, actor: bool, name: str):
+        start = time.perf_counter()
+        init_ray(num_cpus=THREADS)
+        self.memory = PeakMemory(ray_workers)
+        args = (
+            config,
+            task / "sft",
+            read_prompts(task / "prompts" / "train.jsonl"),
+            RewardServer.remote(RewardSource(function=world.gold_reward)),
+            config.warp.seed,
+        )
+        self.learner = start_learner(*args) if actor else Learner(*args)
+        if actor:
+            ray.get(self.learner.__ray_ready__.remote())
+        self.start_seconds = time.perf_counter() - start
+        self.config, self.block, self.actor, self.name, self.history = config, block, actor, name, []
+
+    def run(self) -> None:
+        if self.actor:
+            self.history += ray.get(self.learner.run.remote(self.block, desc=self.name))
+        else:
+            self.history += self.learner.run(self.block, desc=self.name)
+
+    def finish(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Its timings, training rewards and peak memory; and its final policy."""
+        if self.actor:
+            weights = ray.get(self.learner.get_weights.remote())
+            ray.kill(self.learner)
+        else:
+            weights = self.learner.get_weights()
+            self.learner.close()
+        peak = self.memory.stop()
+        ray.shutdown()
+        batch = self.config.warp.batch_size * self.config.warp.samples_per_prompt
+        return {
+            "start_seconds": self.start_seconds,
+            "rewards": [m["reward"] for m in self.history],
+            "lengths": [m["tokens_per_s"] * m["seconds"] / batch for m in self.history],
+            **{part: [m[part] for m in self.history] for part in ("rollout_seconds", "update_seconds", "sync_seconds")},
+            "peak_memory_gb": peak,
+        }, weights
+
+
+def in_turns(runs: list, blocks: int) -> list[list[float]]:
+    """Each run's seconds for each of `blocks` blocks, the runs taking turns, their order reversed every turn (so that a
+    drift of the machine's speed within a turn favours neither)."""
+    seconds = [[] for _ in runs]
+    for turn in range(blocks):
+        for i in range(len(runs)) if turn % 2 == 0 else reversed(range(len(runs))):
+            start = time.perf_counter()
+            runs[i].run()
+            seconds[i].append(time.perf_counter() - start)
+    return seconds
 
 
 @torch.no_grad()
@@ -230,42 +290,40 @@ def held_out_reward(config: WarpConfig, model, tokenizer, prompts: list[str]) ->
     return by_prompt.mean().item(), (by_prompt.std() / len(prompts) ** 0.5).item()
 
 
-def summary(run: dict, batch: int) -> dict:
-    measured = slice(WARM_UP, None)
-    seconds = statistics.median(run["step_seconds"][measured])
-    tokens = [length * batch / s for length, s in zip(run["lengths"][measured], run["step_seconds"][measured])]
+def summary(run: dict, trl: dict, batch: int, block: int) -> dict:
+    """A run's speed over its blocks after the first (the warm-up): medians, and its ratios to the TRL blocks of the
+    same turns, median, lowest and highest."""
+
+    def per_block(r: dict) -> tuple[list[float], list[float], list[float]]:
+        seconds = r["block_seconds"][1:]
+        lengths = [statistics.mean(r["lengths"][b * block : (b + 1) * block]) for b in range(1, len(seconds) + 1)]
+        return seconds, lengths, [length * batch * block / s for length, s in zip(lengths, seconds)]
+
+    seconds, lengths, tokens = per_block(run)
+    trl_seconds, _, trl_tokens = per_block(trl)
+    speed = [t / s for t, s in zip(trl_seconds, seconds)]
+    token_speed = [a / b for a, b in zip(tokens, trl_tokens)]
     return {
-        "s_per_step": seconds,
-        "completions_per_s": batch / seconds,
+        "s_per_step": statistics.median(seconds) / block,
+        "completions_per_s": batch * block / statistics.median(seconds),
         "tokens_per_s": statistics.median(tokens),
-        "mean_length": statistics.mean(run["lengths"][measured]),
+        "mean_length": statistics.mean(lengths),
+        "vs_trl": [statistics.median(speed), min(speed), max(speed)],
+        "tokens_vs_trl": [statistics.median(token_speed), min(token_speed), max(token_speed)],
     }
-
-
-def trl_in_a_process(config: WarpConfig, task: Path, prompts: list[str], steps: int, out: Path) -> dict:
-    """`trl_run` in a process of its own, its peak memory sampled from here."""
-    spawn = multiprocessing.get_context("spawn")
-    reports = spawn.Queue()
-    child = spawn.Process(target=trl_run, args=(config, task / "sft", prompts, steps, out, reports, time.time()))
-    child.start()
-    memory = PeakMemory(lambda: [child.pid])
-    while True:
-        try:
-            run = reports.get(timeout=5)
-            break
-        except queue.Empty:
-            if not child.is_alive():
-                sys.exit(f"TRL's process ended (exit code {child.exitcode}) before it reported; its error is above")
-    child.join()
-    return {**run, "peak_memory_gb": memory.stop()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="steps of each run (configs/tiny.yaml's T)")
-    parser.add_argument("--rounds", type=int, default=2, help="TRL then warp-ray, this many times: the ratio's spread")
+    parser.add_argument("--block", type=int, default=5, help="steps a run takes in its turn")
+    parser.add_argument("--rounds", type=int, default=2, help="every layout beside TRL, this many times")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner_vs_trl")
     args = parser.parse_args()
+    if args.steps % args.block or args.steps < 2 * args.block:
+        sys.exit(
+            f"--steps ({args.steps}) must be two or more blocks of --block ({args.block}) steps: the first warms up"
+        )
     if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed: run `make bench`, which installs the bench extra")
     # One learner on the machine's 2 cores, as TRL's one process: its engine's CPU and its rank's (2 threads).
@@ -289,60 +347,81 @@ def main() -> None:
 
     rounds, weights = [], {}
     for _ in range(args.rounds):  # every draw is seeded: the rounds differ in their timings only
-        runs = {"TRL RLOOTrainer": trl_in_a_process(config, task, prompts, args.steps, args.out / "trl")}
+        pairs = {}
         for name, (layout, actor) in learners.items():
-            runs[name], weights[name] = warp_ray_run(layout, task, args.steps, actor)
-        rounds.append(runs)
+            trl = TrlRun(config, task, prompts, args.steps, args.block, args.out / "trl")
+            learner = WarpRayRun(layout, task, args.block, actor, name)
+            trl_seconds, learner_seconds = in_turns([trl, learner], args.steps // args.block)
+            learned, weights[name] = learner.finish()
+            pairs[name] = {
+                TRL: {**trl.finish(), "block_seconds": trl_seconds},
+                name: {**learned, "block_seconds": learner_seconds},
+            }
+        rounds.append(pairs)
 
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(task / "sft")
     held_out = read_prompts(task / "prompts" / "held_out.jsonl")
     policies = {"SFT": AutoModelForCausalLM.from_pretrained(task / "sft")}
-    policies["TRL RLOOTrainer"] = AutoModelForCausalLM.from_pretrained(args.out / "trl" / "policy")
+    policies[TRL] = AutoModelForCausalLM.from_pretrained(args.out / "trl" / "policy")
     for name, learned in weights.items():
         policies[name] = AutoModelForCausalLM.from_pretrained(task / "sft")
         missing, unexpected = policies[name].load_state_dict(learned, strict=False)
         assert not unexpected and set(missing) <= set(policies[name].all_tied_weights_keys)
     rewards = {name: held_out_reward(config, model, tokenizer, held_out) for name, model in policies.items()}
 
-    for runs in rounds:
-        for name, run in runs.items():
-            run.update(summary(run, batch), held_out_reward=rewards[name])
-    results = {"steps": args.steps, "batch": batch, "rounds": rounds, "sft_held_out_reward": rewards["SFT"]}
+    for pairs in rounds:
+        for pair in pairs.values():
+            for name, run in pair.items():
+                run.update(summary(run, pair[TRL], batch, args.block), held_out_reward=rewards[name])
+    results = {
+        "steps": args.steps,
+        "block": args.block,
+        "batch": batch,
+        "rounds": rounds,
+        "sft_held_out_reward": rewards["SFT"],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
     sft, sft_se = rewards["SFT"]
-    print(f"\n{args.steps} steps of {batch} completions; held-out gold reward of the SFT: {sft:.3f} (SE {sft_se:.3f})")
+    print(f"\n{args.steps} steps of {batch} completions in blocks of {args.block}, each learner in turns with TRL")
+    print(f"Held-out gold reward of the SFT: {sft:.3f} (SE {sft_se:.3f})")
     print(
-        "\n| round | run | start s | s/step | completions/s | vs TRL | tokens/s | vs TRL | mean length | "
-        "peak memory GB | training reward, first / last 5 steps |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "\n| round | learner | TRL s/step | learner s/step | completions/s | vs TRL, median (turns' range) | "
+        "tokens/s vs TRL | mean length, TRL / learner | start s, TRL / learner | peak memory GB, TRL / learner |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    for r, runs in enumerate(rounds, 1):
-        trl = runs["TRL RLOOTrainer"]
-        for name, run in runs.items():
+    for r, pairs in enumerate(rounds, 1):
+        for name, pair in pairs.items():
+            trl, run = pair[TRL], pair[name]
+            (speed, low, high), (tokens, tokens_low, tokens_high) = run["vs_trl"], run["tokens_vs_trl"]
             print(
-                f"| {r} | {name} | {run['start_seconds']:.1f} | {run['s_per_step']:.3f} | "
-                f"{run['completions_per_s']:.1f} | {run['completions_per_s'] / trl['completions_per_s']:.2f} | "
-                f"{run['tokens_per_s']:.0f} | {run['tokens_per_s'] / trl['tokens_per_s']:.2f} | "
-                f"{run['mean_length']:.1f} | {run['peak_memory_gb']:.2f} | "
-                f"{statistics.mean(run['rewards'][:5]):.3f} / {statistics.mean(run['rewards'][-5:]):.3f} |"
+                f"| {r} | {name} | {trl['s_per_step']:.3f} | {run['s_per_step']:.3f} | {run['completions_per_s']:.1f} "
+                f"| {speed:.2f} ({low:.2f}-{high:.2f}) | {tokens:.2f} ({tokens_low:.2f}-{tokens_high:.2f}) | "
+                f"{trl['mean_length']:.1f} / {run['mean_length']:.1f} | "
+                f"{trl['start_seconds']:.1f} / {run['start_seconds']:.1f} | "
+                f"{trl['peak_memory_gb']:.2f} / {run['peak_memory_gb']:.2f} |"
             )
-    print("\n| run | held-out reward (SE) | gain over the SFT (SE) | learns (gain > 2 SE) | same in every round |")
-    print("|---|---|---|---|---|")
-    for name in rounds[0]:
-        (reward, se), same = rewards[name], all(r[name]["rewards"] == rounds[0][name]["rewards"] for r in rounds)
+    print(
+        "\n| run | training reward, first / last 5 steps | held-out reward (SE) | gain over the SFT (SE) | "
+        "learns (gain > 2 SE) | same training rewards in every run |\n|---|---|---|---|---|---|"
+    )
+    for name in [TRL, *learners]:
+        runs = [pair[name] for pairs in rounds for pair in pairs.values() if name in pair]
+        (reward, se), same = rewards[name], all(run["rewards"] == runs[0]["rewards"] for run in runs)
         gain_se = (se**2 + sft_se**2) ** 0.5
+        first, last = statistics.mean(runs[0]["rewards"][:5]), statistics.mean(runs[0]["rewards"][-5:])
         print(
-            f"| {name} | {reward:.3f} ({se:.3f}) | {reward - sft:.3f} ({gain_se:.3f}) | "
+            f"| {name} | {first:.3f} / {last:.3f} | {reward:.3f} ({se:.3f}) | {reward - sft:.3f} ({gain_se:.3f}) | "
             f"{'yes' if reward - sft > 2 * gain_se else 'NO'} | {'yes' if same else 'no'} |"
         )
-    print("\n| round | run | rollout s | update s | sync s (share of the step) |\n|---|---|---|---|---|")
-    for r, runs in enumerate(rounds, 1):
-        for name in learners:
-            run = runs[name]
+    print("\n| round | learner | rollout s | update s | sync s (share of the step) |\n|---|---|---|---|---|")
+    for r, pairs in enumerate(rounds, 1):
+        for name, pair in pairs.items():
+            run = pair[name]
             rollout, update, sync = (
-                statistics.median(run[f"{part}_seconds"][WARM_UP:]) for part in ("rollout", "update", "sync")
+                statistics.median(run[f"{part}_seconds"][args.block :]) for part in ("rollout", "update", "sync")
             )
             print(f"| {r} | {name} | {rollout:.3f} | {update:.3f} | {sync:.3f} ({sync / run['s_per_step']:.1%}) |")
 
