@@ -350,13 +350,16 @@ def main() -> None:
         pairs = {}
         for name, (layout, actor) in learners.items():
             trl = TrlRun(config, task, prompts, args.steps, args.block, args.out / "trl")
-            learner = WarpRayRun(layout, task, args.block, actor, name)
-            trl_seconds, learner_seconds = in_turns([trl, learner], args.steps // args.block)
-            learned, weights[name] = learner.finish()
-            pairs[name] = {
-                TRL: {**trl.finish(), "block_seconds": trl_seconds},
-                name: {**learned, "block_seconds": learner_seconds},
-            }
+            try:
+                learner = WarpRayRun(layout, task, args.block, actor, name)
+                trl_seconds, learner_seconds = in_turns([trl, learner], args.steps // args.block)
+                learned, weights[name] = learner.finish()
+                pairs[name] = {
+                    TRL: {**trl.finish(), "block_seconds": trl_seconds},
+                    name: {**learned, "block_seconds": learner_seconds},
+                }
+            finally:
+                trl.child.kill()  # if the learner failed, TRL's process waits for a turn that will not come
         rounds.append(pairs)
 
     torch.set_num_threads(THREADS)

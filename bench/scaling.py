@@ -6,16 +6,18 @@
    learners' processes and imports, the engines' and ranks' first calls).
 2. A learner's step against policy size: GPT-2s of random weights of about 0.9M (the built-in
    SFT's shape), 10M and 50M parameters, with the built-in tokenizer and prompts, one learner
-   (K = 1, ZeRO-2, fp32, its engine in process, gold reward), medians of its steps split into
-   rollout, update and sync. Random weights rarely stop: nearly every completion runs to the
-   length limit, the most work a step can hold.
+   (K = 1, ZeRO-2, fp32, gold reward, started as runs start it: an actor) in two layouts, its
+   engine an actor of its own (core in process, weights through the object store) and colocated
+   in its rank's process (configs/tiny.yaml's); medians of its steps split into rollout, update
+   and sync. Random weights rarely stop: nearly every completion runs to the length limit, the
+   most work a step can hold.
 3. Merge time against model size: `warp_ray.merge.slerp` of M = 2 in memory, and
    `warp-ray merge slerp` folder to folder (its process's start included), both on one torch
    thread, on the same three sizes and GPT-2 124M's layers (85M parameters with the built-in
    vocabulary), the init and two models each of its own random draw; GB/s of bytes read and
    written.
 
-Run: .venv/bin/python bench/scaling.py   (builds a small built-in task under bench/out/ once)
+Run: .venv/bin/python bench/scaling.py [--parts step ...]   (builds a small built-in task under bench/out/ once)
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from warp_ray.checkpoint import load_model_weights
 from warp_ray.config import TaskParams, WarpConfig
 from warp_ray.config_io import load_config
 from warp_ray.coordinator.coordinator import Coordinator
+from warp_ray.coordinator.learners import start_learner
 from warp_ray.data import read_prompts
-from warp_ray.learner.learner import Learner
 from warp_ray.merge import slerp
 from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.runtime import init_ray
@@ -51,11 +53,14 @@ OUT = ROOT / "bench" / "out"
 TINY = ROOT / "configs" / "tiny.yaml"
 ENGINE_ACTOR = ["resources.colocate=false", "resources.rollout_in_process=true", "resources.weight_sync=object_store"]
 """The layout docs/benchmarks.md's tables were measured in: each engine an actor of its own, its core in process."""
+LAYOUTS = {"engine actor": ENGINE_ACTOR, "colocated": []}
+"""A learner's layouts whose step is measured against size: configs/tiny.yaml's own is colocated."""
 SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
     "0.9M": (128, 4, 4),
     "10M": (384, 6, 6),
     "50M": (768, 7, 12),
 }
+PARTS = ("merge", "step", "iteration")
 GPT2_124M_BODY = (768, 12, 12)
 """GPT-2 124M's layers; with the built-in tokenizer's small vocabulary, 85M parameters."""
 
@@ -93,18 +98,23 @@ def iteration_against_m(task: Path, counts: list[int]) -> dict:
     return rows
 
 
-def step_against_size(config: WarpConfig, task: Path, steps: int) -> dict:
+def step_against_size(task: Path, steps: int) -> dict:
+    """Each size in each of LAYOUTS, a learner started as runs start it (an actor)."""
     rows = {}
     prompts = read_prompts(task / "prompts" / "train.jsonl")
     for name, shape in SHAPES.items():
         folder, parameters = random_policy(task, shape, OUT / "scaling_models" / name)
-        learner = Learner(config, folder, prompts, RewardServer.remote(RewardSource(function=world.gold_reward)), 0)
-        learner.run(3, desc=f"warm-up ({name})")
-        history = learner.run(steps, desc=name)
-        learner.close()
-        keys = ("seconds", "rollout_seconds", "update_seconds", "sync_seconds", "truncated")
-        rows[name] = {"parameters": parameters, **{k: statistics.median(h[k] for h in history) for k in keys}}
-        print(f"{name}: {rows[name]}", flush=True)
+        rows[name] = {"parameters": parameters}
+        for layout, overrides in LAYOUTS.items():
+            reward_server = RewardServer.remote(RewardSource(function=world.gold_reward))
+            learner = start_learner(load_config(TINY, overrides), folder, prompts, reward_server, 0)
+            ray.get(learner.run.remote(3, desc=f"warm-up ({name}, {layout})"))
+            history = ray.get(learner.run.remote(steps, desc=f"{name}, {layout}"))
+            ray.kill(learner)  # and the engine actor it started, which shares its fate
+            ray.kill(reward_server)
+            keys = ("seconds", "rollout_seconds", "update_seconds", "sync_seconds", "truncated")
+            rows[name][layout] = {k: statistics.median(h[k] for h in history) for k in keys}
+            print(f"{name}, {layout}: {rows[name][layout]}", flush=True)
     return rows
 
 
@@ -144,18 +154,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="measured steps of each policy size")
     parser.add_argument("--learners", type=int, nargs="+", default=[1, 2, 4], help="the values of M")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which of the three to measure")
     parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
     args = parser.parse_args()
-    config = load_config(TINY, ENGINE_ACTOR)
-    task = task_folder(config)
+    task = task_folder(load_config(TINY))
     torch.set_num_threads(1)
     init_ray(num_cpus=2)
     try:
-        results = {
-            "merge": merge_against_size(task),
-            "step": step_against_size(config, task, args.steps),
-            "iteration": iteration_against_m(task, args.learners),
+        measure = {
+            "merge": lambda: merge_against_size(task),
+            "step": lambda: step_against_size(task, args.steps),
+            "iteration": lambda: iteration_against_m(task, args.learners),
         }
+        results = {part: measure[part]() for part in args.parts}
     finally:
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
