@@ -68,6 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2  # the machine's cores: TRL's one process gets both, as the learner's processes share them
 EVAL_SAMPLES = 8
 TRL = "TRL RLOOTrainer"
+STEP_PARTS = ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")
+"""A learner's step as the learner times it, and its parts: medians over the steps after the first block."""
 
 
 class PeakMemory(threading.Thread):
@@ -104,9 +106,9 @@ def ray_workers() -> list[int]:
 def trl_run(
     config: WarpConfig, sft: Path, prompts: list[str], steps: int, block: int, out: Path, reports, go, spawned: float
 ) -> None:
-    """TRL's RLOOTrainer on the work, `block` steps each time `go` says so. Puts on `reports` its start, the end of
-    each block, then its training rewards and completion lengths; saves the policy in `out`. spawned: the time.time()
-    its process was started at."""
+    """TRL's RLOOTrainer on the work, `block` steps each time `go` says so. Puts on `reports` its start and the end
+    of each block; told to go on once more, saves the policy in `out` and puts its training rewards and completion
+    lengths. spawned: the time.time() its process was started at."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     torch.set_num_threads(THREADS)
     from datasets import Dataset
@@ -114,11 +116,11 @@ def trl_run(
     from trl import RLOOConfig, RLOOTrainer
 
     class Blocks(TrainerCallback):
+        # After the last block too: TRL's end (its last sync, logging, the save) must not run beside the learner's turn.
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % block == 0:
                 reports.put({"steps": state.global_step})
-                if state.global_step < steps:
-                    go.get()
+                go.get()
 
     def gold(prompts, completions, **kwargs) -> list[float]:
         return [world.gold_reward(p, c) for p, c in zip(prompts, completions)]
@@ -186,14 +188,18 @@ class TrlRun:
         )
         self.child.start()
         self.memory = PeakMemory(lambda: [self.child.pid])
-        self.start_seconds = self._report()["start_seconds"]
+        try:
+            self.start_seconds = self._report()["start_seconds"]
+        except BaseException:  # interrupted: the child would wait for its first turn, and this process's exit for it
+            self.child.kill()
+            raise
 
     def _report(self) -> dict:
         while True:
             try:
                 return self.reports.get(timeout=5)
             except queue.Empty:
-                if not self.child.is_alive():
+                if not self.child.is_alive() and self.reports.empty():  # empty: nothing put just before it ended
                     sys.exit(
                         f"TRL's process ended (exit code {self.child.exitcode}) before it reported; its error is above"
                     )
@@ -203,6 +209,7 @@ class TrlRun:
         self._report()
 
     def finish(self) -> dict:
+        self.go.put(None)
         run = self._report()
         self.child.join()
         return {**run, "start_seconds": self.start_seconds, "peak_memory_gb": self.memory.stop()}
@@ -251,7 +258,7 @@ class WarpRayRun:
             "start_seconds": self.start_seconds,
             "rewards": [m["reward"] for m in self.history],
             "lengths": [m["tokens_per_s"] * m["seconds"] / batch for m in self.history],
-            **{part: [m[part] for m in self.history] for part in ("rollout_seconds", "update_seconds", "sync_seconds")},
+            **{part: [m[part] for m in self.history] for part in STEP_PARTS},
             "peak_memory_gb": peak,
         }, weights
 
@@ -320,6 +327,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="every layout beside TRL, this many times")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner_vs_trl")
     args = parser.parse_args()
+    if args.rounds < 1:
+        sys.exit(f"--rounds ({args.rounds}) must be 1 or more")
     if args.steps % args.block or args.steps < 2 * args.block:
         sys.exit(
             f"--steps ({args.steps}) must be two or more blocks of --block ({args.block}) steps: the first warms up"
@@ -419,14 +428,13 @@ def main() -> None:
             f"| {name} | {first:.3f} / {last:.3f} | {reward:.3f} ({se:.3f}) | {reward - sft:.3f} ({gain_se:.3f}) | "
             f"{'yes' if reward - sft > 2 * gain_se else 'NO'} | {'yes' if same else 'no'} |"
         )
-    print("\n| round | learner | rollout s | update s | sync s (share of the step) |\n|---|---|---|---|---|")
+    print(
+        "\n| round | learner | s/step | rollout s | update s | sync s (share of the step) |\n|---|---|---|---|---|---|"
+    )
     for r, pairs in enumerate(rounds, 1):
         for name, pair in pairs.items():
-            run = pair[name]
-            rollout, update, sync = (
-                statistics.median(run[f"{part}_seconds"][args.block :]) for part in ("rollout", "update", "sync")
-            )
-            print(f"| {r} | {name} | {rollout:.3f} | {update:.3f} | {sync:.3f} ({sync / run['s_per_step']:.1%}) |")
+            step, rollout, update, sync = (statistics.median(pair[name][part][args.block :]) for part in STEP_PARTS)
+            print(f"| {r} | {name} | {step:.3f} | {rollout:.3f} | {update:.3f} | {sync:.3f} ({sync / step:.1%}) |")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 TINY = ROOT / "configs" / "tiny.yaml"
 ENGINE_ACTOR = ["resources.colocate=false", "resources.rollout_in_process=true", "resources.weight_sync=object_store"]
-"""The layout docs/benchmarks.md's tables were measured in: each engine an actor of its own, its core in process."""
+"""Each engine an actor of its own, its core in process: the layout of the iteration's table against M, and one of
+the two of the step's against size."""
 LAYOUTS = {"engine actor": ENGINE_ACTOR, "colocated": []}
 """A learner's layouts whose step is measured against size: configs/tiny.yaml's own is colocated."""
 SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
@@ -152,7 +153,7 @@ def task_folder(config: WarpConfig) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="measured steps of each policy size")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps of each policy size in each layout")
     parser.add_argument("--learners", type=int, nargs="+", default=[1, 2, 4], help="the values of M")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which of the three to measure")
     parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
@@ -170,7 +171,8 @@ def main() -> None:
     finally:
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}  # the parts not measured this time
+    args.out.write_text(json.dumps(earlier | results, indent=2))
     print(json.dumps(results, indent=2))
 
 
