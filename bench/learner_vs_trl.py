@@ -69,7 +69,7 @@ THREADS = 2  # the machine's cores: TRL's one process gets both, as the learner'
 EVAL_SAMPLES = 8
 TRL = "TRL RLOOTrainer"
 STEP_PARTS = ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")
-"""A learner's step as the learner times it, and its parts: medians over the steps after the first block."""
+"""A learner's step as the learner times it, and its parts: the breakdown's, over the steps after the first block."""
 
 
 class PeakMemory(threading.Thread):
@@ -429,12 +429,15 @@ def main() -> None:
             f"{'yes' if reward - sft > 2 * gain_se else 'NO'} | {'yes' if same else 'no'} |"
         )
     print(
-        "\n| round | learner | s/step | rollout s | update s | sync s (share of the step) |\n|---|---|---|---|---|---|"
+        "\n| round | learner | median step s | rollout s | update s | sync s | sync, share of the steps' time |"
+        "\n|---|---|---|---|---|---|---|"
     )
     for r, pairs in enumerate(rounds, 1):
         for name, pair in pairs.items():
-            step, rollout, update, sync = (statistics.median(pair[name][part][args.block :]) for part in STEP_PARTS)
-            print(f"| {r} | {name} | {step:.3f} | {rollout:.3f} | {update:.3f} | {sync:.3f} ({sync / step:.1%}) |")
+            measured = {part: pair[name][part][args.block :] for part in STEP_PARTS}
+            step, rollout, update, sync = (statistics.median(measured[part]) for part in STEP_PARTS)
+            share = sum(measured["sync_seconds"]) / sum(measured["seconds"])
+            print(f"| {r} | {name} | {step:.3f} | {rollout:.3f} | {update:.3f} | {sync:.3f} | {share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which of the three to measure")
     parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
     args = parser.parse_args()
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}  # kept: the parts not measured this time
     task = task_folder(load_config(TINY))
     torch.set_num_threads(1)
     init_ray(num_cpus=2)
@@ -171,7 +172,6 @@ def main() -> None:
     finally:
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}  # the parts not measured this time
     args.out.write_text(json.dumps(earlier | results, indent=2))
     print(json.dumps(results, indent=2))
 
