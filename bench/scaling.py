@@ -1,9 +1,10 @@
 """How cost grows, every figure against the smallest setting of the same run.
 
 1. A WARP iteration against M (1, 2, 4 learners on this one machine, each learner a quarter of
-   its 2 CPUs whatever M is): `Coordinator.run` with I = 2; iteration 1's laps (train, merge,
-   front) and iteration 0's train lap minus iteration 1's: what the first iteration adds (the
-   learners' processes and imports, the engines' and ranks' first calls).
+   its 2 CPUs whatever M is), its learners' engines actors of their own or colocated:
+   `Coordinator.run` with I = 2; iteration 1's laps (train, merge, front) and iteration 0's train
+   lap minus iteration 1's: what the first iteration adds (the learners' processes and imports,
+   the engines' and ranks' first calls).
 2. A learner's step against policy size: GPT-2s of random weights of about 0.9M (the built-in
    SFT's shape), 10M and 50M parameters, with the built-in tokenizer and prompts, one learner
    (K = 1, ZeRO-2, fp32, gold reward, started as runs start it: an actor) in two layouts, its
@@ -52,10 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 TINY = ROOT / "configs" / "tiny.yaml"
 ENGINE_ACTOR = ["resources.colocate=false", "resources.rollout_in_process=true", "resources.weight_sync=object_store"]
-"""Each engine an actor of its own, its core in process: the layout of the iteration's table against M, and one of
-the two of the step's against size."""
+"""Each engine an actor of its own, its core in process (configs/tiny.yaml's layout until 2026-12-01)."""
 LAYOUTS = {"engine actor": ENGINE_ACTOR, "colocated": []}
-"""A learner's layouts whose step is measured against size: configs/tiny.yaml's own is colocated."""
+"""The learners' layouts measured against M and against size: configs/tiny.yaml's own is colocated."""
 SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
     "0.9M": (128, 4, 4),
     "10M": (384, 6, 6),
@@ -82,20 +82,31 @@ def random_policy(task: Path, shape: tuple[int, int, int], folder: Path, seed: i
 
 
 def iteration_against_m(task: Path, counts: list[int]) -> dict:
+    """Each M in each of LAYOUTS."""
     rows = {}
     for M in counts:
-        with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
-            sizes = [f"warp.M={M}", "warp.I=2", "warp.T=10", "evaluation.every=0", "evaluation.front_etas=[0,0.5,1]"]
-            quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
-            run = load_config(TINY, [*ENGINE_ACTOR, *sizes, *quarters, f"paths.output_dir={out}"])
-            coordinator = Coordinator(run, task / "sft", task / "prompts", RewardSource(function=world.gold_reward))
-            try:
-                coordinator.run()
-            finally:
-                coordinator.close()
-            laps = [json.loads(Path(out, f"iteration_{i}", "manifest.json").read_text())["seconds"] for i in (0, 1)]
-        rows[M] = {**laps[1], "first_iteration_extra": laps[0]["train"] - laps[1]["train"]}
-        print(f"M = {M}: {rows[M]}", flush=True)
+        rows[M] = {}
+        for layout, overrides in LAYOUTS.items():
+            with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
+                sizes = [
+                    f"warp.M={M}",
+                    "warp.I=2",
+                    "warp.T=10",
+                    "evaluation.every=0",
+                    "evaluation.front_etas=[0,0.5,1]",
+                ]
+                quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
+                run = load_config(TINY, [*overrides, *sizes, *quarters, f"paths.output_dir={out}"])
+                gold = RewardSource(function=world.gold_reward)
+                coordinator = Coordinator(run, task / "sft", task / "prompts", gold)
+                try:
+                    coordinator.run()
+                finally:
+                    coordinator.close()
+                manifests = [Path(out, f"iteration_{i}", "manifest.json") for i in (0, 1)]
+                laps = [json.loads(manifest.read_text())["seconds"] for manifest in manifests]
+            rows[M][layout] = {**laps[1], "first_iteration_extra": laps[0]["train"] - laps[1]["train"]}
+            print(f"M = {M}, {layout}: {rows[M][layout]}", flush=True)
     return rows
 
 
