@@ -84,18 +84,12 @@ def random_policy(task: Path, shape: tuple[int, int, int], folder: Path, seed: i
 def iteration_against_m(task: Path, counts: list[int]) -> dict:
     """Each M in each of LAYOUTS."""
     rows = {}
+    quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
     for M in counts:
         rows[M] = {}
+        sizes = [f"warp.M={M}", "warp.I=2", "warp.T=10", "evaluation.every=0", "evaluation.front_etas=[0,0.5,1]"]
         for layout, overrides in LAYOUTS.items():
             with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
-                sizes = [
-                    f"warp.M={M}",
-                    "warp.I=2",
-                    "warp.T=10",
-                    "evaluation.every=0",
-                    "evaluation.front_etas=[0,0.5,1]",
-                ]
-                quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
                 run = load_config(TINY, [*overrides, *sizes, *quarters, f"paths.output_dir={out}"])
                 gold = RewardSource(function=world.gold_reward)
                 coordinator = Coordinator(run, task / "sft", task / "prompts", gold)
