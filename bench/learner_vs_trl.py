@@ -29,6 +29,9 @@ Reported for each:
   their range), and the start: from nothing to ready, the process's imports or Ray's start included;
 - peak memory: the summed PSS of the run's processes, sampled every 0.5 s (TRL's process; the learner's Ray workers,
   not Ray's own services);
+- each side's step split, means over the steps after the first block: TRL's into its generation (`generate`) and
+  the rest (the reward, the reference's and policy's forward, backward and step, the anchor's sync); the learner's
+  into its rollout (vLLM's sampling and the reward server's call) and the rest (the update and the sync);
 - the gold reward on the held-out prompts before and after (8 samples each, transformers, one seed for all), and
   whether it rose by more than 2 standard errors of the difference: a fast run that learns nothing does not count.
 
@@ -163,6 +166,15 @@ def trl_run(
         callbacks=[Blocks()],
     )
     trainer.remove_callback(PrinterCallback)  # a dict of metrics per step on the console otherwise
+    generate, generation_seconds = trainer._generate, []
+
+    def timed_generate(*args, **kwargs):  # RLOOTrainer's sampling, a private method: timed to split TRL's step
+        start = time.perf_counter()
+        generated = generate(*args, **kwargs)
+        generation_seconds.append(time.perf_counter() - start)
+        return generated
+
+    trainer._generate = timed_generate
     reports.put({"start_seconds": time.time() - spawned})
     go.get()
     trainer.train()
@@ -172,6 +184,7 @@ def trl_run(
         {
             "rewards": [h["rewards/gold/mean"] for h in logged],
             "lengths": [h["completions/mean_length"] for h in logged],
+            "generation_seconds": generation_seconds,
         }
     )
 
@@ -438,6 +451,20 @@ def main() -> None:
             step, rollout, update, sync = (statistics.median(measured[part]) for part in STEP_PARTS)
             share = sum(measured["sync_seconds"]) / sum(measured["seconds"])
             print(f"| {r} | {name} | {step:.3f} | {rollout:.3f} | {update:.3f} | {sync:.3f} | {share:.1%} |")
+    print(
+        "\n| round | learner | TRL: step s, of which generation / the rest | learner: step s, of which rollout / "
+        "update and sync |\n|---|---|---|---|"
+    )
+    for r, pairs in enumerate(rounds, 1):
+        for name, pair in pairs.items():
+            trl, run = pair[TRL], pair[name]
+            trl_step = statistics.mean(trl["block_seconds"][1:]) / args.block
+            generation = statistics.mean(trl["generation_seconds"][args.block :])
+            step, rollout = (statistics.mean(run[part][args.block :]) for part in ("seconds", "rollout_seconds"))
+            print(
+                f"| {r} | {name} | {trl_step:.3f}: {generation:.3f} / {trl_step - generation:.3f} | "
+                f"{step:.3f}: {rollout:.3f} / {step - rollout:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -127,6 +127,12 @@ def main() -> None:
         "--rm", type=Path, help="reward model folder (default: a fresh head on the built-in task's SFT)"
     )
     parser.add_argument("--pairs", type=Path, help="preference JSONL (default: the built-in task's)")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=RewardServerParams().max_wait_ms,
+        help="the server's reward_server.max_wait_ms",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reward_server_load.json")
     args = parser.parse_args()
     if args.rm is None:
@@ -150,7 +156,9 @@ def main() -> None:
     direct = DISTINCT * REQUEST / (time.perf_counter() - start)  # the baseline: the same model called in one process
 
     init_ray(num_cpus=2)
-    server = RewardServer.remote(RewardSource(folders=(str(args.rm),)), RewardServerParams(threads=1))
+    server = RewardServer.remote(
+        RewardSource(folders=(str(args.rm),)), RewardServerParams(threads=1, max_wait_ms=args.max_wait_ms)
+    )
     ray.get(server.score.remote(*requests[0]))  # loaded
     learners = [LoadLearner.remote(server, requests, offset=m * DISTINCT // LEARNERS) for m in range(LEARNERS)]
     ray.get([learner.__ray_ready__.remote() for learner in learners])  # their processes started: the clock starts now
@@ -163,6 +171,7 @@ def main() -> None:
         "seconds": args.seconds,
         "learners": LEARNERS,
         "pairs_per_request": REQUEST,
+        "max_wait_ms": args.max_wait_ms,
         **tally(answers, expected),
         "requests_served": served["requests"],
         "batches": served["batches"],

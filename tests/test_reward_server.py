@@ -64,6 +64,19 @@ def test_concurrent_callers_get_the_scores_of_a_direct_call(ray_cluster, rm_fold
     assert stats["batches"] < 8  # requests were served together
 
 
+def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster, rm_folders, pairs):
+    """Without a wait (max_wait_ms 0), the requests that came while a batch was scored form the next
+    batch, not one batch each."""
+    server = RewardServer.remote(RewardSource(folders=(str(rm_folders[0]),)), RewardServerParams(max_wait_ms=0))
+    requests = [pairs] + [pairs[i * 10 : (i + 1) * 10] for i in range(7)]  # 7 learners behind a long request
+    answers = ray.get([server.score.remote([p["prompt"] for p in r], [p["chosen"] for p in r]) for r in requests])
+    expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    assert torch.allclose(torch.tensor(answers[0]), expected, atol=1e-5)
+    assert torch.allclose(torch.tensor([s for a in answers[1:] for s in a]), expected[:70], atol=1e-5)
+    stats = ray.get(server.stats.remote())
+    assert stats["requests"] == 8 and stats["batches"] <= 2
+
+
 def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pairs):
     """Learners that keep calling: requests are checked while earlier ones are being scored."""
     server = RewardServer.remote(

@@ -4,8 +4,9 @@
 an ENS of several RM folders (M forward passes, for comparison), or a function of one
 (prompt, completion) pair, such as a task's gold reward (a control reward for evaluation).
 Many learners call `score` concurrently; the calls wait in a bounded queue and a batching loop
-serves them together, up to `max_batch_size` pairs, waiting at most `max_wait_ms` to fill a
-batch, so that M learners share one model. A bad
+serves them together, up to `max_batch_size` pairs: every request waiting when a batch starts
+(those that came while the last one was scored), then any arriving within `max_wait_ms`, so
+that M learners share one model. A bad
 request is answered with an error naming the problem; the others, and the server, go on.
 If the server's process dies, Ray starts it again and retries the requests in flight
 (`warp_ray.runtime.SERVICE`).
@@ -126,8 +127,13 @@ class RewardServer:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.params.max_wait_ms / 1000
             while sum(len(r[0]) for r in batch) < self.params.max_batch_size:
+                if not self.queue.empty():  # arrived while the last batch was scored: no wait to join this one
+                    batch.append(self.queue.get_nowait())
+                    continue
+                if loop.time() >= deadline:
+                    break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    batch.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
             prompts = [p for r in batch for p in r[0]]
