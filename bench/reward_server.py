@@ -3,7 +3,9 @@ behind `Replicas` (`reward_server.replicas`), under 1, 4 and 8 concurrent caller
 direct calls of the same model in one process, in the same run; and the seconds from a server's
 start to its first answer, for a reward model and for a function (the built-in task's gold reward,
 which every evaluator on that task starts beside the proxy RM), alternating, 3 of each. Ray may
-have a worker process prestarted for the first start; the others start one.
+have a worker process prestarted for the first start; the others start one. And a lone caller's
+round trip to a function's server at each of `WAITS` (reward_server.max_wait_ms), the calls
+alternating between the servers: what a lone learner's step waits for its rewards.
 
 Each caller (a thread of the driver, standing for a learner) sends requests of 32 pairs, one
 after the other; a server batches what arrives together. The model is the built-in task's reward model architecture
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +38,8 @@ from warp_ray.task.build import build_task
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_config(ROOT / "configs" / "tiny.yaml")  # the built-in task as the demo builds it
 REQUEST = 32
+WAITS = (0.0, 5.0)
+"""max_wait_ms of the lone caller's servers: the default, and the default until 2026-12-02."""
 
 
 def caller(server, requests: list[tuple[list[str], list[str]]]) -> int:
@@ -52,6 +57,26 @@ def start_to_first_answer(source: RewardSource, request: tuple[list[str], list[s
     seconds = time.perf_counter() - start
     ray.kill(server)
     return seconds
+
+
+def lone_caller_ms(request: tuple[list[str], list[str]], calls: int = 100) -> dict[float, dict[str, float]]:
+    """Milliseconds of one caller's round trips to a gold-reward server at each of WAITS: median, 10th and 90th
+    percentiles of `calls` each."""
+    servers = {
+        wait: start_reward_server(RewardSource(function=world.gold_reward), RewardServerParams(max_wait_ms=wait))
+        for wait in WAITS
+    }
+    ray.get([server.score.remote(*request) for server in servers.values()])  # started
+    seconds = {wait: [] for wait in WAITS}
+    for _ in range(calls):
+        for wait, server in servers.items():  # alternating: a drift of the machine's speed reaches both
+            start = time.perf_counter()
+            ray.get(server.score.remote(*request))
+            seconds[wait].append(time.perf_counter() - start)
+    for server in servers.values():
+        ray.kill(server)
+    quantiles = {wait: statistics.quantiles(s, n=10) for wait, s in seconds.items()}
+    return {wait: {"median": 1000 * q[4], "p10": 1000 * q[0], "p90": 1000 * q[8]} for wait, q in quantiles.items()}
 
 
 def main() -> None:
@@ -83,7 +108,13 @@ def main() -> None:
     for _ in range(3):
         for name, source in sources.items():
             starts[name].append(start_to_first_answer(source, requests[0]))
-    results = {"start_s": starts, "direct_pairs_per_s": direct, "request_pairs": REQUEST, "replicas": {}}
+    results = {
+        "start_s": starts,
+        "lone_caller_ms": lone_caller_ms(requests[0]),
+        "direct_pairs_per_s": direct,
+        "request_pairs": REQUEST,
+        "replicas": {},
+    }
     for replicas in (1, 2):
         server = start_reward_server(RewardSource(folders=(str(rm),)), RewardServerParams(threads=1, replicas=replicas))
         ray.get(server.score.remote(*requests[0]))  # warm up
@@ -113,6 +144,9 @@ def main() -> None:
     print("\n| server | start to first answer, s (3 starts) |\n|---|---|")
     for name, seconds in starts.items():
         print(f"| {name} | {', '.join(f'{s:.2f}' for s in seconds)} |")
+    print("\n| a lone caller, gold reward | max_wait_ms | round trip ms, median (p10-p90) |\n|---|---|---|")
+    for wait, ms in results["lone_caller_ms"].items():
+        print(f"| {REQUEST} pairs a request | {wait:g} | {ms['median']:.2f} ({ms['p10']:.2f}-{ms['p90']:.2f}) |")
 
 
 if __name__ == "__main__":
