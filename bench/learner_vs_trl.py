@@ -29,9 +29,10 @@ Reported for each:
   their range), and the start: from nothing to ready, the process's imports or Ray's start included;
 - peak memory: the summed PSS of the run's processes, sampled every 0.5 s (TRL's process; the learner's Ray workers,
   not Ray's own services);
-- each side's step split, means over the steps after the first block: TRL's into its generation (`generate`) and
-  the rest (the reward, the reference's and policy's forward, backward and step, the anchor's sync); the learner's
-  into its rollout (vLLM's sampling and the reward server's call) and the rest (the update and the sync);
+- each side's step as its own process times it, split, means over the steps after the first block: TRL's into its
+  generation (`generate`) and the rest (the reward, the reference's and policy's forward, backward and step, the
+  anchor's sync); the learner's into its rollout (vLLM's sampling and the reward server's call) and the rest (the
+  update and the sync);
 - the gold reward on the held-out prompts before and after (8 samples each, transformers, one seed for all), and
   whether it rose by more than 2 standard errors of the difference: a fast run that learns nothing does not count.
 
@@ -73,6 +74,8 @@ EVAL_SAMPLES = 8
 TRL = "TRL RLOOTrainer"
 STEP_PARTS = ("seconds", "rollout_seconds", "update_seconds", "sync_seconds")
 """A learner's step as the learner times it, and its parts: the breakdown's, over the steps after the first block."""
+TRL_STEP_PARTS = ("step_seconds", "generation_seconds")
+"""TRL's step as its process times it (from its start to the end of its reference model's sync), and its sampling."""
 
 
 class PeakMemory(threading.Thread):
@@ -119,8 +122,18 @@ def trl_run(
     from trl import RLOOConfig, RLOOTrainer
 
     class Blocks(TrainerCallback):
-        # After the last block too: TRL's end (its last sync, logging, the save) must not run beside the learner's turn.
+        """Times each step in this process, as the learner times its own, and waits for the next turn after every
+        block: after the last one too, so that TRL's end (logging, the save) does not run beside the learner's turn.
+        The last of the trainer's callbacks, so that a step's time holds its reference model's sync."""
+
+        def __init__(self):
+            self.seconds, self.started = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
             if state.global_step % block == 0:
                 reports.put({"steps": state.global_step})
                 go.get()
@@ -163,9 +176,10 @@ def trl_run(
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=AutoTokenizer.from_pretrained(sft),
-        callbacks=[Blocks()],
     )
     trainer.remove_callback(PrinterCallback)  # a dict of metrics per step on the console otherwise
+    blocks = Blocks()
+    trainer.add_callback(blocks)  # after TRL's SyncRefModelCallback, which the trainer adds itself
     generate, generation_seconds = trainer._generate, []
 
     def timed_generate(*args, **kwargs):  # RLOOTrainer's sampling, a private method: timed to split TRL's step
@@ -180,11 +194,14 @@ def trl_run(
     trainer.train()
     trainer.model.save_pretrained(out / "policy")
     logged = [h for h in trainer.state.log_history if "rewards/gold/mean" in h]
+    # One generation a step (one batch of completions a step, used once): the split pairs them step by step.
+    assert len(generation_seconds) == len(blocks.seconds) == steps, (len(generation_seconds), len(blocks.seconds))
     reports.put(
         {
             "rewards": [h["rewards/gold/mean"] for h in logged],
             "lengths": [h["completions/mean_length"] for h in logged],
             "generation_seconds": generation_seconds,
+            "step_seconds": blocks.seconds,
         }
     )
 
@@ -453,17 +470,16 @@ def main() -> None:
             print(f"| {r} | {name} | {step:.3f} | {rollout:.3f} | {update:.3f} | {sync:.3f} | {share:.1%} |")
     print(
         "\n| round | learner | TRL: step s, of which generation / the rest | learner: step s, of which rollout / "
-        "update and sync |\n|---|---|---|---|"
+        "update and sync (the sync) |\n|---|---|---|---|"
     )
     for r, pairs in enumerate(rounds, 1):
         for name, pair in pairs.items():
             trl, run = pair[TRL], pair[name]
-            trl_step = statistics.mean(trl["block_seconds"][1:]) / args.block
-            generation = statistics.mean(trl["generation_seconds"][args.block :])
-            step, rollout = (statistics.mean(run[part][args.block :]) for part in ("seconds", "rollout_seconds"))
+            trl_step, generation = (statistics.mean(trl[part][args.block :]) for part in TRL_STEP_PARTS)
+            step, rollout, _, sync = (statistics.mean(run[part][args.block :]) for part in STEP_PARTS)
             print(
                 f"| {r} | {name} | {trl_step:.3f}: {generation:.3f} / {trl_step - generation:.3f} | "
-                f"{step:.3f}: {rollout:.3f} / {step - rollout:.3f} |"
+                f"{step:.3f}: {rollout:.3f} / {step - rollout:.3f} ({sync:.3f}) |"
             )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import torch
 from warp_ray.config import RewardServerParams
 from warp_ray.data import read_preferences
 from warp_ray.reward.model import load_reward_model, score
-from warp_ray.reward.server import RewardServer, RewardSource, start_reward_server
+from warp_ray.reward.server import RewardServer, RewardSource, answer, start_reward_server, take_batch
 from warp_ray.task import world
 
 MODEL_CODE = ("transformers", "warp_ray.reward.model")
@@ -62,6 +63,54 @@ def test_concurrent_callers_get_the_scores_of_a_direct_call(ray_cluster, rm_fold
     stats = ray.get(server.stats.remote())
     assert stats["requests"] == 8 and stats["pairs"] == 80
     assert stats["batches"] < 8  # requests were served together
+
+
+def queued(sizes: list[int]) -> tuple[asyncio.Queue, list]:
+    """A queue holding requests of these many pairs, as `RewardServer.score` puts them."""
+    queue, requests = asyncio.Queue(), []
+    for n in sizes:
+        requests.append(([f"p{i}" for i in range(n)], [f"c{i}" for i in range(n)], asyncio.Future()))
+        queue.put_nowait(requests[-1])
+    return queue, requests
+
+
+def test_a_batch_takes_the_waiting_requests_without_waiting_up_to_its_size():
+    async def scenario():
+        queue, requests = queued([4] * 8)
+        first = queue.get_nowait()
+        start = time.perf_counter()
+        batch, held = await take_batch(queue, first, max_pairs=64, max_wait_s=0.0)
+        assert batch == requests and held is None and time.perf_counter() - start < 0.05
+        # 10 pairs at most: the third request would go over, and is the next batch's first
+        queue, requests = queued([4, 4, 4, 4])
+        batch, held = await take_batch(queue, queue.get_nowait(), max_pairs=10, max_wait_s=0.0)
+        assert batch == requests[:2] and held is requests[2] and queue.qsize() == 1
+        # a request over the size alone
+        queue, requests = queued([20, 1])
+        assert await take_batch(queue, queue.get_nowait(), max_pairs=10, max_wait_s=0.0) == ([requests[0]], None)
+        # a wait: a request arriving within it joins, the batch ends at its deadline
+        queue, (first, arriving) = asyncio.Queue(), queued([1, 1])[1]
+        asyncio.get_running_loop().call_later(0.05, queue.put_nowait, arriving)
+        start = time.perf_counter()
+        batch, held = await take_batch(queue, first, max_pairs=64, max_wait_s=0.3)
+        assert batch == [first, arriving] and held is None and time.perf_counter() - start >= 0.3
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_caller_is_gone_is_passed_over_and_the_others_answered():
+    async def scenario():
+        _, requests = queued([2, 3, 1])
+        requests[1][2].cancel()  # its call cancelled while the batch was scored
+        answer(requests, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+        assert requests[0][2].result() == [0.0, 1.0] and requests[2][2].result() == [5.0]
+        _, requests = queued([1, 1])
+        requests[0][2].cancel()
+        answer(requests, ValueError("the model failed"))
+        with pytest.raises(ValueError, match="the model failed"):
+            requests[1][2].result()
+
+    asyncio.run(scenario())
 
 
 def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster, rm_folders, pairs):

@@ -148,12 +148,15 @@ class RewardServerParams(Section):
     """The reward-server actor that every learner calls."""
 
     max_batch_size: int = Field(256, ge=1)
-    """Most (prompt, completion) pairs scored in one forward pass."""
+    """Most (prompt, completion) pairs in a batch and in a forward pass: requests join a batch while
+    they fit, and a request of more pairs is a batch of its own, scored this many pairs at a time."""
     max_wait_ms: float = Field(0.0, ge=0)
     """Longest wait for more requests to fill a batch once one has arrived. The requests already
     waiting join the batch whatever this is, those that came while the last batch was scored
     among them, so M learners share batches without it; 0 answers a lone learner without delay
-    (bench/reward_server_load.py: 0 served 8 learners faster than 5 ms did, docs/benchmarks.md)."""
+    (bench/reward_server_load.py: 0 served 8 learners faster than 5 ms did, docs/benchmarks.md). A
+    few ms let learners that call a moment apart share one forward pass, worth it only where a pass
+    costs little more for more pairs (a large GPU on small requests); not measured here."""
     max_queue: int = Field(1024, ge=1)
     """Requests waiting at most; further callers wait to enqueue (back-pressure, bounded memory)."""
     threads: int = Field(1, ge=1)

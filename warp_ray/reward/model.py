@@ -207,8 +207,8 @@ class RewardModels:
                 f"({len(too_long)} pair(s) too long)"
             )
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int) -> list[float]:
         scores = [
-            score(model, tokenizer, prompts, completions, batch_size=len(prompts)) for model, tokenizer in self.models
+            score(model, tokenizer, prompts, completions, batch_size=batch_size) for model, tokenizer in self.models
         ]
         return torch.stack(scores).mean(0).tolist()

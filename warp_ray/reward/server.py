@@ -72,10 +72,53 @@ class Reward:
         if self.models is not None:
             self.models.check_lengths(prompts, completions)
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], max_pairs: int) -> list[float]:
+        """The rewards, reward models scoring at most `max_pairs` pairs a forward pass."""
         if self.function is not None:
             return [self.function(p, c) for p, c in zip(prompts, completions)]
-        return self.models(prompts, completions)
+        return self.models(prompts, completions, max_pairs)
+
+
+Request = tuple[list[Prompt], list[str], asyncio.Future]
+
+
+async def take_batch(
+    queue: asyncio.Queue, first: Request, max_pairs: int, max_wait_s: float
+) -> tuple[list[Request], Optional[Request]]:
+    """`first` and the requests after it, up to `max_pairs` pairs in all: every one already waiting (those that
+    came while the last batch was scored), then any arriving within `max_wait_s`. Returns the batch, and the
+    request that would have taken it over `max_pairs`, the next batch's first (a request of more pairs than
+    that goes alone)."""
+    loop = asyncio.get_running_loop()
+    batch, pairs, deadline = [first], len(first[0]), loop.time() + max_wait_s
+    while pairs < max_pairs:
+        if not queue.empty():
+            request = queue.get_nowait()
+        elif loop.time() < deadline:
+            try:
+                request = await asyncio.wait_for(queue.get(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+        else:
+            break
+        if pairs + len(request[0]) > max_pairs:
+            return batch, request
+        batch.append(request)
+        pairs += len(request[0])
+    return batch, None
+
+
+def answer(batch: list[Request], scores: list[float] | Exception) -> None:
+    """Each request's share of the batch's scores, in order, or the batch's error. A request whose caller has
+    gone (its call cancelled) is passed over: the others are still answered, and the server goes on."""
+    start = 0
+    for prompts, _, future in batch:
+        if not future.done():
+            if isinstance(scores, Exception):
+                future.set_exception(scores)
+            else:
+                future.set_result(scores[start : start + len(prompts)])
+        start += len(prompts)
 
 
 def start_reward_server(source: RewardSource, params: RewardServerParams, trust_remote_code: bool = False):
@@ -114,41 +157,29 @@ class RewardServer:
         if self.queue is None:  # created here, in the actor's event loop
             self.queue = asyncio.Queue(maxsize=self.params.max_queue)
             asyncio.get_running_loop().create_task(self._serve())
-        answer = asyncio.get_running_loop().create_future()
-        await self.queue.put((list(prompts), list(completions), answer))
-        return await answer
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((list(prompts), list(completions), future))
+        return await future
 
     async def stats(self) -> dict[str, int]:
         return dict(self.served)
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
+        held = None
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.params.max_wait_ms / 1000
-            while sum(len(r[0]) for r in batch) < self.params.max_batch_size:
-                if not self.queue.empty():  # arrived while the last batch was scored: no wait to join this one
-                    batch.append(self.queue.get_nowait())
-                    continue
-                if loop.time() >= deadline:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    break
+            first = held if held is not None else await self.queue.get()
+            batch, held = await take_batch(
+                self.queue, first, self.params.max_batch_size, self.params.max_wait_ms / 1000
+            )
             prompts = [p for r in batch for p in r[0]]
             completions = [c for r in batch for c in r[1]]
             try:
                 # In a thread: the event loop keeps taking requests while the model runs.
-                scores = await asyncio.to_thread(self.reward, prompts, completions)
+                scores = await asyncio.to_thread(self.reward, prompts, completions, self.params.max_batch_size)
             except Exception as error:  # one failed batch fails its requests, not the server
-                for *_, answer in batch:
-                    answer.set_exception(error)
+                answer(batch, error)
                 continue
-            start = 0
-            for request_prompts, _, answer in batch:
-                answer.set_result(scores[start : start + len(request_prompts)])
-                start += len(request_prompts)
+            answer(batch, scores)
             self.served["requests"] += len(batch)
             self.served["pairs"] += len(prompts)
             self.served["batches"] += 1
