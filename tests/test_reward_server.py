@@ -75,24 +75,30 @@ def queued(sizes: list[int]) -> tuple[asyncio.Queue, list]:
 
 
 def test_a_batch_takes_the_waiting_requests_without_waiting_up_to_its_size():
+    async def take(queue, first, max_pairs, max_wait_s):
+        return await asyncio.wait_for(take_batch(queue, first, max_pairs, max_wait_s), 10)  # a hang fails
+
     async def scenario():
+        # waiting requests that fill the batch: taken at once, however long the wait could be
         queue, requests = queued([4] * 8)
-        first = queue.get_nowait()
         start = time.perf_counter()
-        batch, held = await take_batch(queue, first, max_pairs=64, max_wait_s=0.0)
-        assert batch == requests and held is None and time.perf_counter() - start < 0.05
+        batch, held = await take(queue, queue.get_nowait(), max_pairs=32, max_wait_s=5.0)
+        assert batch == requests and held is None and time.perf_counter() - start < 1.0
+        # and without a wait: every request waiting joins (an await of each, timed out at 0, would take none)
+        queue, requests = queued([4] * 8)
+        assert await take(queue, queue.get_nowait(), max_pairs=64, max_wait_s=0.0) == (requests, None)
         # 10 pairs at most: the third request would go over, and is the next batch's first
         queue, requests = queued([4, 4, 4, 4])
-        batch, held = await take_batch(queue, queue.get_nowait(), max_pairs=10, max_wait_s=0.0)
+        batch, held = await take(queue, queue.get_nowait(), max_pairs=10, max_wait_s=0.0)
         assert batch == requests[:2] and held is requests[2] and queue.qsize() == 1
         # a request over the size alone
         queue, requests = queued([20, 1])
-        assert await take_batch(queue, queue.get_nowait(), max_pairs=10, max_wait_s=0.0) == ([requests[0]], None)
+        assert await take(queue, queue.get_nowait(), max_pairs=10, max_wait_s=0.0) == ([requests[0]], None)
         # a wait: a request arriving within it joins, the batch ends at its deadline
         queue, (first, arriving) = asyncio.Queue(), queued([1, 1])[1]
         asyncio.get_running_loop().call_later(0.05, queue.put_nowait, arriving)
         start = time.perf_counter()
-        batch, held = await take_batch(queue, first, max_pairs=64, max_wait_s=0.3)
+        batch, held = await take(queue, first, max_pairs=64, max_wait_s=0.3)
         assert batch == [first, arriving] and held is None and time.perf_counter() - start >= 0.3
 
     asyncio.run(scenario())

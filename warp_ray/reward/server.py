@@ -88,7 +88,7 @@ async def take_batch(
     """`first` and the requests after it, up to `max_pairs` pairs in all: every one already waiting (those that
     came while the last batch was scored), then any arriving within `max_wait_s`. Returns the batch, and the
     request that would have taken it over `max_pairs`, the next batch's first (a request of more pairs than
-    that goes alone)."""
+    that goes alone). A held request's wait starts again with its batch: at the default of no wait, nothing."""
     loop = asyncio.get_running_loop()
     batch, pairs, deadline = [first], len(first[0]), loop.time() + max_wait_s
     while pairs < max_pairs:
