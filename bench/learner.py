@@ -7,7 +7,8 @@
    start (actor created to first completion). The two engines also on 8 times that batch.
 2. Weight sync as a fraction of step time, through the object store, through the broadcast
    group (gloo here), and in memory to an engine in the rank's process (`resources.colocate`),
-   one learner each (K = 1, ZeRO-2, fp32).
+   one learner each (ZeRO-2, fp32), of K = 1 rank and one engine, and with `--ranks 1 2` also of
+   K = 2 ranks and two engines (colocated: one in each rank).
 3. The Ray + DeepSpeed learner's step against a bare single-process torch REINFORCE loop doing
    the same work (generate with `transformers`, gold reward, forward and backward, Adam with
    warm-up and clipping, EMA update): whole steps, and the update phase alone (forward,
@@ -168,8 +169,9 @@ LAYOUTS = {
 the engine in the rank's process (resources.colocate), in memory."""
 
 
-def learner_steps(config: WarpConfig, task: Path, layout: str, steps: int) -> dict[str, float]:
-    config = config.model_copy(update={"resources": config.resources.model_copy(update=LAYOUTS[layout])})
+def learner_steps(config: WarpConfig, task: Path, layout: str, steps: int, ranks: int) -> dict[str, float]:
+    resources = {**LAYOUTS[layout], "ranks_per_learner": ranks, "rollout_workers_per_learner": ranks}
+    config = WarpConfig.model_validate({**config.model_dump(), "resources": config.resources.model_dump() | resources})
     start = time.perf_counter()
     learner = Learner(
         config,
@@ -192,6 +194,7 @@ def learner_steps(config: WarpConfig, task: Path, layout: str, steps: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each learner and of the bare loop")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1], help="learners of K ranks and K engines, each K")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner.json")
     args = parser.parse_args()
     config = load_config(ROOT / "configs" / "tiny.yaml")
@@ -200,7 +203,11 @@ def main() -> None:
     init_ray(num_cpus=2)
 
     rates, starts = generation(config, task / "sft", prompts, rounds=5)
-    learners = {layout: learner_steps(config, task, layout, args.steps) for layout in LAYOUTS}
+    learners = {
+        layout + (f", K = {k}" if k > 1 else ""): learner_steps(config, task, layout, args.steps, k)
+        for k in args.ranks
+        for layout in LAYOUTS
+    }
     bare = BareLoop(config, task / "sft")
     for _ in range(3):
         bare.step(prompts)

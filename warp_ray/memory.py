@@ -156,12 +156,13 @@ def check_fits(config: WarpConfig, model_config: PretrainedConfig, prompt_tokens
             share = (
                 "a GPU" if r.gpus_per_rank == 1 else f"its share of a GPU (resources.gpus_per_rank = {r.gpus_per_rank})"
             )
-            levers = "more resources.ranks_per_learner at zero_stage 3, "
-            if r.colocate:  # a learner of one rank
+            # More ranks shard the state at ZeRO-3, on whole GPUs: the config refuses a shared GPU to more than one.
+            levers = "more resources.ranks_per_learner at zero_stage 3, " if r.gpus_per_rank == 1 else ""
+            if r.colocate:
                 share += (
                     f" less its colocated engine's {engine_share / GB:.1f} GB (resources.engine_memory_utilization)"
                 )
-                levers = "a lower resources.engine_memory_utilization, "
+                levers = "a lower resources.engine_memory_utilization, " + levers
             raise ConfigError(
                 f"a learner rank would need about {estimate.total / GB:.1f} GB of GPU memory, over the "
                 f"{available / GB:.1f} GB of {share} (resources.gpu_memory_gb = {r.gpu_memory_gb}) "

@@ -94,7 +94,7 @@ def start_learner(
     name: Optional[str] = None,
 ) -> ActorHandle:
     """A learner as an actor (`Learner`'s arguments), in placement group `group` if given. Colocated
-    (resources.colocate), it is one process: its rank and the rank's engine run in it."""
+    (resources.colocate) with one rank, it is one process: its rank and the rank's engine run in it."""
     options = learner_options(config, group) | ({"name": name} if name else {})
     return _RemoteLearner.options(**options).remote(
         config, str(sft), prompts, reward_server, seed=seed, evaluator=evaluator, placement_group=group, host_rank=True

@@ -63,7 +63,7 @@ def bundles(config: WarpConfig) -> list[dict[str, float]]:
     colocated engine's CPUs join its rank's bundle instead."""
     r = config.resources
     if r.colocate:
-        layout = [{"CPU": r.cpus_per_rank + r.cpus_per_rollout_worker, "GPU": r.gpus_per_rank}]
+        layout = [{"CPU": r.cpus_per_rank + r.cpus_per_rollout_worker, "GPU": r.gpus_per_rank}] * r.ranks_per_learner
     else:
         rank = {"CPU": r.cpus_per_rank, "GPU": r.gpus_per_rank}
         engine = {"CPU": r.cpus_per_rollout_worker, "GPU": r.gpus_per_rollout_worker}
@@ -101,12 +101,18 @@ RUN_SETTINGS = {"anchor", "beta", "mu", "lr", "weight_decay", "warmup_steps", "b
 settings, which the ranks read when a run starts. Sampling, batches and evaluation stay the config's."""
 
 
+def hosts_rank(config: WarpConfig) -> bool:
+    """Whether a learner's actor runs its rank (and the rank's engine) in its own process: colocated
+    with one rank. With more, each rank is an actor hosting its engine, and the learner drives them."""
+    return config.resources.colocate and config.resources.ranks_per_learner == 1
+
+
 def learner_options(config: WarpConfig, group: Optional[PlacementGroup]) -> dict:
-    """Ray options of a learner's own actor. Colocated (resources.colocate), it hosts the learner's
-    one rank and that rank's engine (`Learner(host_rank=True)`), so it takes their bundle, or without
-    a placement group their GPUs; otherwise its ranks and engines hold the resources and it holds
-    none, placed in their group (on their node)."""
-    if config.resources.colocate:
+    """Ray options of a learner's own actor. When it hosts its one rank and that rank's engine
+    (`hosts_rank`, `Learner(host_rank=True)`), it takes their bundle, or without a placement group
+    their GPUs; otherwise its ranks and engines hold the resources and it holds none, placed in their
+    group (on their node)."""
+    if hosts_rank(config):
         return _placement(config, group)(0)
     return {"num_cpus": 0} | ({"scheduling_strategy": PlacementGroupSchedulingStrategy(group)} if group else {})
 
@@ -151,15 +157,15 @@ class Learner:
         host_rank: bool = False,
     ):
         """With a placement group (of `bundles(config)`), rank k takes bundle k and engine i bundle K + i.
-        With resources.colocate, the engine runs in rank 0, and `rollouts` is rank 0 itself; with
-        `host_rank` too, rank 0 runs in this process, a learner actor which must then hold the rank's
-        resources (`learner_options`): the learner's one process. Without it (a learner built in a
-        driver), the rank is an actor of its own."""
+        With resources.colocate, each rank runs an engine, and `rollouts` are the ranks themselves; with
+        `host_rank` and one rank (`hosts_rank`), that rank runs in this process, a learner actor which
+        must then hold the rank's resources (`learner_options`): the learner's one process. Otherwise
+        (more ranks, or a learner built in a driver), each rank is an actor of its own."""
         if host_rank and ray.get_runtime_context().get_actor_id() is None:
             raise ValueError("host_rank: a learner hosts its rank in a learner actor (start_learner), not in a driver")
         resources = config.resources
         self.config = config
-        self.host_rank = host_rank and resources.colocate
+        self.host_rank = host_rank and hosts_rank(config)
         self.prompts = list(prompts)
         self.reward_server = reward_server
         self.evaluator = evaluator
@@ -179,7 +185,7 @@ class Learner:
         K = resources.ranks_per_learner  # the config checked that K divides the batch
         self.tokenizer = with_padding(AutoTokenizer.from_pretrained(sft, trust_remote_code=trust))
         placed = _placement(self.config, placement_group)
-        if self.host_rank:  # K = 1: the config refuses a colocated engine beside more ranks
+        if self.host_rank:
             self.ranks = [InProcess(LearnerRank(0, K, self.config))]
         else:
             self.ranks = [RemoteLearnerRank.options(**placed(k)).remote(k, K, self.config) for k in range(K)]
@@ -191,9 +197,9 @@ class Learner:
         ]
         address, port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([rank.setup.remote(address, port, str(sft)) for rank in self.ranks])
-        if resources.colocate:  # after the group: vLLM takes the process group it finds in its process
-            ray.get(self.ranks[0].start_engine.remote(str(sft), seed, **engine))
-            self.rollouts = self.ranks[:1]
+        if resources.colocate:  # after the group, all ranks at once: each engine's vLLM joins the ranks' group
+            ray.get([rank.start_engine.remote(str(sft), seed + k, **engine) for k, rank in enumerate(self.ranks)])
+            self.rollouts = self.ranks
         self.set_weights(None, seed)
 
     def _failed_to_start(self, error: Exception) -> StartupError:
@@ -221,7 +227,7 @@ class Learner:
         hosted = ", with its colocated vLLM engine" if self.config.resources.colocate else ""
 
         def rank(k: int) -> str:
-            return f"learner rank {k} (DeepSpeed{hosted if k == 0 else ''})"
+            return f"learner rank {k} (DeepSpeed{hosted})"
 
         components = {here: rank(0)} if self.host_rank else {}
         actors = [(f"rollout engine {i} (vLLM)", e) for i, e in enumerate(self.rollouts)]
@@ -304,8 +310,8 @@ class Learner:
         start = time.perf_counter()
         if self.broadcast and self.weight_specs is None:
             self._join_weight_group()
-        if self.config.resources.colocate:
-            ray.get(self.ranks[0].sync_engine.remote())
+        if self.config.resources.colocate:  # every rank, at once: under ZeRO-3 each tensor is gathered by all
+            ray.get([rank.sync_engine.remote() for rank in self.ranks])
         elif self.broadcast:
             receiving = [r.receive_weights.remote(self.weight_specs) for r in self.rollouts]
             ray.get([rank.broadcast_weights.remote() for rank in self.ranks] + receiving)

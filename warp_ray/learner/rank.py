@@ -1,5 +1,5 @@
-"""One DeepSpeed rank of a learner, as a Ray actor (or, colocated, in its learner's actor): the
-policy, its anchor, the update.
+"""One DeepSpeed rank of a learner, as a Ray actor (or, colocated in a learner of one rank, in its
+learner's actor): the policy, its anchor, the update, and with resources.colocate a vLLM engine.
 
 A learner is K such ranks with torch.distributed between them (gloo on CPU, NCCL on GPU).
 Each rank holds its share of the batch; DeepSpeed averages the gradients (ZeRO stage from
@@ -289,12 +289,14 @@ class LearnerRank:
 
     def start_engine(self, model: str, seed: int, **engine) -> None:
         """resources.colocate: start this process's vLLM engine (`warp_ray.rollout.worker.Engine`'s
-        arguments), after `setup`. On the CPU, vLLM then refuses `torch.set_num_threads` in this
-        process: the rank's count, set when it started, stays."""
+        arguments), after `setup`, every rank at once: vLLM builds its groups over the ranks' process
+        group (each engine's tensor-parallel group is its rank alone), and building a group is a
+        collective. On the CPU, vLLM then refuses `torch.set_num_threads` in this process: the rank's
+        count, set when it started, stays."""
         self.colocated = Engine(model, seed=seed, **engine)
 
     def generate(self, *args) -> list[list[dict]]:
-        """The colocated engine's `generate`: rank 0 stands in for a rollout worker."""
+        """The colocated engine's `generate`: the rank stands in for a rollout worker."""
         return self.colocated.generate(*args)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
@@ -302,7 +304,8 @@ class LearnerRank:
         return self.colocated.update_weights(state_dict)
 
     def sync_engine(self) -> None:
-        """Hand the policy to the colocated engine in memory, every name (tied ones under each)."""
+        """Hand the policy to the colocated engine in memory, every name (tied ones under each). Under
+        ZeRO-3 every rank must call it at once: each tensor is gathered."""
         self.colocated.load_weights(self._full_tensors(self.engine.module, tied=True))
 
     def weight_specs(self) -> WeightSpecs:
