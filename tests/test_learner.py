@@ -179,51 +179,86 @@ def test_one_rank_learner_with_a_colocated_engine_and_the_sft_anchor_raises_the_
 
 
 def test_two_colocated_ranks_under_zero3_each_host_an_engine_that_samples_the_policy_of_every_step(
-    tiny_task, gold, reference
+    tiny_task, gold, reference, tmp_path
 ):
-    """resources.colocate with K = 2: each rank's process hosts a vLLM engine, a tensor-parallel group
-    of its own rank in the ranks' process group; every step hands both engines the policy in memory,
-    each tensor gathered by both ranks at once (ZeRO-3)."""
-    settings = tiny_config(anchor="ema", mu=0.1).model_dump()
+    """resources.colocate with K = 2, as runs start learners: the learner's actor holds nothing and each
+    rank, in a bundle of the placement group, hosts a vLLM engine, a tensor-parallel group of its own
+    rank in the ranks' process group; every step hands both engines the policy in memory, each tensor
+    gathered by both ranks at once (ZeRO-3)."""
+    settings = tiny_config(anchor="ema", mu=0.1, M=1, T=20).model_dump()
     settings["resources"] |= {
         "colocate": True,
         "zero_stage": 3,
         "ranks_per_learner": 2,
         "rollout_workers_per_learner": 2,
+        "cpus_per_rank": 0.5,
+        "cpus_per_rollout_worker": 0.5,
     }
     config = WarpConfig.model_validate(settings)
-    learner = evaluated_learner(config, tiny_task, 4, gold, reference)
-    assert learner.rollouts == learner.ranks
+    prompts = read_prompts(tiny_task / "prompts" / "train.jsonl")
+    evaluator = Evaluator(
+        config, read_prompts(tiny_task / "prompts" / "held_out.jsonl"), gold, reference, control_server=gold
+    )
+    group = LearnerGroup(
+        config,
+        lambda m, g: start_learner(config, tiny_task / "sft", prompts, gold, 4, evaluator=evaluator, group=g),
+        tmp_path,
+    )
+    try:
+        assert group.scale() == 1
+        learner = group.handles[0]
+        ranks, same, holds = ray.get(
+            learner.__ray_call__.remote(
+                lambda self: (
+                    self.ranks,
+                    self.rollouts == self.ranks,
+                    ray.get_runtime_context().get_assigned_resources(),
+                )
+            )
+        )
+        assert same and holds == {}
 
-    def hosted(rank) -> tuple:
-        from vllm.distributed import parallel_state
+        def hosted(rank) -> tuple:
+            from vllm.distributed import parallel_state
 
-        groups = parallel_state.get_world_group().world_size, parallel_state.get_tp_group().world_size
-        core = type(rank.colocated.llm.llm_engine.engine_core).__name__  # InprocClient: no process of its own
-        return os.getpid(), core, groups
+            groups = parallel_state.get_world_group().world_size, parallel_state.get_tp_group().world_size
+            core = type(rank.colocated.llm.llm_engine.engine_core).__name__  # InprocClient: no process of its own
+            context = ray.get_runtime_context()
+            return os.getpid(), core, groups, context.get_placement_group_id(), context.get_assigned_resources()
 
-    processes = ray.get([rank.__ray_call__.remote(hosted) for rank in learner.ranks])
-    assert len({pid for pid, *_ in processes}) == 2
-    assert [rest for _, *rest in processes] == [["InprocClient", (2, 1)]] * 2
-    stats = [learner.step() for _ in range(20)]
-    # Both engines sample the policy of every step: a stale one would sample half the rows off it.
-    assert max(m["logprob_gap"] for m in stats) < 1e-3
-    assert all(0 < m["sync_seconds"] < m["seconds"] for m in stats)
-    rewards = [m["reward"] for m in stats]
-    assert statistics.mean(rewards[-6:]) > statistics.mean(rewards[:6]) + 0.5
+        processes = ray.get([rank.__ray_call__.remote(hosted) for rank in ranks])
+        assert len({pid for pid, *_ in processes}) == 2
+        placed = [group.slots[0].group.id.hex(), bundles(config)[0]]
+        assert bundles(config) == [{"CPU": 1.0}] * 2
+        assert [rest for _, *rest in processes] == [["InprocClient", (2, 1), *placed]] * 2
 
-    prompts = read_prompts(tiny_task / "prompts" / "held_out.jsonl")[:4]
-    learner.check_engine_agrees(prompts)
-    policy = learner.get_weights()
-    torch.manual_seed(0)
-    stale = {k: v + 0.05 * torch.randn_like(v) for k, v in policy.items()}
-    ray.get(learner.rollouts[1].update_weights.remote(stale))
-    with pytest.raises(RuntimeError, match="rollout engine 1 and the policy disagree"):
-        learner.check_engine_agrees(prompts)
-    learner.sync()
-    learner.check_engine_agrees(prompts)  # the sync puts the policy back into both
-    evaluated = learner.evaluate()
-    assert evaluated["reward"] > rewards[0] and evaluated["kl_to_sft"] > 0
+        names = list(load_file(tiny_task / "sft" / "model.safetensors"))
+        _, histories = group.train([], iteration=0, layout=[names])
+        stats = histories[0]
+        assert group.restarts == [] and [m["step"] for m in stats] == list(range(1, 21))
+        # Both engines sample the policy of every step: a stale one would sample half the rows off it.
+        assert max(m["logprob_gap"] for m in stats) < 1e-3
+        assert all(0 < m["sync_seconds"] < m["seconds"] for m in stats)
+        rewards = [m["reward"] for m in stats]
+        assert statistics.mean(rewards[-6:]) > statistics.mean(rewards[:6]) + 0.5
+        assert stats[-1]["eval_reward"] > rewards[0] and stats[-1]["eval_kl_to_sft"] > 0  # on both engines
+
+        def stale_engine_1(self) -> str:
+            self.check_engine_agrees(self.prompts[:4])
+            torch.manual_seed(0)
+            stale = {k: v + 0.05 * torch.randn_like(v) for k, v in self.get_weights().items()}
+            ray.get(self.rollouts[1].update_weights.remote(stale))
+            with pytest.raises(RuntimeError) as caught:
+                self.check_engine_agrees(self.prompts[:4])
+            self.sync()
+            self.check_engine_agrees(self.prompts[:4])  # the sync puts the policy back into both
+            return str(caught.value)
+
+        assert ray.get(learner.__ray_call__.remote(stale_engine_1)).startswith(
+            "rollout engine 1 and the policy disagree"
+        )
+    finally:
+        group.close()
 
 
 def test_zero3_learner_with_two_engines_broadcast_sync_and_held_out_evaluation(tiny_task, gold, reference, tmp_path):

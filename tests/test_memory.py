@@ -173,28 +173,25 @@ def test_a_colocated_engine_takes_its_share_of_its_ranks_gpu_and_one_in_each_ran
 def test_colocated_with_more_ranks_each_rank_hosts_an_engine_and_the_7b_example_fits_on_its_node_with_8():
     colocated = ["resources.colocate=true", "resources.gpus_per_rollout_worker=0", "resources.weight_sync=auto"]
 
-    def gemma(ranks: int) -> list[str]:  # the 7B example's node of 8 GPUs, each rank's engine a 0.3 of its GPU
-        return [*colocated, f"resources.ranks_per_learner={ranks}", f"resources.rollout_workers_per_learner={ranks}"]
+    def gemma(ranks: int) -> list[str]:  # the 7B example's node of 8 GPUs, each rank's engine 0.4 of its GPU
+        ranks = [f"resources.ranks_per_learner={ranks}", f"resources.rollout_workers_per_learner={ranks}"]
+        return [*colocated, *ranks, "resources.engine_memory_utilization=0.4"]
 
-    config = load_config(CONFIGS / "gemma-7b-gpu.yaml", [*gemma(8), "resources.engine_memory_utilization=0.3"])
+    config = load_config(CONFIGS / "gemma-7b-gpu.yaml", gemma(8))
     assert bundles(config) == [{"CPU": 2, "GPU": 1}] * 8  # a rank and its engine in each bundle
     # The learner's actor hosts no rank and holds nothing; with one rank, it takes the rank's bundle.
     assert not hosts_rank(config) and learner_options(config, None) == {"num_cpus": 0}
     one = load_config(CONFIGS / "qwen2.5-0.5b-1gpu.yaml", [*colocated, "resources.gpus_per_rank=0.45"])
     assert hosts_rank(one) and learner_options(one, None) == {"num_gpus": 0.45}
     assert config.resources.threads_per_rank == 2  # the rank's CPU and its engine's
-    estimate = check_fits(config, GEMMA_7B, PROMPT_TOKENS)  # ZeRO-3 over 8 ranks: 44.9 GB beside a 24 GB engine
-    assert estimate.total < (1 - 0.3) * 80 * GB and estimate.parts["sync"] > 0
+    estimate = check_fits(config, GEMMA_7B, PROMPT_TOKENS)  # ZeRO-3 over 8 ranks: 44.9 GB beside a 32 GB engine
+    assert estimate.total < (1 - 0.4) * 80 * GB and estimate.parts["sync"] > 0
     with pytest.raises(
         ConfigError,
-        match=r"about 70.5 GB of GPU memory, over the 56.0 GB of a GPU less its colocated engine's 24.0 GB .* "
+        match=r"about 70.5 GB of GPU memory, over the 48.0 GB of a GPU less its colocated engine's 32.0 GB .* "
         r"Lower it with a lower resources.engine_memory_utilization, more resources.ranks_per_learner at zero_stage 3",
     ):
-        check_fits(
-            load_config(CONFIGS / "gemma-7b-gpu.yaml", [*gemma(4), "resources.engine_memory_utilization=0.3"]),
-            GEMMA_7B,
-            PROMPT_TOKENS,
-        )
+        check_fits(load_config(CONFIGS / "gemma-7b-gpu.yaml", gemma(4)), GEMMA_7B, PROMPT_TOKENS)
 
 
 def test_a_gpu_is_shared_by_learners_of_one_rank_only():

@@ -389,7 +389,7 @@ class Learner:
         engines, between runs; the next `set_weights` puts a policy back in them. per_sample:
         the evaluator's rows, one per sample, instead of their means."""
         self._check_started()
-        weights = join(ray.get(weights))
+        weights = ray.put(join(ray.get(weights)))  # one copy in the object store, whatever the engines
         ray.get([r.update_weights.remote(weights) for r in self.rollouts])
         self.synced_at = None  # the engines no longer hold the policy
         return self.evaluator.samples(self.rollouts) if per_sample else self.evaluator(self.rollouts)

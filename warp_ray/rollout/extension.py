@@ -5,7 +5,7 @@ bytes: a format vLLM's RPC carries as it is (a dict of tensors would arrive as l
 that needs no pickle, so no insecure serialization switch has to be turned on. Through the
 broadcast group (warp_ray.rollout.weight_group), they stream tensor by tensor from the
 learner's rank 0 straight into the model, in the order of the specs sent beforehand. In memory,
-from an engine in the learner's rank 0 (resources.colocate), they are tensors already.
+from an engine in a learner's rank (resources.colocate), they are tensors already.
 """
 
 from __future__ import annotations

