@@ -209,16 +209,19 @@ class Learner:
         peers' errors, a broken process group, may arrive first)."""
         if isinstance(error, RayActorError) and not error.actor_init_failed:
             raise error
-        for handle in self.ranks + self.rollouts:
-            if isinstance(handle, InProcess):  # alive: this process
-                continue
+        # Every process at once, within a minute in all: one still starting, or blocked in a collective
+        # with the one that failed (it answers no call meanwhile), is not dead. An InProcess is alive: this process.
+        pending = [h.__ray_ready__.remote() for h in self.ranks + self.rollouts if not isinstance(h, InProcess)]
+        deadline = time.monotonic() + 60
+        while pending:
+            answered, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            if not answered:
+                break
             try:
-                ray.get(handle.__ray_ready__.remote(), timeout=60)
+                ray.get(answered[0])
             except RayActorError as death:
                 if not death.actor_init_failed:
                     raise death from error
-            except ray.exceptions.GetTimeoutError:
-                pass  # still starting: not dead
         # A creation task's death names its actor; a method's error only in its text ("actor_id=...").
         actor = getattr(error, "actor_id", None) or next(iter(re.findall(r"actor_id=([0-9a-f]{32})", str(error))), None)
         here = ray.get_runtime_context().get_actor_id()
