@@ -7,11 +7,11 @@
    the engines' and ranks' first calls).
 2. A learner's step against policy size: GPT-2s of random weights of about 0.9M (the built-in
    SFT's shape), 10M and 50M parameters, with the built-in tokenizer and prompts, one learner
-   (K = 1, ZeRO-2, fp32, gold reward, started as runs start it: an actor) in two layouts, its
-   engine an actor of its own (core in process, weights through the object store) and colocated
-   in its rank's process (configs/tiny.yaml's); medians of its steps split into rollout, update
-   and sync. Random weights rarely stop: nearly every completion runs to the length limit, the
-   most work a step can hold.
+   (ZeRO-2, fp32, gold reward, started as runs start it: an actor) in three layouts: one rank, its
+   engine an actor of its own (core in process, weights through the object store) or colocated in
+   its rank's process (configs/tiny.yaml's), and two ranks each hosting its engine; medians of its
+   steps split into rollout, update and sync. Random weights rarely stop: nearly every completion
+   runs to the length limit, the most work a step can hold.
 3. Merge time against model size: `warp_ray.merge.slerp` of M = 2 in memory, and
    `warp-ray merge slerp` folder to folder (its process's start included), both on one torch
    thread, on the same three sizes and GPT-2 124M's layers (85M parameters with the built-in
@@ -56,6 +56,11 @@ ENGINE_ACTOR = ["resources.colocate=false", "resources.rollout_in_process=true",
 """Each engine an actor of its own, its core in process (configs/tiny.yaml's layout until 2026-12-01)."""
 LAYOUTS = {"engine actor": ENGINE_ACTOR, "colocated": []}
 """The learners' layouts measured against M and against size: configs/tiny.yaml's own is colocated."""
+STEP_LAYOUTS = {
+    **LAYOUTS,
+    "colocated, K = 2": ["resources.ranks_per_learner=2", "resources.rollout_workers_per_learner=2"],
+}
+"""Against size, also a learner of two ranks each hosting its engine (the tiny config's CPUs for each)."""
 SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 deep
     "0.9M": (128, 4, 4),
     "10M": (384, 6, 6),
@@ -105,13 +110,13 @@ def iteration_against_m(task: Path, counts: list[int]) -> dict:
 
 
 def step_against_size(task: Path, steps: int) -> dict:
-    """Each size in each of LAYOUTS, a learner started as runs start it (an actor)."""
+    """Each size in each of STEP_LAYOUTS, a learner started as runs start it (an actor)."""
     rows = {}
     prompts = read_prompts(task / "prompts" / "train.jsonl")
     for name, shape in SHAPES.items():
         folder, parameters = random_policy(task, shape, OUT / "scaling_models" / name)
         rows[name] = {"parameters": parameters}
-        for layout, overrides in LAYOUTS.items():
+        for layout, overrides in STEP_LAYOUTS.items():
             reward_server = RewardServer.remote(RewardSource(function=world.gold_reward))
             learner = start_learner(load_config(TINY, overrides), folder, prompts, reward_server, 0)
             ray.get(learner.run.remote(3, desc=f"warm-up ({name}, {layout})"))

@@ -207,16 +207,17 @@ def test_two_colocated_ranks_under_zero3_each_host_an_engine_that_samples_the_po
     try:
         assert group.scale() == 1
         learner = group.handles[0]
-        ranks, same, holds = ray.get(
+        ranks, same, learner_placed, holds = ray.get(
             learner.__ray_call__.remote(
                 lambda self: (
                     self.ranks,
                     self.rollouts == self.ranks,
+                    ray.get_runtime_context().get_placement_group_id(),
                     ray.get_runtime_context().get_assigned_resources(),
                 )
             )
         )
-        assert same and holds == {}
+        assert same and learner_placed == group.slots[0].group.id.hex() and holds == {}
 
         def hosted(rank) -> tuple:
             from vllm.distributed import parallel_state

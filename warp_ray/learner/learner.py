@@ -392,8 +392,11 @@ class Learner:
         engines, between runs; the next `set_weights` puts a policy back in them. per_sample:
         the evaluator's rows, one per sample, instead of their means."""
         self._check_started()
-        weights = ray.put(join(ray.get(weights)))  # one copy in the object store, whatever the engines
+        weights = join(ray.get(weights))
+        if not self.host_rank:  # one copy in the object store for every engine; a hosted rank takes the dict itself
+            weights = ray.put(weights)
         ray.get([r.update_weights.remote(weights) for r in self.rollouts])
+        del weights  # not held through the evaluation
         self.synced_at = None  # the engines no longer hold the policy
         return self.evaluator.samples(self.rollouts) if per_sample else self.evaluator(self.rollouts)
 
