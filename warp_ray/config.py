@@ -244,7 +244,8 @@ class Resources(Section):
     engine on the CPU compiles nothing, vLLM's sampler included: torch.compile is off in its processes
     (TORCH_COMPILE_DISABLE), which for a colocated engine (resources.colocate) is the learner's rank."""
     rollout_workers_per_learner: int = Field(1, ge=1)
-    """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts."""
+    """vLLM engines (Ray actors) feeding each learner; each samples its share of the prompts. With
+    resources.colocate, one inside each rank: ranks_per_learner of them."""
     rollout_in_process: bool = False
     """Run each vLLM engine's core and model worker inside its rollout actor (vLLM's
     VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in two child processes: an engine starts
