@@ -123,13 +123,17 @@ def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster
     """Without a wait (max_wait_ms 0), the requests that came while a batch was scored form the next
     batch, not one batch each."""
     server = RewardServer.remote(RewardSource(folders=(str(rm_folders[0]),)), RewardServerParams(max_wait_ms=0))
-    requests = [pairs] + [pairs[i * 10 : (i + 1) * 10] for i in range(7)]  # 7 learners behind a long request
+    ray.get(server.score.remote(["started"], ["and serving"]))  # calls sent before it is up may come in any order
+    long = pairs * 20  # 2 s of scoring on 2 idle cores: the 7 calls below come while it is scored
+    long_answer = server.score.remote([p["prompt"] for p in long], [p["chosen"] for p in long])
+    time.sleep(0.5)  # for it to be taken first
+    requests = [pairs[i * 10 : (i + 1) * 10] for i in range(7)]  # 7 learners behind the long request
     answers = ray.get([server.score.remote([p["prompt"] for p in r], [p["chosen"] for p in r]) for r in requests])
     expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
-    assert torch.allclose(torch.tensor(answers[0]), expected, atol=1e-5)
-    assert torch.allclose(torch.tensor([s for a in answers[1:] for s in a]), expected[:70], atol=1e-5)
+    assert torch.allclose(torch.tensor(ray.get(long_answer)), expected.repeat(20), atol=1e-5)
+    assert torch.allclose(torch.tensor([s for a in answers for s in a]), expected[:70], atol=1e-5)
     stats = ray.get(server.stats.remote())
-    assert stats["requests"] == 8 and stats["batches"] <= 2
+    assert stats["requests"] == 1 + 8 and stats["batches"] == 1 + 2, stats
 
 
 def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pairs):
