@@ -54,6 +54,7 @@ bench:
 	$(PY) bench/reward_server.py
 	$(PY) bench/reward_server_load.py
 	$(PY) bench/learner.py
+	$(PY) bench/cpu_sync.py
 	$(PY) bench/learner_vs_trl.py
 	$(PY) bench/coordinator_memory.py
 	$(PY) bench/scaling.py

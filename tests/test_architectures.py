@@ -123,6 +123,8 @@ def test_warm_then_a_warp_iteration(name, ray_cluster, tmp_path):
     assert moved  # the iteration trained and merged
     manifest = json.loads((root / "run" / "iteration_0" / "manifest.json").read_text())
     assert len(manifest["final_metrics"]) == (2 if name in MERGED_ACROSS_TWO else 1)
+    # every engine sampled the policy it was last sent: its log-probs are the learner's, on each architecture
+    assert all(m["logprob_gap"] < 1e-3 for m in manifest["final_metrics"]), manifest["final_metrics"]
     assert not (root / "run" / "task").exists()
     if name in WARM_TRAINED:
         table = json.loads((root / "run" / "rm" / "accuracy.json").read_text())  # scored on the Parquet pairs

@@ -119,21 +119,32 @@ def test_a_request_whose_caller_is_gone_is_passed_over_and_the_others_answered()
     asyncio.run(scenario())
 
 
-def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster, rm_folders, pairs):
+def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster, tmp_path):
     """Without a wait (max_wait_ms 0), the requests that came while a batch was scored form the next
-    batch, not one batch each."""
-    server = RewardServer.remote(RewardSource(folders=(str(rm_folders[0]),)), RewardServerParams(max_wait_ms=0))
-    ray.get(server.score.remote(["started"], ["and serving"]))  # calls sent before it is up may come in any order
-    long = pairs * 20  # 2 s of scoring on 2 idle cores: the 7 calls below come while it is scored
-    long_answer = server.score.remote([p["prompt"] for p in long], [p["chosen"] for p in long])
-    time.sleep(0.5)  # for it to be taken first
-    requests = [pairs[i * 10 : (i + 1) * 10] for i in range(7)]  # 7 learners behind the long request
-    answers = ray.get([server.score.remote([p["prompt"] for p in r], [p["chosen"] for p in r]) for r in requests])
-    expected = direct(rm_folders[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
-    assert torch.allclose(torch.tensor(ray.get(long_answer)), expected.repeat(20), atol=1e-5)
-    assert torch.allclose(torch.tensor([s for a in answers for s in a]), expected[:70], atol=1e-5)
+    batch, not one batch each. The reward waits for a gate that the test opens once they are queued."""
+    gate = tmp_path / "open"
+
+    def gated_length(prompt: str, completion: str) -> float:
+        while not gate.exists():
+            time.sleep(0.01)
+        return float(len(completion))
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 60
+        while not ray.get(server.__ray_call__.remote(condition)):
+            assert time.monotonic() < deadline, "the server never got there"
+            time.sleep(0.01)
+
+    server = RewardServer.remote(RewardSource(function=gated_length), RewardServerParams(max_wait_ms=0))
+    first = server.score.remote(["a prompt"], ["first"])
+    until(lambda s: s.queue is not None and s.queue.empty())  # the first request taken, its batch scored
+    requests = [[f"learner {i}"] * (i + 1) for i in range(7)]
+    answers = [server.score.remote(["a prompt"] * len(r), r) for r in requests]
+    until(lambda s: s.queue.qsize() == 7)
+    gate.touch()
+    assert ray.get(first) == [5.0] and ray.get(answers) == [[float(len(c)) for c in r] for r in requests]
     stats = ray.get(server.stats.remote())
-    assert stats["requests"] == 1 + 8 and stats["batches"] == 1 + 2, stats
+    assert stats["requests"] == 8 and stats["batches"] == 2, stats
 
 
 def test_requests_arriving_while_a_batch_is_scored(ray_cluster, rm_folders, pairs):

