@@ -122,9 +122,10 @@ def test_a_request_whose_caller_is_gone_is_passed_over_and_the_others_answered()
 def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster, tmp_path):
     """Without a wait (max_wait_ms 0), the requests that came while a batch was scored form the next
     batch, not one batch each. The reward waits for a gate that the test opens once they are queued."""
-    gate = tmp_path / "open"
+    scoring, gate = tmp_path / "scoring", tmp_path / "open"
 
     def gated_length(prompt: str, completion: str) -> float:
+        scoring.touch()
         while not gate.exists():
             time.sleep(0.01)
         return float(len(completion))
@@ -137,11 +138,13 @@ def test_requests_queued_while_a_batch_is_scored_are_served_together(ray_cluster
 
     server = RewardServer.remote(RewardSource(function=gated_length), RewardServerParams(max_wait_ms=0))
     first = server.score.remote(["a prompt"], ["first"])
-    until(lambda s: s.queue is not None and s.queue.empty())  # the first request taken, its batch scored
-    requests = [[f"learner {i}"] * (i + 1) for i in range(7)]
-    answers = [server.score.remote(["a prompt"] * len(r), r) for r in requests]
-    until(lambda s: s.queue.qsize() == 7)
-    gate.touch()
+    try:
+        until(lambda _: scoring.exists())  # the first request's batch is being scored
+        requests = [[f"learner {i}"] * (i + 1) for i in range(7)]
+        answers = [server.score.remote(["a prompt"] * len(r), r) for r in requests]
+        until(lambda s: s.queue.qsize() == 7)
+    finally:
+        gate.touch()
     assert ray.get(first) == [5.0] and ray.get(answers) == [[float(len(c)) for c in r] for r in requests]
     stats = ray.get(server.stats.remote())
     assert stats["requests"] == 8 and stats["batches"] == 2, stats

