@@ -31,22 +31,15 @@ from scaling import OUT, SHAPES, random_policy, task_folder
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
+from warp_ray.chat import policy_ids
 from warp_ray.config_io import load_config
 from warp_ray.data import read_prompts
+from warp_ray.learner.policy_update import greedy
 from warp_ray.rollout import extension
 from warp_ray.rollout.worker import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("10M", "50M")
-
-
-def greedy(model, tokenizer, prompts: list[str], tokens: int) -> list[list[int]]:
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        generated = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        out.append(generated[0, ids.shape[1] :].tolist())
-    return out
 
 
 @contextmanager
@@ -88,12 +81,13 @@ def measure(folder: Path, prompts: list[str], rounds: int, syncs: int) -> dict:
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
     weights = dict(model.named_parameters(remove_duplicate=False))
-    assert greedy(model, tokenizer, prompts, 16) != greedy(original, tokenizer, prompts, 16)  # a change to see
+    prompt_ids = [policy_ids(tokenizer, p) for p in prompts]  # as the engine tokenizes them
+    assert greedy(model, prompt_ids, 16, False) != greedy(original, prompt_ids, 16, False)  # a change to see
     for engine, sync in engines.values():  # each way, from one set of weights to the other and back
         for policy in (original, model, original):
             sync(policy.named_parameters(remove_duplicate=False))
             got = [c[0]["token_ids"] for c in engine.generate(prompts, 1, 0.0, 16)]
-            assert got == greedy(policy, tokenizer, prompts, 16), "the engine does not sample the weights it was given"
+            assert got == greedy(policy, prompt_ids, 16, False), "the engine does not sample the weights it was given"
     seconds = {way: [] for way in engines}
     for r in range(rounds):
         for way in list(engines) if r % 2 == 0 else list(engines)[::-1]:

@@ -82,11 +82,11 @@ def writes_in_place(worker) -> bool:
 
 def load_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """(name, tensor) pairs, as a checkpoint names them, into the worker's model."""
-    model = worker.model_runner.get_model()
     if not writes_in_place(worker):
         # Worker.reload_weights: the model runner's, inside vLLM's config context, which the reload reads.
         worker.reload_weights(weights_iterator=weights)
         return
+    model = worker.model_runner.get_model()
     with set_current_vllm_config(worker.vllm_config):
         loaded = model.load_weights(weights)
         params = dict(model.named_parameters(remove_duplicate=False))
