@@ -1,5 +1,6 @@
 """What the CPU tests cannot see, checked on a GPU: a learner rank's step as the rank runs it
-(warp_ray/learner/policy_update.py), needing only torch and transformers.
+(warp_ray/learner/policy_update.py) and the merges (warp_ray/merge), with their speed, needing only
+torch and transformers.
 
 On a random Llama-style model of about 0.5B parameters, in bf16 with float32 master weights and
 Adam state (the mix DeepSpeed keeps), from a batch that arrives on the CPU as Ray's object store
@@ -9,7 +10,15 @@ holds it:
 - its peak GPU memory against warp_ray/memory.py's estimate for the same sizes (over it fails);
 - the chunked log-probs against the whole computation: values, gradients, peak memory;
 - greedy decoding from CPU prompt ids, and the weights copied out as float32 CPU tensors through
-  a pinned staging buffer.
+  a pinned staging buffer;
+- the step's speed: its forward and backward, Adam's step and the EMA's, each timed alone (the
+  median of 3), and tokens per second of the policy's forward alone and of the step's forward and
+  backward.
+
+Then the merge kernels on one shard's worth of a 7B Llama's tensors (Llama-2-7B's shapes: its
+embedding and 8 of its 32 layers, 1.75B parameters, 3.5 GB) in bf16 on the device: SLERP of M = 2
+and M = 4 task vectors and LITI, each timed (the median of 3) against a device-to-device copy of the
+same bytes in the same run, and checked against the same merge computed in float64.
 
 `bench/gpu_check.sh` runs it; `--dry-run` runs the same code at tiny sizes on the CPU (a test runs
 it there, with Ray, vLLM, DeepSpeed and pydantic made unimportable, as on the device machine).
@@ -21,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -33,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from warp_ray.learner.policy_update import Batch, device_of, frozen, greedy, host_copy, reinforce_step  # noqa: E402
 from warp_ray.logprobs import token_logprobs  # noqa: E402
 from warp_ray.memory import GB, OVERHEAD_BYTES, rank_bytes  # noqa: E402
-from warp_ray.merge import ema_update_  # noqa: E402
+from warp_ray.merge import ema_update_, liti, slerp  # noqa: E402
 
 SIZES = {  # (hidden, layers, ffn, vocab, heads, rows, micro-batch rows, prompt tokens, completion tokens, chunk)
     "gpu": dict(
@@ -41,6 +52,16 @@ SIZES = {  # (hidden, layers, ffn, vocab, heads, rows, micro-batch rows, prompt 
     ),
     "dry-run": dict(hidden=64, layers=2, ffn=128, vocab=512, heads=4, rows=8, micro=4, prompt=6, new=10, chunk=4),
 }
+
+MERGE_SHARD = {  # the merged tensors' (hidden, ffn, vocab, decoder layers)
+    "gpu": dict(hidden=4096, ffn=11008, vocab=32000, layers=8),
+    "dry-run": dict(hidden=64, ffn=176, vocab=320, layers=2),
+}
+REPEATS = {"gpu": 3, "dry-run": 1}
+"""Timed rounds of each speed measure, after an untimed first: their median is reported."""
+MERGE_TOLERANCE = torch.finfo(torch.bfloat16).eps
+"""The largest error of a bf16 merge against float64, relative to each tensor's largest magnitude:
+rounding the result to bf16 alone costs up to half of it."""
 
 
 def random_batch(size: dict, generator: torch.Generator) -> Batch:
@@ -98,6 +119,171 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_of(fn: Callable[[], object], device: torch.device) -> float:
+    """The seconds of one call of fn, the device waited on at each end."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(parts: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Each part's median seconds over `repeats` rounds after an untimed first, the parts called in
+    their order within a round (a step's forward and backward, then its optimizer's step)."""
+    times = {name: [] for name in parts}
+    for _ in range(repeats + 1):
+        for name, part in parts.items():
+            times[name].append(seconds_of(part, device))
+    return {name: statistics.median(found[1:]) for name, found in times.items()}
+
+
+def rl_step(policy, anchor, batch: Batch, size: dict) -> dict[str, torch.Tensor]:
+    """One REINFORCE step's forward and backward passes, in micro-batches, as a rank takes them."""
+    parts = size["rows"] // size["micro"]
+    return reinforce_step(
+        policy,
+        anchor,
+        batch,
+        device_of(policy),
+        lambda loss: (loss / parts).backward(),
+        beta=0.05,
+        temperature=0.9,
+        samples_per_prompt=2,
+        baseline="rloo",
+        micro_batch_size=size["micro"],
+        logprob_chunk=size["chunk"],
+    )
+
+
+def step_speed(policy, anchor, optimizer: MixedPrecisionAdam, batch: Batch, size: dict, repeats: int) -> dict:
+    """The step's parts timed alone, and tokens per second (the batch's, padding not counted) of the
+    policy's forward without gradients, in the step's micro-batches, and of the step's forward and
+    backward (the policy's, with activation checkpointing, and the anchor's forward)."""
+    device = device_of(policy)
+    tokens = int(batch.attention_mask.sum())
+
+    @torch.no_grad()
+    def forward() -> None:
+        for start in range(0, size["rows"], size["micro"]):
+            rows = batch.rows(start, start + size["micro"]).to(device)
+            policy(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+
+    seconds = median_seconds(
+        {
+            "forward": forward,
+            "forward_backward": lambda: rl_step(policy, anchor, batch, size),
+            "adam": optimizer.step,
+            "ema": lambda: ema_update_(dict(anchor.named_parameters()), dict(policy.named_parameters()), 0.01),
+        },
+        device,
+        repeats,
+    )
+    without_ema = seconds["forward_backward"] + seconds["adam"]
+    return {
+        "tokens": tokens,
+        **{f"{name}_seconds": round(value, 4) for name, value in seconds.items()},
+        "step_seconds_without_ema": round(without_ema, 4),
+        "step_seconds_with_ema": round(without_ema + seconds["ema"], 4),
+        "forward_tokens_per_s": round(tokens / seconds["forward"]),
+        "forward_backward_tokens_per_s": round(tokens / seconds["forward_backward"]),
+    }
+
+
+def shard_shapes(size: dict) -> dict[str, tuple[int, ...]]:
+    """A Llama's embedding and first decoder layers, named and shaped as its checkpoint holds them."""
+    hidden, ffn = size["hidden"], size["ffn"]
+    shapes = {"model.embed_tokens.weight": (size["vocab"], hidden)}
+    for i in range(size["layers"]):
+        layer = f"model.layers.{i}."
+        shapes.update({f"{layer}self_attn.{p}_proj.weight": (hidden, hidden) for p in "qkvo"})
+        shapes.update({f"{layer}mlp.{p}_proj.weight": (ffn, hidden) for p in ("gate", "up")})
+        shapes[f"{layer}mlp.down_proj.weight"] = (hidden, ffn)
+        shapes.update({f"{layer}{p}_layernorm.weight": (hidden,) for p in ("input", "post_attention")})
+    return shapes
+
+
+def relative_error(merged: dict[str, torch.Tensor], exact: Callable[[str], torch.Tensor]) -> float:
+    """The largest |merged - exact| over every tensor, against that tensor's largest exact magnitude."""
+    worst = 0.0
+    for name, tensor in merged.items():
+        reference = exact(name)
+        worst = max(worst, ((tensor.double() - reference).abs().max() / reference.abs().max()).item())
+    return worst
+
+
+def exact_slerp(init: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """SLERP of one tensor's task vectors in float64, written out apart from warp_ray.merge: the
+    paper's pair formula, the m-th task vector slerped into the merge of the ones before at 1/m."""
+    init = init.double()
+    merged = models[0].double() - init
+    for m, model in enumerate(models[1:], start=2):
+        delta, lam = model.double() - init, 1.0 / m
+        omega = torch.arccos((merged * delta).sum() / (merged.norm() * delta.norm()))
+        merged = (torch.sin((1 - lam) * omega) * merged + torch.sin(lam * omega) * delta) / torch.sin(omega)
+    return init + merged
+
+
+def copy_speed(nbytes: int, device: torch.device, repeats: int) -> float:
+    """GB/s of a copy of `nbytes` from one buffer to another on `device`, read and write counted."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * nbytes / median_seconds({"copy": lambda: target.copy_(source)}, device, repeats)["copy"] / 1e9
+
+
+def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
+    """SLERP of M = 2 and M = 4 task vectors and LITI of bf16 tensors on `device`: seconds; GB/s of
+    the least traffic each needs (its inputs read once, its result written once) and that against a
+    copy of the same bytes; the error against the merge in float64, tensor by tensor; and whether
+    every result stayed on the device in bf16."""
+    generator = torch.Generator(device).manual_seed(1)
+
+    def random_model() -> dict[str, torch.Tensor]:
+        return {
+            name: torch.randn(shape, generator=generator, device=device).mul_(0.02).to(torch.bfloat16)
+            for name, shape in shard_shapes(size).items()
+        }
+
+    # Independent draws: task vectors as large as the weights and near orthogonal, as the paper finds
+    # RL's to be, so that SLERP differs from a linear merge by far more than the tolerance.
+    init, models = random_model(), [random_model() for _ in range(4)]
+    shard_bytes = sum(t.numel() * t.element_size() for t in init.values())
+    copy_gb_per_s = copy_speed(shard_bytes, device, repeats)
+
+    def slerp64(count: int) -> Callable[[str], torch.Tensor]:
+        return lambda name: exact_slerp(init[name], [m[name] for m in models[:count]])
+
+    eta = 0.3
+    merges = {  # name: (inputs, the merge, the same merge of one tensor in float64)
+        "slerp_m2": (3, lambda: slerp(init, models[:2]), slerp64(2)),
+        "slerp_m4": (5, lambda: slerp(init, models), slerp64(4)),
+        "liti": (
+            2,
+            lambda: liti(init, models[0], eta),
+            lambda n: (1 - eta) * init[n].double() + eta * models[0][n].double(),
+        ),
+    }
+    found = {"shard_gb": round(shard_bytes / 1e9, 3), "copy_gb_per_s": round(copy_gb_per_s, 1)}
+    for name, (inputs, merge, exact) in merges.items():
+        seconds = median_seconds({name: merge}, device, repeats)[name]
+        merged = merge()
+        gb_per_s = (inputs + 1) * shard_bytes / seconds / 1e9
+        found[name] = {
+            "seconds": round(seconds, 4),
+            "gb_per_s": round(gb_per_s, 1),
+            "of_copy": round(gb_per_s / copy_gb_per_s, 3),
+            "relative_error": relative_error(merged, exact),
+            "on_the_device_in_bf16": all(t.device == device and t.dtype == torch.bfloat16 for t in merged.values()),
+        }
+        del merged
+    return found
+
+
 def check(dry_run: bool) -> dict:
     size = SIZES["dry-run" if dry_run else "gpu"]
     device = torch.device("cpu" if dry_run else "cuda")
@@ -129,20 +315,7 @@ def check(dry_run: bool) -> dict:
 
     reset_peak(device)
     start = time.perf_counter()
-    parts = size["rows"] // size["micro"]
-    stats = reinforce_step(
-        policy,
-        anchor,
-        batch,
-        device_of(policy),
-        lambda loss: (loss / parts).backward(),
-        beta=0.05,
-        temperature=0.9,
-        samples_per_prompt=2,
-        baseline="rloo",
-        micro_batch_size=size["micro"],
-        logprob_chunk=size["chunk"],
-    )
+    stats = rl_step(policy, anchor, batch, size)
     optimizer.step()
     ema_update_(dict(anchor.named_parameters()), dict(policy.named_parameters()), 0.01)
     step_seconds = time.perf_counter() - start
@@ -168,6 +341,12 @@ def check(dry_run: bool) -> dict:
     copies = host_copy(policy.named_parameters())
     copied_right = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in copies.values())
     copied_right &= torch.equal(copies["model.embed_tokens.weight"], policy.get_input_embeddings().weight.float().cpu())
+    repeats = REPEATS["dry-run" if dry_run else "gpu"]
+    speed = step_speed(policy, anchor, optimizer, batch, size, repeats)  # after the peak was read: it steps on
+    del policy, anchor, optimizer, copies
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # for the merges' inputs and results, about 21 GB
+    merges = merge_speed(MERGE_SHARD["dry-run" if dry_run else "gpu"], device, repeats)
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
@@ -185,7 +364,10 @@ def check(dry_run: bool) -> dict:
         **logprobs,
         "greedy_tokens": [len(c) for c in completions],
         "weights_copied_to_cpu_float32": copied_right,
+        "speed": speed,
+        "merges": merges,
     }
+    merged = {name: merges[name] for name in ("slerp_m2", "slerp_m4", "liti")}
     failures = [
         name
         for name, ok in [
@@ -197,6 +379,11 @@ def check(dry_run: bool) -> dict:
             ("chunked gradients equal the whole ones", logprobs["gradient_max_difference"] < 1e-2),
             ("greedy decoded 8 tokens a prompt", all(len(c) == 8 for c in completions)),
             ("weights copied out as float32 CPU tensors", copied_right),
+            *(
+                (f"{name} within {MERGE_TOLERANCE:.4f} of float64", row["relative_error"] <= MERGE_TOLERANCE)
+                for name, row in merged.items()
+            ),
+            *((f"{name} on the device in bf16", row["on_the_device_in_bf16"]) for name, row in merged.items()),
         ]
         if not ok
     ]

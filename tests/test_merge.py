@@ -194,6 +194,28 @@ def test_mismatched_models_raise_naming_the_tensor(other, message):
         slerp(init, [other])
 
 
+def test_a_model_on_another_device_is_refused_naming_the_tensor():
+    """The meta device stands in for a GPU: a merge computes where its inputs are, all on one device."""
+    init = {"w": torch.zeros(3), "v": torch.zeros(2)}
+    elsewhere = {"w": torch.zeros(3), "v": torch.zeros(2, device="meta")}
+    for merge, message in (
+        (lambda: slerp(init, [elsewhere]), "tensor 'v': on meta in model 1, cpu in init"),
+        (lambda: liti(init, elsewhere, 0.5), "tensor 'v': on meta in merged, cpu in init"),
+        (lambda: average([init, elsewhere]), "tensor 'v': on meta in model 2, cpu in model 1"),
+        (lambda: ema_update_(init, elsewhere, 0.1), "tensor 'v': on meta in policy, cpu in ema"),
+    ):
+        with pytest.raises(MergeError, match=message):
+            merge()
+
+
+def test_a_gpu_merges_in_chunks_a_hundred_times_larger_than_the_cpu_caches():
+    shape = (11008, 4096)  # a 7B model's MLP weight: 172 chunks on the CPU, 2 on a GPU
+    cpu, gpu = row_spans(shape), row_spans(shape, "cuda")
+    assert len(cpu) == math.ceil(11008 / ((1 << 18) // 4096)) and len(gpu) == 2
+    for spans in (cpu, gpu):  # every row once, in order
+        assert [a for a, _ in spans] == [0, *(b for _, b in spans[:-1])] and spans[-1][1] == 11008
+
+
 @pytest.mark.parametrize("weights", [(1.0,), (0.5, -0.5), (0.0, 0.0), (float("nan"), 1.0)])
 def test_invalid_weights_raise(weights):
     sd = {"w": torch.zeros(2)}

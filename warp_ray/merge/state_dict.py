@@ -52,10 +52,22 @@ def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[
                 )
 
 
+def check_same_device(state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> None:
+    """Raise MergeError naming the first tensor not on names[0]'s device: a merge computes where the
+    weights are, and one device must hold every input of a tensor."""
+    for key, ref in state_dicts[0].items():
+        for state_dict, name in zip(state_dicts[1:], names[1:]):
+            if state_dict[key].device != ref.device:
+                raise MergeError(
+                    f"tensor {key!r}: on {state_dict[key].device} in {name}, {ref.device} in {names[0]} "
+                    "(move the models to one device before merging)"
+                )
+
+
 def _rows(tensors: Sequence[Tensor]) -> tuple[ReadRows, list[tuple[int, int]]]:
     """The kernels' view of one tensor of every input: read(start, stop) and the row chunks."""
     rows = [t.reshape(1) for t in tensors] if tensors[0].dim() == 0 else tensors
-    return (lambda start, stop: [t[start:stop] for t in rows]), row_spans(tensors[0].shape)
+    return (lambda start, stop: [t[start:stop] for t in rows]), row_spans(tensors[0].shape, tensors[0].device)
 
 
 def _given(read: ReadRows, spans: Sequence[tuple[int, int]], c: Tensor) -> Tensor:
@@ -73,7 +85,7 @@ def merge_tensors(merge: Merge, tensors: Sequence[Tensor]) -> Tensor:
     if not ref.is_floating_point():
         return ref.clone()
     read, spans = _rows(tensors)
-    out = torch.empty(ref.numel(), dtype=ref.dtype)
+    out = torch.empty(ref.numel(), dtype=ref.dtype, device=ref.device)
     for _ in combine(read, spans, merge(read, spans), out=out):
         pass  # each chunk is written into out
     return out.view(ref.shape)
@@ -81,6 +93,7 @@ def merge_tensors(merge: Merge, tensors: Sequence[Tensor]) -> Tensor:
 
 def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> StateDict:
     check_compatible([spec_of(sd) for sd in state_dicts], names)
+    check_same_device(state_dicts, names)
     return {key: merge_tensors(merge, [sd[key] for sd in state_dicts]) for key in state_dicts[0]}
 
 
@@ -90,7 +103,9 @@ def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]],
 
 
 def _check_task_vector_inputs(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> None:
-    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
+    names = ["init", *model_names(len(models))]
+    check_compatible([spec_of(sd) for sd in (init, *models)], names, same_dtype=False)
+    check_same_device([init, *models], names)
 
 
 def task_vector_grams(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:

@@ -27,14 +27,19 @@ ReadRows = Callable[[int, int], Sequence[Tensor]]
 """read(start, stop): rows start:stop of every input tensor, the reference first."""
 
 CHUNK_ELEMENTS = 1 << 18
-"""Elements per chunk and input: 1 MiB of float32, so that a chunk of every input stays in cache."""
+"""Elements per chunk and input on the CPU: 1 MiB of float32, so that a chunk of every input stays in cache."""
+GPU_CHUNK_ELEMENTS = 1 << 25
+"""On a GPU: 128 MiB of float32 per input, so that a chunk's kernel launches and its two waits on the
+device (the Gram's values, the overflow check) are small against its traffic; a 7B model's largest
+tensors are then one to four chunks, and M = 4's float32 temporaries stay near 1 GiB."""
 
 
-def row_spans(shape: Sequence[int]) -> list[tuple[int, int]]:
-    """Chunks of rows (dim 0) of about CHUNK_ELEMENTS elements; a scalar is one row."""
+def row_spans(shape: Sequence[int], device: str | torch.device = "cpu") -> list[tuple[int, int]]:
+    """Chunks of rows (dim 0) of about CHUNK_ELEMENTS elements (GPU_CHUNK_ELEMENTS off the CPU); a
+    scalar is one row."""
     rows = shape[0] if shape else 1
     row_size = max(1, int(torch.Size(shape[1:]).numel())) if shape else 1
-    step = max(1, CHUNK_ELEMENTS // row_size)
+    step = max(1, (CHUNK_ELEMENTS if torch.device(device).type == "cpu" else GPU_CHUNK_ELEMENTS) // row_size)
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -84,7 +89,11 @@ def combine(read: ReadRows, spans: Sequence[tuple[int, int]], c: Tensor, out: Te
     for start, stop in spans:
         chunk = read(start, stop)
         size = chunk[0].numel()
-        dest = torch.empty(size, dtype=chunk[0].dtype) if out is None else out[offset : offset + size]
+        dest = (
+            torch.empty(size, dtype=chunk[0].dtype, device=chunk[0].device)
+            if out is None
+            else out[offset : offset + size]
+        )
         offset += size
         dtype = compute_dtype(dest.dtype)
         result = linear_combination(chunk, coefficients, dtype, dest if dest.dtype == dtype else None)
