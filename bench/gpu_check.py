@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from warp_ray.learner.policy_update import Batch, device_of, frozen, greedy, host_copy, reinforce_step  # noqa: E402
 from warp_ray.logprobs import token_logprobs  # noqa: E402
 from warp_ray.memory import GB, OVERHEAD_BYTES, rank_bytes  # noqa: E402
-from warp_ray.merge import ema_update_, liti, slerp  # noqa: E402
+from warp_ray.merge import average, ema_update_, liti, slerp  # noqa: E402
 
 SIZES = {  # (hidden, layers, ffn, vocab, heads, rows, micro-batch rows, prompt tokens, completion tokens, chunk)
     "gpu": dict(
@@ -62,6 +62,8 @@ REPEATS = {"gpu": 3, "dry-run": 1}
 MERGE_TOLERANCE = torch.finfo(torch.bfloat16).eps
 """The largest error of a bf16 merge against float64, relative to each tensor's largest magnitude:
 rounding the result to bf16 alone costs up to half of it."""
+MERGE_EQUAL = 0.99
+"""The least share of a bf16 merge's elements equal to the float64 merge rounded to bf16."""
 
 
 def random_batch(size: dict, generator: torch.Generator) -> Batch:
@@ -187,11 +189,11 @@ def step_speed(policy, anchor, optimizer: MixedPrecisionAdam, batch: Batch, size
     without_ema = seconds["forward_backward"] + seconds["adam"]
     return {
         "tokens": tokens,
-        **{f"{name}_seconds": round(value, 4) for name, value in seconds.items()},
-        "step_seconds_without_ema": round(without_ema, 4),
-        "step_seconds_with_ema": round(without_ema + seconds["ema"], 4),
-        "forward_tokens_per_s": round(tokens / seconds["forward"]),
-        "forward_backward_tokens_per_s": round(tokens / seconds["forward_backward"]),
+        **{f"{name}_seconds": significant(value) for name, value in seconds.items()},
+        "step_seconds_without_ema": significant(without_ema),
+        "step_seconds_with_ema": significant(without_ema + seconds["ema"]),
+        "forward_tokens_per_s": significant(tokens / seconds["forward"]),
+        "forward_backward_tokens_per_s": significant(tokens / seconds["forward_backward"]),
     }
 
 
@@ -208,13 +210,23 @@ def shard_shapes(size: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def relative_error(merged: dict[str, torch.Tensor], exact: Callable[[str], torch.Tensor]) -> float:
-    """The largest |merged - exact| over every tensor, against that tensor's largest exact magnitude."""
-    worst = 0.0
+def against_float64(merged: dict[str, torch.Tensor], exact: Callable[[str], torch.Tensor]) -> dict:
+    """The largest |merged - exact| over every tensor, against that tensor's largest exact magnitude,
+    and the share of elements equal to the exact value rounded to the merged dtype: near 1 for a
+    right merge computed in float32, far less for coefficients off by 1e-4 (each moves a quarter of
+    the elements at least that near a rounding boundary of bf16's 2^-8)."""
+    worst, equal, count = 0.0, 0, 0
     for name, tensor in merged.items():
         reference = exact(name)
         worst = max(worst, ((tensor.double() - reference).abs().max() / reference.abs().max()).item())
-    return worst
+        equal += int((tensor == reference.to(tensor.dtype)).sum())
+        count += tensor.numel()
+    return {"relative_error": significant(worst), "equal_when_rounded": significant(equal / count)}
+
+
+def significant(value: float) -> float:
+    """Three significant figures: a tiny dry run's rates and seconds are not rounded to 0."""
+    return float(f"{value:.3g}")
 
 
 def exact_slerp(init: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
@@ -245,13 +257,23 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
 
     def random_model() -> dict[str, torch.Tensor]:
         return {
-            name: torch.randn(shape, generator=generator, device=device).mul_(0.02).to(torch.bfloat16)
+            name: torch.randn(shape, generator=generator, device=device).mul_(0.02)
             for name, shape in shard_shapes(size).items()
         }
 
-    # Independent draws: task vectors as large as the weights and near orthogonal, as the paper finds
-    # RL's to be, so that SLERP differs from a linear merge by far more than the tolerance.
-    init, models = random_model(), [random_model() for _ in range(4)]
+    def ramp(t: torch.Tensor) -> torch.Tensor:
+        return torch.linspace(0, 2, t.shape[0], device=device).view(-1, *[1] * (t.dim() - 1))
+
+    # Task vectors as large as the weights, each its own draw plus a part all share, which grows from
+    # nothing in a tensor's first row to twice the rest in its last: the angle between two of them
+    # differs from chunk to chunk, so a Gram matrix missing a chunk gives other coefficients, and
+    # SLERP differs from a linear merge by far more than the tolerance.
+    init, shared = random_model(), random_model()
+    models = [
+        {n: (init[n] + ramp(t) * shared[n] + t).to(torch.bfloat16) for n, t in random_model().items()} for _ in range(4)
+    ]
+    init = {n: t.to(torch.bfloat16) for n, t in init.items()}
+    del shared
     shard_bytes = sum(t.numel() * t.element_size() for t in init.values())
     copy_gb_per_s = copy_speed(shard_bytes, device, repeats)
 
@@ -261,6 +283,8 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
     eta = 0.3
     merges = {  # name: (inputs, the merge, the same merge of one tensor in float64)
         "slerp_m2": (3, lambda: slerp(init, models[:2]), slerp64(2)),
+        # the check's power: the linear merge of the same two must fail it
+        "linear_m2_against_slerp": (3, lambda: average(models[:2]), slerp64(2)),
         "slerp_m4": (5, lambda: slerp(init, models), slerp64(4)),
         "liti": (
             2,
@@ -268,16 +292,16 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
             lambda n: (1 - eta) * init[n].double() + eta * models[0][n].double(),
         ),
     }
-    found = {"shard_gb": round(shard_bytes / 1e9, 3), "copy_gb_per_s": round(copy_gb_per_s, 1)}
+    found = {"shard_gb": significant(shard_bytes / 1e9), "copy_gb_per_s": significant(copy_gb_per_s)}
     for name, (inputs, merge, exact) in merges.items():
         seconds = median_seconds({name: merge}, device, repeats)[name]
         merged = merge()
         gb_per_s = (inputs + 1) * shard_bytes / seconds / 1e9
         found[name] = {
-            "seconds": round(seconds, 4),
-            "gb_per_s": round(gb_per_s, 1),
-            "of_copy": round(gb_per_s / copy_gb_per_s, 3),
-            "relative_error": relative_error(merged, exact),
+            "seconds": significant(seconds),
+            "gb_per_s": significant(gb_per_s),
+            "of_copy": significant(gb_per_s / copy_gb_per_s),
+            **against_float64(merged, exact),
             "on_the_device_in_bf16": all(t.device == device and t.dtype == torch.bfloat16 for t in merged.values()),
         }
         del merged
@@ -286,9 +310,10 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
 
 def check(dry_run: bool) -> dict:
     size = SIZES["dry-run" if dry_run else "gpu"]
-    device = torch.device("cpu" if dry_run else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not dry_run and not torch.cuda.is_available():
         raise SystemExit(f"no GPU visible to torch {torch.__version__} (CUDA {torch.version.cuda}): check the driver")
+    # with its index: a tensor's device is "cuda:0", which torch.device("cuda") does not equal
+    device = torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     model_config = LlamaConfig(
         vocab_size=size["vocab"],
@@ -318,6 +343,7 @@ def check(dry_run: bool) -> dict:
     stats = rl_step(policy, anchor, batch, size)
     optimizer.step()
     ema_update_(dict(anchor.named_parameters()), dict(policy.named_parameters()), 0.01)
+    synchronize(device)
     step_seconds = time.perf_counter() - start
     step_peak = peak_bytes(device)
     estimate = rank_bytes(
@@ -368,6 +394,7 @@ def check(dry_run: bool) -> dict:
         "merges": merges,
     }
     merged = {name: merges[name] for name in ("slerp_m2", "slerp_m4", "liti")}
+    linear = merges["linear_m2_against_slerp"]
     failures = [
         name
         for name, ok in [
@@ -380,8 +407,15 @@ def check(dry_run: bool) -> dict:
             ("greedy decoded 8 tokens a prompt", all(len(c) == 8 for c in completions)),
             ("weights copied out as float32 CPU tensors", copied_right),
             *(
-                (f"{name} within {MERGE_TOLERANCE:.4f} of float64", row["relative_error"] <= MERGE_TOLERANCE)
+                (
+                    f"{name} within {MERGE_TOLERANCE:.4f} of float64, {MERGE_EQUAL:.0%} of it equal once rounded",
+                    row["relative_error"] <= MERGE_TOLERANCE and row["equal_when_rounded"] >= MERGE_EQUAL,
+                )
                 for name, row in merged.items()
+            ),
+            (
+                "a linear merge in SLERP's place fails the accuracy check",
+                linear["relative_error"] > MERGE_TOLERANCE and linear["equal_when_rounded"] < MERGE_EQUAL,
             ),
             *((f"{name} on the device in bf16", row["on_the_device_in_bf16"]) for name, row in merged.items()),
         ]
