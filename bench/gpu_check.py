@@ -221,7 +221,7 @@ def against_float64(merged: dict[str, torch.Tensor], exact: Callable[[str], torc
         worst = max(worst, ((tensor.double() - reference).abs().max() / reference.abs().max()).item())
         equal += int((tensor == reference.to(tensor.dtype)).sum())
         count += tensor.numel()
-    return {"relative_error": significant(worst), "equal_when_rounded": significant(equal / count)}
+    return {"relative_error": worst, "equal_when_rounded": equal / count}  # unrounded: the check compares them
 
 
 def significant(value: float) -> float:
@@ -284,7 +284,7 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
     merges = {  # name: (inputs, the merge, the same merge of one tensor in float64)
         "slerp_m2": (3, lambda: slerp(init, models[:2]), slerp64(2)),
         # the check's power: the linear merge of the same two must fail it
-        "linear_m2_against_slerp": (3, lambda: average(models[:2]), slerp64(2)),
+        "linear_m2_against_slerp": (2, lambda: average(models[:2]), slerp64(2)),
         "slerp_m4": (5, lambda: slerp(init, models), slerp64(4)),
         "liti": (
             2,
@@ -371,7 +371,7 @@ def check(dry_run: bool) -> dict:
     speed = step_speed(policy, anchor, optimizer, batch, size, repeats)  # after the peak was read: it steps on
     del policy, anchor, optimizer, copies
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # for the merges' inputs and results, about 21 GB
+        torch.cuda.empty_cache()  # the merges' inputs and results take about 21 GB, 36 GB while drawn in float32
     merges = merge_speed(MERGE_SHARD["dry-run" if dry_run else "gpu"], device, repeats)
 
     result = {
