@@ -115,15 +115,15 @@ def peak_bytes(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def seconds_of(fn: Callable[[], object], device: torch.device) -> float:

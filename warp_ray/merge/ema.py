@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from warp_ray.errors import MergeError
-from warp_ray.merge.state_dict import check_compatible, check_same_device, spec_of
+from warp_ray.merge.state_dict import check_compatible, spec_of
 
 
 @torch.no_grad()
@@ -21,6 +21,5 @@ def ema_update_(ema: Mapping[str, Tensor], policy: Mapping[str, Tensor], mu: flo
     if not 0.0 <= mu <= 1.0:
         raise MergeError(f"mu = {mu!r} is outside the allowed range [0, 1]")
     check_compatible([spec_of(ema), spec_of(policy)], ["ema", "policy"], same_dtype=False)
-    check_same_device([ema, policy], ["ema", "policy"])
     keys = [k for k, t in ema.items() if t.is_floating_point()]
     torch._foreach_lerp_([ema[k] for k in keys], [policy[k].to(ema[k].dtype) for k in keys], mu)

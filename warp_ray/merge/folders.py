@@ -81,7 +81,10 @@ def merge_folders(
             )
     check_same_tokenizer(folders)
     layouts = [weight_layout(f) for f in folders]
-    check_compatible([{k: (i.shape, i.dtype) for k, i in lay.items()} for lay in layouts], [str(f) for f in folders])
+    read_into = torch.device("cpu")  # each folder's tensors are read into this process's memory
+    check_compatible(
+        [{k: (i.shape, i.dtype, read_into) for k, i in lay.items()} for lay in layouts], [str(f) for f in folders]
+    )
     reference = layouts[0]
     with open_safetensors(folders[0] / weight_files(folders[0])[0]) as f:
         metadata = {**(f.metadata() or {}), "format": "pt"}

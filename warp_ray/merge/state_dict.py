@@ -18,17 +18,18 @@ from warp_ray.errors import MergeError
 from warp_ray.merge.task_vectors import ReadRows, combine, gram, row_spans
 
 StateDict = dict[str, Tensor]
-TensorSpec = tuple[tuple[int, ...], torch.dtype]
+TensorSpec = tuple[tuple[int, ...], torch.dtype, torch.device]
 Merge = Callable[[ReadRows, Sequence[tuple[int, int]]], Tensor]
 """merge(read, spans) -> the coefficients c of one tensor (slerp_merge, average_merge, liti_merge)."""
 
 
 def spec_of(state_dict: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
-    return {k: (tuple(t.shape), t.dtype) for k, t in state_dict.items()}
+    return {k: (tuple(t.shape), t.dtype, t.device) for k, t in state_dict.items()}
 
 
 def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[str], same_dtype: bool = True) -> None:
-    """Raise MergeError naming the first tensor whose key, shape or dtype differs from names[0]'s."""
+    """Raise MergeError naming the first tensor whose key, shape, dtype or device differs from names[0]'s: a
+    merge computes where the weights are, and one device must hold every input of a tensor."""
     ref, ref_name = specs[0], names[0]
     for spec, name in zip(specs[1:], names[1:]):
         missing, extra = sorted(ref.keys() - spec.keys()), sorted(spec.keys() - ref.keys())
@@ -41,8 +42,8 @@ def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[
                     if keys
                 )
             )
-        for key, (shape, dtype) in ref.items():
-            other_shape, other_dtype = spec[key]
+        for key, (shape, dtype, device) in ref.items():
+            other_shape, other_dtype, other_device = spec[key]
             if other_shape != shape:
                 raise MergeError(f"tensor {key!r}: shape {list(other_shape)} in {name}, {list(shape)} in {ref_name}")
             if same_dtype and other_dtype != dtype:
@@ -50,16 +51,9 @@ def check_compatible(specs: Sequence[Mapping[str, TensorSpec]], names: Sequence[
                     f"tensor {key!r}: dtype {other_dtype} in {name}, {dtype} in {ref_name} "
                     "(cast the models to one dtype before merging)"
                 )
-
-
-def check_same_device(state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> None:
-    """Raise MergeError naming the first tensor not on names[0]'s device: a merge computes where the
-    weights are, and one device must hold every input of a tensor."""
-    for key, ref in state_dicts[0].items():
-        for state_dict, name in zip(state_dicts[1:], names[1:]):
-            if state_dict[key].device != ref.device:
+            if other_device != device:
                 raise MergeError(
-                    f"tensor {key!r}: on {state_dict[key].device} in {name}, {ref.device} in {names[0]} "
+                    f"tensor {key!r}: on {other_device} in {name}, {device} in {ref_name} "
                     "(move the models to one device before merging)"
                 )
 
@@ -93,7 +87,6 @@ def merge_tensors(merge: Merge, tensors: Sequence[Tensor]) -> Tensor:
 
 def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> StateDict:
     check_compatible([spec_of(sd) for sd in state_dicts], names)
-    check_same_device(state_dicts, names)
     return {key: merge_tensors(merge, [sd[key] for sd in state_dicts]) for key in state_dicts[0]}
 
 
@@ -103,9 +96,7 @@ def merge_state_dicts(merge: Merge, state_dicts: Sequence[Mapping[str, Tensor]],
 
 
 def _check_task_vector_inputs(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> None:
-    names = ["init", *model_names(len(models))]
-    check_compatible([spec_of(sd) for sd in (init, *models)], names, same_dtype=False)
-    check_same_device([init, *models], names)
+    check_compatible([spec_of(sd) for sd in (init, *models)], ["init", *model_names(len(models))], same_dtype=False)
 
 
 def task_vector_grams(init: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
