@@ -18,7 +18,15 @@
    vocabulary), the init and two models each of its own random draw; GB/s of bytes read and
    written.
 
+The figure (`--plot`, bench/out/scaling.png by default) draws the three from the results file, the
+parts not measured in this run as an earlier run left them: the iteration's train lap against M, the
+step and its sync's share against size (the 5% target marked), and the merge against size with a
+7B model's float32 weights (28 GB) extrapolated: in memory at the largest model's GB/s (the merge is
+bandwidth-bound from about 50M on), folder to folder along the least-squares line through every size
+(a fixed start, then a cost per MB).
+
 Run: .venv/bin/python bench/scaling.py [--parts step ...]   (builds a small built-in task under bench/out/ once)
+     .venv/bin/python bench/scaling.py --plot-only [--plot docs/scaling.png]   (redraws from --out)
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
 import ray
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -48,6 +57,9 @@ from warp_ray.reward.server import RewardServer, RewardSource
 from warp_ray.runtime import init_ray
 from warp_ray.task import world
 from warp_ray.task.build import build_task
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -69,6 +81,10 @@ SHAPES = {  # name: (n_embd, n_layer, n_head); the built-in SFT is 128 wide, 4 d
 PARTS = ("merge", "step", "iteration")
 GPT2_124M_BODY = (768, 12, 12)
 """GPT-2 124M's layers; with the built-in tokenizer's small vocabulary, 85M parameters."""
+SEVEN_B_MEGABYTES = 7e9 * 4 / 1e6
+"""A 7B model's weights in float32, as the merges read them, in MB."""
+SYNC_TARGET = 0.05
+"""The sync's share of a step that the learner aims under."""
 
 
 def random_policy(task: Path, shape: tuple[int, int, int], folder: Path, seed: int = 0) -> tuple[Path, int]:
@@ -155,6 +171,67 @@ def merge_against_size(task: Path) -> dict:
     return rows
 
 
+def seven_b_merge(rows: dict) -> tuple[float, float]:
+    """(in memory s, folder to folder s) of a 7B merge, extrapolated from `merge_against_size`'s rows:
+    the largest model's GB/s, and the least-squares line of the folder-to-folder times against MB (a
+    fixed start, then a cost per MB)."""
+    largest = max(rows.values(), key=lambda r: r["megabytes"])
+    in_memory = largest["in_memory_s"] * SEVEN_B_MEGABYTES / largest["megabytes"]
+    line = statistics.linear_regression(
+        [r["megabytes"] for r in rows.values()], [r["folder_to_folder_s"] for r in rows.values()]
+    )
+    return in_memory, line.intercept + line.slope * SEVEN_B_MEGABYTES
+
+
+def plot(results: dict, path: Path) -> plt.Figure:
+    """The figure of the module's docstring, from a results file's parts (any it lacks are left blank),
+    saved at `path`."""
+    figure, ((by_m, step), (share, merge)) = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    colours = dict(zip(STEP_LAYOUTS, ("tab:orange", "tab:blue", "tab:green")))
+    if "iteration" in results:
+        counts = sorted(results["iteration"], key=int)
+        for layout in LAYOUTS:
+            rows = [results["iteration"][m][layout] for m in counts]
+            xs = [int(m) for m in counts]
+            by_m.plot(xs, [r["train"] for r in rows], "o-", color=colours[layout], label=f"{layout}: train, 10 steps")
+            extra = [r["first_iteration_extra"] for r in rows]
+            by_m.plot(xs, extra, "s--", color=colours[layout], label=f"{layout}: the first iteration's extra")
+        by_m.set(xlabel="learners M (2 CPUs)", ylabel="seconds", xticks=xs, title="A WARP iteration against M")
+        by_m.legend(fontsize=8)
+    if "step" in results:
+        sizes = list(results["step"].values())
+        parameters = [s["parameters"] for s in sizes]
+        for layout in STEP_LAYOUTS:
+            rows = [s[layout] for s in sizes]
+            for key, style, part in (("seconds", "o-", "step"), ("sync_seconds", "v:", "sync")):
+                step.plot(parameters, [r[key] for r in rows], style, color=colours[layout], label=f"{layout}: {part}")
+            shares = [100 * r["sync_seconds"] / r["seconds"] for r in rows]
+            share.plot(parameters, shares, "o-", color=colours[layout], label=layout)
+        share.axhline(100 * SYNC_TARGET, color="grey", linestyle="--", label="target")
+        step.set(xscale="log", yscale="log", xlabel="policy parameters", ylabel="seconds (median)")
+        step.set_title("A learner's step against size")
+        share.set(xscale="log", xlabel="policy parameters", ylabel="% of the step", ylim=(0, None))
+        share.set_title("The sync's share of a step")
+        step.legend(fontsize=8)
+        share.legend(fontsize=8)
+    if "merge" in results:
+        rows = sorted(results["merge"].values(), key=lambda r: r["megabytes"])
+        megabytes = [r["megabytes"] for r in rows]
+        in_memory, folder = seven_b_merge(results["merge"])
+        for key, seven_b, label in (("in_memory_s", in_memory, "in memory"), ("folder_to_folder_s", folder, "folders")):
+            (line,) = merge.plot(megabytes, [r[key] for r in rows], "o-", label=f"SLERP M = 2, {label}")
+            merge.plot([megabytes[-1], SEVEN_B_MEGABYTES], [rows[-1][key], seven_b], "--", color=line.get_color())
+            merge.plot([SEVEN_B_MEGABYTES], [seven_b], "o", mfc="none", color=line.get_color())
+        merge.annotate("7B, extrapolated", (SEVEN_B_MEGABYTES, in_memory), ha="right", va="top", fontsize=8)
+        merge.set(xscale="log", yscale="log", xlabel="MB a model (float32)", ylabel="seconds, one thread")
+        merge.set_title("Merge against size")
+        merge.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return figure
+
+
 def task_folder(config: WarpConfig) -> Path:
     """A small built-in task (the test suite's sizes, the config's length limit), built once."""
     small = TaskParams(corpus_size=2000, sft_steps=100, pairs=600, validation_pairs=300, ood_pairs=300)
@@ -167,8 +244,13 @@ def main() -> None:
     parser.add_argument("--learners", type=int, nargs="+", default=[1, 2, 4], help="the values of M")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which of the three to measure")
     parser.add_argument("--out", type=Path, default=OUT / "scaling.json")
+    parser.add_argument("--plot", type=Path, default=OUT / "scaling.png", help="the figure, drawn from --out")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out, measuring nothing")
     args = parser.parse_args()
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}  # kept: the parts not measured this time
+    if args.plot_only:
+        plot(earlier, args.plot)
+        return
     task = task_folder(load_config(TINY))
     torch.set_num_threads(1)
     init_ray(num_cpus=2)
@@ -183,6 +265,7 @@ def main() -> None:
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(earlier | results, indent=2))
+    plot(json.loads(args.out.read_text()), args.plot)  # as read back: the iteration's M are strings there
     print(json.dumps(results, indent=2))
 
 
