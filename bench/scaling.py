@@ -183,6 +183,12 @@ def seven_b_merge(rows: dict) -> tuple[float, float]:
     return in_memory, line.intercept + line.slope * SEVEN_B_MEGABYTES
 
 
+def measured(layouts: dict, rows: list[dict]) -> list[str]:
+    """The layouts every row holds: a results file keeps the parts an earlier run measured, which may
+    predate a layout."""
+    return [layout for layout in layouts if all(layout in row for row in rows)]
+
+
 def plot(results: dict, path: Path) -> plt.Figure:
     """The figure of the module's docstring, from a results file's parts (any it lacks are left blank),
     saved at `path`."""
@@ -190,9 +196,9 @@ def plot(results: dict, path: Path) -> plt.Figure:
     colours = dict(zip(STEP_LAYOUTS, ("tab:orange", "tab:blue", "tab:green")))
     if "iteration" in results:
         counts = sorted(results["iteration"], key=int)
-        for layout in LAYOUTS:
+        xs = [int(m) for m in counts]
+        for layout in measured(LAYOUTS, [results["iteration"][m] for m in counts]):
             rows = [results["iteration"][m][layout] for m in counts]
-            xs = [int(m) for m in counts]
             by_m.plot(xs, [r["train"] for r in rows], "o-", color=colours[layout], label=f"{layout}: train, 10 steps")
             extra = [r["first_iteration_extra"] for r in rows]
             by_m.plot(xs, extra, "s--", color=colours[layout], label=f"{layout}: the first iteration's extra")
@@ -201,7 +207,7 @@ def plot(results: dict, path: Path) -> plt.Figure:
     if "step" in results:
         sizes = list(results["step"].values())
         parameters = [s["parameters"] for s in sizes]
-        for layout in STEP_LAYOUTS:
+        for layout in measured(STEP_LAYOUTS, sizes):
             rows = [s[layout] for s in sizes]
             for key, style, part in (("seconds", "o-", "step"), ("sync_seconds", "v:", "sync")):
                 step.plot(parameters, [r[key] for r in rows], style, color=colours[layout], label=f"{layout}: {part}")
@@ -249,6 +255,8 @@ def main() -> None:
     args = parser.parse_args()
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}  # kept: the parts not measured this time
     if args.plot_only:
+        if not earlier:
+            parser.error(f"--plot-only draws from --out, and {args.out} does not exist: run the benchmark first")
         plot(earlier, args.plot)
         return
     task = task_folder(load_config(TINY))

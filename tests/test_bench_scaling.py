@@ -22,10 +22,10 @@ def step(seconds: float, sync: float) -> dict:
     return {"seconds": seconds, "rollout_seconds": seconds / 2, "update_seconds": seconds / 2, "sync_seconds": sync}
 
 
-MERGE = {  # MB a model, in memory s, folder to folder s
+MERGE = {  # MB a model, in memory s, folder to folder s; the largest not last
+    "85M": {"megabytes": 400.0, "in_memory_s": 0.5, "folder_to_folder_s": 1.8},
     "0.9M": {"megabytes": 3.5, "in_memory_s": 0.01, "folder_to_folder_s": 1.1},
     "50M": {"megabytes": 200.0, "in_memory_s": 0.2, "folder_to_folder_s": 1.4},
-    "85M": {"megabytes": 400.0, "in_memory_s": 0.5, "folder_to_folder_s": 1.8},
 }
 
 
@@ -43,7 +43,7 @@ def test_the_figure_draws_each_part_from_a_results_file_as_written(tmp_path):
     results = {
         "iteration": {
             m: {layout: {"train": 4.0 * m, "first_iteration_extra": 10.0 + m} for layout in bench.LAYOUTS}
-            for m in (4, 1, 2)
+            for m in (4, 1, 16, 2)  # 16 sorts before 2 as a string
         },
         "step": {
             "0.9M": {"parameters": 9e5, **{layout: step(0.5, 0.02) for layout in bench.STEP_LAYOUTS}},
@@ -55,9 +55,14 @@ def test_the_figure_draws_each_part_from_a_results_file_as_written(tmp_path):
     figure = bench.plot(results, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
     by_m, step_axes, share, merge = figure.axes
-    assert list(by_m.lines[0].get_xdata()) == [1, 2, 4] and list(by_m.lines[0].get_ydata()) == [4.0, 8.0, 16.0]
+    assert list(by_m.lines[0].get_xdata()) == [1, 2, 4, 16] and list(by_m.lines[0].get_ydata()) == [4, 8, 16, 64]
     assert list(share.lines[0].get_ydata()) == pytest.approx([4.0, 2.0])  # the sync's share of the step, in %
     assert list(share.lines[-1].get_ydata()) == [5.0, 5.0]  # the target
     seven_b = [line.get_ydata()[-1] for line in merge.lines[2::3]]  # each part's extrapolated point
     assert seven_b == pytest.approx(bench.seven_b_merge(MERGE))
-    bench.plot({"merge": MERGE}, tmp_path / "merge_only.png")  # a run of one part draws it alone
+    # a file of one part, its steps measured before the two-rank layout existed: what it holds is drawn
+    before_k2 = {
+        size: {k: v for k, v in row.items() if k != "colocated, K = 2"} for size, row in results["step"].items()
+    }
+    step_only = bench.plot({"step": before_k2}, tmp_path / "step_only.png").axes[2]
+    assert [line.get_label() for line in step_only.lines] == ["engine actor", "colocated", "target"]
