@@ -255,8 +255,8 @@ def main() -> None:
     args = parser.parse_args()
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}  # kept: the parts not measured this time
     if args.plot_only:
-        if not earlier:
-            parser.error(f"--plot-only draws from --out, and {args.out} does not exist: run the benchmark first")
+        if not any(part in earlier for part in PARTS):
+            parser.error(f"--plot-only draws from --out, and {args.out} holds no results: run the benchmark first")
         plot(earlier, args.plot)
         return
     task = task_folder(load_config(TINY))

@@ -60,9 +60,12 @@ def test_the_figure_draws_each_part_from_a_results_file_as_written(tmp_path):
     assert list(share.lines[-1].get_ydata()) == [5.0, 5.0]  # the target
     seven_b = [line.get_ydata()[-1] for line in merge.lines[2::3]]  # each part's extrapolated point
     assert seven_b == pytest.approx(bench.seven_b_merge(MERGE))
-    # a file of one part, its steps measured before the two-rank layout existed: what it holds is drawn
+    assert [list(line.get_xdata()) for line in merge.lines[1::3]] == [[400.0, 28_000.0]] * 2  # from the largest
+    # parts kept from runs that measured fewer layouts: what they hold is drawn
     before_k2 = {
         size: {k: v for k, v in row.items() if k != "colocated, K = 2"} for size, row in results["step"].items()
     }
-    step_only = bench.plot({"step": before_k2}, tmp_path / "step_only.png").axes[2]
-    assert [line.get_label() for line in step_only.lines] == ["engine actor", "colocated", "target"]
+    engine_actors = {m: {"engine actor": row["engine actor"]} for m, row in results["iteration"].items()}
+    older = bench.plot({"step": before_k2, "iteration": engine_actors}, tmp_path / "older.png")
+    assert [line.get_label() for line in older.axes[2].lines] == ["engine actor", "colocated", "target"]
+    assert len(older.axes[0].lines) == 2  # the engine actor's train lap and its first iteration's extra
