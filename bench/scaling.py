@@ -83,6 +83,8 @@ GPT2_124M_BODY = (768, 12, 12)
 """GPT-2 124M's layers; with the built-in tokenizer's small vocabulary, 85M parameters."""
 SEVEN_B_MEGABYTES = 7e9 * 4 / 1e6
 """A 7B model's weights in float32, as the merges read them, in MB."""
+ITERATION_STEPS = 10
+"""T of each iteration measured against M."""
 SYNC_TARGET = 0.05
 """The sync's share of a step that the learner aims under."""
 
@@ -108,7 +110,13 @@ def iteration_against_m(task: Path, counts: list[int]) -> dict:
     quarters = ["resources.cpus_per_rank=0.25", "resources.cpus_per_rollout_worker=0.25"]
     for M in counts:
         rows[M] = {}
-        sizes = [f"warp.M={M}", "warp.I=2", "warp.T=10", "evaluation.every=0", "evaluation.front_etas=[0,0.5,1]"]
+        sizes = [
+            f"warp.M={M}",
+            "warp.I=2",
+            f"warp.T={ITERATION_STEPS}",
+            "evaluation.every=0",
+            "evaluation.front_etas=[0,0.5,1]",
+        ]
         for layout, overrides in LAYOUTS.items():
             with tempfile.TemporaryDirectory(prefix=f"scaling_m{M}_", dir=OUT) as out:
                 run = load_config(TINY, [*overrides, *sizes, *quarters, f"paths.output_dir={out}"])
@@ -199,7 +207,13 @@ def plot(results: dict, path: Path) -> plt.Figure:
         xs = [int(m) for m in counts]
         for layout in measured(LAYOUTS, [results["iteration"][m] for m in counts]):
             rows = [results["iteration"][m][layout] for m in counts]
-            by_m.plot(xs, [r["train"] for r in rows], "o-", color=colours[layout], label=f"{layout}: train, 10 steps")
+            by_m.plot(
+                xs,
+                [r["train"] for r in rows],
+                "o-",
+                color=colours[layout],
+                label=f"{layout}: train, {ITERATION_STEPS} steps",
+            )
             extra = [r["first_iteration_extra"] for r in rows]
             by_m.plot(xs, extra, "s--", color=colours[layout], label=f"{layout}: the first iteration's extra")
         by_m.set(xlabel="learners M (2 CPUs)", ylabel="seconds", xticks=xs, title="A WARP iteration against M")
@@ -273,7 +287,7 @@ def main() -> None:
         ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(earlier | results, indent=2))
-    plot(json.loads(args.out.read_text()), args.plot)  # as read back: the iteration's M are strings there
+    plot(earlier | results, args.plot)
     print(json.dumps(results, indent=2))
 
 

@@ -51,8 +51,10 @@ def test_the_figure_draws_each_part_from_a_results_file_as_written(tmp_path):
         },
         "merge": MERGE,
     }
-    results = json.loads(json.dumps(results))  # as read back: M are strings
+    as_measured = bench.plot(results, tmp_path / "measured.png")  # M are ints as measured, strings as read back
+    results = json.loads(json.dumps(results))
     figure = bench.plot(results, tmp_path / "scaling.png")
+    assert list(as_measured.axes[0].lines[0].get_xdata()) == list(figure.axes[0].lines[0].get_xdata())
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
     by_m, step_axes, share, merge = figure.axes
     assert list(by_m.lines[0].get_xdata()) == [1, 2, 4, 16] and list(by_m.lines[0].get_ydata()) == [4, 8, 16, 64]
