@@ -255,11 +255,8 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
     every result stayed on the device in bf16."""
     generator = torch.Generator(device).manual_seed(1)
 
-    def random_model() -> dict[str, torch.Tensor]:
-        return {
-            name: torch.randn(shape, generator=generator, device=device).mul_(0.02)
-            for name, shape in shard_shapes(size).items()
-        }
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device).mul_(0.02)
 
     def ramp(t: torch.Tensor) -> torch.Tensor:
         return torch.linspace(0, 2, t.shape[0], device=device).view(-1, *[1] * (t.dim() - 1))
@@ -267,13 +264,15 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
     # Task vectors as large as the weights, each its own draw plus a part all share, which grows from
     # nothing in a tensor's first row to twice the rest in its last: the angle between two of them
     # differs from chunk to chunk, so a Gram matrix missing a chunk gives other coefficients, and
-    # SLERP differs from a linear merge by far more than the tolerance.
-    init, shared = random_model(), random_model()
-    models = [
-        {n: (init[n] + ramp(t) * shared[n] + t).to(torch.bfloat16) for n, t in random_model().items()} for _ in range(4)
-    ]
-    init = {n: t.to(torch.bfloat16) for n, t in init.items()}
-    del shared
+    # SLERP differs from a linear merge by far more than the tolerance. Drawn in float32 a tensor at a
+    # time: the inputs and a result are held in bf16 alone (about 21 GB of a 7B shard).
+    init, models = {}, [{} for _ in range(4)]
+    for name, shape in shard_shapes(size).items():
+        base, shared = draw(shape), draw(shape)
+        shared *= ramp(shared)
+        for model in models:
+            model[name] = (base + shared + draw(shape)).to(torch.bfloat16)
+        init[name] = base.to(torch.bfloat16)
     shard_bytes = sum(t.numel() * t.element_size() for t in init.values())
     copy_gb_per_s = copy_speed(shard_bytes, device, repeats)
 
@@ -371,7 +370,7 @@ def check(dry_run: bool) -> dict:
     speed = step_speed(policy, anchor, optimizer, batch, size, repeats)  # after the peak was read: it steps on
     del policy, anchor, optimizer, copies
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the merges' inputs and results take about 21 GB, 36 GB while drawn in float32
+        torch.cuda.empty_cache()  # the merges' inputs and a result: about 21 GB
     merges = merge_speed(MERGE_SHARD["dry-run" if dry_run else "gpu"], device, repeats)
 
     result = {

@@ -1,17 +1,23 @@
-"""Where `make test`'s time goes: each test file's wall time and how busy the machine's CPUs were
-meanwhile (all cores, from /proc/stat every 2 s). A file's idle share is what running its work
-alongside something else could recover at best; a busy file is cut only by doing less work. Then
-which processes did that work: the CPU seconds of every process the suite started, by kind (a Ray
-actor's class, read from the process title Ray gives it; a command's first words otherwise), from
+"""Where `make test`'s time goes, or any command's (`make demo`'s): each test file's wall time, or
+each span between two lines the command prints, and how busy the machine's CPUs were meanwhile (all
+cores, from /proc/stat every 2 s). A span's idle share is what running its work alongside something
+else could recover at best; a busy span is cut only by doing less work. Then which processes did
+that work: the CPU seconds of every process the suite or the command started, by kind (a Ray actor's
+class, read from the process title Ray gives it; a command's first words otherwise), from
 /proc/<pid>/stat every second: what a process did in its last second before it ended is missed.
+Those and this process's own CPU seconds, over the cores, are the least wall time the same work
+could take here.
 
 Run: .venv/bin/python bench/suite_profile.py [pytest arguments]   (default: the whole suite, tests/)
+     .venv/bin/python bench/suite_profile.py --command make demo
      Linux only (/proc/stat). Run it on an otherwise idle machine: it measures the machine, not pytest.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
 import sys
 import threading
 import time
@@ -67,7 +73,7 @@ def stat_fields(pid: str) -> list[str]:
 
 
 class Processes(threading.Thread):
-    """The CPU seconds of each process the suite starts (this process's descendants that begin after
+    """The CPU seconds of each process the suite or the command starts (this process's descendants that begin after
     it), sampled every second: a process that lives under a second is missed, one whose parent has
     ended before it is first seen (a daemon of `ray start`) is not counted. Its kind is the first
     that `process_kind` gives other than ""."""
@@ -99,7 +105,7 @@ class Processes(threading.Thread):
                 row[1] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
 
     def by_kind(self) -> list[tuple[str, int, float]]:
-        """(kind, processes, CPU seconds) of the suite's processes, the most CPU first."""
+        """(kind, processes, CPU seconds) of the processes started from this one, the most CPU first."""
         parents = {pid: parent for (pid, _), (_, _, parent) in self.seen.items()}
         suite = {str(os.getpid())}
         for pid in parents:  # a pid's chain of parents reaches this process: the suite's
@@ -128,13 +134,27 @@ class Starts:
         self.starts.append((time.perf_counter(), nodeid.split("::")[0]))
 
 
-def by_file(starts: list[tuple[float, str]], samples: list[tuple[float, float]], end: float) -> list[tuple]:
-    """(file, seconds, busy share) per test file, from its first test's start to the next file's."""
-    spans: dict[str, list[float]] = {}
+def run_command(command: list[str], starts: list[tuple[float, str]]) -> int:
+    """Run `command`, passing its output on; each line it prints, blank ones aside, starts a span."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as run:
+        for line in run.stdout:
+            sys.stdout.write(line)
+            if line.strip():
+                starts.append((time.perf_counter(), line.strip()[:70].replace("|", "/")))
+    return run.returncode
+
+
+def by_span(starts: list[tuple[float, str]], samples: list[tuple[float, float]], end: float) -> list[tuple]:
+    """(name, seconds, busy share) per run of starts of one name, to the next start of another (a
+    test file: from its first test's start to the next file's), the longest first."""
+    spans: list[list] = []
     for (start, name), (following, _) in zip(starts, starts[1:] + [(end, "")]):
-        spans.setdefault(name, [start, following])[1] = following
+        if spans and spans[-1][0] == name:
+            spans[-1][2] = following
+        else:
+            spans.append([name, start, following])
     rows = []
-    for name, (start, stop) in spans.items():
+    for name, start, stop in spans:
         busy = [share for stamp, share in samples if start < stamp <= stop]
         rows.append((name, stop - start, sum(busy) / len(busy) if busy else float("nan")))
     return sorted(rows, key=lambda row: -row[1])
@@ -146,7 +166,10 @@ def main() -> int:
     sampler.start()
     processes.start()
     begin = time.perf_counter()
-    code = pytest.main(sys.argv[1:] or ["tests"], plugins=[starts])
+    if sys.argv[1:2] == ["--command"]:
+        spans, code = "output line", run_command(sys.argv[2:], starts.starts)
+    else:
+        spans, code = "test file", pytest.main(sys.argv[1:] or ["tests"], plugins=[starts])
     end = time.perf_counter()
     sampler.done.set()
     processes.done.set()
@@ -155,14 +178,22 @@ def main() -> int:
     cores = os.cpu_count()
     mean = sum(share for _, share in sampler.samples) / max(1, len(sampler.samples))
     print(f"\n{end - begin:.0f} s in all; the {cores} cores {mean:.0%} busy on average\n")
-    print("| test file | seconds | CPUs busy | idle core-seconds |\n|---|---|---|---|")
-    for name, seconds, busy in by_file(starts.starts, sampler.samples, end):
+    print(f"| {spans} | seconds | CPUs busy | idle core-seconds |\n|---|---|---|---|")
+    shown = by_span(starts.starts, sampler.samples, end)
+    if spans == "output line":  # most lines are a report's, printed at once
+        shown = [row for row in shown if row[1] >= 1]
+    for name, seconds, busy in shown:
         if busy != busy:  # NaN: shorter than one sample
             print(f"| {name} | {seconds:.0f} | - | - |")
         else:
             print(f"| {name} | {seconds:.0f} | {busy:.0%} | {seconds * (1 - busy) * cores:.0f} |")
     rows = processes.by_kind()
-    print(f"\n{sum(n for _, n, _ in rows)} processes started, {sum(s for _, _, s in rows):.0f} CPU seconds in all\n")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    started, own_seconds = sum(s for _, _, s in rows), own.ru_utime + own.ru_stime
+    print(
+        f"\n{sum(n for _, n, _ in rows)} processes started, {started:.0f} CPU seconds in all; this process "
+        f"{own_seconds:.0f}. On {cores} cores that work takes {(started + own_seconds) / cores:.0f} s at least\n"
+    )
     print("| process | started | CPU seconds | per process |\n|---|---|---|---|")
     for kind, count, seconds in rows:
         print(f"| {kind} | {count} | {seconds:.0f} | {seconds / count:.1f} |")
