@@ -9,7 +9,8 @@ Those and this process's own CPU seconds, over the cores, are the least wall tim
 could take here.
 
 Run: .venv/bin/python bench/suite_profile.py [pytest arguments]   (default: the whole suite, tests/)
-     .venv/bin/python bench/suite_profile.py --command make demo
+     .venv/bin/python bench/suite_profile.py --command make demo      (in the current folder; a Python
+     command's output unbuffered, so that its lines are stamped as they are printed)
      Linux only (/proc/stat). Run it on an otherwise idle machine: it measures the machine, not pytest.
 """
 
@@ -61,7 +62,8 @@ def process_kind(pid: str) -> str:
     if words[0].startswith("ray::"):
         kind = words[0].removeprefix("ray::").split(".")[0]
         return "" if kind == "IDLE" else kind
-    if any(w.endswith("default_worker.py") for w in words):
+    # a worker's Python, not the raylet, whose options name the worker's script
+    if Path(words[0]).name.startswith("python") and any(w.endswith("default_worker.py") for w in words):
         return ""
     return " ".join(Path(w).name for w in words[:2])
 
@@ -135,13 +137,23 @@ class Starts:
 
 
 def run_command(command: list[str], starts: list[tuple[float, str]]) -> int:
-    """Run `command`, passing its output on; each line it prints, blank ones aside, starts a span."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as run:
-        for line in run.stdout:
-            sys.stdout.write(line)
-            if line.strip():
-                starts.append((time.perf_counter(), line.strip()[:70].replace("|", "/")))
-    return run.returncode
+    """Run `command`, passing its output on; each line it prints, blank ones aside, starts a span (a
+    progress bar's carriage returns do not). Its exit status, 128 + the signal if one ended it."""
+    if not command:
+        raise SystemExit("--command needs a command to run, e.g. --command make demo")
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
+    except OSError as error:
+        raise SystemExit(f"--command {command[0]!r} cannot be run: {error.strerror}") from None
+    with run:
+        for raw in run.stdout:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            line = raw.decode(errors="replace").strip()
+            if line:
+                starts.append((time.perf_counter(), line[:70].replace("|", "/")))
+    return run.returncode if run.returncode >= 0 else 128 - run.returncode
 
 
 def by_span(starts: list[tuple[float, str]], samples: list[tuple[float, float]], end: float) -> list[tuple]:
@@ -161,7 +173,6 @@ def by_span(starts: list[tuple[float, str]], samples: list[tuple[float, float]],
 
 
 def main() -> int:
-    os.chdir(ROOT)
     sampler, starts, processes = Sampler(), Starts(), Processes()
     sampler.start()
     processes.start()
@@ -169,6 +180,7 @@ def main() -> int:
     if sys.argv[1:2] == ["--command"]:
         spans, code = "output line", run_command(sys.argv[2:], starts.starts)
     else:
+        os.chdir(ROOT)
         spans, code = "test file", pytest.main(sys.argv[1:] or ["tests"], plugins=[starts])
     end = time.perf_counter()
     sampler.done.set()
