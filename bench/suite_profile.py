@@ -9,8 +9,9 @@ Those and this process's own CPU seconds, over the cores, are the least wall tim
 could take here.
 
 Run: .venv/bin/python bench/suite_profile.py [pytest arguments]   (default: the whole suite, tests/)
-     .venv/bin/python bench/suite_profile.py --command make demo      (in the current folder; a Python
-     command's output unbuffered, so that its lines are stamped as they are printed)
+     .venv/bin/python bench/suite_profile.py --command make demo      (in the current folder, with
+     PYTHONUNBUFFERED=1 for the command and every process it starts, so that Python's lines are stamped
+     as they are printed; a progress bar's output is passed on at its line's end)
      Linux only (/proc/stat). Run it on an otherwise idle machine: it measures the machine, not pytest.
 """
 
@@ -150,7 +151,7 @@ def run_command(command: list[str], starts: list[tuple[float, str]]) -> int:
         for raw in run.stdout:
             sys.stdout.buffer.write(raw)
             sys.stdout.flush()
-            line = raw.decode(errors="replace").strip()
+            line = raw.decode(errors="replace").rsplit("\r", 1)[-1].strip()  # what a terminal shows last
             if line:
                 starts.append((time.perf_counter(), line[:70].replace("|", "/")))
     return run.returncode if run.returncode >= 0 else 128 - run.returncode
