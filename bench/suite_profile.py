@@ -76,10 +76,10 @@ def stat_fields(pid: str) -> list[str]:
 
 
 class Processes(threading.Thread):
-    """The CPU seconds of each process the suite or the command starts (this process's descendants that begin after
-    it), sampled every second: a process that lives under a second is missed, one whose parent has
-    ended before it is first seen (a daemon of `ray start`) is not counted. Its kind is the first
-    that `process_kind` gives other than ""."""
+    """The CPU seconds of each process the suite or the command starts (this process's descendants
+    that begin after it), sampled every second: a process that lives under a second is missed, one
+    whose parent has ended before it is first seen (a daemon of `ray start`) is not counted. Its kind
+    is the first that `process_kind` gives other than ""."""
 
     def __init__(self):
         super().__init__(daemon=True)
