@@ -75,6 +75,15 @@ def pending_groups() -> list[str]:
     return [pg for pg, row in ray.util.placement_group_table().items() if row["state"] == "PENDING"]
 
 
+def all_cpus_free(seconds: float = 30) -> bool:
+    """Whether all of the cluster's CPUs are free within `seconds`: Ray gives back the resources of a
+    killed actor or a removed placement group a moment after the call."""
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.1)
+    return ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+
+
 @ray.remote(num_cpus=0)
 class Placed:
     """A learner's stand-in: placement is what is tested here, not training."""
@@ -91,10 +100,7 @@ def test_a_cluster_with_fewer_cpus_gets_fewer_learners_within_the_bounds(ray_clu
     finally:
         group.close()
     assert pending_groups() == []  # withdrawn with the group
-    # Ray frees a removed group's CPUs once its actors have exited: on a busy machine, seconds later.
-    deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert all_cpus_free(60)  # once the group's actors have exited: on a busy machine, seconds later
     config.learners.min = 2
     group = LearnerGroup(config, lambda m, g: Placed.remote(), tmp_path)
     seen = []  # the placement groups while the group waits: both requests of learners.min, made together
@@ -159,15 +165,6 @@ def test_eight_learners_on_two_cpus_are_refused_before_any_starts(ray_cluster, t
         group.scale()
     assert time.perf_counter() - start < 30 and started == [] and group.slots == []
     assert all_cpus_free()  # the 4 placement groups were given back
-
-
-def all_cpus_free(seconds: float = 30) -> bool:
-    """Whether all of the cluster's CPUs are free within `seconds`: Ray gives back the resources of a
-    killed actor or a removed placement group a moment after the call."""
-    deadline = time.time() + seconds
-    while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.time() < deadline:
-        time.sleep(0.1)
-    return ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
 
 
 def test_a_checkpoint_write_failing_half_way_leaves_the_previous_one_loadable(model_folders, tmp_path, monkeypatch):
