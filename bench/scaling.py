@@ -89,15 +89,18 @@ SYNC_TARGET = 0.05
 """The sync's share of a step that the learner aims under."""
 
 
-def random_policy(task: Path, shape: tuple[int, int, int], folder: Path, seed: int = 0) -> tuple[Path, int]:
+def random_policy(
+    task: Path, shape: tuple[int, int, int], folder: Path, seed: int = 0, vocab_size: int | None = None
+) -> tuple[Path, int]:
     """A GPT-2 of random weights of `shape` drawn from `seed`, with the built-in task's tokenizer and
-    context; its size."""
+    context (and the tokenizer's vocabulary, or `vocab_size` rows of embedding); its size."""
     if not (folder / "model.safetensors").is_file():
         base = GPT2Config.from_pretrained(task / "sft")
         n_embd, n_layer, n_head = shape
+        vocab = {"vocab_size": vocab_size} if vocab_size else {}
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(
-            GPT2Config(**{**base.to_dict(), "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head})
+            GPT2Config(**{**base.to_dict(), "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, **vocab})
         )
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(task / "sft").save_pretrained(folder)

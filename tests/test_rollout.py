@@ -164,6 +164,34 @@ def test_object_store_sync_buckets_stay_under_the_rpc_limit_in_the_engines_dtype
     assert sent == [["model.embed.weight"], [n for n in layers if ".0." in n], [n for n in layers if ".1." in n]]
 
 
+def test_a_cpu_sync_repacks_the_layers_whose_products_the_model_computes():
+    """Linear layers and the output layer, not an input embedding (a lookup); every embedding where
+    the output layer is not one of them. The end-to-end syncs above check that the logits come out of
+    the new weights."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    from warp_ray.rollout.extension import packed_gemms
+
+    def layer(method) -> torch.nn.Module:
+        packed = torch.nn.Module()
+        packed.quant_method = method
+        return packed
+
+    model = torch.nn.Module()
+    model.embed, model.proj, model.norm = (
+        layer(UnquantizedEmbeddingMethod()),
+        layer(UnquantizedLinearMethod()),
+        layer(None),
+    )
+    model.lm_head = layer(UnquantizedEmbeddingMethod())  # untied, or tied to `embed` by its weight
+    assert packed_gemms(model) == [model.proj, model.lm_head]
+    model.lm_head = model.embed  # logits from the embedding itself
+    assert packed_gemms(model) == [model.embed, model.proj]
+    del model.lm_head  # logits from a layer of another name: an embedding may be it
+    assert packed_gemms(model) == [model.embed, model.proj]
+
+
 def test_a_checkpoints_weights_in_small_buckets_reach_the_whole_engine(tmp_path, ray_cluster):
     """A checkpoint keeps a tied embedding once (no lm_head.weight), and vLLM finishes each layer it is
     given at the end of its call: the output layer, tied to the embedding, must come out right, and q,
