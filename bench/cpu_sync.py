@@ -143,7 +143,7 @@ def measure(folder: Path, prompts: list[str], rounds: int, syncs: int) -> dict:
             got = [c[0]["token_ids"] for c in engine.generate(prompts, 1, 0.0, 16)]
             assert got == greedy(policy, prompt_ids, 16, False), "the engine does not sample the weights it was given"
     seconds = {way: [] for way in engines}
-    orders = list(itertools.permutations(engines))  # in 6 rounds, each way in each place and after each other way
+    orders = list(itertools.permutations(engines))  # over 6 rounds: each way in each place, after each other way
     for r in range(rounds):
         for way in orders[r % len(orders)]:
             seconds[way].append(timed(engines[way][1], weights, syncs))
@@ -168,7 +168,9 @@ def measure(folder: Path, prompts: list[str], rounds: int, syncs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="a multiple of 6 gives each order of the three ways as many rounds"
+    )
     parser.add_argument("--syncs", type=int, default=10, help="syncs each way in a round")
     parser.add_argument("--out", type=Path, default=OUT / "cpu_sync.json")
     args = parser.parse_args()
