@@ -2,8 +2,10 @@
 
 The learners report each step to a `ProgressBoard` actor and the coordinator its stage; the
 driver reads the board twice a second and draws it (`show_until_done`), a finished stage staying
-on screen as one line per learner. Without --verbose, the processes of Ray, vLLM and DeepSpeed
-write only to their log files (Ray's `logs/` folder of the session, linked from the run's
+on screen as one line per learner. A console that is no terminal (a Ray job's log, a file) cannot
+be redrawn: it gets each stage's line as the stage begins, its learners' lines every `LOG_EVERY_S`
+while they move, and their last lines as it ends. Without --verbose, the processes of Ray, vLLM and
+DeepSpeed write only to their log files (Ray's `logs/` folder of the session, linked from the run's
 `<output_dir>/logs/ray`), so the console holds these lines and errors alone.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -40,20 +43,33 @@ class ProgressBoard:
         return self.stages[first:]
 
 
-def board_view(stage: str, learners: dict[str, dict]) -> Group:
-    """The stage, then a table with a row per learner."""
-    if not learners:
-        return Group(Text(stage, style="bold"))
+LOG_EVERY_S = 60.0
+"""Without a terminal, how often a running stage's learners each get a line: at most a minute behind,
+about 60 lines an hour per learner in a job's log."""
+
+
+def learners_table(learners: dict[str, dict]) -> Table:
+    """A row per learner: its step, reward and KL to its anchor."""
     table = Table(box=None, pad_edge=False)
     for column in ("learner", "step", "reward", "KL to anchor"):
         table.add_column(column, justify="left" if column == "learner" else "right")
     for name, row in sorted(learners.items()):
         table.add_row(name, f"{row['step']}/{row['steps']}", f"{row['reward']:.3f}", f"{row['kl']:.3f}")
-    return Group(Text(stage, style="bold"), table)
+    return table
 
 
-def show_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Console) -> Any:
-    """ray.get(ref), drawing the board's latest stage meanwhile; each stage stays on screen once it ends."""
+def board_view(stage: str, learners: dict[str, dict]) -> Group:
+    """The stage, then its learners' table."""
+    return Group(Text(stage, style="bold"), *([learners_table(learners)] if learners else []))
+
+
+def show_until_done(
+    ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Console, log_every_s: float = LOG_EVERY_S
+) -> Any:
+    """ray.get(ref), drawing the board's latest stage meanwhile; each stage stays on screen once it ends.
+    A console that is no terminal is printed to instead, its learners' lines every `log_every_s`."""
+    if not console.is_terminal:
+        return log_until_done(ref, board, console, log_every_s)
     printed = 0
     with Live(Group(), console=console, refresh_per_second=2, transient=True) as live:
         while True:
@@ -66,6 +82,29 @@ def show_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: C
             if done:
                 break
     return ray.get(ref)
+
+
+def log_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Console, every_s: float) -> Any:
+    """ray.get(ref), printing to a console that cannot be redrawn: each stage's line once, as it begins;
+    every `every_s` while it runs, its learners' lines if they moved; at its end, their last lines if
+    not already printed."""
+    ended = begun = 0  # stages ended, stages whose line is printed
+    logged: dict[str, dict] = {}  # the learners' rows last printed
+    logged_at = time.monotonic()
+    while True:
+        done, _ = ray.wait([ref], timeout=0.5)
+        stages = ray.get(board.since.remote(ended))
+        for index, (stage, learners) in enumerate(stages, start=ended):
+            over = done or index < ended + len(stages) - 1  # the run ended, or a later stage began
+            if index == begun:
+                console.print(Text(stage, style="bold"))
+                begun, logged, logged_at = index + 1, {}, time.monotonic()
+            if learners and learners != logged and (over or time.monotonic() - logged_at >= every_s):
+                console.print(learners_table(learners))
+                logged, logged_at = learners, time.monotonic()
+        ended += len(stages) if done else max(0, len(stages) - 1)
+        if done:
+            return ray.get(ref)
 
 
 def quiet_libraries() -> None:
