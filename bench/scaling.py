@@ -89,20 +89,31 @@ SYNC_TARGET = 0.05
 """The sync's share of a step that the learner aims under."""
 
 
+SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")
+"""What a random policy's folder built before must match to be reused."""
+
+
 def random_policy(
     task: Path, shape: tuple[int, int, int], folder: Path, seed: int = 0, vocab_size: int | None = None
 ) -> tuple[Path, int]:
     """A GPT-2 of random weights of `shape` drawn from `seed`, with the built-in task's tokenizer and
-    context (and the tokenizer's vocabulary, or `vocab_size` rows of embedding); its size."""
-    if not (folder / "model.safetensors").is_file():
-        base = GPT2Config.from_pretrained(task / "sft")
-        n_embd, n_layer, n_head = shape
-        vocab = {"vocab_size": vocab_size} if vocab_size else {}
+    context (and the tokenizer's vocabulary, or `vocab_size` rows of embedding); its size. A folder
+    already built is reused if its model has that shape and vocabulary (the folder names the seed)."""
+    base = GPT2Config.from_pretrained(task / "sft")
+    n_embd, n_layer, n_head = shape
+    config = GPT2Config(
+        **{
+            **base.to_dict(),
+            "n_embd": n_embd,
+            "n_layer": n_layer,
+            "n_head": n_head,
+            "vocab_size": vocab_size or base.vocab_size,
+        }
+    )
+    built = GPT2Config.from_pretrained(folder) if (folder / "model.safetensors").is_file() else None
+    if built is None or any(getattr(built, key) != getattr(config, key) for key in SHAPE_KEYS):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(
-            GPT2Config(**{**base.to_dict(), "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, **vocab})
-        )
-        model.save_pretrained(folder)
+        GPT2LMHeadModel(config).save_pretrained(folder)
         AutoTokenizer.from_pretrained(task / "sft").save_pretrained(folder)
     return folder, sum(t.numel() for t in load_model_weights(folder).values())
 
