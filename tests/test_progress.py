@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import ray
 from rich.console import Console
 
@@ -26,11 +27,12 @@ class LoggedRun:
     """`show_until_done` on a console writing to a string, in a thread, over a board the test drives."""
 
     def __init__(self, tmp_path: Path, every_s: float):
-        self.console = Console(file=io.StringIO(), width=100)
+        self.console = Console(file=io.StringIO(), width=100, force_terminal=False)  # whatever FORCE_COLOR says
         self.board, self.finished = ProgressBoard.remote(), tmp_path / f"finished_{every_s}"
         ref = run_until.remote(str(self.finished))
         self.thread = threading.Thread(
-            target=lambda: setattr(self, "result", show_until_done(ref, self.board, self.console, every_s))
+            target=lambda: setattr(self, "result", show_until_done(ref, self.board, self.console, every_s)),
+            daemon=True,
         )
         self.thread.start()
 
@@ -47,11 +49,26 @@ class LoggedRun:
         ray.get(self.board.update.remote(learner, step, 4, reward=0.5 * step, kl=0.01 * step))
 
     def end(self) -> str:
+        """End the run; what the console got."""
         self.finished.touch()
         self.thread.join(timeout=60)
-        assert self.result == "the run's result"
         ray.kill(self.board)
+        assert getattr(self, "result", None) == "the run's result", f"no result within 60 s: {self.text()!r}"
         return self.text()
+
+
+@pytest.fixture
+def logged_run(ray_cluster, tmp_path):
+    """Makes a LoggedRun; ends whatever run a failed test left waiting (its task holds a worker)."""
+    made: list[LoggedRun] = []
+
+    def make(every_s: float) -> LoggedRun:
+        made.append(LoggedRun(tmp_path, every_s))
+        return made[-1]
+
+    yield make
+    for run in made:
+        run.finished.touch()
 
 
 def rows(text: str, learner: str) -> list[str]:
@@ -59,8 +76,8 @@ def rows(text: str, learner: str) -> list[str]:
     return [line.removeprefix(learner).split()[0] for line in text.splitlines() if line.startswith(learner)]
 
 
-def test_without_a_terminal_each_stage_is_printed_as_it_begins_and_its_learners_as_they_move(ray_cluster, tmp_path):
-    run = LoggedRun(tmp_path, every_s=0.2)
+def test_without_a_terminal_each_stage_is_printed_as_it_begins_and_its_learners_as_they_move(logged_run):
+    run = logged_run(every_s=0.2)
     assert not run.console.is_terminal
     ray.get(run.board.set_stage.remote("iteration 0"))
     run.wait_for("iteration 0")  # while the stage runs, before any learner reports
@@ -78,10 +95,8 @@ def test_without_a_terminal_each_stage_is_printed_as_it_begins_and_its_learners_
     assert text.count("KL to anchor") == 2  # a table per move, none again at the stage's end
 
 
-def test_without_a_terminal_a_stage_shorter_than_the_interval_prints_its_learners_last_rows_at_its_end(
-    ray_cluster, tmp_path
-):
-    run = LoggedRun(tmp_path, every_s=3600)
+def test_without_a_terminal_a_stage_shorter_than_the_interval_prints_its_learners_last_rows_at_its_end(logged_run):
+    run = logged_run(every_s=3600)
     ray.get(run.board.set_stage.remote("iteration 0"))
     run.step("policy 0", 1)
     run.step("policy 0", 3)

@@ -3,7 +3,7 @@
 The learners report each step to a `ProgressBoard` actor and the coordinator its stage; the
 driver reads the board twice a second and draws it (`show_until_done`), a finished stage staying
 on screen as one line per learner. A console that is no terminal (a Ray job's log, a file) cannot
-be redrawn: it gets each stage's line as the stage begins, its learners' lines every `LOG_EVERY_S`
+be redrawn: it gets each stage's line once, as the stage begins, its learners' lines every `LOG_EVERY_S`
 while they move, and their last lines as it ends. Without --verbose, the processes of Ray, vLLM and
 DeepSpeed write only to their log files (Ray's `logs/` folder of the session, linked from the run's
 `<output_dir>/logs/ray`), so the console holds these lines and errors alone.
@@ -67,8 +67,9 @@ def show_until_done(
     ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Console, log_every_s: float = LOG_EVERY_S
 ) -> Any:
     """ray.get(ref), drawing the board's latest stage meanwhile; each stage stays on screen once it ends.
-    A console that is no terminal is printed to instead, its learners' lines every `log_every_s`."""
-    if not console.is_terminal:
+    A console that cannot be redrawn (no terminal, or a dumb one) is printed to instead, its learners'
+    lines every `log_every_s`."""
+    if not (console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal)):
         return log_until_done(ref, board, console, log_every_s)
     printed = 0
     with Live(Group(), console=console, refresh_per_second=2, transient=True) as live:

@@ -12,12 +12,14 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import ray
 import ray.exceptions
-import torch
 from ray._private import ray_constants
+
+if TYPE_CHECKING:
+    import torch
 
 SERVICE = {"max_restarts": 3, "max_task_retries": -1}
 """Ray options of a stateless service actor (the reward server, the reference policy): if its
@@ -103,6 +105,8 @@ def actor_device(gpus: float, what: str) -> torch.device:
     """The device of an actor that Ray gave `gpus` GPUs: the first it sees (Ray sets
     CUDA_VISIBLE_DEVICES), or the CPU when it was given none. A GPU given but invisible to torch
     (a driver too old for torch's CUDA) fails here, loudly, instead of running on the CPU."""
+    import torch  # here: a process that holds no tensors (a function's reward server) imports no torch
+
     if gpus <= 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import ray
-import torch
 
 from warp_ray.chat import Prompt, messages_problem
 from warp_ray.config import RewardServerParams
 from warp_ray.replicas import start_replicas
 from warp_ray.runtime import SERVICE, actor_device, gpu_options, log_if_restarted
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,14 @@ class RewardSource:
 class Reward:
     """r(x, y) for a batch, from a `RewardSource`."""
 
-    def __init__(self, source: RewardSource, trust_remote_code: bool, device: torch.device):
+    def __init__(self, source: RewardSource, trust_remote_code: bool, device: Optional[torch.device]):
+        """`device`: the models' (None for a function)."""
         self.function = source.function
         self.models = None
         if source.folders:
             # Imported here, not at the top: a function's server (the built-in task's gold reward, which
-            # every evaluator on that task starts) then imports no transformers, 4 s less to start on 2 cores.
+            # every evaluator on that task starts) then imports neither transformers nor torch, and starts
+            # in a third of the time (docs/benchmarks.md).
             from warp_ray.reward.model import RewardModels
 
             self.models = RewardModels(source.folders, trust_remote_code, device)
@@ -143,8 +147,12 @@ class RewardServer:
     ):
         log_if_restarted("the reward server")
         params = params or RewardServerParams()
-        torch.set_num_threads(max(1, params.threads))
-        device = actor_device(params.gpus if source.folders else 0, "the reward server")
+        device = None
+        if source.folders:  # a function's server computes no tensors (see Reward)
+            import torch
+
+            torch.set_num_threads(max(1, params.threads))
+            device = actor_device(params.gpus, "the reward server")
         self.reward = Reward(source, trust_remote_code, device)
         self.params = params
         self.queue: asyncio.Queue | None = None
