@@ -26,8 +26,9 @@ def run_until(finished: str) -> str:
 class LoggedRun:
     """`show_until_done` on a console writing to a string, in a thread, over a board the test drives."""
 
-    def __init__(self, tmp_path: Path, every_s: float):
-        self.console = Console(file=io.StringIO(), width=100, force_terminal=False)  # whatever FORCE_COLOR says
+    def __init__(self, tmp_path: Path, every_s: float, dumb_terminal: bool = False):
+        # A terminal of TERM=dumb cannot be redrawn either; otherwise no terminal, whatever FORCE_COLOR says.
+        self.console = Console(file=io.StringIO(), width=100, force_terminal=dumb_terminal)
         self.board, self.finished = ProgressBoard.remote(), tmp_path / f"finished_{every_s}"
         ref = run_until.remote(str(self.finished))
         self.thread = threading.Thread(
@@ -62,8 +63,8 @@ def logged_run(ray_cluster, tmp_path):
     """Makes a LoggedRun; ends whatever run a failed test left waiting (its task holds a worker)."""
     made: list[LoggedRun] = []
 
-    def make(every_s: float) -> LoggedRun:
-        made.append(LoggedRun(tmp_path, every_s))
+    def make(every_s: float, dumb_terminal: bool = False) -> LoggedRun:
+        made.append(LoggedRun(tmp_path, every_s, dumb_terminal))
         return made[-1]
 
     yield make
@@ -95,8 +96,13 @@ def test_without_a_terminal_each_stage_is_printed_as_it_begins_and_its_learners_
     assert text.count("KL to anchor") == 2  # a table per move, none again at the stage's end
 
 
-def test_without_a_terminal_a_stage_shorter_than_the_interval_prints_its_learners_last_rows_at_its_end(logged_run):
-    run = logged_run(every_s=3600)
+@pytest.mark.parametrize("dumb_terminal", [False, True])
+def test_without_a_terminal_a_stage_shorter_than_the_interval_prints_its_learners_last_rows_at_its_end(
+    logged_run, dumb_terminal, monkeypatch
+):
+    monkeypatch.setenv("TERM", "dumb" if dumb_terminal else "xterm")
+    run = logged_run(every_s=3600, dumb_terminal=dumb_terminal)
+    assert run.console.is_dumb_terminal == dumb_terminal
     ray.get(run.board.set_stage.remote("iteration 0"))
     run.step("policy 0", 1)
     run.step("policy 0", 3)

@@ -69,7 +69,7 @@ def show_until_done(
     """ray.get(ref), drawing the board's latest stage meanwhile; each stage stays on screen once it ends.
     A console that cannot be redrawn (no terminal, or a dumb one) is printed to instead, its learners'
     lines every `log_every_s`."""
-    if not (console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal)):
+    if not console.is_terminal or console.is_dumb_terminal:
         return log_until_done(ref, board, console, log_every_s)
     printed = 0
     with Live(Group(), console=console, refresh_per_second=2, transient=True) as live:
