@@ -2,11 +2,12 @@
 
 The learners report each step to a `ProgressBoard` actor and the coordinator its stage; the
 driver reads the board twice a second and draws it (`show_until_done`), a finished stage staying
-on screen as one line per learner. A console that is no terminal (a Ray job's log, a file) cannot
-be redrawn: it gets each stage's line once, as the stage begins, its learners' lines every `LOG_EVERY_S`
-while they move, and their last lines as it ends. Without --verbose, the processes of Ray, vLLM and
-DeepSpeed write only to their log files (Ray's `logs/` folder of the session, linked from the run's
-`<output_dir>/logs/ray`), so the console holds these lines and errors alone.
+on screen as one line per learner. A console that is no terminal (a Ray job's log, a file, a
+notebook) or a dumb one is not redrawn: it gets each stage's line once, as the stage begins, its
+learners' lines every `LOG_EVERY_S` while they move, and their last lines as it ends. Without
+--verbose, the processes of Ray, vLLM and DeepSpeed write only to their log files (Ray's `logs/`
+folder of the session, linked from the run's `<output_dir>/logs/ray`), so the console holds these
+lines and errors alone.
 """
 
 from __future__ import annotations
