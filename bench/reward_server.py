@@ -1,9 +1,10 @@
 """Benchmark of the reward server: scoring throughput (pairs/s) of 1 server and of 2 replicas
 behind `Replicas` (`reward_server.replicas`), under 1, 4 and 8 concurrent callers, against
 direct calls of the same model in one process, in the same run; and the seconds from a server's
-start to its first answer, for a reward model and for a function (the built-in task's gold reward,
-which every evaluator on that task starts beside the proxy RM), alternating, 3 of each. Ray may
-have a worker process prestarted for the first start; the others start one. And a lone caller's
+start to its first answer, and its process's CPU seconds by then, for a reward model and for a
+function (the built-in task's gold reward, which every evaluator on that task starts beside the
+proxy RM), alternating, 3 of each. Ray may have a worker process prestarted for the first start;
+the others start one. And a lone caller's
 round trip to a function's server at each of `WAITS` (reward_server.max_wait_ms), the calls
 alternating between the servers: what a lone learner's step waits for its rewards.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,14 +51,22 @@ def caller(server, requests: list[tuple[list[str], list[str]]]) -> int:
     return sum(len(p) for p, _ in requests)
 
 
-def start_to_first_answer(source: RewardSource, request: tuple[list[str], list[str]]) -> float:
-    """Seconds from starting a server (a Ray worker process, its imports, its model) to its first answer."""
+def process_cpu_seconds(_) -> float:
+    """The CPU seconds of the calling actor's process so far (run in the actor by `__ray_call__`)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_to_first_answer(source: RewardSource, request: tuple[list[str], list[str]]) -> tuple[float, float]:
+    """Seconds from starting a server (a Ray worker process, its imports, its model) to its first answer,
+    and the CPU seconds its process used by then."""
     start = time.perf_counter()
     server = start_reward_server(source, RewardServerParams(threads=1))
     ray.get(server.score.remote(*request))
     seconds = time.perf_counter() - start
+    cpu_seconds = ray.get(server.__ray_call__.remote(process_cpu_seconds))
     ray.kill(server)
-    return seconds
+    return seconds, cpu_seconds
 
 
 def lone_caller_ms(request: tuple[list[str], list[str]], calls: int = 100) -> dict[float, dict[str, float]]:
@@ -109,7 +119,8 @@ def main() -> None:
         for name, source in sources.items():
             starts[name].append(start_to_first_answer(source, requests[0]))
     results = {
-        "start_s": starts,
+        "start_s": {name: [seconds for seconds, _ in timed] for name, timed in starts.items()},
+        "start_cpu_s": {name: [cpu for _, cpu in timed] for name, timed in starts.items()},
         "lone_caller_ms": lone_caller_ms(requests[0]),
         "direct_pairs_per_s": direct,
         "request_pairs": REQUEST,
@@ -141,9 +152,10 @@ def main() -> None:
             what = "1 RewardServer" if replicas == 1 else f"{replicas} replicas behind Replicas"
             print(f"| {what} | {callers} | {row['pairs_per_s']:.0f} | {row['vs_direct']:.2f} |")
     print(f"\nrequests answered by each replica: {results['requests_by_replica']}; results in {args.out}")
-    print("\n| server | start to first answer, s (3 starts) |\n|---|---|")
-    for name, seconds in starts.items():
-        print(f"| {name} | {', '.join(f'{s:.2f}' for s in seconds)} |")
+    print("\n| server | start to first answer, s (3 starts) | its process's CPU s by then |\n|---|---|---|")
+    for name in starts:
+        seconds, cpu = (", ".join(f"{s:.2f}" for s in results[key][name]) for key in ("start_s", "start_cpu_s"))
+        print(f"| {name} | {seconds} | {cpu} |")
     print("\n| a lone caller, gold reward | max_wait_ms | round trip ms, median (p10-p90) |\n|---|---|---|")
     for wait, ms in results["lone_caller_ms"].items():
         print(f"| {REQUEST} pairs a request | {wait:g} | {ms['median']:.2f} ({ms['p10']:.2f}-{ms['p90']:.2f}) |")

@@ -52,7 +52,7 @@ class Reward:
         if source.folders:
             # Imported here, not at the top: a function's server (the built-in task's gold reward, which
             # every evaluator on that task starts) then imports neither transformers nor torch, and starts
-            # in a third of the time (docs/benchmarks.md).
+            # in under half the time (docs/benchmarks.md).
             from warp_ray.reward.model import RewardModels
 
             self.models = RewardModels(source.folders, trust_remote_code, device)
