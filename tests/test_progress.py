@@ -1,5 +1,6 @@
-"""The console of a run whose output is no terminal (a Ray job's log, a file): stages and learners'
-lines as they come, each once, from a real progress board."""
+"""The console of a run, from a real progress board: on a terminal, every stage kept on screen once
+it ends; on output that is no terminal (a Ray job's log, a file), stages and learners' lines as they
+come, each once."""
 
 from __future__ import annotations
 
@@ -70,6 +71,23 @@ def logged_run(ray_cluster, tmp_path):
     yield make
     for run in made:
         run.finished.touch()
+
+
+def test_on_a_terminal_every_stage_stays_on_screen_with_its_learners_last_rows(ray_cluster, monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    console = Console(file=io.StringIO(), width=100, force_terminal=True)
+    assert console.is_terminal and not console.is_dumb_terminal
+    board = ProgressBoard.remote()
+    for stage, steps in (("iteration 0", (1, 3)), ("iteration 1", (2,))):
+        ray.get(board.set_stage.remote(stage))
+        for step in steps:
+            ray.get(board.update.remote("policy 0", step, 4, reward=0.5 * step, kl=0.01 * step))
+    # A run already over at the first poll: its stages are on screen only if printed as ended, not drawn live.
+    assert show_until_done(ray.put("the run's result"), board, console) == "the run's result"
+    ray.kill(board)
+    text = console.file.getvalue()
+    assert text.count("iteration 0") == text.count("iteration 1") == 1 and "1/4" not in text
+    assert text.index("iteration 0") < text.index("3/4") < text.index("iteration 1") < text.index("2/4")
 
 
 def rows(text: str, learner: str) -> list[str]:

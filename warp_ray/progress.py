@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 from rich.console import Console, Group
@@ -64,6 +64,20 @@ def board_view(stage: str, learners: dict[str, dict]) -> Group:
     return Group(Text(stage, style="bold"), *([learners_table(learners)] if learners else []))
 
 
+def board_polls(ref: ray.ObjectRef, board: ray.actor.ActorHandle) -> Iterator[tuple[bool, int, list]]:
+    """Every half second until `ref` is ready, and once when it is: (whether it is, the index of the
+    first stage not yet ended, the stages from that one on). A stage has ended once a later one began,
+    or the run did."""
+    ended = 0
+    while True:
+        done = bool(ray.wait([ref], timeout=0.5)[0])
+        stages = ray.get(board.since.remote(ended))
+        yield done, ended, stages
+        if done:
+            return
+        ended += max(0, len(stages) - 1)
+
+
 def show_until_done(
     ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Console, log_every_s: float = LOG_EVERY_S
 ) -> Any:
@@ -72,17 +86,11 @@ def show_until_done(
     lines every `log_every_s`."""
     if not console.is_terminal or console.is_dumb_terminal:
         return log_until_done(ref, board, console, log_every_s)
-    printed = 0
     with Live(Group(), console=console, refresh_per_second=2, transient=True) as live:
-        while True:
-            done, _ = ray.wait([ref], timeout=0.5)
-            stages = ray.get(board.since.remote(printed))
-            for stage in stages[: -1 if not done else None]:  # ended: a later one began, or the run did
+        for done, _, stages in board_polls(ref, board):
+            for stage in stages[: None if done else -1]:  # ended: a later one began, or the run did
                 live.console.print(board_view(*stage))
-                printed += 1
             live.update(board_view(*stages[-1]) if stages and not done else Group())
-            if done:
-                break
     return ray.get(ref)
 
 
@@ -90,12 +98,10 @@ def log_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Co
     """ray.get(ref), printing to a console that cannot be redrawn: each stage's line once, as it begins;
     every `every_s` while it runs, its learners' lines if they moved; at its end, their last lines if
     not already printed."""
-    ended = begun = 0  # stages ended, stages whose line is printed
+    begun = 0  # stages whose line is printed
     logged: dict[str, dict] = {}  # the learners' rows last printed
     logged_at = time.monotonic()
-    while True:
-        done, _ = ray.wait([ref], timeout=0.5)
-        stages = ray.get(board.since.remote(ended))
+    for done, ended, stages in board_polls(ref, board):
         for index, (stage, learners) in enumerate(stages, start=ended):
             over = done or index < ended + len(stages) - 1  # the run ended, or a later stage began
             if index == begun:
@@ -104,9 +110,7 @@ def log_until_done(ref: ray.ObjectRef, board: ray.actor.ActorHandle, console: Co
             if learners and learners != logged and (over or time.monotonic() - logged_at >= every_s):
                 console.print(learners_table(learners))
                 logged, logged_at = learners, time.monotonic()
-        ended += len(stages) if done else max(0, len(stages) - 1)
-        if done:
-            return ray.get(ref)
+    return ray.get(ref)
 
 
 def quiet_libraries() -> None:
