@@ -13,7 +13,9 @@ holds it:
   a pinned staging buffer;
 - the step's speed: its forward and backward, Adam's step and the EMA's, each timed alone (the
   median of 3), and tokens per second of the policy's forward alone and of the step's forward and
-  backward.
+  backward;
+- the float32 anchor scoring in bf16, as a rank training in bf16 runs it, against float32: its forward
+  alone and the step's forward and backward, on this model and on one of Llama-2-7B's widths.
 
 Then the merge kernels on one shard's worth of a 7B Llama's tensors (Llama-2-7B's shapes: its
 embedding and 8 of its 32 layers, 1.75B parameters, 3.5 GB) in bf16 on the device: SLERP of M = 2
@@ -33,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -41,10 +44,21 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from warp_ray.learner.policy_update import Batch, device_of, frozen, greedy, host_copy, reinforce_step  # noqa: E402
+from warp_ray.learner.policy_update import (  # noqa: E402
+    Batch,
+    anchor_scoring_dtype,
+    device_of,
+    frozen,
+    greedy,
+    host_copy,
+    reinforce_step,
+)
 from warp_ray.logprobs import token_logprobs  # noqa: E402
 from warp_ray.memory import GB, OVERHEAD_BYTES, rank_bytes  # noqa: E402
 from warp_ray.merge import average, ema_update_, liti, slerp  # noqa: E402
+
+ANCHOR_DTYPE = anchor_scoring_dtype("bf16", zero_stage=0)
+"""The dtype the check's float32 anchor scores in: a rank's, training in bf16 under ZeRO 0 (one GPU)."""
 
 SIZES = {  # (hidden, layers, ffn, vocab, heads, rows, micro-batch rows, prompt tokens, completion tokens, chunk)
     "gpu": dict(
@@ -56,6 +70,10 @@ SIZES = {  # (hidden, layers, ffn, vocab, heads, rows, micro-batch rows, prompt 
 MERGE_SHARD = {  # the merged tensors' (hidden, ffn, vocab, decoder layers)
     "gpu": dict(hidden=4096, ffn=11008, vocab=32000, layers=8),
     "dry-run": dict(hidden=64, ffn=176, vocab=320, layers=2),
+}
+WIDE_ANCHOR = {  # a policy and anchor of Llama-2-7B's widths, few layers: where the anchor's dtype costs most
+    "gpu": dict(hidden=4096, ffn=11008, vocab=32000, layers=4, heads=32),
+    "dry-run": dict(hidden=64, ffn=176, vocab=320, layers=2, heads=4),
 }
 REPEATS = {"gpu": 3, "dry-run": 1}
 """Timed rounds of each speed measure, after an untimed first: their median is reported."""
@@ -145,7 +163,9 @@ def median_seconds(parts: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(found[1:]) for name, found in times.items()}
 
 
-def rl_step(policy, anchor, batch: Batch, size: dict) -> dict[str, torch.Tensor]:
+def rl_step(
+    policy, anchor, batch: Batch, size: dict, anchor_dtype: torch.dtype | None = ANCHOR_DTYPE
+) -> dict[str, torch.Tensor]:
     """One REINFORCE step's forward and backward passes, in micro-batches, as a rank takes them."""
     parts = size["rows"] // size["micro"]
     return reinforce_step(
@@ -160,7 +180,20 @@ def rl_step(policy, anchor, batch: Batch, size: dict) -> dict[str, torch.Tensor]
         baseline="rloo",
         micro_batch_size=size["micro"],
         logprob_chunk=size["chunk"],
+        anchor_dtype=anchor_dtype,
     )
+
+
+@torch.no_grad()
+def scoring_forward(
+    model, batch: Batch, size: dict, precision: Callable[[], AbstractContextManager] = nullcontext
+) -> None:
+    """A forward without gradients over the batch, in the step's micro-batches, as the step scores."""
+    device = device_of(model)
+    for start in range(0, size["rows"], size["micro"]):
+        rows = batch.rows(start, start + size["micro"]).to(device)
+        with precision():
+            model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
 
 
 def step_speed(policy, anchor, optimizer: MixedPrecisionAdam, batch: Batch, size: dict, repeats: int) -> dict:
@@ -169,16 +202,9 @@ def step_speed(policy, anchor, optimizer: MixedPrecisionAdam, batch: Batch, size
     backward (the policy's, with activation checkpointing, and the anchor's forward)."""
     device = device_of(policy)
     tokens = int(batch.attention_mask.sum())
-
-    @torch.no_grad()
-    def forward() -> None:
-        for start in range(0, size["rows"], size["micro"]):
-            rows = batch.rows(start, start + size["micro"]).to(device)
-            policy(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
-
     seconds = median_seconds(
         {
-            "forward": forward,
+            "forward": lambda: scoring_forward(policy, batch, size),
             "forward_backward": lambda: rl_step(policy, anchor, batch, size),
             "adam": optimizer.step,
             "ema": lambda: ema_update_(dict(anchor.named_parameters()), dict(policy.named_parameters()), 0.01),
@@ -194,6 +220,33 @@ def step_speed(policy, anchor, optimizer: MixedPrecisionAdam, batch: Batch, size
         "step_seconds_with_ema": significant(without_ema + seconds["ema"]),
         "forward_tokens_per_s": significant(tokens / seconds["forward"]),
         "forward_backward_tokens_per_s": significant(tokens / seconds["forward_backward"]),
+    }
+
+
+def anchor_speed(policy, anchor, batch: Batch, size: dict, repeats: int) -> dict:
+    """The float32 anchor scoring in bf16 (under autocast, as a rank training in bf16 runs it) and in
+    float32 (as it ran before 2026-12-04), the two ways alternating: its forward alone and the step's
+    forward and backward, each way's seconds, and the float32 way's over the bf16 way's."""
+    device = device_of(anchor)
+    seconds = median_seconds(
+        {
+            "anchor_forward_bf16": lambda: scoring_forward(
+                anchor, batch, size, lambda: torch.autocast(device.type, ANCHOR_DTYPE)
+            ),
+            "anchor_forward_float32": lambda: scoring_forward(anchor, batch, size),
+            "forward_backward_bf16": lambda: rl_step(policy, anchor, batch, size, ANCHOR_DTYPE),
+            "forward_backward_float32": lambda: rl_step(policy, anchor, batch, size, None),
+        },
+        device,
+        repeats,
+    )
+    return {
+        "parameters": sum(p.numel() for p in anchor.parameters()),
+        **{f"{name}_seconds": significant(value) for name, value in seconds.items()},
+        **{
+            f"{part}_float32_over_bf16": significant(seconds[f"{part}_float32"] / seconds[f"{part}_bf16"])
+            for part in ("anchor_forward", "forward_backward")
+        },
     }
 
 
@@ -307,6 +360,31 @@ def merge_speed(size: dict, device: torch.device, repeats: int) -> dict:
     return found
 
 
+def llama_config(shape: dict, size: dict, **kw) -> LlamaConfig:
+    """A Llama of `shape`'s widths and depth, for `size`'s sequences."""
+    return LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=size["prompt"] + size["new"],
+        **kw,
+    )
+
+
+def policy_and_anchor(model_config: LlamaConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random bf16 policy, in training mode with activation checkpointing, and its anchor: the same
+    weights in float32, so that mu-sized EMA steps are not rounded away."""
+    with device:
+        policy = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
+        anchor = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    anchor.load_state_dict(policy.state_dict())
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy.train(), frozen(anchor, device)
+
+
 def check(dry_run: bool) -> dict:
     size = SIZES["dry-run" if dry_run else "gpu"]
     if not dry_run and not torch.cuda.is_available():
@@ -314,23 +392,8 @@ def check(dry_run: bool) -> dict:
     # with its index: a tensor's device is "cuda:0", which torch.device("cuda") does not equal
     device = torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
-    model_config = LlamaConfig(
-        vocab_size=size["vocab"],
-        hidden_size=size["hidden"],
-        intermediate_size=size["ffn"],
-        num_hidden_layers=size["layers"],
-        num_attention_heads=size["heads"],
-        num_key_value_heads=size["heads"],
-        max_position_embeddings=size["prompt"] + size["new"],
-        tie_word_embeddings=True,
-    )
-    with device:
-        policy = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
-        anchor = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    anchor.load_state_dict(policy.state_dict())
-    anchor = frozen(anchor, device)  # the EMA anchor: float32, so that mu-sized steps are not rounded away
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.train()
+    model_config = llama_config(size, size, tie_word_embeddings=True)
+    policy, anchor = policy_and_anchor(model_config, device)
     sizes = [p.numel() for p in policy.parameters()]
     parameters = sum(sizes)
     optimizer = MixedPrecisionAdam(policy, lr=1e-5)
@@ -368,7 +431,13 @@ def check(dry_run: bool) -> dict:
     copied_right &= torch.equal(copies["model.embed_tokens.weight"], policy.get_input_embeddings().weight.float().cpu())
     repeats = REPEATS["dry-run" if dry_run else "gpu"]
     speed = step_speed(policy, anchor, optimizer, batch, size, repeats)  # after the peak was read: it steps on
+    anchors = {"check_model": anchor_speed(policy, anchor, batch, size, repeats)}
     del policy, anchor, optimizer, copies
+    wide = WIDE_ANCHOR["dry-run" if dry_run else "gpu"]
+    policy, anchor = policy_and_anchor(llama_config(wide, size), device)
+    batch = random_batch({**size, "vocab": wide["vocab"]}, torch.Generator().manual_seed(1))
+    anchors["llama_2_7b_layers"] = anchor_speed(policy, anchor, batch, size, repeats)
+    del policy, anchor
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the merges' inputs and a result: about 21 GB
     merges = merge_speed(MERGE_SHARD["dry-run" if dry_run else "gpu"], device, repeats)
@@ -390,6 +459,7 @@ def check(dry_run: bool) -> dict:
         "greedy_tokens": [len(c) for c in completions],
         "weights_copied_to_cpu_float32": copied_right,
         "speed": speed,
+        "anchor_forward": anchors,
         "merges": merges,
     }
     merged = {name: merges[name] for name in ("slerp_m2", "slerp_m4", "liti")}

@@ -36,6 +36,10 @@ def test_the_gpu_check_dry_run_passes_with_only_torch_and_transformers(tmp_path)
     speed, merges = result["speed"], result["merges"]
     assert speed["ema_seconds"] > 0 and 0 < speed["step_seconds_without_ema"] <= speed["step_seconds_with_ema"]
     assert speed["forward_tokens_per_s"] > speed["forward_backward_tokens_per_s"] > 0
+    for model, timed in result["anchor_forward"].items():  # the anchor in bf16 and in float32, each model
+        assert timed["parameters"] > 0 and timed["anchor_forward_float32_over_bf16"] > 0, model
+        assert timed["forward_backward_bf16_seconds"] > 0 < timed["forward_backward_float32_seconds"], model
+    assert set(result["anchor_forward"]) == {"check_model", "llama_2_7b_layers"}
     for name in ("slerp_m2", "slerp_m4", "liti"):  # bf16 merges against float64, and where they were computed
         assert 0 < merges[name]["relative_error"] < 2**-7 and merges[name]["equal_when_rounded"] >= 0.99, name
         assert merges[name]["on_the_device_in_bf16"] and merges[name]["gb_per_s"] > 0 < merges[name]["of_copy"], name

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 from tests.helpers import tiny_gpt2
-from warp_ray.learner.policy_update import Batch, device_of, frozen, host_copy, reinforce_step
+from warp_ray.learner.policy_update import Batch, anchor_scoring_dtype, device_of, frozen, host_copy, reinforce_step
 from warp_ray.logprobs import token_entropy, token_logprobs
 
 STEP = dict(beta=0.05, temperature=0.9, samples_per_prompt=2, baseline="rloo")
@@ -111,6 +111,31 @@ def test_the_step_keeps_no_kv_cache():
         policy, anchor, batch(), torch.device("cpu"), torch.Tensor.backward, micro_batch_size=4, logprob_chunk=0, **STEP
     )
     assert len(outputs) == 4 and all(out.past_key_values is None for out in outputs)
+
+
+def test_a_float32_anchor_scores_in_the_dtype_it_is_given():
+    """The EMA anchor is kept in float32 (mu-sized steps survive); beside a bf16 policy it scores in
+    bf16, as the policy does, not in float32 (on a GPU, without bf16's tensor cores), except as a
+    ZeRO-3 DeepSpeed engine, which turns an autocast around it off."""
+    assert anchor_scoring_dtype("bf16", zero_stage=2) == torch.bfloat16
+    assert anchor_scoring_dtype("bf16", zero_stage=3) is None and anchor_scoring_dtype("fp32", zero_stage=0) is None
+    found = []
+    for dtype in (torch.bfloat16, None):
+        policy, anchor = tiny_gpt2(seed=0).to(torch.bfloat16), frozen(tiny_gpt2(seed=1), torch.device("cpu"))
+        anchor.lm_head.register_forward_hook(lambda module, args, out: found.append(out.dtype))
+        reinforce_step(
+            policy,
+            anchor,
+            batch(),
+            torch.device("cpu"),
+            torch.Tensor.backward,
+            micro_batch_size=8,
+            logprob_chunk=0,
+            anchor_dtype=dtype,
+            **STEP,
+        )
+        assert next(anchor.parameters()).dtype == torch.float32
+    assert found == [torch.bfloat16, torch.float32]
 
 
 def test_micro_batches_must_hold_whole_prompts():

@@ -8,6 +8,7 @@ holds CPU tensors) and is moved to the policy's device; weights leave as float32
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Sequence
 
@@ -47,6 +48,16 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def anchor_scoring_dtype(precision: str, zero_stage: int) -> torch.dtype | None:
+    """The dtype a float32 anchor scores in: the policy's bf16 when it trains in bf16, as a module of
+    its own (ZeRO 0-2). The anchor is stored in float32, so that EMA steps of mu * (policy - ema) are
+    not rounded away; scoring in float32 too leaves a GPU's bf16 tensor cores idle (7.3-7.6x slower
+    at Llama-2-7B's widths on an H200: docs/benchmarks.md). Under ZeRO-3 the anchor is a DeepSpeed
+    engine, which turns an autocast around it off, and whose own `torch_autocast` would gather its
+    shards in bf16: there it scores in float32 (None: its own dtype)."""
+    return torch.bfloat16 if precision == "bf16" and zero_stage < 3 else None
+
+
 def frozen(model: nn.Module, device: torch.device) -> nn.Module:
     """A model that only scores (the KL anchor, a reference), on `device`, in eval mode, without gradients."""
     return model.to(device).eval().requires_grad_(False)
@@ -65,6 +76,7 @@ def reinforce_step(
     baseline: str,
     micro_batch_size: int,
     logprob_chunk: int,
+    anchor_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """One REINFORCE step's forward and backward passes over `batch`, `micro_batch_size` rows at a
     time (whole prompts' groups, so the leave-one-out baseline stays within a prompt), on `device`.
@@ -82,7 +94,7 @@ def reinforce_step(
     totals: dict[str, Tensor] = {}
     for part in parts:
         for key, value in _micro_step(
-            policy, anchor, part, backward, beta, temperature, samples_per_prompt, baseline, logprob_chunk
+            policy, anchor, part, backward, beta, temperature, samples_per_prompt, baseline, logprob_chunk, anchor_dtype
         ).items():
             totals[key] = totals.get(key, 0) + value
     tokens = totals.pop("tokens").clamp(min=1)
@@ -100,6 +112,7 @@ def _micro_step(
     samples_per_prompt: int,
     baseline: str,
     logprob_chunk: int,
+    anchor_dtype: torch.dtype | None,
 ) -> dict[str, Tensor]:
     # The policy and its anchor at the sampling temperature, as the engine sampled: the gradient is
     # then the sampled policy's, and KL_seq is KL(pi_T || anchor_T).
@@ -111,7 +124,8 @@ def _micro_step(
     log_pi = token_logprobs(logits, tokens, temperature, logprob_chunk)
     with torch.no_grad():
         entropy = token_entropy(logits.detach(), temperature, logprob_chunk)
-        anchor_logits = anchor(**inputs).logits[:, :-1]
+        with nullcontext() if anchor_dtype is None else torch.autocast(logits.device.type, dtype=anchor_dtype):
+            anchor_logits = anchor(**inputs).logits[:, :-1]
         log_anchor = token_logprobs(anchor_logits, tokens, temperature, logprob_chunk)
     del logits, anchor_logits
     mask = batch.completion_mask[:, 1:].float()

@@ -229,6 +229,9 @@ class LearnerRank:
             baseline=warp.baseline,
             micro_batch_size=self.config.micro_batch_size,
             logprob_chunk=self.config.resources.logprob_chunk,
+            anchor_dtype=policy_update.anchor_scoring_dtype(
+                self.config.resources.precision, self.config.resources.zero_stage
+            ),
         )
         if warp.anchor == "ema":
             self.update_ema_anchor()
