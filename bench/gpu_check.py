@@ -153,12 +153,15 @@ def seconds_of(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(parts: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+def median_seconds(
+    parts: dict[str, Callable[[], object]], device: torch.device, repeats: int, alternate: bool = False
+) -> dict[str, float]:
     """Each part's median seconds over `repeats` rounds after an untimed first, the parts called in
-    their order within a round (a step's forward and backward, then its optimizer's step)."""
+    their order within a round (a step's forward and backward, then its optimizer's step), or with
+    `alternate` in the reverse order every other round (an A/B in which neither side always goes first)."""
     times = {name: [] for name in parts}
-    for _ in range(repeats + 1):
-        for name, part in parts.items():
+    for round_ in range(repeats + 1):
+        for name, part in list(parts.items())[:: -1 if alternate and round_ % 2 else 1]:
             times[name].append(seconds_of(part, device))
     return {name: statistics.median(found[1:]) for name, found in times.items()}
 
@@ -228,17 +231,23 @@ def anchor_speed(policy, anchor, batch: Batch, size: dict, repeats: int) -> dict
     float32 (as it ran before 2026-12-04), the two ways alternating: its forward alone and the step's
     forward and backward, each way's seconds, and the float32 way's over the bf16 way's."""
     device = device_of(anchor)
+
+    def step(anchor_dtype: torch.dtype | None) -> None:
+        policy.zero_grad(set_to_none=True)  # as after an optimizer's step: no gradients to add to
+        rl_step(policy, anchor, batch, size, anchor_dtype)
+
     seconds = median_seconds(
         {
             "anchor_forward_bf16": lambda: scoring_forward(
                 anchor, batch, size, lambda: torch.autocast(device.type, ANCHOR_DTYPE)
             ),
             "anchor_forward_float32": lambda: scoring_forward(anchor, batch, size),
-            "forward_backward_bf16": lambda: rl_step(policy, anchor, batch, size, ANCHOR_DTYPE),
-            "forward_backward_float32": lambda: rl_step(policy, anchor, batch, size, None),
+            "forward_backward_bf16": lambda: step(ANCHOR_DTYPE),
+            "forward_backward_float32": lambda: step(None),
         },
         device,
         repeats,
+        alternate=True,
     )
     return {
         "parameters": sum(p.numel() for p in anchor.parameters()),

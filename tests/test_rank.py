@@ -71,6 +71,32 @@ def test_runs_free_their_memory_and_micro_batches_accumulate_into_one_optimizer_
     assert max(rss[1:]) - rss[0] < 150, f"resident memory after runs 1-4: {[round(r) for r in rss]} MB"
 
 
+def test_a_bf16_rank_keeps_its_anchor_in_float32_and_scores_with_it_in_bf16(mid_sized_sft, ray_cluster):
+    """The EMA anchor's weights stay float32 (mu-sized steps survive) while its forward runs in the
+    policy's bf16 (on a GPU, a float32 forward leaves bf16's tensor cores idle)."""
+    config = WarpConfig.from_dict(
+        {
+            "warp": {"batch_size": 2, "samples_per_prompt": 2, "anchor": "ema"},
+            "resources": {"precision": "bf16", "zero_stage": 1, "micro_batch_size": 2},
+        }
+    )
+    rank = RemoteLearnerRank.remote(0, 1, config)
+    address, port = ray.get(rank.rendezvous.remote())
+    ray.get(rank.setup.remote(address, port, str(mid_sized_sft)))
+    ray.get(rank.start.remote(0))
+
+    def record_anchor_logits(r) -> None:
+        r.scored = []
+        r.anchor.lm_head.register_forward_hook(lambda module, args, out: r.scored.append(out.dtype))
+
+    ray.get(rank.__ray_call__.remote(record_anchor_logits))
+    stats = ray.get(rank.step.remote(share(config.rank_rows)))
+    scored, stored = ray.get(rank.__ray_call__.remote(lambda r: (r.scored, {p.dtype for p in r.anchor.parameters()})))
+    ray.kill(rank)
+    assert scored == [torch.bfloat16, torch.bfloat16]  # one forward per micro-batch
+    assert stored == {torch.float32} and stats["grad_norm"] > 0
+
+
 def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_does(tmp_path, ray_cluster):
     """A Llama whose embedding has a padding row and is tied to the output (as Gemma's), built already sharded
     over 2 ranks, with activation checkpointing on: its gathered weights are the SFT's exactly, and

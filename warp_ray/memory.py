@@ -11,8 +11,8 @@ For P parameters, K ranks and ZeRO stage Z, with b bytes per training value (2 i
     anchor        4 P (float32, so that EMA steps are not rounded away)                    / K if Z = 3
     activations   tokens x layers x b (h + ffn-sized terms): each layer's input kept and one layer
                   recomputed with activation checkpointing; every layer's b (8 h + 4 ffn) without
-    logits        tokens x V x (3 b + 4) (the policy's, two buffers of their gradient, the float32
-                  anchor's) + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
+    logits        tokens x V x (3 b + 4) (the policy's, two buffers of their gradient, the anchor's
+                  counted in float32) + 3 x rows x chunk x V x 4 (one chunk's float32 log-softmax, its exp, the entropy)
     gathered      under ZeRO-3, the largest weight whole, the policy's, its gradient and the anchor's: W (2 b + 4)
     sync          with a colocated engine (resources.colocate), what its in-memory sync holds: a layer's weights
                   copied in the engine's dtype and vLLM's rebuilt copy of them, 2 b max(W, P / layers)

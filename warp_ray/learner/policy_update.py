@@ -51,9 +51,9 @@ def device_of(model: nn.Module) -> torch.device:
 def anchor_scoring_dtype(precision: str, zero_stage: int) -> torch.dtype | None:
     """The dtype a float32 anchor scores in: the policy's bf16 when it trains in bf16, as a module of
     its own (ZeRO 0-2). The anchor is stored in float32, so that EMA steps of mu * (policy - ema) are
-    not rounded away; scoring in float32 too leaves a GPU's bf16 tensor cores idle (7.3-7.6x slower
+    not rounded away; scoring in float32 too leaves a GPU's bf16 tensor cores idle (7.1-7.7x slower
     at Llama-2-7B's widths on an H200: docs/benchmarks.md). Under ZeRO-3 the anchor is a DeepSpeed
-    engine, which turns an autocast around it off, and whose own `torch_autocast` would gather its
+    engine, which on a GPU turns an autocast around it off, and whose own `torch_autocast` would gather its
     shards in bf16: there it scores in float32 (None: its own dtype)."""
     return torch.bfloat16 if precision == "bf16" and zero_stage < 3 else None
 
