@@ -116,7 +116,7 @@ def test_the_step_keeps_no_kv_cache():
 def test_a_float32_anchor_scores_in_the_dtype_it_is_given():
     """The EMA anchor is kept in float32 (mu-sized steps survive); beside a bf16 policy it scores in
     bf16, as the policy does, not in float32 (on a GPU, without bf16's tensor cores), except as a
-    ZeRO-3 DeepSpeed engine, which turns an autocast around it off."""
+    ZeRO-3 DeepSpeed engine, which on a GPU turns an autocast around it off."""
     expected = {("bf16", 0): torch.bfloat16, ("bf16", 1): torch.bfloat16, ("bf16", 2): torch.bfloat16}
     for precision in ("fp32", "bf16"):
         for stage in range(4):

@@ -80,19 +80,23 @@ def test_a_bf16_rank_keeps_its_anchor_in_float32_and_scores_with_it_in_bf16(mid_
             "resources": {"precision": "bf16", "zero_stage": 1, "micro_batch_size": 2},
         }
     )
-    rank = RemoteLearnerRank.remote(0, 1, config)
-    address, port = ray.get(rank.rendezvous.remote())
-    ray.get(rank.setup.remote(address, port, str(mid_sized_sft)))
-    ray.get(rank.start.remote(0))
 
     def record_anchor_logits(r) -> None:
         r.scored = []
         r.anchor.lm_head.register_forward_hook(lambda module, args, out: r.scored.append(out.dtype))
 
-    ray.get(rank.__ray_call__.remote(record_anchor_logits))
-    stats = ray.get(rank.step.remote(share(config.rank_rows)))
-    scored, stored = ray.get(rank.__ray_call__.remote(lambda r: (r.scored, {p.dtype for p in r.anchor.parameters()})))
-    ray.kill(rank)
+    rank = RemoteLearnerRank.remote(0, 1, config)
+    try:
+        address, port = ray.get(rank.rendezvous.remote())
+        ray.get(rank.setup.remote(address, port, str(mid_sized_sft)))
+        ray.get(rank.start.remote(0))
+        ray.get(rank.__ray_call__.remote(record_anchor_logits))
+        stats = ray.get(rank.step.remote(share(config.rank_rows)))
+        scored, stored = ray.get(
+            rank.__ray_call__.remote(lambda r: (r.scored, {p.dtype for p in r.anchor.parameters()}))
+        )
+    finally:
+        ray.kill(rank)
     assert scored == [torch.bfloat16, torch.bfloat16]  # one forward per micro-batch
     assert stored == {torch.float32} and stats["grad_norm"] > 0
 
