@@ -35,7 +35,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +51,7 @@ from warp_ray.learner.policy_update import (  # noqa: E402
     greedy,
     host_copy,
     reinforce_step,
+    scoring_precision,
 )
 from warp_ray.logprobs import token_logprobs  # noqa: E402
 from warp_ray.memory import GB, OVERHEAD_BYTES, rank_bytes  # noqa: E402
@@ -188,14 +188,13 @@ def rl_step(
 
 
 @torch.no_grad()
-def scoring_forward(
-    model, batch: Batch, size: dict, precision: Callable[[], AbstractContextManager] = nullcontext
-) -> None:
-    """A forward without gradients over the batch, in the step's micro-batches, as the step scores."""
+def scoring_forward(model, batch: Batch, size: dict, dtype: torch.dtype | None = None) -> None:
+    """A forward without gradients over the batch, in the step's micro-batches, as the step scores
+    (under autocast to `dtype`; None: in the model's own dtype)."""
     device = device_of(model)
     for start in range(0, size["rows"], size["micro"]):
         rows = batch.rows(start, start + size["micro"]).to(device)
-        with precision():
+        with scoring_precision(dtype, device):
             model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
 
 
@@ -238,9 +237,7 @@ def anchor_speed(policy, anchor, batch: Batch, size: dict, repeats: int) -> dict
 
     seconds = median_seconds(
         {
-            "anchor_forward_bf16": lambda: scoring_forward(
-                anchor, batch, size, lambda: torch.autocast(device.type, ANCHOR_DTYPE)
-            ),
+            "anchor_forward_bf16": lambda: scoring_forward(anchor, batch, size, ANCHOR_DTYPE),
             "anchor_forward_float32": lambda: scoring_forward(anchor, batch, size),
             "forward_backward_bf16": lambda: step(ANCHOR_DTYPE),
             "forward_backward_float32": lambda: step(None),

@@ -8,7 +8,7 @@ holds CPU tensors) and is moved to the policy's device; weights leave as float32
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Sequence
 
@@ -56,6 +56,11 @@ def anchor_scoring_dtype(precision: str, zero_stage: int) -> torch.dtype | None:
     engine, which on a GPU turns an autocast around it off, and whose own `torch_autocast` would gather its
     shards in bf16: there it scores in float32 (None: its own dtype)."""
     return torch.bfloat16 if precision == "bf16" and zero_stage < 3 else None
+
+
+def scoring_precision(dtype: torch.dtype | None, device: torch.device) -> AbstractContextManager:
+    """Where a model scores without gradients: under autocast to `dtype` on `device` (None: in its own dtype)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def frozen(model: nn.Module, device: torch.device) -> nn.Module:
@@ -124,7 +129,7 @@ def _micro_step(
     log_pi = token_logprobs(logits, tokens, temperature, logprob_chunk)
     with torch.no_grad():
         entropy = token_entropy(logits.detach(), temperature, logprob_chunk)
-        with nullcontext() if anchor_dtype is None else torch.autocast(logits.device.type, dtype=anchor_dtype):
+        with scoring_precision(anchor_dtype, logits.device):
             anchor_logits = anchor(**inputs).logits[:, :-1]
         log_anchor = token_logprobs(anchor_logits, tokens, temperature, logprob_chunk)
     del logits, anchor_logits
