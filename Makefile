@@ -55,6 +55,7 @@ bench:
 	$(PY) bench/reward_server_load.py
 	$(PY) bench/learner.py
 	$(PY) bench/cpu_sync.py
+	$(PY) bench/rollout_costs.py
 	$(PY) bench/learner_vs_trl.py
 	$(PY) bench/coordinator_memory.py
 	$(PY) bench/scaling.py

@@ -5,6 +5,10 @@ iteration in the same process)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -99,6 +103,49 @@ def test_a_bf16_rank_keeps_its_anchor_in_float32_and_scores_with_it_in_bf16(mid_
         ray.kill(rank)
     assert scored == [torch.bfloat16, torch.bfloat16]  # one forward per micro-batch
     assert stored == {torch.float32} and stats["grad_norm"] > 0
+
+
+def test_a_rank_run_with_another_ninja_first_on_its_path_loads_deepspeeds_op_as_built(tmp_path, ray_cluster):
+    """A Ray worker whose PATH has another ninja first and not the environment's, as from a cluster started
+    without activating the venv on a machine with a system ninja: the rank puts its environment's ninja first,
+    which finds DeepSpeed's shared-memory op built and leaves it. Here the other ninja fails and leaves a
+    mark, where a system ninja of another version (1.11 beside the venv's 1.13 on these machines) builds the op
+    again, 25 s inside each rank; with no ninja at all DeepSpeed refuses to load the op: either fails this test."""
+    from ninja import BIN_DIR
+
+    own_ninja = Path(BIN_DIR) / "ninja"
+    mark = tmp_path / "the other ninja ran"
+    other = tmp_path / "other_tools"
+    other.mkdir()
+    (other / "ninja").write_text(f"#!/bin/sh\ntouch '{mark}'\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    environment_first = {**os.environ, "PATH": os.pathsep.join([BIN_DIR, os.environ["PATH"]]), "DS_ACCELERATOR": "cpu"}
+    build = "from deepspeed.comm.torch import build_shm_op; print(build_shm_op().__file__)"
+    built = subprocess.run([sys.executable, "-c", build], env=environment_first, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    op = Path(built.stdout.splitlines()[-1])  # the op's library, up to date for the environment's ninja
+    stamp = op.stat().st_mtime_ns
+
+    def without_own_ninja(folder: str) -> bool:
+        found = shutil.which("ninja", path=folder)
+        return bool(folder) and not (found and os.path.samefile(found, own_ninja))
+
+    path = os.pathsep.join([str(other), *filter(without_own_ninja, os.environ["PATH"].split(os.pathsep))])
+    config = WarpConfig.from_dict({"resources": {"precision": "fp32", "zero_stage": 2}})
+    rank = RemoteLearnerRank.options(runtime_env={"env_vars": {"PATH": path}}).remote(0, 1, config)
+    try:
+        assert ray.get(rank.__ray_call__.remote(lambda _: shutil.which("ninja"))) == str(other / "ninja")
+        address, port = ray.get(rank.rendezvous.remote())
+        ray.get(rank.setup.remote(address, port, "unused"))
+        loaded, ninja = ray.get(
+            rank.__ray_call__.remote(
+                lambda _: (__import__("deepspeed").comm.comm.cdb.shm_comm_op.__file__, shutil.which("ninja"))
+            )
+        )
+    finally:
+        ray.kill(rank)
+    assert not mark.exists() and os.path.samefile(ninja, own_ninja)
+    assert Path(loaded) == op and op.stat().st_mtime_ns == stamp
 
 
 def test_zero3_ranks_build_a_padded_llama_sharded_and_decode_it_as_transformers_does(tmp_path, ray_cluster):

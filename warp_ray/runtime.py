@@ -117,6 +117,22 @@ def actor_device(gpus: float, what: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def environment_ninja_first() -> None:
+    """Put the folder of this environment's ninja (the `ninja` package, which DeepSpeed installs) first on
+    the PATH, before DeepSpeed loads an op. DeepSpeed compiles its ops at their first use (on the CPU, its
+    shared-memory op for collectives: 25 s on 2 cores), and even for an op already built it asks the first
+    `ninja` on the PATH: without one, it refuses to load the op; a system ninja of another version reads the
+    environment's build log as stale and builds the op again, and the environment's ninja does the same
+    next. A Ray worker has its PATH from whoever started Ray, activated or not."""
+    try:
+        from ninja import BIN_DIR
+    except ImportError:  # no ninja of its own: the PATH's decides
+        return
+    path = os.environ.get("PATH", os.defpath)
+    if path.split(os.pathsep)[0] != BIN_DIR:
+        os.environ["PATH"] = os.pathsep.join([BIN_DIR, path])
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Join the cluster of RAY_ADDRESS (or of the Ray job), or start a local one on loopback.
     log_to_driver False: the workers' output stays in their log files, off this console."""

@@ -36,7 +36,7 @@ from warp_ray.merge import ema_update_
 from warp_ray.reward.model import set_dropout
 from warp_ray.rollout import weight_group
 from warp_ray.rollout.worker import Engine
-from warp_ray.runtime import actor_device
+from warp_ray.runtime import actor_device, environment_ninja_first
 from warp_ray.shards import join
 
 WeightSpecs = list[tuple[str, str, list[int]]]
@@ -101,6 +101,7 @@ class LearnerRank:
         )
         import deepspeed
 
+        environment_ninja_first()
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.sft = str(sft)
 

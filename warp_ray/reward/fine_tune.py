@@ -33,6 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from warp_ray.config import WarmParams
 from warp_ray.data import read_preferences
+from warp_ray.runtime import environment_ninja_first
 
 STATE_TAG = "state"
 """The DeepSpeed tag of a mid-run checkpoint."""
@@ -92,6 +93,7 @@ def fine_tune_worker(config: dict) -> None:
 
     from warp_ray.reward.model import bradley_terry_loss, load_reward_model
 
+    environment_ninja_first()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins Ray Train's process group
     trial = {k: config[k] for k in ("index", "lr", "dropout", "seed", "start")}
     checkpoint = ray.train.get_checkpoint()
