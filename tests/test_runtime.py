@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from warp_ray.runtime import actor_device
+from warp_ray.runtime import actor_device, environment_ninja_first
 
 # Run in a fresh process, so that the cluster holds Ray's own services and one worker only:
 # the sockets listed are those of the driver's descendants (GCS, raylet, agents, workers).
@@ -66,3 +67,24 @@ def test_service_actors_without_a_gpu_hold_no_cpu_while_they_run(ray_cluster, ti
     for service in services:
         ray.kill(service)
     assert after >= before, f"{before} CPUs free before the services, {after} with them"
+
+
+def test_the_environments_ninja_goes_first_on_the_path_once_and_only_where_it_is(tmp_path, monkeypatch):
+    import ninja
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "ninja").write_text("")
+    monkeypatch.setattr(ninja, "BIN_DIR", str(tools))
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
+    environment_ninja_first()
+    environment_ninja_first()
+    assert os.environ["PATH"] == f"{tools}:/usr/local/bin:/usr/bin"
+    monkeypatch.delenv("PATH")
+    environment_ninja_first()  # no PATH: the system's default search after it, as before
+    assert os.environ["PATH"] == f"{tools}:{os.defpath}"
+    for missing in ("", str(tmp_path)):  # no binary found by the package, or not where it says: the PATH as it was
+        monkeypatch.setattr(ninja, "BIN_DIR", missing)
+        monkeypatch.setenv("PATH", "/usr/bin")
+        environment_ninja_first()
+        assert os.environ["PATH"] == "/usr/bin"

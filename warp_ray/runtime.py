@@ -128,6 +128,8 @@ def environment_ninja_first() -> None:
         from ninja import BIN_DIR
     except ImportError:  # no ninja of its own: the PATH's decides
         return
+    if not BIN_DIR or not os.path.isfile(os.path.join(BIN_DIR, "ninja")):  # its binary not found: "" is the cwd
+        return
     path = os.environ.get("PATH", os.defpath)
     if path.split(os.pathsep)[0] != BIN_DIR:
         os.environ["PATH"] = os.pathsep.join([BIN_DIR, path])
