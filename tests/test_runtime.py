@@ -83,6 +83,7 @@ def test_the_environments_ninja_goes_first_on_the_path_once_and_only_where_it_is
     monkeypatch.delenv("PATH")
     environment_ninja_first()  # no PATH: the system's default search after it, as before
     assert os.environ["PATH"] == f"{tools}:{os.defpath}"
+    monkeypatch.chdir(tools)  # "" would be the working directory, which here holds a ninja
     for missing in ("", str(tmp_path)):  # no binary found by the package, or not where it says: the PATH as it was
         monkeypatch.setattr(ninja, "BIN_DIR", missing)
         monkeypatch.setenv("PATH", "/usr/bin")
