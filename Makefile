@@ -6,7 +6,8 @@ EXTRAS ?= cpu,dev
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 # The venv's tools first, as in an activated venv: DeepSpeed builds its CPU op with the first ninja
 # on the PATH, and the system's (another version) reads the venv's build log as stale, and the
-# reverse, so alternating the two rebuilt the op (25 s on 2 cores) inside a run's Ray workers.
+# reverse. `setup` builds the op with the venv's, the one a run's ranks and fine-tunes ask
+# (warp_ray.runtime.environment_ninja_first), so that they do not build it again (25 s on 2 cores).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo reproduce reproduce-quick test test-fast bench lint
