@@ -10,9 +10,18 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 # (warp_ray.runtime.environment_ninja_first), so that they do not build it again (25 s on 2 cores).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo reproduce reproduce-quick test test-fast bench lint
+.PHONY: setup tcmalloc demo reproduce reproduce-quick test test-fast bench lint
 
-setup: $(VENV)/.installed-$(EXTRAS)
+setup: $(VENV)/.installed-$(EXTRAS) $(if $(findstring cpu,$(EXTRAS)),tcmalloc)
+
+# tcmalloc, which vLLM's CPU backend asks to be preloaded and a local cluster's workers preload where it is
+# installed (warp_ray.runtime.found_tcmalloc): Debian's package, installed if this user may; checked at every
+# set-up, so that a venv made before it was asked for gets it too.
+tcmalloc:
+	@python3 -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmalloc_minimal') != 'libtcmalloc_minimal.so.4')" \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
+			&& { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } > /dev/null; } \
+		|| echo "warp-ray: no tcmalloc, so runs keep the system's allocator: apt-get install libtcmalloc-minimal4 (as root)"
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -57,6 +66,7 @@ bench:
 	$(PY) bench/learner.py
 	$(PY) bench/cpu_sync.py
 	$(PY) bench/rollout_costs.py
+	$(PY) bench/allocator.py
 	$(PY) bench/learner_vs_trl.py
 	$(PY) bench/coordinator_memory.py
 	$(PY) bench/scaling.py

@@ -10,6 +10,8 @@ warp-ray runs one learner on the 2 cores: a DeepSpeed rank and a vLLM engine (vl
 updates on both while the engine waits), with its gold reward on a reward server. TRL 1.16 runs
 `RLOOTrainer` in one process of 2 torch threads, generating with transformers.
 TRL's sync is `sync_ref_model` with `ref_model_mixup_alpha` = mu and `ref_model_sync_steps` = 1: the same EMA anchor.
+Both on the same allocator: the learner's Ray workers preload tcmalloc where the machine has it (`warp_ray.runtime`),
+and so does TRL's process (`--trl-allocator system`: TRL as a plain `python` runs it).
 
 The two losses are the same at one update per batch: REINFORCE on the reward minus beta times the sampled sequence KL,
 with the leave-one-out baseline (TRL's clipped ratio is 1). The learner runs in three layouts: its vLLM engine as an
@@ -64,7 +66,7 @@ from warp_ray.coordinator.learners import start_learner
 from warp_ray.data import read_prompts
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.server import RewardServer, RewardSource
-from warp_ray.runtime import init_ray
+from warp_ray.runtime import ALLOCATORS, environment_while, found_tcmalloc, init_ray, worker_environment
 from warp_ray.task import world
 from warp_ray.task.build import build_task
 
@@ -209,14 +211,25 @@ def trl_run(
 class TrlRun:
     """`trl_run` in a process of its own, a block of steps at each `run()`, its peak memory sampled from here."""
 
-    def __init__(self, config: WarpConfig, task: Path, prompts: list[str], steps: int, block: int, out: Path):
+    def __init__(
+        self,
+        config: WarpConfig,
+        task: Path,
+        prompts: list[str],
+        steps: int,
+        block: int,
+        out: Path,
+        preload: str,
+    ):
+        """preload: LD_PRELOAD for its process ("": none)."""
         spawn = multiprocessing.get_context("spawn")
         self.reports, self.go = spawn.Queue(), spawn.Queue()
         self.child = spawn.Process(
             target=trl_run,
             args=(config, task / "sft", prompts, steps, block, out, self.reports, self.go, time.time()),
         )
-        self.child.start()
+        with environment_while({"LD_PRELOAD": preload}):
+            self.child.start()
         self.memory = PeakMemory(lambda: [self.child.pid])
         try:
             self.start_seconds = self._report()["start_seconds"]
@@ -356,6 +369,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=5, help="steps a run takes in its turn")
     parser.add_argument("--rounds", type=int, default=2, help="every layout beside TRL, this many times")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "learner_vs_trl")
+    parser.add_argument(
+        "--trl-allocator",
+        choices=["same", "system"],
+        default="same",
+        help="TRL's process preloads what the learner's Ray workers do (tcmalloc, where installed), or runs on the "
+        "system's allocator, as a plain `python` runs it",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         sys.exit(f"--rounds ({args.rounds}) must be 1 or more")
@@ -384,11 +404,21 @@ def main() -> None:
     prompts = read_prompts(task / "prompts" / "train.jsonl")
     batch = config.warp.batch_size * config.warp.samples_per_prompt
 
+    # What the learner's Ray workers preload (the cluster is local: init_ray's choice, or this process's own).
+    learner_preload = worker_environment(os.environ, found_tcmalloc()).get(
+        "LD_PRELOAD", os.environ.get("LD_PRELOAD", "")
+    )
+    trl_preload = ":".join(
+        name
+        for name in learner_preload.replace(" ", ":").split(":")
+        if args.trl_allocator == "same" or not os.path.basename(name).startswith(ALLOCATORS)
+    )
+    print(f"LD_PRELOAD of the learner's workers: {learner_preload!r}; of TRL's process: {trl_preload!r}")
     rounds, weights = [], {}
     for _ in range(args.rounds):  # every draw is seeded: the rounds differ in their timings only
         pairs = {}
         for name, (layout, actor) in learners.items():
-            trl = TrlRun(config, task, prompts, args.steps, args.block, args.out / "trl")
+            trl = TrlRun(config, task, prompts, args.steps, args.block, args.out / "trl", trl_preload)
             try:
                 learner = WarpRayRun(layout, task, args.block, actor, name)
                 trl_seconds, learner_seconds = in_turns([trl, learner], args.steps // args.block)
@@ -421,6 +451,7 @@ def main() -> None:
         "block": args.block,
         "batch": batch,
         "rounds": rounds,
+        "preloaded": {"learner": learner_preload, "trl": trl_preload},
         "sft_held_out_reward": rewards["SFT"],
     }
     args.out.mkdir(parents=True, exist_ok=True)

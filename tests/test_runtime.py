@@ -12,7 +12,14 @@ import pytest
 import ray
 import torch
 
-from warp_ray.runtime import actor_device, environment_ninja_first
+from warp_ray.runtime import (
+    TCMALLOC,
+    actor_device,
+    environment_ninja_first,
+    environment_while,
+    found_tcmalloc,
+    worker_environment,
+)
 
 # Run in a fresh process, so that the cluster holds Ray's own services and one worker only:
 # the sockets listed are those of the driver's descendants (GCS, raylet, agents, workers).
@@ -89,3 +96,50 @@ def test_the_environments_ninja_goes_first_on_the_path_once_and_only_where_it_is
         monkeypatch.setenv("PATH", "/usr/bin")
         environment_ninja_first()
         assert os.environ["PATH"] == "/usr/bin"
+
+
+def test_workers_preload_tcmalloc_first_once_and_keep_what_was_preloaded():
+    assert worker_environment({}, TCMALLOC) == {"LD_PRELOAD": TCMALLOC}
+    assert worker_environment({"LD_PRELOAD": "/opt/a.so b.so"}, TCMALLOC) == {
+        "LD_PRELOAD": f"{TCMALLOC}:/opt/a.so:b.so"
+    }
+    for already in (TCMALLOC, f"/usr/lib/x86_64-linux-gnu/{TCMALLOC}.5.10", f"a.so:{TCMALLOC}", "libtcmalloc.so.4"):
+        assert worker_environment({"LD_PRELOAD": already}, TCMALLOC) == {}, already
+    for theirs in ("/usr/lib/libjemalloc.so.2", "a.so libmimalloc.so"):  # the user's allocator serves malloc
+        assert worker_environment({"LD_PRELOAD": theirs}, TCMALLOC) == {}, theirs
+    assert worker_environment({"LD_PRELOAD": "a.so"}, None) == {}  # not installed, or a GPU seen
+
+
+def test_an_environment_set_for_a_while_is_restored_as_it_was(monkeypatch):
+    monkeypatch.setenv("KEPT", "before")
+    monkeypatch.delenv("ADDED", raising=False)
+    with environment_while({"KEPT": "during", "ADDED": "during"}):
+        assert os.environ["KEPT"] == os.environ["ADDED"] == "during"
+    assert os.environ["KEPT"] == "before" and "ADDED" not in os.environ
+    with pytest.raises(KeyError), environment_while({"ADDED": "during"}):
+        raise KeyError("raised inside")
+    assert "ADDED" not in os.environ
+
+
+def test_the_local_clusters_workers_and_their_children_run_on_tcmalloc_and_this_process_keeps_its_environment(
+    ray_cluster,
+):
+    """`make setup` installs tcmalloc where it may (Debian's libtcmalloc-minimal4); this machine's CPU
+    workers then map it, as do the processes they start (a vLLM engine's core, a compiler)."""
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("a cluster joined (RAY_ADDRESS) gives its workers the environment it was started in")
+    if found_tcmalloc() is None:
+        missing = f"no {TCMALLOC} here, or an NVIDIA GPU: `make setup` installs it as root (libtcmalloc-minimal4)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+    @ray.remote(num_cpus=0)
+    def mapped() -> tuple[bool, bool]:
+        child = subprocess.run(["cat", "/proc/self/maps"], capture_output=True, text=True, check=True).stdout
+        return TCMALLOC in open("/proc/self/maps").read(), TCMALLOC in child
+
+    preloaded = worker_environment(os.environ, TCMALLOC).get("LD_PRELOAD", os.environ.get("LD_PRELOAD", ""))
+    assert ray.get(mapped.remote()) == (TCMALLOC in preloaded,) * 2  # not where the user preloads an allocator
+    started_with = dict(v.split("=", 1) for v in open("/proc/self/environ").read().split("\0") if "=" in v)
+    assert os.environ.get("LD_PRELOAD") == started_with.get("LD_PRELOAD")  # this process's own subprocesses: as before
