@@ -20,7 +20,7 @@ setup: $(VENV)/.installed-$(EXTRAS) $(if $(findstring cpu,$(EXTRAS)),tcmalloc)
 tcmalloc:
 	@python3 -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmalloc_minimal') != 'libtcmalloc_minimal.so.4')" \
 		|| { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
-			&& { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } > /dev/null; } \
+			&& { apt-get install -y -qq libtcmalloc-minimal4 2> /dev/null || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } > /dev/null; } \
 		|| echo "warp-ray: no tcmalloc, so runs keep the system's allocator: apt-get install libtcmalloc-minimal4 (as root)"
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml

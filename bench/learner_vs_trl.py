@@ -383,6 +383,8 @@ def main() -> None:
         sys.exit(
             f"--steps ({args.steps}) must be two or more blocks of --block ({args.block}) steps: the first warms up"
         )
+    if os.environ.get("RAY_ADDRESS"):
+        sys.exit("RAY_ADDRESS is set: this bench starts a local cluster of its own, whose workers' allocator it knows")
     if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed: run `make bench`, which installs the bench extra")
     # One learner on the machine's 2 cores, as TRL's one process: its engine's CPU and its rank's (2 threads).
