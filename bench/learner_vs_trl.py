@@ -66,7 +66,14 @@ from warp_ray.coordinator.learners import start_learner
 from warp_ray.data import read_prompts
 from warp_ray.learner.learner import Learner
 from warp_ray.reward.server import RewardServer, RewardSource
-from warp_ray.runtime import ALLOCATORS, environment_while, found_tcmalloc, init_ray, worker_environment
+from warp_ray.runtime import (
+    ALLOCATORS,
+    environment_while,
+    found_tcmalloc,
+    init_ray,
+    preloaded_libraries,
+    worker_environment,
+)
 from warp_ray.task import world
 from warp_ray.task.build import build_task
 
@@ -412,7 +419,7 @@ def main() -> None:
     )
     trl_preload = ":".join(
         name
-        for name in learner_preload.replace(" ", ":").split(":")
+        for name in preloaded_libraries(learner_preload)
         if args.trl_allocator == "same" or not os.path.basename(name).startswith(ALLOCATORS)
     )
     print(f"LD_PRELOAD of the learner's workers: {learner_preload!r}; of TRL's process: {trl_preload!r}")

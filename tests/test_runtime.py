@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -19,6 +18,7 @@ from warp_ray.runtime import (
     environment_ninja_first,
     environment_while,
     found_tcmalloc,
+    nvidia_gpu_here,
     worker_environment,
 )
 
@@ -141,13 +141,12 @@ def test_a_local_clusters_workers_and_their_children_run_on_tcmalloc_and_the_dri
     """`make setup` installs tcmalloc where it may (Debian's libtcmalloc-minimal4); a CPU machine's workers
     then map it, as do the processes they start (a vLLM engine's core, a compiler). In a fresh process, as
     a run's driver starts its cluster."""
-    if any(Path("/proc/driver/nvidia/gpus").glob("*")):
-        pytest.skip("an NVIDIA GPU here: a GPU run leaves the allocator to its image")
+    if nvidia_gpu_here():
+        pytest.skip(reason="an NVIDIA GPU here: a GPU run leaves the allocator to its image")
     if found_tcmalloc() is None:
-        missing = f"no {TCMALLOC} here: `make setup` installs it as root (libtcmalloc-minimal4)"
         if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+            pytest.fail(f"no {TCMALLOC} here: `make setup` installs it as root (libtcmalloc-minimal4)")
+        pytest.skip(reason=f"no {TCMALLOC} here: `make setup` installs it as root (libtcmalloc-minimal4)")
     environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "RAY_ADDRESS")}
     done = subprocess.run(
         [sys.executable, "-c", ALLOCATOR_PROBE], env=environment, capture_output=True, text=True, timeout=300

@@ -144,21 +144,31 @@ ALLOCATORS = ("libtcmalloc", "libjemalloc", "libmimalloc")
 """Allocators a user may preload already: the first library preloaded serves malloc, so theirs stays."""
 
 
+def preloaded_libraries(value: str) -> list[str]:
+    """The libraries an LD_PRELOAD value names: the dynamic loader splits it at colons and spaces."""
+    return [name for name in value.replace(" ", ":").split(":") if name]
+
+
 def worker_environment(environment: Mapping[str, str], library: Optional[str]) -> dict[str, str]:
     """The variables a local CPU cluster's workers get: `library` (tcmalloc, found on this machine, or None) preloaded
     before what `environment` preloads already; nothing where that is an allocator, or `library` was not found."""
-    preloaded = [name for name in environment.get("LD_PRELOAD", "").replace(" ", ":").split(":") if name]
+    preloaded = preloaded_libraries(environment.get("LD_PRELOAD", ""))
     if library is None or any(os.path.basename(name).startswith(ALLOCATORS) for name in preloaded):
         return {}
     return {"LD_PRELOAD": ":".join([library, *preloaded])}
 
 
+def nvidia_gpu_here() -> bool:
+    """Whether this machine's NVIDIA driver lists a GPU, checked without CUDA (this process may yet fork)."""
+    return any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
 def found_tcmalloc() -> Optional[str]:
     """TCMALLOC where the dynamic loader finds it and the machine has no NVIDIA GPU (a GPU run leaves the allocator
-    to its image; checked without CUDA, which this process may yet fork before); else None."""
+    to its image); else None."""
     import ctypes.util
 
-    if any(Path("/proc/driver/nvidia/gpus").glob("*")) or ctypes.util.find_library("tcmalloc_minimal") != TCMALLOC:
+    if nvidia_gpu_here() or ctypes.util.find_library("tcmalloc_minimal") != TCMALLOC:
         return None
     return TCMALLOC
 
